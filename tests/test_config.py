@@ -26,8 +26,9 @@ from mrpo.config import (
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+# Every run config we ship: configs/ and any inside the package (lm-eval task definitions are not run configs).
 SHIPPED_CONFIGS = sorted(REPOSITORY.glob("configs/*.yaml")) + sorted(
-    (REPOSITORY / "src" / "mrpo").rglob("*.yaml")
+    path for path in (REPOSITORY / "src" / "mrpo").rglob("*.yaml") if "lm_eval_tasks" not in path.parts
 )
 
 MINIMAL = ["policy.model=org/policy", "data.train=data/train.jsonl"]

@@ -1,0 +1,298 @@
+"""Sequence log-probs: the ONE function from a causal LM and a token batch to per-sequence completion log-probs.
+
+The same `sequence_logps` serves the reference precompute (under ``torch.no_grad``), policy training (with
+gradient, through DDP / accelerate / PEFT wrappers) and evaluation, so the numbers cannot drift apart.
+
+How it avoids float32 logits for the whole batch x sequence x vocabulary:
+
+1. The top-level model is called as usual (``model(...)``, so DDP's gradient sync and PEFT's adapters apply) with
+   ``logits_to_keep=1``: its own LM head runs on the last position only.
+2. A forward hook on the decoder (``get_decoder()`` of the unwrapped model) takes the final hidden states — still
+   inside the model's forward, where sharded parameters are gathered — and projects only the positions that predict
+   completion tokens through ``get_output_embeddings()`` (a LoRA-wrapped head included), ``chunk_size`` positions
+   at a time, with the log-softmax in float32. With gradient, each chunk is recomputed in the backward pass
+   (activation checkpointing), so one chunk of logits lives at a time in both passes.
+3. The head transforms that model forwards apply to logits are reproduced from the config, as TRL's fused LM head
+   does: ``final_logit_softcapping`` (Gemma 2/3/3n/4, NanoChat, ...) or ``logits_soft_cap`` (RecurrentGemma), and a
+   scale (``logit_scale`` for Cohere, ``output_multiplier``, ``lm_head_multiplier``, ``1 / logits_scaling`` for
+   Granite and MiniCPM3, ``logits_scaling`` for HyperCLOVA X).
+4. Safety net: when the head is in eval mode (always during precompute) the model's own last-position logits are
+   compared with the reproduced head's; a model whose forward does something else to its logits raises an error
+   instead of returning wrong numbers.
+
+Models whose ``config.model_type`` is in ``FULL_LOGITS_MODEL_TYPES`` (their head does something not reproduced
+here), models whose forward takes no ``logits_to_keep`` and models without a separate decoder are scored from the
+model's own full logits instead: the model materialises ``(batch, sequence, vocabulary)`` logits in its dtype, and
+only the float32 log-softmax is chunked.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mrpo.tokenization import TokenizedSequence
+
+LOGPROB_CODE_VERSION = 1
+"""Bumped whenever a change here changes the numbers; part of the reference cache key."""
+
+FULL_LOGITS_MODEL_TYPES: set[str] = {
+    "inkling_text",  # slices a padded vocabulary out of the logits, which changes the softmax normaliser
+    "xlstm",  # soft-caps logits chunk-wise and differently in training and inference
+}
+"""``config.model_type`` values scored from the model's own full logits (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class SequenceLogps:
+    """Per-sequence sums of completion-token log-probs."""
+
+    logps: Tensor
+    """(N,) float32: sum over completion tokens of log p(token | earlier tokens); no length normalisation."""
+    token_counts: Tensor
+    """(N,) int64: number of completion tokens summed."""
+
+
+def pad_batch(
+    sequences: Sequence[TokenizedSequence],
+    *,
+    pad_token_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, Tensor]:
+    """Pad tokenized sequences into a batch.
+
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask``, each (N, T) int64, where T is the longest
+    sequence (rounded up to ``pad_to_multiple_of``). ``completion_mask[i, t] = 1`` where token t of sequence i is a
+    completion token. Example, right padding with pad id 0, sequences ``(5, 6, 7)`` with ``prompt_length=2`` and
+    ``(8, 9)`` with ``prompt_length=1``::
+
+        input_ids       [[5, 6, 7], [8, 9, 0]]
+        attention_mask  [[1, 1, 1], [1, 1, 0]]
+        completion_mask [[0, 0, 1], [0, 1, 0]]
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not sequences:
+        raise ValueError("pad_batch needs at least one sequence")
+    length = max(len(s.input_ids) for s in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        n = len(sequence.input_ids)
+        start = 0 if padding_side == "right" else length - n
+        input_ids[i, start : start + n] = torch.tensor(sequence.input_ids, dtype=torch.long)
+        attention_mask[i, start : start + n] = 1
+        completion_mask[i, start + sequence.prompt_length : start + n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """Sum of completion-token log-probs of each sequence under ``model``.
+
+    Args:
+        model: a causal LM, possibly wrapped (PEFT, DDP, accelerate, DeepSpeed, ``torch.compile``); any dtype.
+            Called once, through its top-level forward, with ``use_cache=False``. Gradient flows when enabled.
+        input_ids: (N, T) int64 token ids, padded on either side.
+        attention_mask: (N, T) 1 for real tokens, 0 for padding.
+        completion_mask: (N, T) 1 where the token is a completion token, whose log-prob given the tokens before
+            it counts; must be 0 at position 0 (nothing predicts it) and on padding.
+        chunk_size: completion positions projected through the LM head at a time; bounds the float32 logits to
+            (chunk_size, vocabulary).
+
+    Returns:
+        ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64.
+    """
+    if not (input_ids.shape == attention_mask.shape == completion_mask.shape) or input_ids.ndim != 2:
+        raise ValueError(
+            "input_ids, attention_mask and completion_mask must share one (N, T) shape, got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    completion_mask = completion_mask.bool()
+    if completion_mask[:, 0].any():
+        raise ValueError("completion_mask is 1 at position 0, where no earlier token predicts the completion")
+    if (completion_mask & ~attention_mask.bool()).any():
+        raise ValueError("completion_mask marks padding tokens (attention_mask 0) as completion tokens")
+
+    # Hidden state (row, col) predicts the token at (row, col + 1).
+    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)
+    targets = input_ids[rows, cols + 1]
+    base = unwrap_model(model)
+    head = _reproducible_head(base)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        token_logps = _chunked_target_logps(logits, rows, cols, targets, _to_float32, chunk_size)
+    else:
+        token_logps = _hidden_state_path(
+            model, base, head, input_ids, attention_mask, rows, cols, targets, chunk_size
+        )
+    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_add(0, rows, token_logps)
+    return SequenceLogps(logps=logps, token_counts=completion_mask.sum(dim=1).long())
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT, DDP / accelerate / DeepSpeed and ``torch.compile`` wrappers."""
+    while True:
+        if callable(getattr(model, "get_base_model", None)):  # PEFT
+            inner = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DataParallel, DeepSpeed engine
+            inner = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            inner = model._orig_mod
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+@dataclass(frozen=True)
+class _LogitHead:
+    """The model's LM head as its forward applies it: output embeddings, then scale, then soft-cap."""
+
+    module: nn.Module
+    scale: float | None
+    softcap: float | None
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        # The projection runs in the model's dtype, like the model's own head; everything after it in float32.
+        logits = self.module(hidden).float()
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _reproducible_head(base: nn.Module) -> _LogitHead | None:
+    """The head to apply to hidden states, or None where the model's full logits must be used."""
+    config = getattr(base, "config", None)
+    get_output_embeddings = getattr(base, "get_output_embeddings", None)
+    get_decoder = getattr(base, "get_decoder", None)
+    if config is None or get_output_embeddings is None or get_decoder is None:
+        return None
+    module = get_output_embeddings()
+    if module is None or get_decoder() is base:
+        return None
+    if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config.model_type in FULL_LOGITS_MODEL_TYPES or config.model_type in FULL_LOGITS_MODEL_TYPES:
+        return None
+    softcap = getattr(text_config, "final_logit_softcapping", None) or getattr(
+        text_config, "logits_soft_cap", None
+    )
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text_config, name, None) is not None:
+            scale = float(getattr(text_config, name))
+            break
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = float(text_config.logits_scaling)
+        scale = scaling if text_config.model_type == "hyperclovax" else 1.0 / scaling
+    return _LogitHead(module=module, scale=scale, softcap=softcap)
+
+
+def _hidden_state_path(
+    model: nn.Module,
+    base: nn.Module,
+    head: _LogitHead,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+) -> Tensor:
+    """Completion-token log-probs (M,) from the decoder's final hidden states, captured inside ``model(...)``."""
+    captured: dict[str, Tensor] = {}
+
+    def on_decoder_output(_module: nn.Module, _args: object, output: object) -> None:
+        if "token_logps" in captured:
+            raise RuntimeError(f"{type(base).__name__} calls its decoder more than once per forward")
+        hidden = output[0]  # last_hidden_state of a ModelOutput or a tuple: (N, T, H)
+        captured["token_logps"] = _chunked_target_logps(hidden, rows, cols, targets, head, chunk_size)
+        if not head.module.training:  # in training mode a LoRA dropout on the head would make them differ
+            with torch.no_grad():
+                captured["last_logits"] = head(hidden[:, -1])
+
+    handle = base.get_decoder().register_forward_hook(on_decoder_output)
+    try:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if "token_logps" not in captured:
+        raise RuntimeError(f"the decoder of {type(base).__name__} was not called by its forward")
+    if "last_logits" in captured:
+        _check_head(base, captured["last_logits"], outputs.logits[:, -1])
+    return captured["token_logps"]
+
+
+def _check_head(base: nn.Module, reproduced: Tensor, actual: Tensor) -> None:
+    """Raise if the model's own logits (N, V) differ from the reproduced head's beyond its dtype's rounding."""
+    # Tolerance from the dtype the model computed its logits in: a bf16 head rounds the soft-cap in bf16.
+    tolerance = max(1e-4, 8 * torch.finfo(actual.dtype).eps) * max(1.0, actual.detach().abs().max().item())
+    difference = (reproduced - actual.detach().float()).abs().nan_to_num(nan=0.0).max().item()
+    if difference > tolerance:
+        model_type = base.config.model_type
+        raise RuntimeError(
+            f"{type(base).__name__} transforms its logits in a way mrpo does not reproduce (the last position's "
+            f"logits differ by {difference:.3g}, tolerance {tolerance:.3g}). Add {model_type!r} to "
+            "mrpo.logprobs.FULL_LOGITS_MODEL_TYPES to score it from its full logits, and please report it."
+        )
+
+
+def _to_float32(logits: Tensor) -> Tensor:
+    return logits.float()
+
+
+def _chunked_target_logps(
+    source: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    targets: Tensor,
+    project: Callable[[Tensor], Tensor],
+    chunk_size: int,
+) -> Tensor:
+    """log p(target) (M,) float32 for the positions (rows, cols) of ``source`` (N, T, H or V), chunk by chunk.
+
+    ``project`` maps (n, H or V) to float32 logits (n, V). With gradient enabled each chunk is checkpointed: only
+    its inputs are kept, and its logits are recomputed in the backward pass.
+    """
+    pieces = []
+    for start in range(0, rows.numel(), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        args = (source, rows[chunk], cols[chunk], targets[chunk], project)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_target_logps, *args, use_reentrant=False))
+        else:
+            pieces.append(_target_logps(*args))
+    if not pieces:
+        return source.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def _target_logps(
+    source: Tensor, rows: Tensor, cols: Tensor, targets: Tensor, project: Callable[[Tensor], Tensor]
+) -> Tensor:
+    logits = project(source[rows, cols])  # (n, V) float32
+    # log_softmax gathered at the target, without a second (n, V) tensor for the full log_softmax.
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)

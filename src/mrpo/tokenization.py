@@ -1,0 +1,392 @@
+"""One model's view of a preference pair: render it with that model's tokenizer and chat template, then tokenize.
+
+Every reference scores the same prompt/completion *text* with its own tokenizer, so this module decides, per model,
+which token ids stand for "the prompt" and which for "the completion" (the tokens whose log-probs are summed).
+
+Rendering
+---------
+- **Standard pairs** (strings): the prompt is the prompt text, the completion is the completion text, exactly as
+  given (no separator is added; put any space or newline in the data).
+- **Conversational pairs** (lists of ``{"role", "content"}`` messages; chosen/rejected are the assistant turns)
+  with a chat template: the prompt is ``apply_chat_template(prompt, add_generation_prompt=True)``, the full text is
+  ``apply_chat_template(prompt + completion)``, and the completion is what the full text adds after the prompt. If
+  the template renders the prompt differently on its own (the prompt text is not a prefix of the full text), the
+  pair is dropped for this model with a reason, never silently re-split.
+- **Conversational pairs for a tokenizer without a chat template** (base models such as Gemma-3-270M) get the plain
+  rendering, version ``PLAIN_RENDERING_VERSION`` (it changes the numbers, so it is part of the fingerprint)::
+
+      System: <content>\\n\\nUser: <content>\\n\\nAssistant:      <- prompt (roles title-cased)
+       <assistant content>                                       <- completion: a space, then the content
+      \\n\\nUser: <content>\\n\\nAssistant: <content>              <- any further completion messages
+
+Special tokens
+--------------
+- BOS: the tokenizer's own habit. Whatever ``tokenizer(text)`` puts in front of the text (BOS for Gemma, nothing
+  for SmolLM2) is put in front of the prompt, unless the rendered text already starts with it (a chat template that
+  writes BOS itself), so BOS is never doubled. Trailing special tokens a tokenizer adds are never used.
+- EOS: appended to every completion of a standard pair and of the plain rendering (unless the completion text
+  already ends with the EOS text). With a chat template it is appended only when the rendered conversation does not
+  already close the turn, i.e. does not end (ignoring trailing whitespace) with EOS or another special token such as
+  ``<|im_end|>`` or ``<end_of_turn>``.
+
+Prompt/completion boundary
+--------------------------
+The prompt is tokenized alone and the full text as a whole. If the prompt's tokens are a prefix of the full text's
+tokens, the full text's tokens are used. Where the tokenizer merges across the boundary (a prompt ending in a space
+or in "\\n" before a completion starting with "\\n", with a "\\n\\n" token) they are not; then the prompt and the
+completion are tokenized separately and concatenated, so the completion's tokens are exactly the completion's and
+the prompt's exactly the prompt's.
+
+Overflow
+--------
+``tokenize_for_models`` applies ``max_length`` jointly: by default a pair that is too long for ANY model is dropped
+for ALL models (sequence log-probs of truncated text differ between tokenizers, so they would not be comparable),
+and the drops are counted by reason. ``overflow="truncate"`` cuts the end of the completions, identically for all
+models, and is therefore allowed only when all views share one tokenizer fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal, Protocol
+
+PLAIN_RENDERING_VERSION = 1
+"""Version of the plain-text rendering of messages for tokenizers without a chat template."""
+
+TOKENIZATION_VERSION = 1
+"""Version of the rules in this module (BOS/EOS/boundary handling); part of every fingerprint."""
+
+Messages = list[dict[str, str]]
+
+
+class PairLike(Protocol):
+    """What this module needs of a preference pair (``mrpo.data.PreferencePair`` is one)."""
+
+    pair_id: str
+    prompt: str | Messages
+    chosen: str | Messages
+    rejected: str | Messages
+
+
+@dataclass(frozen=True)
+class TokenizedSequence:
+    """Token ids of prompt + completion for one model; the tokens at positions >= ``prompt_length`` are the
+    completion, whose log-probs are summed."""
+
+    input_ids: tuple[int, ...]
+    prompt_length: int
+
+    @property
+    def completion_length(self) -> int:
+        return len(self.input_ids) - self.prompt_length
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """The chosen and rejected sequences of one pair, tokenized for one model."""
+
+    pair_id: str
+    chosen: TokenizedSequence
+    rejected: TokenizedSequence
+
+
+class RenderError(ValueError):
+    """A pair cannot be tokenized for a model; ``reason`` is a short, countable description."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _RenderedCompletion:
+    text: str  # the completion's text, as it follows the prompt text
+    append_eos: bool  # whether EOS is appended after the completion's tokens
+
+
+class ModelView:
+    """How one model sees preference pairs: its tokenizer, chat template and special-token habits.
+
+    The view reads the tokenizer when it is created: build a new view after changing the tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any, *, name: str = "model"):
+        self.tokenizer = tokenizer
+        self.name = name
+        self._leading_special_ids = self._probe_leading_special_ids()
+        # Special tokens that close a turn when a chat template ends the conversation with them.
+        self._special_token_texts = {
+            token.content for token in tokenizer.added_tokens_decoder.values() if token.special
+        } | {t for t in (tokenizer.eos_token,) if t}
+
+    # -- properties ---------------------------------------------------------------------------------------------
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, or its EOS id when it has none (padded positions are masked either way)."""
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"{self.name}: the tokenizer has neither a pad token nor an EOS token; set one")
+        return pad
+
+    @property
+    def padding_side(self) -> str:
+        return self.tokenizer.padding_side
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of everything that decides the token ids this view produces."""
+        tokenizer = self.tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        vocabulary = (
+            backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+        )
+        special = {
+            attr: [getattr(tokenizer, attr, None), getattr(tokenizer, f"{attr}_id", None)]
+            for attr in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        content = {
+            "tokenization_version": TOKENIZATION_VERSION,
+            "plain_rendering_version": PLAIN_RENDERING_VERSION,
+            "class": type(tokenizer).__name__,
+            "vocabulary": vocabulary,
+            "special_tokens": special,
+            "chat_template": tokenizer.chat_template,
+            "leading_special_ids": self._leading_special_ids,
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+
+    def render(self, pair: PairLike) -> tuple[str, str, str]:
+        """Prompt text, chosen full text and rejected full text as this model sees them (for debugging and docs).
+
+        The full texts are the prompt text followed by the completion text and, where EOS is appended, its text.
+        """
+        prompt_text, chosen, rejected = self._render(pair)
+        eos = self.tokenizer.eos_token or ""
+
+        def full(completion: _RenderedCompletion) -> str:
+            return prompt_text + completion.text + (eos if completion.append_eos else "")
+
+        return prompt_text, full(chosen), full(rejected)
+
+    def _render(self, pair: PairLike) -> tuple[str, _RenderedCompletion, _RenderedCompletion]:
+        if isinstance(pair.prompt, str):
+            if not isinstance(pair.chosen, str) or not isinstance(pair.rejected, str):
+                raise TypeError(f"pair {pair.pair_id}: a string prompt needs string completions")
+            return pair.prompt, self._plain_completion(pair.chosen), self._plain_completion(pair.rejected)
+        if self.has_chat_template:
+            prompt_text = self._apply_chat_template(pair.prompt, add_generation_prompt=True)
+            completions = []
+            for messages in (pair.chosen, pair.rejected):
+                full_text = self._apply_chat_template(
+                    list(pair.prompt) + list(messages), add_generation_prompt=False
+                )
+                if not full_text.startswith(prompt_text):
+                    raise RenderError(
+                        "chat template renders the prompt differently alone",
+                        f"pair {pair.pair_id}: the prompt with the generation prompt is not a prefix of the "
+                        "rendered conversation",
+                    )
+                text = full_text[len(prompt_text) :]
+                closes_turn = any(text.rstrip().endswith(token) for token in self._special_token_texts)
+                completions.append(_RenderedCompletion(text, append_eos=not closes_turn))
+            return prompt_text, completions[0], completions[1]
+        prompt_text = _plain_messages(pair.prompt) + "\n\nAssistant:"
+        chosen, rejected = (_plain_continuation(messages) for messages in (pair.chosen, pair.rejected))
+        return prompt_text, self._plain_completion(chosen), self._plain_completion(rejected)
+
+    def _plain_completion(self, text: str) -> _RenderedCompletion:
+        eos = self.tokenizer.eos_token
+        return _RenderedCompletion(text, append_eos=not (eos and text.endswith(eos)))
+
+    def _apply_chat_template(self, messages: Messages, *, add_generation_prompt: bool) -> str:
+        # tokenize=False returns the text in transformers 4 and 5 alike (tokenize=True returns a BatchEncoding in 5).
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # -- tokenization -------------------------------------------------------------------------------------------
+
+    def tokenize(self, pair: PairLike) -> TokenizedPair:
+        """Token ids of chosen and rejected (each prompt + completion) for this model.
+
+        Raises ``RenderError`` when the pair cannot be tokenized for this model (see the module docstring).
+        """
+        prompt_text, chosen, rejected = self._render(pair)
+        prompt_ids = self._encode_with_leading_specials(prompt_text)
+        if not prompt_ids:
+            raise RenderError("prompt renders to no tokens", f"pair {pair.pair_id}: nothing to condition on")
+        return TokenizedPair(
+            pair_id=pair.pair_id,
+            chosen=self._tokenize_sequence(pair.pair_id, prompt_text, prompt_ids, chosen),
+            rejected=self._tokenize_sequence(pair.pair_id, prompt_text, prompt_ids, rejected),
+        )
+
+    def _tokenize_sequence(
+        self, pair_id: str, prompt_text: str, prompt_ids: list[int], completion: _RenderedCompletion
+    ) -> TokenizedSequence:
+        full_ids = self._encode_with_leading_specials(prompt_text + completion.text)
+        if full_ids[: len(prompt_ids)] == prompt_ids:
+            ids = full_ids
+        else:
+            # The tokenizer merged across the boundary: keep the prompt's and the completion's own tokens.
+            ids = prompt_ids + self._encode(completion.text)
+        if completion.append_eos:
+            ids = ids + [self.tokenizer.eos_token_id]
+        if len(ids) == len(prompt_ids):
+            raise RenderError("empty completion", f"pair {pair_id}: the completion has no tokens")
+        return TokenizedSequence(input_ids=tuple(ids), prompt_length=len(prompt_ids))
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_with_leading_specials(self, text: str) -> list[int]:
+        ids = self._encode(text)
+        lead = list(self._leading_special_ids)
+        if lead and ids[: len(lead)] != lead:
+            ids = lead + ids
+        return ids
+
+    def _probe_leading_special_ids(self) -> tuple[int, ...]:
+        """The ids ``tokenizer(text)`` puts before the text's own tokens (BOS for Gemma/Llama, none for Qwen)."""
+        probe = "a"
+        with_specials = list(self.tokenizer(probe)["input_ids"])
+        plain = self._encode(probe)
+        for start in range(len(with_specials) - len(plain) + 1):
+            if with_specials[start : start + len(plain)] == plain:
+                return tuple(with_specials[:start])
+        return ()
+
+    def __repr__(self) -> str:
+        return f"ModelView(name={self.name!r}, tokenizer={type(self.tokenizer).__name__})"
+
+
+def _role_name(role: str) -> str:
+    return role[:1].upper() + role[1:]
+
+
+def _plain_messages(messages: Messages) -> str:
+    return "\n\n".join(f"{_role_name(m['role'])}: {m['content']}" for m in messages)
+
+
+def _plain_continuation(messages: Messages) -> str:
+    """The completion messages as they follow the plain prompt, which ends with "Assistant:"."""
+    if not messages or messages[0]["role"] != "assistant":
+        raise RenderError("completion does not start with an assistant message")
+    text = " " + messages[0]["content"]
+    if len(messages) > 1:
+        text += "\n\n" + _plain_messages(messages[1:])
+    return text
+
+
+# -- several models at once -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizationResult:
+    """The pairs kept for every view, tokenized per view; ``per_view[k][i]`` is pair ``pair_ids[i]`` for view k."""
+
+    view_names: list[str]
+    per_view: list[list[TokenizedPair]]
+    pair_ids: list[str]
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        total = len(self.pair_ids) + sum(self.dropped.values())
+        line = f"kept {len(self.pair_ids)} of {total} pairs for {', '.join(self.view_names)}"
+        if self.dropped:
+            line += "; dropped: " + "; ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
+        return line
+
+
+def tokenize_for_models(
+    pairs: Iterable[PairLike],
+    views: Sequence[ModelView],
+    *,
+    max_length: int | Sequence[int | None] | None,
+    overflow: Literal["drop", "truncate"] = "drop",
+) -> TokenizationResult:
+    """Tokenize every pair for every view, keeping only the pairs that every view can score.
+
+    ``max_length`` is one limit for all views or one per view (None: no limit), in tokens of prompt + completion.
+    With ``overflow="drop"`` a pair whose chosen or rejected sequence is longer than a view's limit is dropped for
+    all views. ``overflow="truncate"`` needs all views to share one tokenizer fingerprint; it cuts the completions'
+    ends to the smallest limit (the prompt is kept whole; a pair whose prompt alone reaches the limit is dropped).
+    A pair a view cannot render is dropped for all views too. Drops are counted by reason in ``dropped``.
+    """
+    if not views:
+        raise ValueError("tokenize_for_models needs at least one view")
+    limits = _per_view_limits(max_length, len(views))
+    if overflow == "truncate":
+        if len({view.fingerprint for view in views}) > 1:
+            raise ValueError(
+                "overflow='truncate' needs all models to share one tokenizer: truncating the same text at a token "
+                "limit cuts it at different places for different tokenizers, so their sequence log-probs would not "
+                "be comparable. Use overflow='drop' (the default), or raise max_length."
+            )
+        common = [limit for limit in limits if limit is not None]
+        limits = [min(common) if common else None] * len(views)
+    elif overflow != "drop":
+        raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
+
+    result = TokenizationResult(view_names=[v.name for v in views], per_view=[[] for _ in views], pair_ids=[])
+    for pair in pairs:
+        tokenized = []
+        for view, limit in zip(views, limits, strict=True):
+            try:
+                one = view.tokenize(pair)
+            except RenderError as error:
+                result.dropped[f"{error.reason} for {view.name}"] += 1
+                break
+            if limit is not None:
+                one = _apply_limit(one, limit, overflow)
+                if one is None:
+                    reason = (
+                        "prompt reaches max_length" if overflow == "truncate" else "longer than max_length"
+                    )
+                    result.dropped[f"{reason} for {view.name}"] += 1
+                    break
+            tokenized.append(one)
+        else:
+            result.pair_ids.append(pair.pair_id)
+            for k, one in enumerate(tokenized):
+                result.per_view[k].append(one)
+    return result
+
+
+def _per_view_limits(max_length: int | Sequence[int | None] | None, n_views: int) -> list[int | None]:
+    if max_length is None or isinstance(max_length, int):
+        limits = [max_length] * n_views
+    else:
+        limits = list(max_length)
+        if len(limits) != n_views:
+            raise ValueError(f"max_length has {len(limits)} entries for {n_views} views")
+    for limit in limits:
+        if limit is not None and limit < 2:
+            raise ValueError(
+                f"max_length must be at least 2 tokens (a prompt and a completion token), got {limit}"
+            )
+    return limits
+
+
+def _apply_limit(pair: TokenizedPair, limit: int, overflow: str) -> TokenizedPair | None:
+    sequences = (pair.chosen, pair.rejected)
+    if all(len(s.input_ids) <= limit for s in sequences):
+        return pair
+    if overflow == "drop" or any(s.prompt_length >= limit for s in sequences):
+        return None
+    chosen, rejected = (TokenizedSequence(s.input_ids[:limit], s.prompt_length) for s in sequences)
+    return TokenizedPair(pair.pair_id, chosen, rejected)

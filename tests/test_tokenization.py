@@ -1,0 +1,243 @@
+"""Tests of mrpo.tokenization: rendering, BOS/EOS, the prompt/completion boundary, overflow and fingerprints."""
+
+import copy
+
+import pytest
+
+from mrpo.logprobs import pad_batch
+from mrpo.tokenization import ModelView, RenderError, TokenizedSequence, tokenize_for_models
+from tiny_models import (
+    GEMMA_LIKE_TEMPLATE,
+    Pair,
+    bpe_tokenizer,
+    char_tokenizer,
+    conversational_pairs,
+    standard_pairs,
+)
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_ids(sequence: TokenizedSequence) -> list[int]:
+    return list(sequence.input_ids[sequence.prompt_length :])
+
+
+# -- standard (string) pairs ------------------------------------------------------------------------------------
+
+
+def test_standard_pair_without_boundary_merge_uses_the_joint_tokenization():
+    tok = bpe_tokenizer()
+    pair = Pair("p", "The capital of France is", " Paris.", " Rome.")
+    tokenized = ModelView(tok).tokenize(pair)
+    # No BOS (the tokenizer adds none), the text tokenized as a whole, EOS appended once.
+    assert list(tokenized.chosen.input_ids) == encode(tok, "The capital of France is Paris.") + [
+        tok.eos_token_id
+    ]
+    assert tokenized.chosen.prompt_length == len(encode(tok, "The capital of France is"))
+    assert tok.decode(completion_ids(tokenized.rejected)) == " Rome.<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion"),
+    [("Question: What colour is the sky?\n", "\nThe sky is blue."), ("Question: ", "blue")],
+    ids=["newline-newline", "trailing-space"],
+)
+def test_boundary_merge_keeps_the_completion_tokens_exactly(prompt, completion):
+    tok = bpe_tokenizer()
+    joint = encode(tok, prompt + completion)
+    assert joint[: len(encode(tok, prompt))] != encode(tok, prompt), "the case must merge across the boundary"
+    tokenized = ModelView(tok).tokenize(Pair("p", prompt, completion, completion))
+    assert list(tokenized.chosen.input_ids[: tokenized.chosen.prompt_length]) == encode(tok, prompt)
+    assert completion_ids(tokenized.chosen) == encode(tok, completion) + [tok.eos_token_id]
+
+
+def test_standard_pair_with_bos_tokenizer_gets_one_bos_and_one_eos():
+    tok = char_tokenizer()
+    tokenized = ModelView(tok).tokenize(Pair("p", "Hi", " there", " you"))
+    assert list(tokenized.chosen.input_ids) == [tok.bos_token_id, *encode(tok, "Hi there"), tok.eos_token_id]
+    assert tokenized.chosen.prompt_length == 3
+
+
+def test_eos_is_not_appended_twice_when_the_completion_already_ends_with_it():
+    tok = bpe_tokenizer()
+    tokenized = ModelView(tok).tokenize(Pair("p", "Two plus two is", " four.<|im_end|>", " six."))
+    assert completion_ids(tokenized.chosen).count(tok.eos_token_id) == 1
+    assert completion_ids(tokenized.chosen)[-1] == tok.eos_token_id
+    assert completion_ids(tokenized.rejected).count(tok.eos_token_id) == 1
+
+
+# -- conversational pairs ---------------------------------------------------------------------------------------
+
+
+def test_chat_template_rendering_and_end_of_turn():
+    tok = bpe_tokenizer()
+    pair = conversational_pairs()[1]
+    view = ModelView(tok)
+    prompt_text, chosen_text, _ = view.render(pair)
+    assert prompt_text == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    # The template closes the turn with <|im_end|> (the EOS), so no second EOS is appended.
+    assert chosen_text == prompt_text + "4<|im_end|>\n"
+    tokenized = view.tokenize(pair)
+    assert list(tokenized.chosen.input_ids[: tokenized.chosen.prompt_length]) == encode(tok, prompt_text)
+    assert tok.decode(completion_ids(tokenized.chosen)) == "4<|im_end|>\n"
+    assert completion_ids(tokenized.chosen).count(tok.eos_token_id) == 1
+
+
+def test_plain_rendering_without_chat_template():
+    tok = char_tokenizer()
+    assert not tok.chat_template
+    view = ModelView(tok)
+    prompt_text, chosen_text, rejected_text = view.render(conversational_pairs()[0])
+    assert prompt_text == "System: Be brief.\n\nUser: Capital of Spain?\n\nAssistant:"
+    assert chosen_text == prompt_text + " Madrid.<eos>"
+    assert rejected_text == prompt_text + " Paris, I think.<eos>"
+    tokenized = view.tokenize(conversational_pairs()[0])
+    ids = list(tokenized.chosen.input_ids)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    assert tok.decode(completion_ids(tokenized.chosen)) == " Madrid.<eos>"
+
+
+def test_plain_rendering_of_several_completion_messages():
+    pair = Pair(
+        "p",
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+        [{"role": "assistant", "content": "Go away."}],
+    )
+    _, chosen_text, _ = ModelView(char_tokenizer()).render(pair)
+    assert chosen_text == "User: Hi\n\nAssistant: Hello.\n\nUser: Bye<eos>"
+
+
+def test_bos_written_by_the_chat_template_is_not_doubled():
+    tok = char_tokenizer(GEMMA_LIKE_TEMPLATE)
+    view = ModelView(tok)
+    pair = conversational_pairs()[1]
+    prompt_text, chosen_text, _ = view.render(pair)
+    assert prompt_text.startswith("<bos><start_of_turn>user\n")
+    # <end_of_turn> closes the turn, so EOS is not appended.
+    assert chosen_text == prompt_text + "4<end_of_turn>\n"
+    ids = list(view.tokenize(pair).chosen.input_ids)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.eos_token_id not in ids
+
+
+def test_template_that_renders_the_prompt_differently_is_a_counted_drop():
+    tok = copy.deepcopy(bpe_tokenizer())
+    # Like templates that add an (empty) thought block to the generation prompt only.
+    tok.chat_template = bpe_tokenizer().chat_template.replace(
+        "'<|im_start|>assistant\n'", "'<|im_start|>assistant\nthink\n'"
+    )
+    view = ModelView(tok, name="thinker")
+    with pytest.raises(RenderError):
+        view.tokenize(conversational_pairs()[0])
+    result = tokenize_for_models(conversational_pairs(), [view], max_length=None)
+    assert result.pair_ids == []
+    assert result.dropped == {"chat template renders the prompt differently alone for thinker": 2}
+
+
+# -- several views, overflow ------------------------------------------------------------------------------------
+
+
+def two_views():
+    return [ModelView(bpe_tokenizer(), name="bpe"), ModelView(char_tokenizer(), name="char")]
+
+
+def test_views_stay_aligned_and_keep_everything_without_limit():
+    result = tokenize_for_models(standard_pairs(), two_views(), max_length=None)
+    assert result.pair_ids == [p.pair_id for p in standard_pairs()]
+    for per_view in result.per_view:
+        assert [t.pair_id for t in per_view] == result.pair_ids
+    assert not result.dropped
+    assert result.summary() == "kept 3 of 3 pairs for bpe, char"
+
+
+def test_pair_too_long_for_one_view_is_dropped_for_all():
+    views = two_views()
+    pairs = standard_pairs()
+    lengths = {
+        view.name: [
+            max(len(t.chosen.input_ids), len(t.rejected.input_ids)) for t in map(view.tokenize, pairs)
+        ]
+        for view in views
+    }
+    # The character tokenizer needs more tokens: this limit fits every pair for "bpe" and some for "char".
+    limit = max(max(lengths["bpe"]), min(lengths["char"]))
+    too_long = [p.pair_id for p, n in zip(pairs, lengths["char"], strict=True) if n > limit]
+    assert too_long and len(too_long) < len(pairs)
+    result = tokenize_for_models(pairs, views, max_length=limit)
+    assert result.pair_ids == [p.pair_id for p in pairs if p.pair_id not in too_long]
+    assert [t.pair_id for t in result.per_view[0]] == result.pair_ids
+    assert [t.pair_id for t in result.per_view[1]] == result.pair_ids
+    assert result.dropped == {"longer than max_length for char": len(too_long)}
+    assert f"dropped: {len(too_long)} longer than max_length for char" in result.summary()
+
+    # One limit per view: no limit for char keeps everything.
+    assert tokenize_for_models(pairs, views, max_length=[limit, None]).pair_ids == [p.pair_id for p in pairs]
+
+
+def test_truncate_needs_one_shared_tokenizer():
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        tokenize_for_models(standard_pairs(), two_views(), max_length=10, overflow="truncate")
+
+
+def test_truncate_cuts_completion_ends_identically_and_drops_overlong_prompts():
+    tok = bpe_tokenizer()
+    views = [ModelView(tok, name="policy"), ModelView(copy.deepcopy(tok), name="reference")]
+    assert views[0].fingerprint == views[1].fingerprint
+    pairs = standard_pairs()
+    full = [views[0].tokenize(p) for p in pairs]
+    limit = 9
+    result = tokenize_for_models(
+        pairs, views, max_length=[limit, 12], overflow="truncate"
+    )  # the smaller wins
+    kept = [p.pair_id for p, t in zip(pairs, full, strict=True) if t.chosen.prompt_length < limit]
+    assert result.pair_ids == kept and len(kept) < len(pairs)
+    assert result.dropped == {"prompt reaches max_length for policy": len(pairs) - len(kept)}
+    for original in full:
+        if original.pair_id not in kept:
+            continue
+        i = result.pair_ids.index(original.pair_id)
+        for per_view in result.per_view:
+            truncated = per_view[i].chosen
+            assert truncated.input_ids == original.chosen.input_ids[:limit]
+            assert truncated.prompt_length == original.chosen.prompt_length
+
+
+# -- fingerprint, padding ---------------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_and_changes_with_template_and_vocabulary():
+    tok = bpe_tokenizer()
+    reference = ModelView(tok).fingerprint
+    assert ModelView(copy.deepcopy(tok), name="other name").fingerprint == reference
+
+    retemplated = copy.deepcopy(tok)
+    retemplated.chat_template = tok.chat_template.replace("assistant", "bot")
+    assert ModelView(retemplated).fingerprint != reference
+
+    extended = copy.deepcopy(tok)
+    extended.add_tokens(["<extra>"])
+    assert ModelView(extended).fingerprint != reference
+
+    assert (
+        ModelView(char_tokenizer()).fingerprint != ModelView(char_tokenizer(GEMMA_LIKE_TEMPLATE)).fingerprint
+    )
+
+
+def test_padding_side_and_pad_id_follow_the_tokenizer():
+    bpe, char = (ModelView(bpe_tokenizer()), ModelView(char_tokenizer()))
+    assert (bpe.padding_side, bpe.pad_token_id) == (
+        "right",
+        bpe_tokenizer().convert_tokens_to_ids("<|im_end|>"),
+    )
+    assert (char.padding_side, char.pad_token_id) == ("left", 0)
+
+    sequences = [char.tokenize(p).chosen for p in standard_pairs()[:2]]
+    batch = pad_batch(sequences, pad_token_id=char.pad_token_id, padding_side=char.padding_side)
+    shorter = min(range(2), key=lambda i: len(sequences[i].input_ids))
+    n = len(sequences[shorter].input_ids)
+    assert batch["input_ids"][shorter, -n:].tolist() == list(sequences[shorter].input_ids)
+    assert batch["attention_mask"][shorter].tolist() == [0] * (batch["input_ids"].shape[1] - n) + [1] * n
