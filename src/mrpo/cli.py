@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mrpo import __version__
 
@@ -25,7 +26,162 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. loss.beta=0.2"
+    )
+
+
+def _load(args: argparse.Namespace):
+    from mrpo.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from mrpo.pipeline import run_precompute
+
+    splits = run_precompute(_load(args))
+    for name, split in splits.items():
+        print(f"[{name}]\n{split.summary()}\n")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mrpo.pipeline import run_train
+
+    config = _load(args)
+    result = run_train(config, resume=args.resume)
+    print(f"run directory:   {result.output_dir}")
+    print(f"resolved config: {result.output_dir / 'mrpo_config.yaml'}")
+    print(f"metrics:         {result.metrics_file}")
+    print(f"checkpoints:     {result.output_dir}/checkpoint-*")
+    print(f"final model:     {result.final_model_dir}")
+    if result.merged_model_dir:
+        print(f"merged model:    {result.merged_model_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mrpo.evaluation import format_table
+    from mrpo.pipeline import run_evaluate
+
+    config = _load(args)
+    checkpoints = None
+    if args.checkpoint:
+        checkpoints = {} if args.no_start else {"start": None}
+        for checkpoint in args.checkpoint:
+            label, _, path = checkpoint.rpartition("=") if "=" in checkpoint else ("", "", checkpoint)
+            checkpoints[label or Path(path).name] = path
+    results, output = run_evaluate(config, checkpoints=checkpoints, output=args.output)
+    print(format_table(results))
+    print(f"\nresults: {output}")
+    if args.lm_eval_tasks:
+        from mrpo.lm_eval_bridge import run_lm_eval
+
+        for label, checkpoint in (checkpoints or {"trained": None}).items():
+            print(run_lm_eval(config, checkpoint, args.lm_eval_tasks, label=label).table)
+    return 0
+
+
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="held-out metrics of the trained policy and its starting model",
+        description="Held-out preference metrics (policy accuracy, implicit reward accuracy against the initialising "
+        "and the virtual reference, margins) of the starting model and the run's final model, or of the given "
+        "checkpoints. Writes eval_results.json and prints a table.",
+    )
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="[LABEL=]DIR",
+        help="a model to evaluate (LoRA adapter dir or full model dir); repeatable. Default: the run's final model",
+    )
+    parser.add_argument("--no-start", action="store_true", help="do not evaluate the starting model")
+    parser.add_argument(
+        "--output", help="where to write the JSON results (default: OUTPUT_DIR/eval_results.json)"
+    )
+    parser.add_argument(
+        "--lm-eval-tasks",
+        nargs="+",
+        metavar="TASK",
+        help="also run lm-evaluation-harness tasks (needs the `eval` extra); mrpo_arithmetic and mrpo_facts ship "
+        "with mrpo and run offline",
+    )
+    parser.set_defaults(run=_evaluate)
+
+
+def _register_precompute(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "precompute",
+        help="compute every reference's log-probs for the data into the cache",
+        description="Score every pair with every reference (each on its own tokenizer) into the reference cache. "
+        "Only missing pairs are computed; under `accelerate launch` the work is split across processes.",
+    )
+    _add_config_arguments(parser)
+    parser.set_defaults(run=_precompute)
+
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the policy (LoRA or full) with the MRPO loss",
+        description="Train the policy against the cached references (precomputing what is missing first).",
+    )
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume from the latest checkpoint in the output directory, or from CHECKPOINT",
+    )
+    parser.set_defaults(run=_train)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mrpo.report import ReportError, write_report
+
+    try:
+        report = write_report(args.run_dirs, args.output)
+    except ReportError as error:
+        print(f"mrpo report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    for image in sorted(report.parent.glob("*.png")):
+        print(f"plot:   {image}")
+    return 0
+
+
+def _register_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="plots (PNG) and a markdown summary of one or several runs",
+        description="Plot the training curves (loss, reward accuracy and margins, reference weights, CTRO eps and "
+        "clip rate) and the held-out metrics of one or several run directories, one line per run, and write "
+        "report.md: the clip rate first, final and best numbers, data used and dropped, and each run's config.",
+    )
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="a run's training.output_dir (holds metrics.jsonl)"
+    )
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="where to write report.md and the PNGs (default: RUN_DIR for one run, ./report for several)",
+    )
+    parser.set_defaults(run=_report)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_precompute,
+    _register_train,
+    _register_evaluate,
+    _register_report,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    from mrpo.config import ConfigError
+    from mrpo.data import DataError
+    from mrpo.references import CacheError
+
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, CacheError) as error:
+        print(f"mrpo {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Training examples and their batches: the policy's tokens for chosen and rejected plus K cached reference columns.
+
+A training example is one pair as the *policy* tokenizes it, with the K references' cached sequence log-probs
+attached. The collator pads the 2B sequences of a batch into one tensor, chosen rows first, so the trainer gets
+both responses' log-probs from a single forward.
+
+Worked example (pad id 0, right padding, K = 2)::
+
+    examples = [
+        {"pair_id": "a", "chosen_input_ids": [5, 6, 7], "chosen_prompt_length": 2,
+         "rejected_input_ids": [5, 6, 8, 9], "rejected_prompt_length": 2,
+         "reference_chosen_logps": [-1.0, -2.0], "reference_rejected_logps": [-3.0, -4.0]},
+    ]
+    batch = collator(examples)
+    batch["input_ids"]        == [[5, 6, 7, 0], [5, 6, 8, 9]]      # chosen rows, then rejected rows
+    batch["attention_mask"]   == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    batch["completion_mask"]  == [[0, 0, 1, 0], [0, 0, 1, 1]]
+    batch["reference_chosen_logps"]   == [[-1.0], [-2.0]]         # (K, B)
+    batch["reference_rejected_logps"] == [[-3.0], [-4.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from mrpo.logprobs import pad_batch
+from mrpo.tokenization import TokenizedPair, TokenizedSequence
+
+REQUIRED_FIELDS = (
+    "chosen_input_ids",
+    "chosen_prompt_length",
+    "rejected_input_ids",
+    "rejected_prompt_length",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+)
+
+
+class CollatorError(KeyError):
+    """A batch lacks what the trainer needs (most often: the cached reference columns)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class PreferenceDataset(Dataset):
+    """Pairs as the policy tokenizes them, each with its K cached reference log-probs."""
+
+    def __init__(
+        self,
+        pairs: Sequence[TokenizedPair],
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+    ):
+        """
+        Args:
+            pairs: the policy's tokenization of each pair.
+            reference_chosen_logps: ``(K, N)`` cached reference log-probs of the chosen responses, aligned to pairs.
+            reference_rejected_logps: ``(K, N)`` likewise for the rejected responses.
+        """
+        if reference_chosen_logps.shape != reference_rejected_logps.shape or reference_chosen_logps.shape[
+            1
+        ] != len(pairs):
+            raise ValueError(
+                f"reference columns {tuple(reference_chosen_logps.shape)} / {tuple(reference_rejected_logps.shape)} "
+                f"do not match {len(pairs)} pairs: expected (K, {len(pairs)}) each"
+            )
+        self.pairs = list(pairs)
+        self.reference_chosen_logps = reference_chosen_logps.float()
+        self.reference_rejected_logps = reference_rejected_logps.float()
+
+    @property
+    def num_references(self) -> int:
+        return self.reference_chosen_logps.shape[0]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        return {
+            "pair_id": pair.pair_id,
+            "chosen_input_ids": pair.chosen.input_ids,
+            "chosen_prompt_length": pair.chosen.prompt_length,
+            "rejected_input_ids": pair.rejected.input_ids,
+            "rejected_prompt_length": pair.rejected.prompt_length,
+            "reference_chosen_logps": self.reference_chosen_logps[:, index],
+            "reference_rejected_logps": self.reference_rejected_logps[:, index],
+        }
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads a list of examples into one batch of 2B sequences (chosen first) plus ``(K, B)`` reference columns."""
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise CollatorError("empty batch: the collator got no examples")
+        for position, example in enumerate(examples):
+            missing = [name for name in REQUIRED_FIELDS if name not in example]
+            if missing:
+                pair = example.get("pair_id", "?")
+                hint = (
+                    " The cached reference log-probs are missing: build the data with mrpo.pipeline (or run "
+                    "`mrpo precompute`) so every example carries its K reference columns."
+                    if any(name.startswith("reference_") for name in missing)
+                    else ""
+                )
+                raise CollatorError(
+                    f"example {position} of the batch (pair {pair}) lacks {', '.join(missing)}.{hint}"
+                )
+        sequences = [
+            TokenizedSequence(tuple(e[f"{side}_input_ids"]), int(e[f"{side}_prompt_length"]))
+            for side in ("chosen", "rejected")
+            for e in examples
+        ]
+        batch = pad_batch(
+            sequences,
+            pad_token_id=self.pad_token_id,
+            padding_side=self.padding_side,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        num_references = {len(e["reference_chosen_logps"]) for e in examples}
+        num_references |= {len(e["reference_rejected_logps"]) for e in examples}
+        if len(num_references) != 1:
+            raise CollatorError(f"examples carry different numbers of references: {sorted(num_references)}")
+        for side in ("chosen", "rejected"):
+            batch[f"reference_{side}_logps"] = torch.stack(
+                [torch.as_tensor(e[f"reference_{side}_logps"], dtype=torch.float32) for e in examples], dim=1
+            )
+        return batch

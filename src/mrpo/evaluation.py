@@ -1,0 +1,219 @@
+"""Held-out metrics (spec §5) for any model against the cached references, side by side and fairly comparable.
+
+Three accuracies answer three different questions:
+
+- **policy preference accuracy** -- does the model itself prefer the chosen answer (``pw > pl``)? Needs no
+  reference and no label-dependent weight, so it compares any runs; also given per token (length-normalised);
+- **implicit reward accuracy against the initialising reference** -- ``(pw - l_1(y_w)) > (pl - l_1(y_l))``:
+  comparable between DPO and MRPO runs that start from the same model;
+- **implicit reward accuracy against the virtual reference** -- the quantity the paper's trainer reports
+  (``rewards/accuracies``). With adaptive CTRO and K > 1 the virtual reference is built with knowledge of which
+  answer is the chosen one, so this number *sees the label*; it is flagged ``label_aware``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrpo.config import LossConfig, MRPOConfig
+from mrpo.losses import mrpo_loss
+
+METRIC_LABELS = {
+    "policy_accuracy": "policy pref. acc. (pw > pl)",
+    "policy_accuracy_per_token": "policy pref. acc. per token",
+    "reward_accuracy_initialising": "reward acc. vs initialising ref",
+    "reward_accuracy_virtual": "reward acc. vs virtual ref",
+    "policy_margin": "mean policy margin pw - pl (nats)",
+    "reward_margin_initialising": "mean reward margin vs initialising",
+    "reward_margin_virtual": "mean reward margin vs virtual",
+    "clip_rate": "CTRO clip rate",
+}
+"""Metric keys in display order, with the label the table shows."""
+
+
+@dataclass
+class HeldOutMetrics:
+    """Metrics of one model on one held-out split."""
+
+    label: str
+    """Which model: "start", a run name, ..."""
+    model: str
+    """Where it was loaded from."""
+    pairs: int
+    metrics: dict[str, float]
+    """Keys of ``METRIC_LABELS``."""
+    label_aware: bool
+    """True when ``reward_accuracy_virtual`` uses a label-dependent (adaptive CTRO) virtual reference."""
+    by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The same metrics per value of the pairs' ``kind`` metadata column, when the data has one."""
+
+
+def compute_metrics(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    policy_chosen_tokens: torch.Tensor,
+    policy_rejected_tokens: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    loss: LossConfig,
+) -> dict[str, float]:
+    """The held-out metrics of spec §5 from sequence log-probs.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(N,)`` the evaluated model's sequence log-probs.
+        policy_chosen_tokens, policy_rejected_tokens: ``(N,)`` their completion token counts.
+        reference_chosen_logps, reference_rejected_logps: ``(K, N)`` cached references, row 0 initialising.
+        loss: the loss settings that define the virtual reference (beta, weights, clip, eps, aggregation, align).
+    """
+    pw, pl = policy_chosen_logps.double(), policy_rejected_logps.double()
+    rc, rr = reference_chosen_logps.double(), reference_rejected_logps.double()
+    beta = loss.beta
+    virtual = mrpo_loss(pw, pl, rc, rr, **dataclasses.asdict(loss))
+    initialising_margin = beta * ((pw - rc[0]) - (pl - rr[0]))
+    virtual_margin = virtual.chosen_rewards - virtual.rejected_rewards
+    per_token_chosen = pw / policy_chosen_tokens.clamp(min=1).double()
+    per_token_rejected = pl / policy_rejected_tokens.clamp(min=1).double()
+    return {
+        "policy_accuracy": _mean(pw > pl),
+        "policy_accuracy_per_token": _mean(per_token_chosen > per_token_rejected),
+        "reward_accuracy_initialising": _mean(initialising_margin > 0),
+        "reward_accuracy_virtual": _mean(virtual_margin > 0),
+        "policy_margin": _mean(pw - pl),
+        "reward_margin_initialising": _mean(initialising_margin),
+        "reward_margin_virtual": _mean(virtual_margin),
+        "clip_rate": _mean(virtual.clip_rate),
+    }
+
+
+def is_label_aware(loss: LossConfig, num_references: int) -> bool:
+    """Adaptive eps splits eps_max by which answer is chosen; with one reference nothing is clipped."""
+    return loss.clip == "adaptive" and num_references > 1
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring models on a prepared split
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_for_evaluation(config: MRPOConfig, checkpoint: str | None, device: torch.device):
+    """The starting policy (``checkpoint=None``), a LoRA adapter directory on top of it, or a full model dir."""
+    from mrpo.references import load_model
+
+    dtype = getattr(
+        torch, "bfloat16" if device.type == "cuda" and config.policy.dtype == "auto" else "float32"
+    )
+    if config.policy.dtype not in ("auto",):
+        dtype = getattr(torch, config.policy.dtype)
+    if checkpoint is None:
+        return load_model(config.policy.model, dtype, device)
+    if (Path(checkpoint) / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(config.policy.model, dtype, device)
+        return PeftModel.from_pretrained(base, checkpoint).to(device).eval()
+    return load_model(checkpoint, dtype, device)
+
+
+def evaluate_model(
+    model,
+    label: str,
+    model_source: str,
+    prepared,
+    config: MRPOConfig,
+    *,
+    batch_tokens: int = 8192,
+    show_progress: bool = True,
+) -> HeldOutMetrics:
+    """Score ``model`` on a prepared split (see ``pipeline.prepare_split``) and compute its metrics."""
+    from tqdm.auto import tqdm
+
+    from mrpo.references import score_pairs
+
+    dataset = prepared.dataset
+    view = prepared.views.policy
+    with tqdm(total=len(dataset), unit="pair", desc=f"evaluate {label}", disable=not show_progress) as bar:
+        logps, tokens = score_pairs(model, view, dataset.pairs, batch_tokens, bar.update)
+    reference_chosen, reference_rejected = dataset.reference_chosen_logps, dataset.reference_rejected_logps
+    arguments = (logps[:, 0], logps[:, 1], tokens[:, 0], tokens[:, 1], reference_chosen, reference_rejected)
+    metrics = compute_metrics(*arguments, config.loss)
+    by_kind: dict[str, dict[str, float]] = {}
+    kinds = _kinds(prepared)
+    if kinds is not None:
+        for kind in sorted(set(kinds)):
+            index = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+            by_kind[kind] = compute_metrics(
+                *(a[index] for a in arguments[:4]),
+                reference_chosen[:, index],
+                reference_rejected[:, index],
+                config.loss,
+            )
+            by_kind[kind]["pairs"] = len(index)
+    return HeldOutMetrics(
+        label=label,
+        model=model_source,
+        pairs=len(dataset),
+        metrics=metrics,
+        label_aware=is_label_aware(config.loss, dataset.num_references),
+        by_kind=by_kind,
+    )
+
+
+def _kinds(prepared) -> list[str] | None:
+    by_id = {pair.pair_id: pair.metadata.get("kind") for pair in prepared.pairs}
+    kinds = [by_id.get(pair_id) for pair_id in prepared.tokenization.pair_ids]
+    return None if any(kind is None for kind in kinds) else [str(kind) for kind in kinds]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: JSON and a terminal table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def results_to_json(
+    results: Sequence[HeldOutMetrics], config: MRPOConfig, path: str | Path
+) -> dict[str, Any]:
+    """Write ``eval_results.json``: the models' metrics plus what they were measured against."""
+    content = {
+        "split": {"source": config.data.eval, "split": config.data.eval_split},
+        "references": [reference.name for reference in config.references],
+        "loss": dataclasses.asdict(config.loss),
+        "models": [dataclasses.asdict(result) for result in results],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    return content
+
+
+def format_table(results: Sequence[HeldOutMetrics]) -> str:
+    """A fixed-width table: one row per metric, one column per model."""
+    width = max(len(label) for label in METRIC_LABELS.values()) + 2
+    columns = [result.label for result in results]
+    column_width = max(12, *(len(c) + 2 for c in columns))
+    lines = ["".ljust(width) + "".join(c.rjust(column_width) for c in columns)]
+    lines.append("pairs".ljust(width) + "".join(str(r.pairs).rjust(column_width) for r in results))
+    for key, label in METRIC_LABELS.items():
+        cells = []
+        for result in results:
+            value = result.metrics[key]
+            text = f"{value:.1%}" if "accuracy" in key or key == "clip_rate" else f"{value:+.3f}"
+            if key == "reward_accuracy_virtual" and result.label_aware:
+                text += "*"
+            cells.append(text.rjust(column_width))
+        lines.append(label.ljust(width) + "".join(cells))
+    if any(result.label_aware for result in results):
+        lines.append(
+            "* label-aware: adaptive CTRO builds this reference knowing which answer is the chosen one."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""Pipeline steps behind the CLI: precompute the reference cache, build training data, train.
+
+Each step takes a validated ``MRPOConfig``. The data path is the same for every step: read pairs (``data.py``),
+tokenize them for the policy and every reference jointly (``tokenization.py``: a pair too long for any model is
+dropped for all), make sure every reference's cache holds them (``references.py``), and attach the K cached
+columns to the policy's tokens (``collator.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrpo.collator import PreferenceCollator, PreferenceDataset
+from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, resolve_dtype
+from mrpo.data import PairSet, load_pairs
+from mrpo.references import ReferenceCache, load_model, load_tokenizer, precompute
+from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
+
+logger = logging.getLogger(__name__)
+
+POLICY_VIEW = "policy"
+
+
+@dataclass
+class Views:
+    """How the policy and each reference read text."""
+
+    policy: ModelView
+    references: list[ModelView]
+
+
+@dataclass
+class PreparedSplit:
+    """One split, ready to train or evaluate on."""
+
+    pairs: PairSet
+    tokenization: TokenizationResult
+    cache: ReferenceCache
+    dataset: PreferenceDataset
+    views: Views
+
+    def summary(self) -> str:
+        return "\n".join([self.pairs.summary(), self.tokenization.summary(), self.cache.summary()])
+
+
+def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
+    """The references with their effective max_length filled in."""
+    return [
+        dataclasses.replace(reference, max_length=config.reference_max_length(reference))
+        for reference in config.references
+    ]
+
+
+def load_views(config: MRPOConfig) -> Views:
+    policy = ModelView(load_tokenizer(config.policy.model, config.policy.tokenizer), name=POLICY_VIEW)
+    references = [
+        ModelView(load_tokenizer(reference.model, reference.tokenizer), name=reference.name)
+        for reference in config.references
+    ]
+    return Views(policy, references)
+
+
+def read_split(config: MRPOConfig, split: str) -> PairSet:
+    data = config.data
+    if split == "train":
+        source, name, max_pairs = data.train, data.train_split, data.max_pairs
+    else:
+        if data.eval is None:
+            raise ValueError("data.eval is not set: there is no held-out split to read")
+        source, name, max_pairs = data.eval, data.eval_split, data.max_eval_pairs
+    return load_pairs(
+        source,
+        split=name,
+        max_pairs=max_pairs,
+        seed=data.seed,
+        on_error=data.on_error,
+        fmt=data.format,
+        drop_identical=data.drop_identical,
+    )
+
+
+def prepare_split(
+    config: MRPOConfig, split: str, views: Views | None = None, *, show_progress: bool = True
+) -> PreparedSplit:
+    """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
+    views = views or load_views(config)
+    pairs = read_split(config, split)
+    references = resolved_references(config)
+    all_views = [views.policy, *views.references]
+    limits = [config.data.max_length, *(reference.max_length for reference in references)]
+    tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
+    if not tokenization.pair_ids:
+        raise ValueError(
+            f"no {split} pair is left after tokenization ({tokenization.summary()}); raise data.max_length or "
+            "check the data"
+        )
+    if tokenization.dropped:
+        logger.warning("%s split: %s", split, tokenization.summary())
+    cache = precompute(
+        references,
+        views.references,
+        tokenization.per_view[1:],
+        config.cache_dir,
+        overflow=config.data.overflow,
+        show_progress=show_progress,
+    )
+    columns = cache.columns(tokenization.pair_ids)
+    dataset = PreferenceDataset(
+        tokenization.per_view[0], columns["reference_chosen_logps"], columns["reference_rejected_logps"]
+    )
+    return PreparedSplit(pairs, tokenization, cache, dataset, views)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mrpo precompute
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_precompute(config: MRPOConfig) -> dict[str, PreparedSplit]:
+    """Fill the reference cache for the train split (and the eval split when configured)."""
+    views = load_views(config)
+    splits = {"train": prepare_split(config, "train", views)}
+    if config.data.eval is not None:
+        splits["eval"] = prepare_split(config, "eval", views)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mrpo train
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_policy(config: MRPOConfig, device: torch.device | None = None):
+    """The policy model, with LoRA adapters when configured (the base then is the initialising reference)."""
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, resolve_dtype(config.policy.dtype, cuda=cuda))
+    device = device or torch.device("cpu")
+    model = load_model(config.policy.model, dtype, device, config.policy.attn_implementation)
+    model.train()
+    if config.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        check_lora_targets(config.lora, linear_names)
+        target = config.lora.target_modules
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=config.lora.r,
+                lora_alpha=config.lora.alpha,
+                lora_dropout=config.lora.dropout,
+                target_modules=target if isinstance(target, str) else list(target),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics_file: Path
+    final_model_dir: Path
+    merged_model_dir: Path | None
+    train_metrics: dict[str, Any]
+    eval_metrics: dict[str, Any] | None
+
+
+def run_train(
+    config: MRPOConfig, *, resume: str | bool | None = None, show_progress: bool = True
+) -> TrainResult:
+    """Train the policy; write the resolved config, the metrics and the final model under training.output_dir."""
+    from mrpo.trainer import JsonlMetricsCallback, MRPOTrainer
+
+    args = config.training.to_training_arguments()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save(output_dir / "mrpo_config.yaml")
+
+    views = load_views(config)
+    train_split = prepare_split(config, "train", views, show_progress=show_progress)
+    eval_split = (
+        prepare_split(config, "eval", views, show_progress=show_progress) if config.data.eval else None
+    )
+    _write_json(output_dir / "data_summary.json", _data_summary(train_split, eval_split))
+
+    model = load_policy(config)
+    metrics_file = output_dir / "metrics.jsonl"
+    trainer = MRPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_split.dataset,
+        eval_dataset=eval_split.dataset if eval_split else None,
+        data_collator=PreferenceCollator(
+            pad_token_id=views.policy.pad_token_id, padding_side=views.policy.padding_side
+        ),
+        processing_class=views.policy.tokenizer,
+        loss=config.loss,
+        callbacks=[JsonlMetricsCallback(metrics_file)],
+    )
+    resume = resume if resume is not None else config.training.resume_from_checkpoint
+    train_output = trainer.train(resume_from_checkpoint=resume or None)
+    eval_metrics = trainer.evaluate() if eval_split is not None else None
+
+    final_dir = output_dir / "final"
+    trainer.save_model(str(final_dir))
+    merged_dir = None
+    if config.lora.enabled and config.lora.save_merged and trainer.is_world_process_zero():
+        merged_dir = output_dir / "merged"
+        trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
+        views.policy.tokenizer.save_pretrained(merged_dir)
+    return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
+
+
+def _data_summary(train: PreparedSplit, eval_split: PreparedSplit | None) -> dict[str, Any]:
+    summary = {}
+    for name, split in (("train", train), ("eval", eval_split)):
+        if split is None:
+            continue
+        summary[name] = {
+            "source": split.pairs.source,
+            "rows_read": split.pairs.rows_read,
+            "pairs_loaded": len(split.pairs),
+            "pairs_used": len(split.tokenization.pair_ids),
+            "dropped_on_load": dict(split.pairs.dropped),
+            "dropped_by_tokenization": dict(split.tokenization.dropped),
+            "references": [dataclasses.asdict(report) for report in split.cache.reports],
+        }
+    return summary
+
+
+def _write_json(path: Path, content: Any) -> None:
+    path.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mrpo evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_checkpoint(config: MRPOConfig) -> str | None:
+    """The run's final model when it exists (what ``mrpo train`` saved), else None."""
+    final = Path(config.training.output_dir) / "final"
+    return str(final) if final.exists() else None
+
+
+def run_evaluate(
+    config: MRPOConfig,
+    *,
+    checkpoints: dict[str, str | None] | None = None,
+    output: str | Path | None = None,
+    show_progress: bool = True,
+):
+    """Held-out metrics of each model in ``checkpoints`` (label -> checkpoint dir; None = the starting model).
+
+    By default: the starting model and, when the run has one, its final model. Writes ``eval_results.json``.
+    """
+    from mrpo.evaluation import evaluate_model, load_for_evaluation, results_to_json
+
+    if config.data.eval is None:
+        raise ValueError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")
+    if checkpoints is None:
+        checkpoints = {"start": None}
+        trained = default_checkpoint(config)
+        if trained is not None:
+            checkpoints[Path(config.training.output_dir).name or "trained"] = trained
+    prepared = prepare_split(config, "eval", show_progress=show_progress)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for label, checkpoint in checkpoints.items():
+        model = load_for_evaluation(config, checkpoint, device)
+        source = checkpoint or config.policy.model
+        results.append(evaluate_model(model, label, source, prepared, config, show_progress=show_progress))
+        del model
+    output = Path(output) if output else Path(config.training.output_dir) / "eval_results.json"
+    results_to_json(results, config, output)
+    return results, output

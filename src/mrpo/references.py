@@ -1,0 +1,513 @@
+"""The K-reference cache: each reference scores every pair once, on its own tokenization, into a reusable store.
+
+A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/<name>-<key>/`` where ``key`` hashes
+everything that changes the numbers except the text: the model's identity and weights, the tokenizer and chat
+template (the view's fingerprint), the overflow policy and ``max_length`` when it truncates (with the default
+``overflow="drop"`` a pair is scored whole or not at all, so the limit changes no stored number), the dtype and
+``LOGPROB_CODE_VERSION``.
+The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an entry ``pair_id ->
+log-probs`` can never be served for other text. A store is therefore shared by every data set, subsample and run
+that uses the same reference: adding pairs computes only the missing ones.
+
+Entries are written in shards. Each shard is written to a temporary name and renamed (atomic), and its file name
+carries the sha256 of its bytes, so a killed run resumes from the finished shards and a truncated, corrupt or
+foreign shard is detected, removed and recomputed, never used.
+
+Only one model is in memory at a time. Under ``accelerate launch`` the missing pairs are split across processes,
+each writing its own shards; everyone reads all shards after a barrier.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrpo.config import ReferenceConfig
+from mrpo.logprobs import LOGPROB_CODE_VERSION, pad_batch, sequence_logps
+from mrpo.tokenization import ModelView, TokenizedPair
+
+logger = logging.getLogger(__name__)
+
+SHARD_PAIRS = 512
+"""Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_FULL_HASH_LIMIT = 1 << 30  # weight files up to 1 GiB in all are hashed whole; larger ones are sampled
+
+
+class CacheError(ValueError):
+    """A reference cache cannot serve what was asked (missing pairs, another data set, a broken store)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading models and tokenizers (hub id, local directory, or GGUF file)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _split_gguf(path: str) -> tuple[str, dict[str, str]]:
+    if path.endswith(".gguf"):
+        gguf = Path(path)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return path, {}
+
+
+def load_tokenizer(model: str, tokenizer: str | None = None):
+    """The tokenizer a model reads text with (its own unless ``tokenizer`` names another)."""
+    from transformers import AutoTokenizer
+
+    source, extra = _split_gguf(tokenizer or model)
+    return AutoTokenizer.from_pretrained(source, **extra)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+def load_model(model: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None):
+    """Load a causal LM for scoring (eval mode, on ``device``)."""
+    from transformers import AutoModelForCausalLM
+
+    source, extra = _split_gguf(model)
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    return loaded.to(device).eval()
+
+
+def model_fingerprint(model: str) -> str:
+    """Identity of a model's weights: content hashes of local weight files, or the hub commit of a snapshot."""
+    path = Path(model)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+    else:
+        files = _hub_snapshot_files(model)
+    digest = hashlib.sha256()
+    total = sum(f.stat().st_size for f in files)
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(_file_digest(file, whole=total <= _FULL_HASH_LIMIT or file.suffix == ".json").encode())
+    return digest.hexdigest()
+
+
+def _hub_snapshot_files(model_id: str) -> list[Path]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(
+            snapshot_download(model_id, allow_patterns=["*.json", *(f"*{s}" for s in _WEIGHT_SUFFIXES)])
+        )
+    except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear message
+        raise CacheError(
+            f"model {model_id!r} is neither a local file/directory nor a reachable hub model ({error}). "
+            "Point the reference at a local directory or .gguf file, or connect to the hub."
+        ) from error
+    return sorted(p for p in snapshot.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+
+
+def _file_digest(file: Path, whole: bool) -> str:
+    digest = hashlib.sha256(str(file.stat().st_size).encode())
+    with file.open("rb") as handle:
+        if whole:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            # Very large weights: 64 evenly spaced 1 MiB samples plus the size identify a checkpoint in practice
+            # without reading tens of GB on every run.
+            size = file.stat().st_size
+            for i in range(64):
+                handle.seek(size * i // 64)
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One reference's store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    """Everything except the text that changes a reference's log-probs."""
+
+    model: str
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    max_length: int | None
+    overflow: str
+    dtype: str
+    code_version: int = LOGPROB_CODE_VERSION
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ReferenceStore:
+    """One reference's entries ``pair_id -> (chosen, rejected log-prob, chosen, rejected token count)``."""
+
+    directory: Path
+    key: StoreKey
+    entries: dict[str, tuple[float, float, int, int]] = field(default_factory=dict)
+    discarded_shards: int = 0
+
+    @classmethod
+    def open(cls, root: Path, name: str, key: StoreKey) -> ReferenceStore:
+        directory = root / f"{name}-{key.digest}"
+        directory.mkdir(parents=True, exist_ok=True)
+        key_file = directory / "key.json"
+        if not key_file.exists():
+            _atomic_write_bytes(key_file, json.dumps(asdict(key), indent=2, sort_keys=True).encode())
+        store = cls(directory, key)
+        store.reload()
+        return store
+
+    def reload(self) -> None:
+        """Read every valid shard; delete shards that are corrupt or were written for another key."""
+        self.entries.clear()
+        for shard in sorted(self.directory.glob("shard-*.pt")):
+            content = shard.read_bytes()
+            if not shard.stem.endswith(hashlib.sha256(content).hexdigest()[:16]):
+                self._discard(shard, "its content does not match its checksum")
+                continue
+            try:
+                payload = torch.load(shard, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - a shard that does not load is corrupt, whatever the cause
+                self._discard(shard, f"it does not load ({error})")
+                continue
+            if not isinstance(payload, dict) or payload.get("key") != self.key.digest:
+                self._discard(shard, "it was written for another model, tokenizer or setting")
+                continue
+            try:
+                rows = list(
+                    zip(
+                        payload["pair_ids"],
+                        payload["chosen_logps"].tolist(),
+                        payload["rejected_logps"].tolist(),
+                        payload["chosen_tokens"].tolist(),
+                        payload["rejected_tokens"].tolist(),
+                        strict=True,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001 - missing fields or ragged columns: not a shard we can use
+                self._discard(shard, f"its content is not a well-formed shard ({type(error).__name__}: {error})")
+                continue
+            for pair_id, *values in rows:
+                self.entries[pair_id] = tuple(values)
+
+    def _discard(self, shard: Path, why: str) -> None:
+        logger.warning("Recomputing %s: %s.", shard, why)
+        shard.unlink(missing_ok=True)
+        self.discarded_shards += 1
+
+    def write_shard(self, pair_ids: Sequence[str], values: torch.Tensor, tokens: torch.Tensor) -> Path:
+        """Persist one shard atomically. ``values`` is (N, 2) float32 log-probs, ``tokens`` (N, 2) int64."""
+        payload = {
+            "key": self.key.digest,
+            "pair_ids": list(pair_ids),
+            "chosen_logps": values[:, 0].contiguous(),
+            "rejected_logps": values[:, 1].contiguous(),
+            "chosen_tokens": tokens[:, 0].contiguous(),
+            "rejected_tokens": tokens[:, 1].contiguous(),
+        }
+        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
+            torch.save(payload, handle)
+            temporary = Path(handle.name)
+        checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
+        final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
+        os.replace(temporary, final)
+        for pair_id, (c, r), (tc, tr) in zip(pair_ids, values.tolist(), tokens.tolist(), strict=True):
+            self.entries[pair_id] = (c, r, tc, tr)
+        return final
+
+    def missing(self, pair_ids: Iterable[str]) -> list[str]:
+        return [pair_id for pair_id in pair_ids if pair_id not in self.entries]
+
+
+def _atomic_write_bytes(path: Path, content: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(content)
+    os.replace(handle.name, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring: token-budget batches through the one log-prob function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices, longest first, so that (batch size x longest length) stays within the budget.
+
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) + 1) * longest > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def score_pairs(
+    model, view: ModelView, pairs: Sequence[TokenizedPair], batch_tokens: int, progress: Callable[[int], None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (N, 2) float32 and token counts (N, 2) of chosen/rejected for ``pairs`` under ``model``."""
+    sequences = [seq for pair in pairs for seq in (pair.chosen, pair.rejected)]
+    lengths = [len(seq.input_ids) for seq in sequences]
+    logps = torch.empty(len(sequences), dtype=torch.float32)
+    counts = torch.empty(len(sequences), dtype=torch.int64)
+    device = next(model.parameters()).device
+    done_sequences = 0
+    for batch in token_budget_batches(lengths, batch_tokens):
+        tensors = pad_batch(
+            [sequences[i] for i in batch], pad_token_id=view.pad_token_id, padding_side=view.padding_side
+        )
+        result = sequence_logps(
+            model,
+            tensors["input_ids"].to(device),
+            tensors["attention_mask"].to(device),
+            tensors["completion_mask"].to(device),
+        )
+        index = torch.tensor(batch)
+        logps[index] = result.logps.float().cpu()
+        counts[index] = result.token_counts.cpu()
+        # Progress is reported in pairs (two sequences each); integer division keeps the total exact.
+        before, done_sequences = done_sequences, done_sequences + len(batch)
+        progress(done_sequences // 2 - before // 2)
+    return logps.view(-1, 2), counts.view(-1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache across K references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceReport:
+    """What the precompute did for one reference."""
+
+    name: str
+    store: str
+    pairs: int
+    computed: int
+    """Distinct pairs scored by this run."""
+    reused: int
+    """Pairs (rows) whose log-probs were already in the store."""
+    discarded_shards: int
+    seconds: float
+    label_agreement: float
+    """Share of the pairs whose chosen response this reference finds more likely than the rejected one."""
+    mean_chosen_logp: float
+    mean_rejected_logp: float
+
+
+@dataclass
+class ReferenceCache:
+    """Cached log-probs of K references, served as ``(K, N)`` columns aligned to pair ids."""
+
+    names: list[str]
+    stores: list[ReferenceStore]
+    reports: list[ReferenceReport] = field(default_factory=list)
+
+    def columns(self, pair_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``reference_chosen_logps`` / ``reference_rejected_logps`` (K, N) float32 and token counts (K, N).
+
+        Raises CacheError naming the reference and the first missing pair when the cache was built for other data.
+        """
+        chosen = torch.empty(len(self.stores), len(pair_ids), dtype=torch.float32)
+        rejected = torch.empty_like(chosen)
+        chosen_tokens = torch.empty(len(self.stores), len(pair_ids), dtype=torch.int64)
+        rejected_tokens = torch.empty_like(chosen_tokens)
+        for k, (name, store) in enumerate(zip(self.names, self.stores, strict=True)):
+            missing = store.missing(pair_ids)
+            if missing:
+                raise CacheError(
+                    f"reference {k + 1} ({name!r}, store {store.directory}) has no log-probs for {len(missing)} of "
+                    f"{len(pair_ids)} pairs (first: pair id {missing[0]}): the cache was built for other data. "
+                    "Run `mrpo precompute` with this config (or let `mrpo train` do it)."
+                )
+            values = [store.entries[pair_id] for pair_id in pair_ids]
+            table = torch.tensor(values, dtype=torch.float64) if values else torch.empty(0, 4)
+            chosen[k], rejected[k] = table[:, 0], table[:, 1]
+            chosen_tokens[k], rejected_tokens[k] = table[:, 2].long(), table[:, 3].long()
+        return {
+            "reference_chosen_logps": chosen,
+            "reference_rejected_logps": rejected,
+            "reference_chosen_tokens": chosen_tokens,
+            "reference_rejected_tokens": rejected_tokens,
+        }
+
+    def summary(self) -> str:
+        lines = [
+            "reference        pairs  computed  reused  agree-with-labels  mean logp chosen/rejected  time"
+        ]
+        for r in self.reports:
+            lines.append(
+                f"{r.name:<15} {r.pairs:>6} {r.computed:>9} {r.reused:>7} {r.label_agreement:>18.1%}"
+                f"  {r.mean_chosen_logp:>11.2f} / {r.mean_rejected_logp:<11.2f} {r.seconds:>6.1f}s"
+            )
+        return "\n".join(lines)
+
+
+def store_key(spec: ReferenceConfig, view: ModelView, overflow: str, device: torch.device) -> StoreKey:
+    return StoreKey(
+        model=spec.model,
+        model_fingerprint=model_fingerprint(spec.model),
+        tokenizer_fingerprint=view.fingerprint,
+        # With overflow="drop" a pair is either scored whole or not at all, so max_length does not change any
+        # stored number and stores are shared across max_length values; truncation does change them.
+        max_length=spec.max_length if overflow == "truncate" else None,
+        overflow=overflow,
+        dtype=str(resolve_dtype(spec.dtype, device)),
+    )
+
+
+def precompute(
+    specs: Sequence[ReferenceConfig],
+    views: Sequence[ModelView],
+    tokenized: Sequence[Sequence[TokenizedPair]],
+    cache_dir: str | os.PathLike,
+    *,
+    overflow: str = "drop",
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+) -> ReferenceCache:
+    """Make sure every reference's store holds every pair; compute only what is missing.
+
+    Args:
+        specs: the K references, the initialising one first.
+        views: each reference's ``ModelView`` (same order).
+        tokenized: for each reference, the pairs as that reference tokenizes them (same pairs, same order for
+            every reference: the output of ``tokenize_for_models``).
+        cache_dir: root of the stores.
+        overflow: the overflow policy the pairs were tokenized with (part of the store key).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = torch.device(device) if device is not None else state.device
+    root = Path(cache_dir)
+    stores, reports = [], []
+    for spec, view, pairs in zip(specs, views, tokenized, strict=True):
+        start = time.perf_counter()
+        key = store_key(spec, view, overflow, device)
+        store = ReferenceStore.open(root, spec.name, key)
+        # Every process must see the same store before any of them writes to it: a process that opened it after
+        # another had written shards would find fewer pairs missing, split them differently, and pairs would be
+        # scored twice or by nobody.
+        state.wait_for_everyone()
+        pair_ids = [pair.pair_id for pair in pairs]
+        missing = store.missing(pair_ids)
+        missing_ids = set(missing)  # built once: a set per pair made this quadratic in the number of pairs
+        todo = list({pair.pair_id: pair for pair in pairs if pair.pair_id in missing_ids}.values())  # dedup rows
+        if todo:
+            _compute_missing(spec, view, todo, store, device, state, show_progress)
+        state.wait_for_everyone()
+        store.reload()
+        stores.append(store)
+        seconds = time.perf_counter() - start
+        reports.append(
+            _report(
+                spec,
+                store,
+                pair_ids,
+                computed=len(todo),
+                reused=len(pair_ids) - len(missing),
+                seconds=seconds,
+            )
+        )
+    cache = ReferenceCache([spec.name for spec in specs], stores, reports)
+    if state.is_main_process:
+        logger.info("Reference cache under %s:\n%s", root, cache.summary())
+    return cache
+
+
+def _compute_missing(
+    spec: ReferenceConfig,
+    view: ModelView,
+    todo: list[TokenizedPair],
+    store: ReferenceStore,
+    device: torch.device,
+    state,
+    show_progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    shards = [todo[i : i + SHARD_PAIRS] for i in range(0, len(todo), SHARD_PAIRS)]
+    mine = shards[state.process_index :: state.num_processes]
+    if not mine:
+        return
+    model = load_model(spec.model, resolve_dtype(spec.dtype, device), device)
+    total = sum(len(shard) for shard in mine)
+    bar = tqdm(
+        total=total,
+        unit="pair",
+        desc=f"precompute {spec.name}",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for shard in mine:
+            values, tokens = score_pairs(model, view, shard, spec.batch_tokens, bar.update)
+            store.write_shard([pair.pair_id for pair in shard], values, tokens)
+    finally:
+        bar.close()
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _report(
+    spec: ReferenceConfig,
+    store: ReferenceStore,
+    pair_ids: Sequence[str],
+    computed: int,
+    reused: int,
+    seconds: float,
+) -> ReferenceReport:
+    values = [store.entries[pair_id] for pair_id in pair_ids if pair_id in store.entries]
+    n = len(values)
+    agree = sum(1 for c, r, *_ in values if c > r)
+    return ReferenceReport(
+        name=spec.name,
+        store=str(store.directory),
+        pairs=len(pair_ids),
+        computed=computed,
+        reused=reused,
+        discarded_shards=store.discarded_shards,
+        seconds=seconds,
+        label_agreement=agree / n if n else math.nan,
+        mean_chosen_logp=sum(v[0] for v in values) / n if n else math.nan,
+        mean_rejected_logp=sum(v[1] for v in values) / n if n else math.nan,
+    )
+
+
+def reports_as_dicts(cache: ReferenceCache) -> list[dict[str, Any]]:
+    return [asdict(report) for report in cache.reports]

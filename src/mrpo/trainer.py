@@ -1,0 +1,133 @@
+"""MRPOTrainer: transformers.Trainer with the MRPO loss on cached references, and its metrics. Nothing else.
+
+A step is one policy forward over the batch's chosen and rejected sequences (through ``logprobs.sequence_logps``,
+the same function that built the reference cache) and ``losses.mrpo_loss`` against the K cached reference columns
+the collator delivers. Whatever K is, no reference model is in memory. The loss maths lives in ``losses.py``; this
+file only wires it in and accumulates the spec's §5 statistics between logging steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from mrpo.config import LossConfig
+from mrpo.logprobs import sequence_logps
+from mrpo.losses import mrpo_loss
+
+
+class MetricAccumulator:
+    """Sums of per-pair statistics between two logs, reduced across processes only when logged.
+
+    Keeping sums on the device (not Python floats) avoids a host sync per step; the single all-reduce happens at
+    logging time, when every process calls ``Trainer.log``.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def add(self, statistics: dict[str, torch.Tensor]) -> None:
+        if self.sums is None:
+            self.names = list(statistics)
+        stacked = torch.stack([statistics[name].float() for name in self.names])  # (M, B)
+        sums, count = stacked.sum(dim=1), stacked.new_tensor(stacked.shape[1])
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.count = count if self.count is None else self.count + count
+
+    def pop_means(self, reduce) -> dict[str, float]:
+        """Means over every pair seen since the last call, across processes; resets."""
+        if self.sums is None:
+            return {}
+        totals = reduce(torch.cat([self.sums, self.count.unsqueeze(0)]))
+        means = (totals[:-1] / totals[-1]).tolist()
+        self.sums = self.count = None
+        return dict(zip(self.names, means, strict=True))
+
+
+class MRPOTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is MRPO (DPO when K = 1) against cached reference log-probs.
+
+    Use with ``collator.PreferenceDataset`` / ``PreferenceCollator``; ``TrainingArguments.remove_unused_columns``
+    is irrelevant (the dataset is not a ``datasets.Dataset``). Everything else -- checkpoints, resume, gradient
+    accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
+    """
+
+    def __init__(self, *args: Any, loss: LossConfig | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss or LossConfig()
+        self._loss_kwargs = dataclasses.asdict(self.loss_config)
+        # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps, whatever the
+        # model's forward signature suggests (that heuristic is about token-count-normalised LM losses).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        reference_chosen = inputs["reference_chosen_logps"]
+        reference_rejected = inputs["reference_rejected_logps"]
+        batch_size = reference_chosen.shape[1]
+        # One forward for both responses: the collator stacks chosen rows, then rejected rows.
+        policy = sequence_logps(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        )
+        output = mrpo_loss(
+            policy.logps[:batch_size],
+            policy.logps[batch_size:],
+            reference_chosen,
+            reference_rejected,
+            **self._loss_kwargs,
+        )
+        self._metrics["train" if model.training else "eval"].add(output.pair_statistics())
+        if return_outputs:
+            return output.loss, {
+                "chosen_rewards": output.chosen_rewards,
+                "rejected_rewards": output.rejected_rewards,
+            }
+        return output.loss
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        means = self._metrics[split].pop_means(
+            lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
+        )
+        logs.update({f"{prefix}{name}": value for name, value in means.items()})
+        super().log(logs, start_time)
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Appends every log line (train and eval) to a JSONL file as it happens, so a crash loses no metrics."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
