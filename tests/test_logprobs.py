@@ -6,7 +6,14 @@ import torch
 from mrpo import logprobs
 from mrpo.logprobs import pad_batch, sequence_logps
 from mrpo.tokenization import ModelView, TokenizedSequence
-from tiny_models import bpe_tokenizer, char_tokenizer, standard_pairs, tiny_gemma3, tiny_llama
+from tiny_models import (
+    bpe_tokenizer,
+    char_tokenizer,
+    conversational_pairs,
+    standard_pairs,
+    tiny_gemma3,
+    tiny_llama,
+)
 
 # fp32 tolerance: 1e-5 nats, or one float32 rounding (rtol 1e-6) of sums near 100 nats (long char-level texts).
 FAMILIES = {
@@ -246,3 +253,48 @@ def test_matches_trl_precomputed_reference_logps(tmp_path):
     expected_rejected = torch.tensor([r["ref_rejected_logps"] for r in trl_rows])
     torch.testing.assert_close(chosen, expected_chosen, atol=1e-4, rtol=0)
     torch.testing.assert_close(rejected, expected_rejected, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding-free packing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_pack_sequences_worked_example():
+    from mrpo.logprobs import pack_sequences
+
+    packed = pack_sequences(
+        [TokenizedSequence((5, 6, 7), 2), TokenizedSequence((8, 9), 1)], pad_to_multiple_of=4
+    )
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert packed["completion_mask"].tolist() == [[0, 0, 1, 0, 1, 0, 0, 0]]
+    assert packed["sequence_index"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("bucket", [None, 64])
+def test_packed_equals_padded(family, bucket):
+    from mrpo.logprobs import pack_sequences, packed_sequence_logps
+
+    if family == "llama":
+        model, view = tiny_llama(), ModelView(bpe_tokenizer(), name="bpe")
+    else:
+        model, view = tiny_gemma3(), ModelView(char_tokenizer(), name="char")
+    pairs = [view.tokenize(pair) for pair in standard_pairs() + conversational_pairs()]
+    sequences = [s for pair in pairs for s in (pair.chosen, pair.rejected)]
+    padded = pad_batch(sequences, pad_token_id=view.pad_token_id, padding_side=view.padding_side)
+    expected = sequence_logps(model, **padded)
+    packed = pack_sequences(sequences, pad_to_multiple_of=bucket)
+    result = packed_sequence_logps(model, **packed, num_sequences=len(sequences))
+    torch.testing.assert_close(result.logps, expected.logps, rtol=1e-6, atol=1e-5)
+    assert torch.equal(result.token_counts, expected.token_counts)
+    # Gradients agree too (training uses the packed path on GPUs).
+    model.train()
+    packed_grads = torch.autograd.grad(
+        packed_sequence_logps(model, **packed, num_sequences=len(sequences)).logps.sum(),
+        list(model.parameters()),
+    )
+    padded_grads = torch.autograd.grad(sequence_logps(model, **padded).logps.sum(), list(model.parameters()))
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

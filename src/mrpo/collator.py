@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mrpo.logprobs import pad_batch
+from mrpo.logprobs import pack_sequences, pad_batch
 from mrpo.tokenization import TokenizedPair, TokenizedSequence
 
 REQUIRED_FIELDS = (
@@ -96,11 +96,17 @@ class PreferenceDataset(Dataset):
 
 @dataclass
 class PreferenceCollator:
-    """Pads a list of examples into one batch of 2B sequences (chosen first) plus ``(K, B)`` reference columns."""
+    """Pads a list of examples into one batch of 2B sequences (chosen first) plus ``(K, B)`` reference columns.
+
+    With ``padding_free=True`` the 2B sequences are packed into one row instead (``logprobs.pack_sequences``:
+    ``input_ids``, ``position_ids``, ``completion_mask``, ``sequence_index``), for attention kernels that respect
+    document boundaries; the trainer picks the matching log-prob path from the batch's keys.
+    """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    padding_free: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -123,12 +129,15 @@ class PreferenceCollator:
             for side in ("chosen", "rejected")
             for e in examples
         ]
-        batch = pad_batch(
-            sequences,
-            pad_token_id=self.pad_token_id,
-            padding_side=self.padding_side,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-        )
+        if self.padding_free:
+            batch = pack_sequences(sequences, pad_to_multiple_of=self.pad_to_multiple_of)
+        else:
+            batch = pad_batch(
+                sequences,
+                pad_token_id=self.pad_token_id,
+                padding_side=self.padding_side,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )
         num_references = {len(e["reference_chosen_logps"]) for e in examples}
         num_references |= {len(e["reference_rejected_logps"]) for e in examples}
         if len(num_references) != 1:

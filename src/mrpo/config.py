@@ -38,6 +38,18 @@ import yaml
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit"]
+PaddingFree = Literal["auto"] | bool
+
+DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention kernels that skip the work across packed documents; with sdpa/eager packing needs a dense mask."""
+
+
+def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) -> bool:
+    """Whether to pack sequences without padding: "auto" packs where the attention kernel makes it pay."""
+    if setting == "auto":
+        return attn_implementation in DOCUMENT_AWARE_ATTENTION
+    return bool(setting)
+
 
 INITIALISING_REFERENCE_NAME = "init"
 _REFERENCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -290,11 +302,16 @@ class PolicyConfig:
     """Weights dtype: "auto" is bfloat16 on CUDA and float32 on CPU."""
     attn_implementation: str | None = None
     """Attention kernel for from_pretrained ("sdpa", "eager", "flex_attention", "flash_attention_2"...); null = transformers' choice."""
+    padding_free: PaddingFree = "auto"
+    """Pack each micro-batch's sequences into one row without padding (true/false); "auto" packs with flex/flash attention."""
+    pad_to_multiple_of: int | None = None
+    """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes."""
 
     def __post_init__(self) -> None:
         _check_field_types(self, "policy")
         for name in ("model", "tokenizer", "attn_implementation"):
             _require_text(self, "policy", name)
+        _require_at_least(self, "policy", "pad_to_multiple_of", 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,6 +95,48 @@ def pad_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def pack_sequences(
+    sequences: Sequence[TokenizedSequence], *, pad_to_multiple_of: int | None = None
+) -> dict[str, Tensor]:
+    """Pack tokenized sequences into one row without padding, for ``packed_sequence_logps``.
+
+    Returns ``input_ids``, ``position_ids``, ``completion_mask`` and ``sequence_index``, each (1, T) int64, where T
+    is the total length (rounded up to ``pad_to_multiple_of`` with a filler document whose ``sequence_index`` is
+    -1 and whose tokens count for nothing, so that compiled models see few distinct shapes). Example: sequences
+    ``(5, 6, 7)`` with ``prompt_length=2`` and ``(8, 9)`` with ``prompt_length=1``::
+
+        input_ids       [[5, 6, 7, 8, 9]]
+        position_ids    [[0, 1, 2, 0, 1]]
+        completion_mask [[0, 0, 1, 0, 1]]
+        sequence_index  [[0, 0, 0, 1, 1]]
+    """
+    if not sequences:
+        raise ValueError("pack_sequences needs at least one sequence")
+    total = sum(len(s.input_ids) for s in sequences)
+    length = -(-total // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else total
+    input_ids = torch.zeros(length, dtype=torch.long)
+    position_ids = torch.arange(length, dtype=torch.long)
+    completion_mask = torch.zeros(length, dtype=torch.long)
+    sequence_index = torch.full((length,), -1, dtype=torch.long)
+    start = 0
+    for index, sequence in enumerate(sequences):
+        n = len(sequence.input_ids)
+        if sequence.prompt_length < 1:
+            raise ValueError(f"sequence {index} has no prompt token: packing needs one before the completion")
+        input_ids[start : start + n] = torch.tensor(sequence.input_ids, dtype=torch.long)
+        position_ids[start : start + n] = torch.arange(n)
+        completion_mask[start + sequence.prompt_length : start + n] = 1
+        sequence_index[start : start + n] = index
+        start += n
+    position_ids[start:] = torch.arange(length - start)  # the filler is a document of its own
+    return {
+        "input_ids": input_ids[None],
+        "position_ids": position_ids[None],
+        "completion_mask": completion_mask[None],
+        "sequence_index": sequence_index[None],
+    }
+
+
 def sequence_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -131,21 +173,76 @@ def sequence_logps(
     if (completion_mask & ~attention_mask.bool()).any():
         raise ValueError("completion_mask marks padding tokens (attention_mask 0) as completion tokens")
 
+    # Positions count real tokens only, so a left-padded sequence sees the positions it would see alone (this
+    # matters for absolute position embeddings; rotary ones are shift-invariant anyway).
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    rows, cols, token_logps = _completion_token_logps(model, model_inputs, completion_mask, chunk_size)
+    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_add(0, rows, token_logps)
+    return SequenceLogps(logps=logps, token_counts=completion_mask.sum(dim=1).long())
+
+
+def packed_sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    completion_mask: Tensor,
+    sequence_index: Tensor,
+    num_sequences: int,
+    *,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """Padding-free variant of ``sequence_logps``: sequences packed one after another in rows.
+
+    The model sees no attention mask and position ids that restart at 0 for every sequence; transformers then
+    builds a document mask from the position ids, so a token attends only to earlier tokens of its own sequence
+    (with flex_attention or flash attention this also skips the work; with sdpa/eager the mask is dense).
+
+    Args:
+        input_ids: (R, T) int64, R rows of packed sequences (usually R = 1).
+        position_ids: (R, T) position of each token within its sequence, 0 at each sequence's first token.
+        completion_mask: (R, T) 1 at completion tokens; never at a sequence's first token.
+        sequence_index: (R, T) int64, which output sequence (0..num_sequences-1) a token belongs to; -1 for
+            filler tokens (bucket padding), which must form their own document (positions restarting at 0).
+        num_sequences: N, the number of packed sequences.
+
+    Returns:
+        ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64, in sequence_index order.
+    """
+    if not (input_ids.shape == position_ids.shape == completion_mask.shape == sequence_index.shape):
+        raise ValueError(
+            "input_ids, position_ids, completion_mask and sequence_index must share one (R, T) shape, got "
+            f"{tuple(input_ids.shape)}, {tuple(position_ids.shape)}, {tuple(completion_mask.shape)}, "
+            f"{tuple(sequence_index.shape)}"
+        )
+    completion_mask = completion_mask.bool()
+    model_inputs = {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
+    rows, cols, token_logps = _completion_token_logps(model, model_inputs, completion_mask, chunk_size)
+    owners = sequence_index[rows, cols + 1]
+    logps = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_add(0, owners, token_logps)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device)
+    counts = counts.index_add(0, owners, torch.ones_like(owners))
+    return SequenceLogps(logps=logps, token_counts=counts)
+
+
+def _completion_token_logps(
+    model: nn.Module, model_inputs: dict[str, Tensor | None], completion_mask: Tensor, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Positions (rows, cols) whose hidden state predicts a completion token, and that token's log-prob."""
     # Hidden state (row, col) predicts the token at (row, col + 1).
+    input_ids = model_inputs["input_ids"]
     rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)
     targets = input_ids[rows, cols + 1]
     base = unwrap_model(model)
     head = _reproducible_head(base)
     if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(**model_inputs, use_cache=False).logits
         token_logps = _chunked_target_logps(logits, rows, cols, targets, _to_float32, chunk_size)
     else:
-        token_logps = _hidden_state_path(
-            model, base, head, input_ids, attention_mask, rows, cols, targets, chunk_size
-        )
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_add(0, rows, token_logps)
-    return SequenceLogps(logps=logps, token_counts=completion_mask.sum(dim=1).long())
+        token_logps = _hidden_state_path(model, base, head, model_inputs, rows, cols, targets, chunk_size)
+    return rows, cols, token_logps
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -215,8 +312,7 @@ def _hidden_state_path(
     model: nn.Module,
     base: nn.Module,
     head: _LogitHead,
-    input_ids: Tensor,
-    attention_mask: Tensor,
+    model_inputs: dict[str, Tensor | None],
     rows: Tensor,
     cols: Tensor,
     targets: Tensor,
@@ -236,7 +332,7 @@ def _hidden_state_path(
 
     handle = base.get_decoder().register_forward_hook(on_decoder_output)
     try:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        outputs = model(**model_inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     if "token_logps" not in captured:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, resolve_dtype
+from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled, resolve_dtype
 from mrpo.data import PairSet, load_pairs
-from mrpo.references import ReferenceCache, load_model, load_tokenizer, precompute
+from mrpo.references import ReferenceCache, load_model, load_tokenizer, precompute, split_gguf
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,19 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None):
     return model
 
 
+def check_lora_before_precompute(config: MRPOConfig) -> None:
+    """Catch a LoRA target the policy lacks before minutes of precompute, on a weightless (meta) copy."""
+    if not config.lora.enabled or config.lora.target_modules == "all-linear":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, extra = split_gguf(config.policy.model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, **extra))
+    linear_names = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    check_lora_targets(config.lora, linear_names)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -185,6 +198,7 @@ def run_train(
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / "mrpo_config.yaml")
 
+    check_lora_before_precompute(config)
     views = load_views(config)
     train_split = prepare_split(config, "train", views, show_progress=show_progress)
     eval_split = (
@@ -200,7 +214,10 @@ def run_train(
         train_dataset=train_split.dataset,
         eval_dataset=eval_split.dataset if eval_split else None,
         data_collator=PreferenceCollator(
-            pad_token_id=views.policy.pad_token_id, padding_side=views.policy.padding_side
+            pad_token_id=views.policy.pad_token_id,
+            padding_side=views.policy.padding_side,
+            pad_to_multiple_of=config.policy.pad_to_multiple_of,
+            padding_free=padding_free_enabled(config.policy.padding_free, config.policy.attn_implementation),
         ),
         processing_class=views.policy.tokenizer,
         loss=config.loss,

@@ -56,7 +56,7 @@ class CacheError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _split_gguf(path: str) -> tuple[str, dict[str, str]]:
+def split_gguf(path: str) -> tuple[str, dict[str, str]]:
     if path.endswith(".gguf"):
         gguf = Path(path)
         return str(gguf.parent), {"gguf_file": gguf.name}
@@ -67,7 +67,7 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
     """The tokenizer a model reads text with (its own unless ``tokenizer`` names another)."""
     from transformers import AutoTokenizer
 
-    source, extra = _split_gguf(tokenizer or model)
+    source, extra = split_gguf(tokenizer or model)
     return AutoTokenizer.from_pretrained(source, **extra)
 
 
@@ -84,7 +84,7 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, attn_implem
     """Load a causal LM for scoring (eval mode, on ``device``)."""
     from transformers import AutoModelForCausalLM
 
-    source, extra = _split_gguf(model)
+    source, extra = split_gguf(model)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
@@ -209,7 +209,9 @@ class ReferenceStore:
                     )
                 )
             except Exception as error:  # noqa: BLE001 - missing fields or ragged columns: not a shard we can use
-                self._discard(shard, f"its content is not a well-formed shard ({type(error).__name__}: {error})")
+                self._discard(
+                    shard, f"its content is not a well-formed shard ({type(error).__name__}: {error})"
+                )
                 continue
             for pair_id, *values in rows:
                 self.entries[pair_id] = tuple(values)
@@ -425,7 +427,9 @@ def precompute(
         pair_ids = [pair.pair_id for pair in pairs]
         missing = store.missing(pair_ids)
         missing_ids = set(missing)  # built once: a set per pair made this quadratic in the number of pairs
-        todo = list({pair.pair_id: pair for pair in pairs if pair.pair_id in missing_ids}.values())  # dedup rows
+        todo = list(
+            {pair.pair_id: pair for pair in pairs if pair.pair_id in missing_ids}.values()
+        )  # dedup rows
         if todo:
             _compute_missing(spec, view, todo, store, device, state, show_progress)
         state.wait_for_everyone()

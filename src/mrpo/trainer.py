@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from mrpo.config import LossConfig
-from mrpo.logprobs import sequence_logps
+from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import mrpo_loss
 
 
@@ -79,10 +79,22 @@ class MRPOTrainer(Trainer):
         reference_chosen = inputs["reference_chosen_logps"]
         reference_rejected = inputs["reference_rejected_logps"]
         batch_size = reference_chosen.shape[1]
-        # One forward for both responses: the collator stacks chosen rows, then rejected rows.
-        policy = sequence_logps(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
-        )
+        # One forward for both responses: the collator puts the chosen sequences first, then the rejected ones.
+        if (
+            "sequence_index" in inputs
+        ):  # padding-free batch: the collator packed the 2B sequences into one row
+            policy = packed_sequence_logps(
+                model,
+                inputs["input_ids"],
+                inputs["position_ids"],
+                inputs["completion_mask"],
+                inputs["sequence_index"],
+                num_sequences=2 * batch_size,
+            )
+        else:
+            policy = sequence_logps(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+            )
         output = mrpo_loss(
             policy.logps[:batch_size],
             policy.logps[batch_size:],
@@ -110,9 +122,14 @@ class MRPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluate(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
+        self._eval_prefix = metric_key_prefix  # so that log() files the statistics under the caller's prefix
+        return super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
+        eval_prefix = getattr(self, "_eval_prefix", "eval") + "_"
+        split = "eval" if any(key.startswith(eval_prefix) for key in logs) else "train"
+        prefix = eval_prefix if split == "eval" else ""
         means = self._metrics[split].pop_means(
             lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
         )

@@ -1,0 +1,114 @@
+"""PreferenceCollator / PreferenceDataset: the exact padded tensors of the documented example, and the errors."""
+
+import pytest
+import torch
+
+from mrpo.collator import CollatorError, PreferenceCollator, PreferenceDataset
+from mrpo.tokenization import TokenizedPair, TokenizedSequence
+
+
+def worked_example() -> list[dict]:
+    """The example of collator.py's module docstring."""
+    return [
+        {"pair_id": "a", "chosen_input_ids": [5, 6, 7], "chosen_prompt_length": 2,
+         "rejected_input_ids": [5, 6, 8, 9], "rejected_prompt_length": 2,
+         "reference_chosen_logps": [-1.0, -2.0], "reference_rejected_logps": [-3.0, -4.0]},
+    ]  # fmt: skip
+
+
+def as_lists(batch: dict[str, torch.Tensor]) -> dict[str, list]:
+    return {name: tensor.tolist() for name, tensor in batch.items()}
+
+
+def test_worked_example_of_the_docstring():
+    batch = PreferenceCollator(pad_token_id=0)(worked_example())
+    assert as_lists(batch) == {
+        "input_ids": [[5, 6, 7, 0], [5, 6, 8, 9]],
+        "attention_mask": [[1, 1, 1, 0], [1, 1, 1, 1]],
+        "completion_mask": [[0, 0, 1, 0], [0, 0, 1, 1]],
+        "reference_chosen_logps": [[-1.0], [-2.0]],
+        "reference_rejected_logps": [[-3.0], [-4.0]],
+    }
+    assert all(batch[name].dtype == torch.long for name in ("input_ids", "attention_mask", "completion_mask"))
+    assert batch["reference_chosen_logps"].dtype == torch.float32
+
+
+def test_two_pairs_left_padding_chosen_rows_first():
+    examples = [
+        *worked_example(),
+        {"pair_id": "b", "chosen_input_ids": [2, 3], "chosen_prompt_length": 1,
+         "rejected_input_ids": [2, 4, 4], "rejected_prompt_length": 1,
+         "reference_chosen_logps": torch.tensor([-5.0, -6.0]), "reference_rejected_logps": [-7.0, -8.0]},
+    ]  # fmt: skip
+    batch = PreferenceCollator(pad_token_id=0, padding_side="left")(examples)
+    assert as_lists(batch) == {
+        # rows: chosen a, chosen b, rejected a, rejected b
+        "input_ids": [[0, 5, 6, 7], [0, 0, 2, 3], [5, 6, 8, 9], [0, 2, 4, 4]],
+        "attention_mask": [[0, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]],
+        "completion_mask": [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]],
+        "reference_chosen_logps": [[-1.0, -5.0], [-2.0, -6.0]],  # (K, B)
+        "reference_rejected_logps": [[-3.0, -7.0], [-4.0, -8.0]],
+    }
+
+
+def test_pad_to_multiple_of():
+    batch = PreferenceCollator(pad_token_id=9, pad_to_multiple_of=8)(worked_example())
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 9, 9, 9, 9], [5, 6, 8, 9, 9, 9, 9, 9]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]]
+
+
+def test_dataset_items_collate_to_the_same_batch():
+    pairs = [
+        TokenizedPair("a", TokenizedSequence((5, 6, 7), 2), TokenizedSequence((5, 6, 8, 9), 2)),
+        TokenizedPair("b", TokenizedSequence((2, 3), 1), TokenizedSequence((2, 4, 4), 1)),
+    ]
+    dataset = PreferenceDataset(
+        pairs, torch.tensor([[-1.0, -5.0], [-2.0, -6.0]]), torch.tensor([[-3.0, -7.0], [-4.0, -8.0]])
+    )
+    assert len(dataset) == 2 and dataset.num_references == 2
+    assert dataset[1]["pair_id"] == "b"
+    batch = PreferenceCollator(pad_token_id=0)([dataset[0], dataset[1]])
+    assert batch["reference_chosen_logps"].tolist() == [[-1.0, -5.0], [-2.0, -6.0]]
+    assert batch["input_ids"].tolist()[1] == [2, 3, 0, 0]
+
+
+def test_missing_reference_columns_are_named():
+    example = {key: value for key, value in worked_example()[0].items() if not key.startswith("reference_")}
+    with pytest.raises(CollatorError) as caught:
+        PreferenceCollator(pad_token_id=0)([example])
+    message = str(caught.value)
+    assert "reference_chosen_logps" in message and "reference_rejected_logps" in message
+    assert "pair a" in message and "mrpo precompute" in message
+
+
+def test_missing_token_column_is_named_without_the_cache_hint():
+    example = dict(worked_example()[0])
+    del example["rejected_prompt_length"]
+    with pytest.raises(CollatorError, match="lacks rejected_prompt_length") as caught:
+        PreferenceCollator(pad_token_id=0)([example])
+    assert "precompute" not in str(caught.value)
+
+
+def test_examples_with_different_numbers_of_references():
+    other = dict(worked_example()[0], reference_chosen_logps=[-1.0], reference_rejected_logps=[-3.0])
+    with pytest.raises(CollatorError, match=r"different numbers of references: \[1, 2\]"):
+        PreferenceCollator(pad_token_id=0)([worked_example()[0], other])
+
+
+def test_empty_batch():
+    with pytest.raises(CollatorError, match="empty batch"):
+        PreferenceCollator(pad_token_id=0)([])
+
+
+@pytest.mark.parametrize(
+    ("chosen_shape", "rejected_shape"),
+    [((1, 3), (1, 2)), ((2, 2), (2, 2)), ((1, 2), (2, 2))],
+    ids=["rejected-short", "both-wrong-N", "different-K"],
+)
+def test_dataset_rejects_reference_columns_of_the_wrong_shape(chosen_shape, rejected_shape):
+    pairs = [
+        TokenizedPair(name, TokenizedSequence((1, 2), 1), TokenizedSequence((1, 3), 1))
+        for name in ("a", "b", "c")
+    ]
+    with pytest.raises(ValueError, match=r"expected \(K, 3\) each"):
+        PreferenceDataset(pairs, torch.zeros(chosen_shape), torch.zeros(rejected_shape))

@@ -1,0 +1,193 @@
+"""`mrpo train` end to end (two references of different families and tokenizers, conversational pairs, resume),
+and the documented errors for bad configs and bad caches: exit code 2 and one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mrpo.cli import main
+from mrpo.config import ConfigError, DataConfig, LoraConfig, MRPOConfig, PolicyConfig, load_config
+from mrpo.pipeline import load_policy
+from mrpo.references import CacheError, ReferenceCache
+from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import trainer_worker as setup  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    train = root / "pairs.jsonl"
+    train.write_text(
+        "".join(json.dumps(row) + "\n" for row in setup.conversational_records()), encoding="utf-8"
+    )
+    return {
+        "root": root,
+        "train": train,
+        "llama": save_model_dir(tiny_llama(), bpe_tokenizer(), root / "llama"),
+        "gemma": save_model_dir(tiny_gemma3(), char_tokenizer(), root / "gemma"),
+    }
+
+
+def write_config(paths: dict[str, Path], name: str, **sections) -> Path:
+    config = {
+        "policy": {"model": str(paths["llama"]), "dtype": "float32"},
+        "references": [
+            {"name": "init", "model": str(paths["llama"]), "dtype": "float32"},
+            {"name": "gemma", "model": str(paths["gemma"]), "dtype": "float32"},
+        ],
+        "data": {"train": str(paths["train"]), "eval": str(paths["train"])},
+        "loss": {"beta": 0.1},
+        "training": {
+            "output_dir": str(paths["root"] / name),
+            "per_device_train_batch_size": 2,
+            "per_device_eval_batch_size": 4,
+            "max_steps": 4,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 0.1,
+            "optim": "sgd",
+            "use_cpu": True,
+            "disable_tqdm": True,
+        },
+        "cache_dir": str(paths["root"] / "cache"),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    path = paths["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_end_to_end_then_resume(run_setup, capsys):
+    config = write_config(run_setup, "run")
+    run_dir = run_setup["root"] / "run"
+    assert main(["train", str(config)]) == 0
+    assert "final model:" in capsys.readouterr().out
+
+    assert (run_dir / "mrpo_config.yaml").is_file()
+    assert load_config(run_dir / "mrpo_config.yaml").references[1].name == "gemma"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (run_dir / "final" / "config.json").is_file()
+    records = read_metrics(run_dir)
+    train_steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_steps] == [1, 2, 3, 4]
+    for name in (
+        "rewards/accuracies",
+        "rewards/margins",
+        "alpha/ref1",
+        "alpha/ref2",
+        "ctro/clip_rate",
+        "ref2/margin",
+    ):
+        assert all(name in r for r in train_steps), name
+    assert all(r["alpha/ref1"] + r["alpha/ref2"] == pytest.approx(1.0, abs=1e-6) for r in train_steps)
+    evaluation = [r for r in records if "eval_loss" in r]
+    assert len(evaluation) == 1 and "eval_rewards/accuracies" in evaluation[0]
+    summary = json.loads((run_dir / "data_summary.json").read_text())
+    assert summary["train"]["pairs_used"] == 4
+
+    # --resume: the latest checkpoint of the output directory, continued to step 6.
+    assert main(["train", str(config), "training.max_steps=6", "--resume"]) == 0
+    resumed = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "checkpoint-6").is_dir()
+    assert yaml.safe_load((run_dir / "mrpo_config.yaml").read_text())["training"]["max_steps"] == 6
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    # transformers' own progress bars ("Loading weights ...") also go to stderr; ours is the one "mrpo" line.
+    lines = [line for line in captured.err.splitlines() if line.startswith("mrpo ")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("mrpo train: error: ")
+    return lines[0]
+
+
+def test_cli_reports_a_config_error_in_one_line(run_setup, capsys):
+    config = write_config(run_setup, "bad-weights", loss={"weights": [1.0, 2.0, 3.0]})
+    line = one_line_error(capsys, ["train", str(config)])
+    assert "'loss.weights'" in line and "3 numbers" in line
+
+
+def test_cli_reports_a_missing_lora_target_in_one_line(run_setup, capsys):
+    config = write_config(
+        run_setup, "bad-lora", lora={"enabled": True, "target_modules": ["q_proj", "qkv_proj"]},
+        training={"max_steps": 1},
+    )  # fmt: skip
+    line = one_line_error(capsys, ["train", str(config)])
+    assert "'qkv_proj'" in line and "'q_proj'" not in line.split("no module named")[1].split(";")[0]
+
+
+def test_cli_reports_a_data_error_in_one_line(run_setup, capsys):
+    bad = Path(__file__).parent / "data" / "bad" / "missing_rejected.jsonl"
+    config = write_config(run_setup, "bad-data", data={"train": str(bad), "eval": None})
+    line = one_line_error(capsys, ["train", str(config)])
+    assert "missing_rejected.jsonl" in line
+
+
+def test_cli_reports_a_cache_error_in_one_line(run_setup, capsys):
+    # A reference whose tokenizer is local but whose model is neither local nor reachable offline.
+    references = [
+        {"name": "init", "model": str(run_setup["llama"]), "dtype": "float32"},
+        {"name": "remote", "model": "no-such-org/no-such-model", "tokenizer": str(run_setup["llama"])},
+    ]
+    config = write_config(run_setup, "bad-cache", references=references)
+    line = one_line_error(capsys, ["train", str(config)])
+    assert "no-such-org/no-such-model" in line
+
+
+def test_lora_target_the_model_lacks_is_a_config_error(run_setup):
+    config = MRPOConfig(
+        policy=PolicyConfig(model=str(run_setup["llama"]), dtype="float32"),
+        data=DataConfig(train=str(run_setup["train"])),
+        lora=LoraConfig(enabled=True, target_modules=["q_proj", "query_key_value"]),
+    )
+    with pytest.raises(ConfigError, match="no module named 'query_key_value'") as caught:
+        load_policy(config)
+    assert caught.value.key == "lora.target_modules"
+
+
+def test_weights_length_must_match_the_references(run_setup):
+    config = write_config(run_setup, "weights-k")
+    with pytest.raises(ConfigError, match="has 1 numbers but there are 2 references") as caught:
+        load_config(config, ["loss.weights=[1.0]"])
+    assert caught.value.key == "loss.weights"
+
+
+def test_cache_built_for_other_data_is_a_cache_error(run_setup, tmp_path):
+    pairs = setup.load_records(setup.standard_records())
+    reference = setup.initialising_reference(run_setup["llama"])
+    dataset_cache = setup.build_dataset(pairs[:2], [reference], tmp_path / "cache")
+    assert len(dataset_cache) == 2
+    from mrpo.references import precompute
+    from mrpo.tokenization import tokenize_for_models
+
+    tokenized = tokenize_for_models(pairs[:2], [reference[1]], max_length=None)
+    cache: ReferenceCache = precompute(
+        [reference[0]],
+        [reference[1]],
+        tokenized.per_view,
+        tmp_path / "cache",
+        device="cpu",
+        show_progress=False,
+    )
+    assert cache.reports[0].computed == 0  # served from the store the first build wrote
+    other = pairs[5].pair_id
+    with pytest.raises(CacheError, match="the cache was built for other data") as caught:
+        cache.columns([pairs[0].pair_id, other])
+    assert other in str(caught.value) and "'init'" in str(caught.value)

@@ -1,0 +1,439 @@
+"""MRPOTrainer: K = 1 parity with TRL's DPOTrainer, training invariants (every parameter moves, resume, gradient
+accumulation, several processes) and the logged §5 metrics.
+
+Everything runs in float32 on CPU with dropout 0 and the sequential sampler, so two runs that should agree differ
+only by floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from mrpo.collator import PreferenceCollator, PreferenceDataset
+from mrpo.config import DataConfig, LoraConfig, LossConfig, MRPOConfig, PolicyConfig, ReferenceConfig
+from mrpo.logprobs import sequence_logps
+from mrpo.losses import mrpo_loss
+from mrpo.pipeline import load_policy
+from mrpo.tokenization import ModelView
+from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import trainer_worker as setup  # noqa: E402
+
+SPEC_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "ctro/eps_chosen",
+    "ctro/eps_rejected",
+    "ctro/clip_rate",
+)
+
+
+def spec_metric_names(num_references: int) -> list[str]:
+    per_reference = [
+        f"{name}{k}{suffix}"
+        for k in range(1, num_references + 1)
+        for name, suffix in (("ref", "/margin"), ("ref", "/accuracy"), ("alpha/ref", ""))
+    ]
+    return [*SPEC_METRICS, *per_reference]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("trainer")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(workdir) -> Path:
+    return save_model_dir(tiny_llama(), bpe_tokenizer(), workdir / "llama")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return setup.load_records(setup.standard_records())
+
+
+@pytest.fixture(scope="module")
+def dataset(pairs, llama_dir, workdir) -> PreferenceDataset:
+    """The 8 standard pairs, K = 1 (the initialising reference = the saved starting model)."""
+    return setup.build_dataset(pairs, [setup.initialising_reference(llama_dir)], workdir / "cache")
+
+
+@pytest.fixture(scope="module")
+def two_reference_dataset(pairs, llama_dir, workdir) -> PreferenceDataset:
+    """The same pairs with a second, external reference of another family and tokenizer (char-level Gemma-3)."""
+    gemma_dir = save_model_dir(tiny_gemma3(), char_tokenizer(), workdir / "gemma")
+    references = [
+        setup.initialising_reference(llama_dir),
+        (
+            ReferenceConfig(name="gemma", model=str(gemma_dir), dtype="float32"),
+            ModelView(char_tokenizer(), name="gemma"),
+        ),
+    ]
+    return setup.build_dataset(pairs, references, workdir / "cache")
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train_logs(trainer) -> list[dict]:
+    """The per-step training log lines (not the final summary)."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. K = 1 is DPO: parity with TRL 1.16's DPOTrainer
+
+
+def test_k1_matches_trl_dpo_trainer(pairs, dataset, llama_dir, workdir):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("trl")
+    from trl import DPOConfig, DPOTrainer
+
+    steps, beta = 3, 0.1
+    start = tiny_llama()
+    common = {
+        "per_device_train_batch_size": 4,
+        "max_steps": steps,
+        "learning_rate": 0.5,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "train_sampling_strategy": "sequential",
+        "disable_tqdm": True,
+    }
+    trl_args = DPOConfig(
+        output_dir=str(workdir / "trl"),
+        bf16=False,
+        precompute_ref_log_probs=True,
+        loss_type=["sigmoid"],
+        beta=beta,
+        max_length=None,
+        **common,
+    )
+    records = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    trl_trainer = DPOTrainer(
+        model=copy.deepcopy(start),
+        args=trl_args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=bpe_tokenizer(),
+    )
+    # Same token ids: TRL appends the EOS text to standard completions, ModelView appends the EOS id.
+    for ours, theirs in zip(dataset.pairs, trl_trainer.train_dataset, strict=True):
+        for side in ("chosen", "rejected"):
+            sequence = getattr(ours, side)
+            assert list(sequence.input_ids) == theirs["prompt_ids"] + theirs[f"{side}_ids"]
+            assert sequence.prompt_length == len(theirs["prompt_ids"])
+    # Same reference log-probs: TRL's precompute (fused LM head) and our cache (chunked log-softmax).
+    torch.testing.assert_close(
+        dataset.reference_chosen_logps[0],
+        torch.tensor(trl_trainer.train_dataset["ref_chosen_logps"]),
+        rtol=1e-6,
+        atol=1e-5,
+    )
+    trl_trainer.train()
+
+    ours = setup.make_trainer(
+        copy.deepcopy(start).train(),
+        dataset,
+        setup.training_arguments(
+            workdir / "ours", **{k: v for k, v in common.items() if k != "disable_tqdm"}
+        ),
+        loss=LossConfig(beta=beta),
+    )
+    ours.train()
+
+    theirs_logs, our_logs = train_logs(trl_trainer), train_logs(ours)
+    assert len(theirs_logs) == len(our_logs) == steps
+    compared = ("loss", "grad_norm", *setup.LOSS_METRIC_NAMES)
+    for step, (theirs, mine) in enumerate(zip(theirs_logs, our_logs, strict=True), start=1):
+        for name in compared:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-5), (step, name)
+    # After 3 SGD steps of lr 0.5 the weights agree to float32 summation noise.
+    trl_parameters = parameters(trl_trainer.model)
+    for name, value in parameters(ours.model).items():
+        torch.testing.assert_close(value, trl_parameters[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Every trainable parameter moves (full fine-tuning; LoRA: adapters only)
+
+
+def test_full_fine_tuning_changes_every_parameter(dataset, workdir):
+    model = tiny_llama().train()
+    before = parameters(model)
+    setup.make_trainer(model, dataset, setup.training_arguments(workdir / "full", max_steps=2)).train()
+    after = parameters(model)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"parameters that did not move: {unchanged}"
+
+
+def test_lora_changes_every_adapter_and_no_base_weight(dataset, llama_dir, workdir):
+    config = MRPOConfig(
+        policy=PolicyConfig(model=str(llama_dir), dtype="float32"),
+        data=DataConfig(train="unused.jsonl"),
+        lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+    )
+    model = load_policy(config)
+    before = parameters(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    # Two steps: lora_B starts at zero, so lora_A gets its first gradient in step 2.
+    setup.make_trainer(model, dataset, setup.training_arguments(workdir / "lora", max_steps=2)).train()
+    after = parameters(model)
+    unchanged = sorted(name for name in trainable if torch.equal(before[name], after[name]))
+    assert not unchanged, f"adapter parameters that did not move: {unchanged}"
+    moved_base = sorted(
+        name for name in before if name not in trainable and not torch.equal(before[name], after[name])
+    )
+    assert not moved_base, f"base weights that moved: {moved_base}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Resume reproduces the uninterrupted trajectory
+
+
+def test_resume_from_checkpoint_reproduces_the_loss_trajectory(dataset, workdir):
+    # AdamW (optimizer state must be restored) and the default random sampler (its position must be restored).
+    overrides = {
+        "per_device_train_batch_size": 2,
+        "max_steps": 6,  # 4 steps per epoch: the resumed part crosses an epoch boundary
+        "optim": "adamw_torch",
+        "learning_rate": 1e-2,
+        "train_sampling_strategy": "random",
+        "save_strategy": "steps",
+        "save_steps": 3,
+    }
+    whole = setup.make_trainer(
+        tiny_llama().train(), dataset, setup.training_arguments(workdir / "whole", **overrides)
+    )
+    whole.train()
+
+    split_dir = workdir / "split"
+    first = setup.make_trainer(
+        tiny_llama().train(), dataset, setup.training_arguments(split_dir, **overrides)
+    )
+    first.train()
+    checkpoint = split_dir / "checkpoint-3"
+    assert checkpoint.is_dir()
+    shutil.rmtree(split_dir / "checkpoint-6")  # what an interrupted run would have left
+    resumed = setup.make_trainer(
+        tiny_llama(seed=1).train(), dataset, setup.training_arguments(split_dir, **overrides)
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    expected = {entry["step"]: entry for entry in train_logs(whole)}
+    # The resumed state's log history starts with the checkpoint's (steps 1-3), then the new steps.
+    got = {entry["step"]: entry for entry in train_logs(resumed)}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        for name in ("loss", *setup.LOSS_METRIC_NAMES):
+            assert got[step][name] == pytest.approx(expected[step][name], rel=1e-5, abs=1e-5), (step, name)
+    whole_parameters = parameters(whole.model)
+    for name, value in parameters(resumed.model).items():
+        torch.testing.assert_close(value, whole_parameters[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Gradient accumulation: batch 8 x 1 == batch 1 x 8
+
+
+def test_gradient_accumulation_matches_the_large_batch(dataset, workdir):
+    start = tiny_llama()
+    results = []
+    for batch, accumulation in ((8, 1), (1, 8)):
+        model = copy.deepcopy(start).train()
+        args = setup.training_arguments(
+            workdir / f"ga-{batch}x{accumulation}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            max_grad_norm=0.0,  # no clipping: the test is about the gradient itself
+        )
+        trainer = setup.make_trainer(model, dataset, args)
+        trainer.train()
+        results.append((parameters(model), train_logs(trainer)))
+    (large, large_logs), (small, small_logs) = results
+    moved = max((large[name] - p).abs().max().item() for name, p in parameters(start).items())
+    assert moved > 1e-3, "the steps must move the weights for the comparison to mean something"
+    for name, value in small.items():
+        torch.testing.assert_close(value, large[name], rtol=1e-5, atol=1e-6, msg=name)
+    for big_step, small_step in zip(large_logs, small_logs, strict=True):
+        for name in ("loss", *setup.LOSS_METRIC_NAMES):
+            assert small_step[name] == pytest.approx(big_step[name], rel=1e-5, abs=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Two processes (gloo, CPU) == one process with the same global batch
+
+
+def _launch_worker(command: list[str], out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return (
+        json.loads((out_dir / "result.json").read_text()),
+        torch.load(out_dir / "parameters.pt", weights_only=True),
+    )
+
+
+def test_two_processes_match_one_process(llama_dir, workdir):
+    worker = str(SCRIPTS / "trainer_worker.py")
+    single_out, double_out = workdir / "one-process", workdir / "two-processes"
+    single, single_parameters = _launch_worker(
+        [sys.executable, worker, str(llama_dir), str(workdir / "cache-1p"), str(single_out),
+         "--per-device-batch", "4", "--max-steps", "4"],
+        single_out,
+    )  # fmt: skip
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    double, double_parameters = _launch_worker(
+        [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+         worker, str(llama_dir), str(workdir / "cache-2p"), str(double_out),
+         "--per-device-batch", "2", "--max-steps", "4", "--world-size", "2"],
+        double_out,
+    )  # fmt: skip
+    assert (single["world_size"], double["world_size"]) == (1, 2)
+    single_logs = [entry for entry in single["log_history"] if "loss" in entry]
+    double_logs = [entry for entry in double["log_history"] if "loss" in entry]
+    assert len(single_logs) == len(double_logs) == 4
+    for one, two in zip(single_logs, double_logs, strict=True):
+        # The metrics are reduced over both processes at log time: they are means over the global batch of 4.
+        for name in ("loss", *spec_metric_names(1)):
+            assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), (one["step"], name)
+    for name, value in double_parameters.items():
+        torch.testing.assert_close(value, single_parameters[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. Logged and evaluated metrics are the means of the per-pair statistics
+
+
+class RecordExpectedStatistics(TrainerCallback):
+    """Before each optimizer step, recomputes the step's per-pair statistics from the weights the step starts with."""
+
+    def __init__(self, dataset: PreferenceDataset, batch_size: int, loss: LossConfig):
+        self.dataset, self.batch_size, self.loss = dataset, batch_size, loss
+        self.collator = PreferenceCollator(pad_token_id=bpe_tokenizer().pad_token_id)
+        self.per_step: list[dict[str, torch.Tensor]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        start = state.global_step * self.batch_size % len(self.dataset)
+        batch = self.collator([self.dataset[i] for i in range(start, start + self.batch_size)])
+        self.per_step.append(expected_statistics(model, batch, self.loss))
+
+
+def expected_statistics(model, batch, loss: LossConfig) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        size = batch["reference_chosen_logps"].shape[1]
+        output = mrpo_loss(
+            policy.logps[:size],
+            policy.logps[size:],
+            batch["reference_chosen_logps"],
+            batch["reference_rejected_logps"],
+            beta=loss.beta,
+            weights=loss.weights,
+            clip=loss.clip,
+            eps=loss.eps,
+            aggregation=loss.aggregation,
+            align=loss.align,
+        )
+    return output.pair_statistics()
+
+
+def test_logged_metrics_are_means_of_per_pair_statistics_over_the_logging_window(
+    two_reference_dataset, workdir
+):
+    loss = LossConfig(beta=0.1, eps=0.1)
+    recorder = RecordExpectedStatistics(two_reference_dataset, batch_size=2, loss=loss)
+    args = setup.training_arguments(
+        workdir / "metrics", per_device_train_batch_size=2, max_steps=4, logging_steps=2
+    )
+    trainer = setup.make_trainer(
+        tiny_llama().train(), two_reference_dataset, args, loss=loss, callbacks=[recorder]
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert [entry["step"] for entry in logs] == [2, 4]
+    names = spec_metric_names(2)
+    assert len(recorder.per_step) == 4
+    for index, entry in enumerate(logs):
+        window = recorder.per_step[2 * index : 2 * index + 2]
+        for name in names:
+            expected = torch.cat([step[name] for step in window]).mean().item()
+            assert entry[name] == pytest.approx(expected, rel=1e-5, abs=1e-6), (entry["step"], name)
+    # Sanity of the two-reference numbers: weights sum to 1 and the char-level Gemma reference gets clipped.
+    for entry in logs:
+        assert entry["alpha/ref1"] + entry["alpha/ref2"] == pytest.approx(1.0, abs=1e-6)
+        assert 0.0 <= entry["ctro/clip_rate"] <= 1.0
+
+
+def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, workdir):
+    loss = LossConfig(beta=0.2)
+    model = tiny_llama().train()
+    args = setup.training_arguments(
+        workdir / "eval", per_device_eval_batch_size=3
+    )  # 8 pairs: batches 3, 3, 2
+    trainer = setup.make_trainer(
+        model, two_reference_dataset, args, eval_dataset=two_reference_dataset, loss=loss
+    )
+    metrics = trainer.evaluate()
+
+    model.eval()
+    collator = PreferenceCollator(pad_token_id=bpe_tokenizer().pad_token_id)
+    batch = collator([two_reference_dataset[i] for i in range(len(two_reference_dataset))])
+    expected = expected_statistics(model, batch, loss)
+    for name in spec_metric_names(2):
+        assert metrics[f"eval_{name}"] == pytest.approx(expected[name].mean().item(), rel=1e-5, abs=1e-6), (
+            name
+        )
+    assert "eval_loss" in metrics and math.isfinite(metrics["eval_loss"])
+    # The train accumulator was not touched by evaluation, and the eval one was emptied by the log.
+    assert trainer._metrics["train"].sums is None and trainer._metrics["eval"].sums is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Padding-free batches train exactly like padded ones
+
+
+def test_padding_free_training_matches_padded(two_reference_dataset, workdir):
+    start = tiny_llama()
+    results = []
+    for padding_free in (False, True):
+        model = copy.deepcopy(start).train()
+        args = setup.training_arguments(
+            workdir / f"packed-{padding_free}", per_device_train_batch_size=4, max_steps=2, max_grad_norm=0.0
+        )
+        trainer = setup.make_trainer(model, two_reference_dataset, args, padding_free=padding_free)
+        trainer.train()
+        results.append((parameters(model), train_logs(trainer)))
+    (padded, padded_logs), (packed, packed_logs) = results
+    for name, value in packed.items():
+        torch.testing.assert_close(value, padded[name], rtol=1e-5, atol=1e-6, msg=name)
+    for padded_step, packed_step in zip(padded_logs, packed_logs, strict=True):
+        for name in ("loss", *setup.LOSS_METRIC_NAMES):
+            assert packed_step[name] == pytest.approx(padded_step[name], rel=1e-5, abs=1e-6), name
