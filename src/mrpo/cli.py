@@ -65,23 +65,34 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from mrpo.evaluation import format_table
-    from mrpo.pipeline import run_evaluate
+    from mrpo.pipeline import evaluation_checkpoints, run_evaluate
 
     config = _load(args)
-    checkpoints = None
+    requested = None
     if args.checkpoint:
-        checkpoints = {} if args.no_start else {"start": None}
+        requested = {} if args.no_start else {"start": None}
         for checkpoint in args.checkpoint:
             label, _, path = checkpoint.rpartition("=") if "=" in checkpoint else ("", "", checkpoint)
-            checkpoints[label or Path(path).name] = path
+            requested[label or Path(path).name] = path
+    checkpoints = evaluation_checkpoints(config, requested)
+    if args.lm_eval_tasks:  # fail on a missing package or an unknown task before the held-out evaluation runs
+        from mrpo.lm_eval_bridge import check_task_names, import_lm_eval
+
+        import_lm_eval()
+        if all(task.startswith("mrpo_") for task in args.lm_eval_tasks):
+            check_task_names(args.lm_eval_tasks, None)
     results, output = run_evaluate(config, checkpoints=checkpoints, output=args.output)
     print(format_table(results))
     print(f"\nresults: {output}")
     if args.lm_eval_tasks:
         from mrpo.lm_eval_bridge import run_lm_eval
 
-        for label, checkpoint in (checkpoints or {"trained": None}).items():
-            print(run_lm_eval(config, checkpoint, args.lm_eval_tasks, label=label).table)
+        for label, checkpoint in checkpoints.items():
+            print(
+                run_lm_eval(
+                    config, checkpoint, args.lm_eval_tasks, label=label, limit=args.lm_eval_limit
+                ).table
+            )
     return 0
 
 
@@ -110,6 +121,12 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         metavar="TASK",
         help="also run lm-evaluation-harness tasks (needs the `eval` extra); mrpo_arithmetic and mrpo_facts ship "
         "with mrpo and run offline",
+    )
+    parser.add_argument(
+        "--lm-eval-limit",
+        type=float,
+        default=None,
+        help="evaluate at most this many examples per lm-eval task",
     )
     parser.set_defaults(run=_evaluate)
 

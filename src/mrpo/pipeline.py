@@ -269,6 +269,19 @@ def default_checkpoint(config: MRPOConfig) -> str | None:
     return str(final) if final.exists() else None
 
 
+def evaluation_checkpoints(
+    config: MRPOConfig, checkpoints: dict[str, str | None] | None = None
+) -> dict[str, str | None]:
+    """The models to evaluate: the given ones, or the starting model plus the run's final model if it exists."""
+    if checkpoints is not None:
+        return dict(checkpoints)
+    chosen: dict[str, str | None] = {"start": None}
+    trained = default_checkpoint(config)
+    if trained is not None:
+        chosen[Path(config.training.output_dir).name or "trained"] = trained
+    return chosen
+
+
 def run_evaluate(
     config: MRPOConfig,
     *,
@@ -284,11 +297,7 @@ def run_evaluate(
 
     if config.data.eval is None:
         raise ValueError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")
-    if checkpoints is None:
-        checkpoints = {"start": None}
-        trained = default_checkpoint(config)
-        if trained is not None:
-            checkpoints[Path(config.training.output_dir).name or "trained"] = trained
+    checkpoints = evaluation_checkpoints(config, checkpoints)
     prepared = prepare_split(config, "eval", show_progress=show_progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []

@@ -1,0 +1,741 @@
+"""Plots (PNG) and a markdown summary (``report.md``) of one or several training runs: ``mrpo report RUN_DIR...``.
+
+A run directory is what ``mrpo train`` writes (``training.output_dir``): ``metrics.jsonl`` (required: one JSON
+object per Trainer log line), and, when present, ``eval_results.json`` (``mrpo evaluate``), ``data_summary.json``
+and ``mrpo_config.yaml``. Several runs share every plot, one colour per run, so a DPO run and an MRPO run started
+from the same model compare at a glance.
+
+The CTRO clip rate comes first in the summary: when the references are of different families, adaptive CTRO can
+clip most external log-probs into a narrow band around the initialising reference's, and MRPO then trains almost
+exactly like DPO. The report says so when a run's mean clip rate is above ``CLIP_RATE_WARNING``.
+
+    report = write_report([Path("runs/dpo"), Path("runs/mrpo")], Path("runs/report"))   # -> runs/report/report.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLIP_RATE_WARNING = 0.5
+"""A mean clip rate above this gets a warning: the external references then barely move the virtual reference."""
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_RESULTS_FILE = "eval_results.json"
+DATA_SUMMARY_FILE = "data_summary.json"
+CONFIG_FILE = "mrpo_config.yaml"
+REPORT_FILE = "report.md"
+
+# Held-out metric keys (see evaluation.METRIC_LABELS), split by scale: rates in [0, 1] and margins in nats.
+_HELD_OUT_RATES = [
+    "policy_accuracy",
+    "policy_accuracy_per_token",
+    "reward_accuracy_initialising",
+    "reward_accuracy_virtual",
+    "clip_rate",
+]
+_HELD_OUT_MARGINS = ["policy_margin", "reward_margin_initialising", "reward_margin_virtual"]
+_LABEL_AWARE_METRIC = "reward_accuracy_virtual"
+_LABEL_AWARE_NOTE = "label-aware: adaptive CTRO builds this reference knowing which answer is the chosen one."
+
+
+class ReportError(ValueError):
+    """A run directory cannot be reported on; the message names the directory and what is missing or wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a run directory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a run directory holds, read and sorted by step."""
+
+    name: str
+    """The run's name in legends and tables (its directory name)."""
+    path: Path
+    train: list[dict[str, Any]]
+    """Train log lines (those with "loss"), one per step (the last one wins when a resumed run logged a step
+    twice)."""
+    eval: list[dict[str, Any]]
+    """Eval log lines (keys prefixed "eval_"), one per step."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """The end-of-training line (train_runtime, train_loss, ...), if the run finished."""
+    eval_results: dict[str, Any] | None = None
+    data_summary: dict[str, Any] | None = None
+    config_text: str | None = None
+    config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    """Problems met while reading, shown in the report."""
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """Steps and values of one logged metric; "eval_" keys come from the eval lines."""
+        rows = self.eval if key.startswith("eval_") else self.train
+        points = [(row["step"], row[key]) for row in rows if _is_number(row.get(key))]
+        return [float(step) for step, _ in points], [float(value) for _, value in points]
+
+    def has(self, key: str) -> bool:
+        return bool(self.series(key)[0])
+
+    @property
+    def num_references(self) -> int:
+        """K: from the config, else from the logged alpha/ref{k} keys (0 when neither tells)."""
+        if self.config and isinstance(self.config.get("references"), list):
+            return len(self.config["references"])
+        return len(self.alpha_keys())
+
+    def alpha_keys(self) -> list[str]:
+        keys = {
+            key
+            for row in self.train + self.eval
+            for key in row
+            if key.startswith(("alpha/ref", "eval_alpha/ref"))
+        }
+        numbers = sorted({int(key.rsplit("ref", 1)[1]) for key in keys if key.rsplit("ref", 1)[1].isdigit()})
+        return [f"alpha/ref{k}" for k in numbers]
+
+    def reference_name(self, k: int) -> str | None:
+        """The configured name of reference k (1-based), when the config is there."""
+        references = (self.config or {}).get("references")
+        if isinstance(references, list) and 0 < k <= len(references) and isinstance(references[k - 1], dict):
+            return references[k - 1].get("name")
+        return None
+
+    def mean_clip_rate(self) -> tuple[float, str] | None:
+        """The mean CTRO clip rate over the train log lines (else the eval lines), and which split it is from."""
+        for key, split in (("ctro/clip_rate", "train"), ("eval_ctro/clip_rate", "eval")):
+            values = self.series(key)[1]
+            if values:
+                return sum(values) / len(values), split
+        return None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory; ``metrics.jsonl`` is required, the other files are optional."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ReportError(
+            f"run directory {str(path)!r} does not exist (give the training.output_dir of a run)"
+        )
+    metrics_file = path / METRICS_FILE
+    if not metrics_file.is_file():
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise ReportError(
+            f"run directory {str(path)!r} has no {METRICS_FILE} (it holds: {present}). `mrpo train` writes it "
+            f"into training.output_dir as it logs; {METRICS_FILE} is required, {EVAL_RESULTS_FILE}, "
+            f"{DATA_SUMMARY_FILE} and {CONFIG_FILE} are optional."
+        )
+    run = Run(name=path.resolve().name, path=path, train=[], eval=[])
+    _read_metrics(metrics_file, run)
+    if not run.train and not run.eval:
+        raise ReportError(
+            f"{metrics_file} holds no train or eval log line yet; report on the run once it has logged"
+        )
+    run.eval_results = _read_json(path / EVAL_RESULTS_FILE)
+    run.data_summary = _read_json(path / DATA_SUMMARY_FILE)
+    config_file = path / CONFIG_FILE
+    if config_file.is_file():
+        run.config_text = config_file.read_text(encoding="utf-8")
+        try:
+            parsed = yaml.safe_load(run.config_text)
+            run.config = parsed if isinstance(parsed, dict) else None
+        except yaml.YAMLError as error:
+            run.notes.append(f"{CONFIG_FILE} is not valid YAML ({error}); shown as is.")
+    return run
+
+
+def _read_metrics(metrics_file: Path, run: Run) -> None:
+    lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    train: dict[int, dict[str, Any]] = {}
+    evaluation: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # a run killed while writing leaves half a last line: skip it, say so
+                run.notes.append(f"{METRICS_FILE}: skipped the unfinished last line {number}.")
+                warnings.warn(f"{metrics_file}: skipping the unfinished last line {number}", stacklevel=3)
+                continue
+            raise ReportError(f"{metrics_file}, line {number}: not a JSON object ({error})") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{metrics_file}, line {number}: expected a JSON object, got {line[:80]!r}")
+        step = row.get("step")
+        if not isinstance(step, int):
+            raise ReportError(f"{metrics_file}, line {number}: no integer 'step' field")
+        if any(key.startswith("eval_") for key in row):
+            evaluation[step] = row
+        elif "loss" in row:
+            train[step] = row
+        else:
+            run.summary = row
+    run.train = [train[step] for step in sorted(train)]
+    run.eval = [evaluation[step] for step in sorted(evaluation)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{path}: not valid JSON ({error}); rewrite it or remove it") from None
+    if not isinstance(content, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return content
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _unique_names(runs: list[Run]) -> None:
+    """Runs whose directories share a name are named by as many trailing path parts as tell them apart."""
+    parts = [run.path.resolve().parts for run in runs]
+    for index, run in enumerate(runs):
+        for depth in range(1, len(parts[index]) + 1):
+            name = "/".join(parts[index][-depth:])
+            if sum("/".join(other[-depth:]) == name for other in parts) == 1:
+                break
+        run.name = name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Curve:
+    """One logged metric drawn in a panel: its key, line style and legend text."""
+
+    key: str
+    style: str
+    label: str
+
+
+@dataclass
+class Panel:
+    title: str
+    ylabel: str
+    curves: list[Curve]
+    unit_interval: bool = False
+    """Values are rates in [0, 1]."""
+
+
+def _figure(panels: int):
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global backend state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.2 * panels, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def plot_curves(runs: Sequence[Run], panels: Sequence[Panel], path: Path, title: str) -> bool:
+    """Draw each panel's curves for every run (colour = run, line style = curve); False if nothing was logged."""
+    panels = [panel for panel in panels if any(run.has(curve.key) for run in runs for curve in panel.curves)]
+    if not panels:
+        return False
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(len(panels))
+    figure.suptitle(title)
+    for ax, panel in zip(axes, panels, strict=True):
+        for index, run in enumerate(runs):
+            for curve in panel.curves:
+                steps, values = run.series(curve.key)
+                if not steps:
+                    continue
+                label = curve.label if len(runs) == 1 else f"{run.name}: {curve.label}"
+                marker = "o" if len(steps) <= 25 else None
+                ax.plot(
+                    steps,
+                    values,
+                    curve.style,
+                    color=f"C{index % 10}",
+                    marker=marker,
+                    markersize=3,
+                    label=label,
+                )
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(panel.ylabel)
+        if panel.unit_interval:
+            ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def _curve_plots(runs: Sequence[Run]) -> dict[str, tuple[str, list[Panel]]]:
+    """File name -> (title, panels) of every line plot."""
+    max_references = max(len(run.alpha_keys()) for run in runs)
+    alpha_panels = []
+    for k in range(1, max_references + 1):
+        names = {run.reference_name(k) for run in runs} - {None}
+        name = f" ({names.pop()})" if len(names) == 1 else ""
+        curves = [Curve(f"alpha/ref{k}", "-", "train"), Curve(f"eval_alpha/ref{k}", "--", "eval")]
+        alpha_panels.append(Panel(f"reference {k}{name}", "alpha", curves, unit_interval=True))
+    return {
+        "loss.png": (
+            "Training loss",
+            [Panel("loss", "loss", [Curve("loss", "-", "train"), Curve("eval_loss", "--", "eval")])],
+        ),
+        "rewards.png": (
+            "Implicit rewards (vs the virtual reference)",
+            [
+                Panel(
+                    "reward accuracy",
+                    "accuracy",
+                    [
+                        Curve("rewards/accuracies", "-", "train"),
+                        Curve("eval_rewards/accuracies", "--", "eval"),
+                    ],
+                    unit_interval=True,
+                ),
+                Panel(
+                    "reward margin",
+                    "margin",
+                    [Curve("rewards/margins", "-", "train"), Curve("eval_rewards/margins", "--", "eval")],
+                ),
+            ],
+        ),
+        "alpha.png": ("Reference weights alpha", alpha_panels),
+        "ctro.png": (
+            "CTRO trust region",
+            [
+                Panel(
+                    "eps",
+                    "eps (nats)",
+                    [
+                        Curve("ctro/eps_chosen", "-", "eps chosen"),
+                        Curve("ctro/eps_rejected", ":", "eps rejected"),
+                    ],
+                ),
+                Panel(
+                    "clip rate",
+                    "share of external log-probs clipped",
+                    [Curve("ctro/clip_rate", "-", "train"), Curve("eval_ctro/clip_rate", "--", "eval")],
+                    unit_interval=True,
+                ),
+            ],
+        ),
+    }
+
+
+@dataclass
+class HeldOutModel:
+    """One model's column in the held-out comparison."""
+
+    name: str
+    run: str
+    result: dict[str, Any]
+
+
+def held_out_models(runs: Sequence[Run]) -> list[HeldOutModel]:
+    """Every run's evaluated models; the same model with identical results in several runs (the shared "start")
+    appears once. Names are the evaluated labels, prefixed with the run where two runs use the same label."""
+    models: list[HeldOutModel] = []
+    for run in runs:
+        for result in (run.eval_results or {}).get("models", []):
+            if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+                continue
+            if any(_same_result(result, other.result) for other in models):
+                continue
+            models.append(HeldOutModel(str(result.get("label", "?")), run.name, result))
+    labels = [model.name for model in models]
+    for model in models:
+        if labels.count(model.name) > 1:
+            model.name = f"{model.run}/{model.name}"
+    return models
+
+
+def _same_result(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("label", "model", "pairs", "metrics", "label_aware")
+    return all(a.get(key) == b.get(key) for key in keys)
+
+
+def plot_held_out(models: Sequence[HeldOutModel], path: Path) -> bool:
+    """Side-by-side bars of the held-out metrics: rates on the left, margins (nats) on the right."""
+    if not models:
+        return False
+    from mrpo.evaluation import METRIC_LABELS
+
+    figure, axes = _figure(2)
+    figure.set_size_inches(max(11.0, 1.1 * len(models) * 4), 4.8)
+    figure.suptitle("Held-out metrics")
+    any_label_aware = any(model.result.get("label_aware") for model in models)
+    width = 0.8 / len(models)
+    for ax, keys, ylabel in ((axes[0], _HELD_OUT_RATES, "rate"), (axes[1], _HELD_OUT_MARGINS, "nats")):
+        for index, model in enumerate(models):
+            values = [_number_or_nan(model.result["metrics"].get(key)) for key in keys]
+            positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(keys))]
+            bars = ax.bar(positions, values, width, color=f"C{index % 10}", label=model.name)
+            if model.result.get("label_aware") and _LABEL_AWARE_METRIC in keys:
+                bars[keys.index(_LABEL_AWARE_METRIC)].set_hatch("//")
+        ticks = [
+            METRIC_LABELS.get(key, key) + ("*" if key == _LABEL_AWARE_METRIC and any_label_aware else "")
+            for key in keys
+        ]
+        ax.set_xticks(range(len(keys)), [_wrap(tick) for tick in ticks], fontsize="small")
+        ax.set_ylabel(ylabel)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0].set_ylim(0, 1.05)
+    if any_label_aware:
+        figure.text(0.01, 0.005, "* hatched: " + _LABEL_AWARE_NOTE, fontsize="small")
+    figure.savefig(path, dpi=100)
+    return True
+
+
+def _wrap(text: str, width: int = 16) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])
+
+
+def _number_or_nan(value: Any) -> float:
+    return float(value) if _is_number(value) else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The markdown summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _percent(value: Any) -> str:
+    return f"{float(value):.1%}" if _is_number(value) else "—"
+
+
+def _signed(value: Any) -> str:
+    return f"{float(value):+.3f}" if _is_number(value) else "—"
+
+
+def _plain(value: Any) -> str:
+    return f"{float(value):.4g}" if _is_number(value) else "—"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(escape(cell) for cell in header) + " |"]
+    lines.append("|" + "|".join(["---"] * len(header)) + "|")
+    lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[str]:
+    lines = ["## CTRO clip rate — read this first", ""]
+    lines.append(
+        "Share of the external references' log-probs that the trust region moved (CTRO). A high rate means the "
+        "external references barely move the virtual reference: the run then trains almost exactly like DPO "
+        "against the initialising reference."
+    )
+    lines.append("")
+    rows = []
+    warnings_text = []
+    for run in runs:
+        k = run.num_references
+        loss = (run.config or {}).get("loss")
+        clip = loss.get("clip", "?") if isinstance(loss, dict) else "?"
+        mean = run.mean_clip_rate()
+        held_out = ", ".join(
+            f"{model.name} {_percent(model.result['metrics'].get('clip_rate'))}"
+            for model in models
+            if model.run == run.name
+        )
+        last_train = run.series("ctro/clip_rate")[1]
+        last_eval = run.series("eval_ctro/clip_rate")[1]
+        if k == 1:
+            rows.append(
+                [
+                    run.name,
+                    "1",
+                    str(clip),
+                    "— (one reference: nothing to clip; this is DPO)",
+                    "—",
+                    "—",
+                    held_out or "—",
+                ]
+            )
+            continue
+        rows.append(
+            [
+                run.name,
+                str(k) if k else "?",
+                str(clip),
+                "—"
+                if mean is None
+                else f"**{_percent(mean[0])}**" + ("" if mean[1] == "train" else f" ({mean[1]})"),
+                _percent(last_train[-1]) if last_train else "—",
+                _percent(last_eval[-1]) if last_eval else "—",
+                held_out or "—",
+            ]
+        )
+        if mean and mean[0] > CLIP_RATE_WARNING:
+            warnings_text.append(
+                f"> ⚠️ **{run.name}: CTRO clipped {mean[0]:.0%} of the external references' log-probs on average "
+                f"({mean[1]}).** Their log-probs were pulled into a narrow band around the initialising reference's, "
+                "so they barely move the virtual reference: this run is close to **DPO in disguise**. This happens "
+                "when the references come from different model families (their sequence log-probs differ by "
+                "several nats). Compare it with a plain DPO run before crediting the extra references; consider "
+                "`loss.align=pair`, a wider `loss.eps` or `loss.clip=off`."
+            )
+    lines += _table(
+        ["run", "references (K)", "clip", "mean clip rate", "last (train)", "last (eval)", "held-out"], rows
+    )
+    if warnings_text:
+        lines += [""] + [line for text in warnings_text for line in (text, "")][:-1]
+    return lines + [""]
+
+
+def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str]:
+    from mrpo.evaluation import METRIC_LABELS
+
+    lines = ["## Held-out metrics", ""]
+    if not models:
+        return lines + [
+            f"No run has an {EVAL_RESULTS_FILE} (run `mrpo evaluate CONFIG` to add held-out metrics).",
+            "",
+        ]
+    any_label_aware = any(model.result.get("label_aware") for model in models)
+    rows = [["pairs", *(str(model.result.get("pairs", "—")) for model in models)]]
+    for key, label in METRIC_LABELS.items():
+        cells = []
+        for model in models:
+            value = model.result["metrics"].get(key)
+            text = _percent(value) if "accuracy" in key or key == "clip_rate" else _signed(value)
+            if key == _LABEL_AWARE_METRIC and model.result.get("label_aware"):
+                text += "*"
+            cells.append(text)
+        rows.append([label, *cells])
+    lines += _table(["metric", *(model.name for model in models)], rows)
+    if any_label_aware:
+        lines += ["", f"\\* {_LABEL_AWARE_NOTE} It is not comparable between runs."]
+    kinds = sorted({kind for model in models for kind in (model.result.get("by_kind") or {})})
+    if kinds:
+        lines += ["", "Policy preference accuracy by kind of pair:", ""]
+        kind_rows = [
+            [
+                kind,
+                *(
+                    _percent((model.result.get("by_kind") or {}).get(kind, {}).get("policy_accuracy"))
+                    for model in models
+                ),
+            ]
+            for kind in kinds
+        ]
+        lines += _table(["kind", *(model.name for model in models)], kind_rows)
+    sources = sorted({f"`{model.name}`: {model.result.get('model', '?')}" for model in models})
+    lines += ["", "Models: " + "; ".join(sources) + "."]
+    if plotted:
+        lines += ["", "![Held-out metrics](heldout.png)"]
+    return lines + [""]
+
+
+_TRAIN_ROWS: list[tuple[str, str, Callable[[float, float], bool] | None, Callable[[Any], str]]] = [
+    ("loss", "loss", lambda a, b: a < b, _plain),
+    ("reward accuracy", "rewards/accuracies", lambda a, b: a > b, _percent),
+    ("reward margin", "rewards/margins", lambda a, b: a > b, _signed),
+    ("CTRO clip rate", "ctro/clip_rate", None, _percent),
+    ("eps chosen", "ctro/eps_chosen", None, _plain),
+    ("eps rejected", "ctro/eps_rejected", None, _plain),
+]
+
+
+def _final_and_best(run: Run, key: str, better, fmt) -> tuple[str, str]:
+    steps, values = run.series(key)
+    if not values:
+        return "—", "—"
+    final = fmt(values[-1])
+    if better is None:
+        return final, "—"
+    best = 0
+    for i, value in enumerate(values):
+        if better(value, values[best]):
+            best = i
+    return final, f"{fmt(values[best])} (step {int(steps[best])})"
+
+
+def _run_section(run: Run) -> list[str]:
+    lines = [f"### {run.name}", "", f"Directory: `{run.path}`  "]
+    if run.summary:
+        parts = [f"{int(run.summary.get('step', 0))} steps"]
+        if _is_number(run.summary.get("train_runtime")):
+            parts.append(f"{run.summary['train_runtime']:.0f} s")
+        if _is_number(run.summary.get("train_loss")):
+            parts.append(f"mean train loss {run.summary['train_loss']:.4g}")
+        lines.append(f"Finished: {', '.join(parts)}.  ")
+    else:
+        last = run.train[-1]["step"] if run.train else run.eval[-1]["step"]
+        lines.append(f"Not finished (no end-of-training line): last logged step {last}.  ")
+    lines += [f"Note: {note}  " for note in run.notes]
+    lines += ["", "Training metrics (final value, and best value with its step):", ""]
+    rows = []
+    alpha_rows = []
+    for key in run.alpha_keys():
+        k = int(key.rsplit("ref", 1)[1])
+        name = run.reference_name(k)
+        alpha_rows.append((f"alpha ref{k}" + (f" ({name})" if name else ""), key, None, _plain))
+    for label, key, better, fmt in _TRAIN_ROWS + alpha_rows:
+        train_final, train_best = _final_and_best(run, key, better, fmt)
+        eval_final, eval_best = _final_and_best(run, f"eval_{key}", better, fmt)
+        if {train_final, eval_final} != {"—"}:
+            rows.append([label, train_final, train_best, eval_final, eval_best])
+    lines += _table(["metric", "train final", "train best", "eval final", "eval best"], rows)
+    lines += [""] + _data_lines(run) + [""] + _config_lines(run)
+    return lines + [""]
+
+
+def _data_lines(run: Run) -> list[str]:
+    if not run.data_summary:
+        return [f"Data: no {DATA_SUMMARY_FILE}."]
+    rows = []
+    for split, summary in run.data_summary.items():
+        if not isinstance(summary, dict):
+            continue
+        rows.append(
+            [
+                split,
+                f"`{summary.get('source', '?')}`",
+                str(summary.get("rows_read", "—")),
+                str(summary.get("pairs_loaded", "—")),
+                f"**{summary.get('pairs_used', '—')}**",
+                _counts(summary.get("dropped_on_load")),
+                _counts(summary.get("dropped_by_tokenization")),
+            ]
+        )
+    return ["Data:", ""] + _table(
+        [
+            "split",
+            "source",
+            "rows read",
+            "pairs loaded",
+            "pairs used",
+            "dropped on load",
+            "dropped by tokenization",
+        ],
+        rows,
+    )
+
+
+def _counts(counts: Any) -> str:
+    if not isinstance(counts, dict) or not counts:
+        return "0"
+    total = sum(value for value in counts.values() if isinstance(value, int))
+    return f"{total} (" + ", ".join(f"{reason}: {n}" for reason, n in counts.items()) + ")"
+
+
+def _config_lines(run: Run) -> list[str]:
+    if run.config_text is None:
+        return [f"Config: no {CONFIG_FILE}."]
+    lines = []
+    config = run.config or {}
+    policy, loss, lora = config.get("policy"), config.get("loss"), config.get("lora")
+    if isinstance(policy, dict):
+        lines.append(
+            f"Policy: `{policy.get('model')}`"
+            + (", LoRA" if isinstance(lora, dict) and lora.get("enabled") else ", full fine-tuning")
+        )
+    references = config.get("references")
+    if isinstance(references, list):
+        names = [f"`{r.get('name')}` ({r.get('model')})" for r in references if isinstance(r, dict)]
+        lines.append(f"References (K = {len(names)}): " + ", ".join(names))
+    if isinstance(loss, dict):
+        lines.append("Loss: " + ", ".join(f"{key}={value}" for key, value in loss.items()))
+    lines = [line + "  " for line in lines]
+    text = run.config_text.rstrip("\n").replace("```", "ʼʼʼ")
+    return lines + [
+        "",
+        f"<details><summary>Resolved config ({CONFIG_FILE})</summary>",
+        "",
+        "```yaml",
+        text,
+        "```",
+        "",
+        "</details>",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path | None = None) -> Path:
+    """Write the plots and ``report.md`` for the runs; returns the path of ``report.md``.
+
+    Args:
+        run_dirs: one or several run directories (``training.output_dir`` of ``mrpo train``).
+        output_dir: where to write; default: the run directory itself for one run, ``./report`` for several.
+    """
+    if not run_dirs:
+        raise ReportError("no run directory given")
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    _unique_names(runs)
+    if output_dir is None:
+        output_dir = Path(run_dirs[0]) if len(runs) == 1 else Path("report")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    models = held_out_models(runs)
+
+    images: list[tuple[str, str]] = []
+    missing: list[str] = []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        missing.append(
+            "all plots: matplotlib is not installed (`pip install 'mrpo[eval]'` or `pip install matplotlib`)"
+        )
+        plotted_held_out = False
+    else:
+        for file_name, (title, panels) in _curve_plots(runs).items():
+            if plot_curves(runs, panels, output_dir / file_name, title):
+                images.append((title, file_name))
+            else:
+                missing.append(
+                    f"{file_name}: no run logged {', '.join(c.key for p in panels for c in p.curves) or 'alpha/ref*'}"
+                )
+        plotted_held_out = plot_held_out(models, output_dir / "heldout.png")
+
+    from mrpo import __version__
+
+    lines = ["# MRPO report", ""]
+    lines.append(f"Runs: {', '.join(f'`{run.name}`' for run in runs)} — written by mrpo {__version__}.")
+    lines.append("")
+    lines += _clip_section(runs, models)
+    lines += ["## Training curves", ""]
+    if len(runs) > 1:
+        lines += [
+            "One colour per run; solid lines are training, dashed lines held-out evaluation during training.",
+            "",
+        ]
+    lines += [f"![{title}]({file_name})" for title, file_name in images]
+    if missing:
+        lines += ["", "Not plotted:"] + [f"- {reason}" for reason in missing]
+    lines.append("")
+    lines += _held_out_section(models, plotted_held_out)
+    lines += ["## Runs", ""]
+    for run in runs:
+        lines += _run_section(run)
+    report = output_dir / REPORT_FILE
+    report.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    return report

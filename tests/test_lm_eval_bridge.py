@@ -1,0 +1,158 @@
+"""The lm-eval bridge: shipped offline tasks on a tiny model dir and a LoRA adapter on it; clear errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrpo.config import DataConfig, MRPOConfig, PolicyConfig
+from mrpo.lm_eval_tasks import SHIPPED_TASKS, TASK_DIR
+from mrpo.lm_eval_tasks.task_data import arithmetic_rows, facts_rows
+from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
+
+pytest.importorskip("lm_eval")
+
+import mrpo.evaluation  # noqa: E402
+from mrpo.lm_eval_bridge import (  # noqa: E402
+    LMEvalError,
+    LMEvalNotInstalledError,
+    prepare_task_dir,
+    run_lm_eval,
+)
+
+TASKS = ["mrpo_arithmetic", "mrpo_facts"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny full model directory and a LoRA adapter directory (non-zero adapters) on top of it."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("lm_eval_models")
+    base = save_model_dir(tiny_llama(), bpe_tokenizer(), root / "base")
+    peft_model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    peft_model.save_pretrained(root / "adapter")
+    return base, root / "adapter"
+
+
+def _config(model_dir, cache_dir) -> MRPOConfig:
+    return MRPOConfig(
+        policy=PolicyConfig(model=str(model_dir)),
+        data=DataConfig(train="unused.jsonl"),
+        cache_dir=str(cache_dir),
+    )
+
+
+def test_task_data_is_deterministic_and_well_formed():
+    assert arithmetic_rows() == arithmetic_rows() and facts_rows() == facts_rows()
+    for row in arithmetic_rows()["test"]:
+        a, op, b = row["question"].removeprefix("What is ").removesuffix("?").split()
+        assert str(eval(f"{a} {op} {b}")) == row["answer"] and int(row["answer"]) >= 0
+    for row in facts_rows()["test"]:
+        assert len(set(row["choices"])) == 4 and 0 <= row["answer"] < 4
+    assert sorted(path.stem for path in TASK_DIR.glob("*.yaml")) == sorted(SHIPPED_TASKS)
+
+
+def test_prepared_task_dir_points_lm_eval_at_absolute_data_files(tmp_path):
+    import yaml
+
+    directory = prepare_task_dir(tmp_path / "cache")
+    assert prepare_task_dir(tmp_path / "cache") == directory  # content-keyed: written once
+    for task in TASKS:
+        config = yaml.safe_load((directory / f"{task}.yaml").read_text())
+        for path in config["dataset_kwargs"]["data_files"].values():
+            assert path.startswith(str(directory)) and json.loads(open(path).readline())
+
+
+def test_shipped_tasks_on_a_model_dir_and_a_lora_adapter(model_dirs, tmp_path, monkeypatch):
+    base, adapter = model_dirs
+    config = _config(base, tmp_path / "cache")
+    loaded = []
+    original = mrpo.evaluation.load_for_evaluation
+
+    def recording_loader(*args, **kwargs):
+        loaded.append(original(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(mrpo.evaluation, "load_for_evaluation", recording_loader)
+
+    start = run_lm_eval(config, None, TASKS, limit=4)
+    tuned = run_lm_eval(config, str(adapter), TASKS, label="mrpo", limit=4)
+
+    from peft import PeftModel
+
+    assert not isinstance(loaded[0], PeftModel) and isinstance(loaded[1], PeftModel)
+    for result in (start, tuned):
+        assert set(result.metrics) == set(TASKS)
+        values = [
+            result.metrics["mrpo_arithmetic"]["exact_match,strip"],
+            result.metrics["mrpo_facts"]["acc"],
+            result.metrics["mrpo_facts"]["acc_norm"],
+        ]
+        assert all(0.0 <= value <= 1.0 for value in values)
+        assert result.samples == {"mrpo_arithmetic": 4, "mrpo_facts": 4}
+        assert "mrpo_facts" in result.table and "acc" in result.table
+    assert start.label == "start" and start.model == str(base)
+    assert tuned.table.startswith(f"lm-eval: mrpo ({adapter})")
+
+
+def test_missing_lm_eval_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(LMEvalNotInstalledError, match=r"pip install 'mrpo\[eval\]'") as error:
+        run_lm_eval(_config("unused-model", tmp_path), None, TASKS)
+    assert isinstance(error.value, ImportError)
+
+
+@pytest.fixture
+def fake_harness(monkeypatch):
+    """lm-eval's TaskManager and simple_evaluate replaced: indexing its ~15k built-in tasks takes seconds."""
+    import lm_eval
+    import lm_eval.tasks
+
+    managers, calls = [], []
+
+    class FakeTaskManager:
+        def __init__(self, include_path, include_defaults):
+            self.include_path, self.include_defaults = include_path, include_defaults
+            self.all_tasks = ["hellaswag", *TASKS] if include_defaults else TASKS
+            managers.append(self)
+
+    def fake_simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        return {"results": {"hellaswag": {"alias": "hellaswag", "acc,none": 0.25, "acc_stderr,none": 0.01}}}
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    return managers, calls
+
+
+def test_unknown_task_lists_the_shipped_ones(tmp_path, fake_harness):
+    config = _config("unused-model", tmp_path)
+    with pytest.raises(
+        LMEvalError, match="mrpo ships mrpo_arithmetic and mrpo_facts.*did you mean mrpo_facts"
+    ):
+        run_lm_eval(config, None, ["mrpo_fact"])  # our namespace is checked before lm-eval indexes its tasks
+    assert not fake_harness[0]
+    with pytest.raises(LMEvalError, match="'hellaswagg'.*mrpo ships mrpo_arithmetic.*did you mean hellaswag"):
+        run_lm_eval(config, None, ["hellaswagg", "mrpo_facts"])
+    assert fake_harness[0][-1].include_defaults
+    with pytest.raises(LMEvalError, match="no lm-eval task given"):
+        run_lm_eval(config, None, [])
+
+
+def test_builtin_tasks_pass_through_unchanged(tmp_path, model_dirs, fake_harness):
+    """A harness task name goes to simple_evaluate as is, with lm-eval's own tasks indexed next to ours."""
+    managers, calls = fake_harness
+    result = run_lm_eval(_config(model_dirs[0], tmp_path), None, ["hellaswag", "mrpo_facts"])
+    assert calls[0]["tasks"] == ["hellaswag", "mrpo_facts"]
+    assert managers[0].include_defaults
+    assert (tmp_path / "lm_eval_tasks").resolve() in Path(managers[0].include_path).parents
+    assert result.metrics == {"hellaswag": {"acc": 0.25}}

@@ -1,0 +1,261 @@
+"""`mrpo report`: plots and report.md from run directories written by the test (no training needed)."""
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from mrpo.cli import main
+from mrpo.report import CLIP_RATE_WARNING, ReportError, held_out_models, load_run, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CURVE_PLOTS = ["loss.png", "rewards.png", "alpha.png", "ctro.png"]
+
+
+def _metrics_lines(clip_rate: float, accuracy_offset: float = 0.0) -> list[dict]:
+    """Three train lines, two eval lines and the end-of-training line, shaped like JsonlMetricsCallback's."""
+    lines = []
+    for step in (1, 2, 3):
+        lines.append(
+            {
+                "step": step,
+                "epoch": step / 3,
+                "loss": 0.70 - 0.05 * step,
+                "rewards/accuracies": 0.5 + 0.1 * step + accuracy_offset,
+                "rewards/margins": 0.02 * step,
+                "alpha/ref1": 0.6,
+                "alpha/ref2": 0.4,
+                "ctro/eps_chosen": 0.01 * step,
+                "ctro/eps_rejected": 0.02 * step,
+                "ctro/clip_rate": clip_rate,
+                "learning_rate": 1e-5,
+            }
+        )
+        if step in (2, 3):
+            lines.append(
+                {
+                    "step": step,
+                    "epoch": step / 3,
+                    "eval_loss": 0.69 - 0.01 * step,
+                    "eval_rewards/accuracies": 0.55 + 0.05 * step,
+                    "eval_rewards/margins": 0.01 * step,
+                    "eval_alpha/ref1": 0.55,
+                    "eval_alpha/ref2": 0.45,
+                    "eval_ctro/clip_rate": clip_rate,
+                }
+            )
+    lines.append({"step": 3, "epoch": 1.0, "train_runtime": 12.5, "train_loss": 0.6})
+    return lines
+
+
+def _model_result(label: str, policy_accuracy: float, label_aware: bool) -> dict:
+    return {
+        "label": label,
+        "model": f"models/{label}",
+        "pairs": 40,
+        "metrics": {
+            "policy_accuracy": policy_accuracy,
+            "policy_accuracy_per_token": 0.6,
+            "reward_accuracy_initialising": 0.55,
+            "reward_accuracy_virtual": 0.7,
+            "policy_margin": 0.25,
+            "reward_margin_initialising": 0.03,
+            "reward_margin_virtual": 0.05,
+            "clip_rate": 0.8,
+        },
+        "label_aware": label_aware,
+        "by_kind": {"arithmetic": {"policy_accuracy": 0.5, "pairs": 20}},
+    }
+
+
+def write_fake_run(directory, *, name="mrpo", clip_rate=0.9, accuracy_offset=0.0, trained_accuracy=0.675):
+    directory.mkdir(parents=True)
+    metrics = _metrics_lines(clip_rate, accuracy_offset)
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in metrics))
+    config = {
+        "policy": {"model": "models/start"},
+        "references": [{"name": "init", "model": "models/start"}, {"name": "gemma", "model": "models/gemma"}],
+        "data": {"train": "pairs.jsonl"},
+        "loss": {"beta": 0.1, "clip": "adaptive", "eps": 0.1},
+        "lora": {"enabled": True},
+    }
+    (directory / "mrpo_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (directory / "data_summary.json").write_text(
+        json.dumps(
+            {
+                "train": {
+                    "source": "pairs.jsonl",
+                    "rows_read": 130,
+                    "pairs_loaded": 128,
+                    "pairs_used": 123,
+                    "dropped_on_load": {"identical": 2},
+                    "dropped_by_tokenization": {"too_long": 5},
+                }
+            }
+        )
+    )
+    results = {
+        "split": {"source": "eval.jsonl", "split": "test"},
+        "references": ["init", "gemma"],
+        "loss": config["loss"],
+        "models": [_model_result("start", 0.5, True), _model_result(name, trained_accuracy, True)],
+    }
+    (directory / "eval_results.json").write_text(json.dumps(results))
+    return directory
+
+
+def assert_valid_png(path):
+    from matplotlib.image import imread
+
+    assert path.stat().st_size > 0
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels[..., :3].var() > 1e-3, f"{path.name} is blank"
+
+
+def test_one_run_writes_plots_and_summary(tmp_path):
+    run = write_fake_run(tmp_path / "mrpo")
+    report = write_report([run])
+
+    assert report == run / "report.md"
+    for name in [*CURVE_PLOTS, "heldout.png"]:
+        assert_valid_png(run / name)
+    text = report.read_text()
+    # The clip rate comes before everything else, and a rate above the threshold is called out.
+    assert 0.9 > CLIP_RATE_WARNING
+    assert text.index("clip rate") < text.index("## Training curves") < text.index("## Held-out metrics")
+    assert "**90.0%**" in text and "DPO in disguise" in text
+    # Final and best train/eval numbers, with the step of the best.
+    assert "| loss | 0.55 | 0.55 (step 3) | 0.66 | 0.66 (step 3) |" in text
+    assert "| reward accuracy | 80.0% | 80.0% (step 3) | 70.0% | 70.0% (step 3) |" in text
+    assert "| alpha ref2 (gemma) | 0.4 | — | 0.45 | — |" in text
+    assert "Finished: 3 steps, 12 s, mean train loss 0.6.  \n" in text
+    # The held-out table (markdown, label-aware marked) and the data summary.
+    assert "| metric | start | mrpo |" in text
+    assert "| policy pref. acc. (pw > pl) | 50.0% | 67.5% |" in text
+    assert "| reward acc. vs virtual ref | 70.0%* | 70.0%* |" in text and "label-aware" in text
+    assert "| arithmetic | 50.0% | 50.0% |" in text
+    assert "| train | `pairs.jsonl` | 130 | 128 | **123** | 2 (identical: 2) | 5 (too_long: 5) |" in text
+    # The resolved config, collapsed, and the images linked.
+    assert "<details><summary>Resolved config (mrpo_config.yaml)</summary>" in text
+    assert "name: gemma" in text and "References (K = 2): `init`" in text
+    for name in [*CURVE_PLOTS, "heldout.png"]:
+        assert f"]({name})" in text
+
+
+def test_two_runs_share_plots_and_the_start_model_once(tmp_path):
+    dpo = write_fake_run(
+        tmp_path / "dpo", name="dpo", clip_rate=0.0, accuracy_offset=-0.1, trained_accuracy=0.6
+    )
+    mrpo = write_fake_run(tmp_path / "mrpo", clip_rate=0.2)
+    output = tmp_path / "comparison"
+    report = write_report([dpo, mrpo], output)
+
+    for name in [*CURVE_PLOTS, "heldout.png"]:
+        assert_valid_png(output / name)
+    assert not (dpo / "report.md").exists()
+    runs = [load_run(dpo), load_run(mrpo)]
+    # Both runs evaluated the same "start" model with identical results: one column for it.
+    assert [model.name for model in held_out_models(runs)] == ["start", "dpo", "mrpo"]
+    text = report.read_text()
+    assert "| metric | start | dpo | mrpo |" in text
+    assert "### dpo" in text and "### mrpo" in text
+    assert "DPO in disguise" not in text  # both mean clip rates are below the threshold
+
+
+def test_comparison_plots_draw_one_line_per_run(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = {}
+    original_savefig = Figure.savefig
+
+    def recording_savefig(figure, path, **kwargs):
+        saved[path.name] = figure
+        return original_savefig(figure, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    runs = [write_fake_run(tmp_path / "dpo", name="dpo"), write_fake_run(tmp_path / "mrpo")]
+    write_report(runs, tmp_path / "out")
+
+    def labels(name, panel=0):
+        return [line.get_label() for line in saved[name].axes[panel].get_lines()]
+
+    assert labels("loss.png") == ["dpo: train", "dpo: eval", "mrpo: train", "mrpo: eval"]
+    assert labels("ctro.png", 0) == [
+        "dpo: eps chosen",
+        "dpo: eps rejected",
+        "mrpo: eps chosen",
+        "mrpo: eps rejected",
+    ]
+    assert labels("alpha.png", 1) == ["dpo: train", "dpo: eval", "mrpo: train", "mrpo: eval"]
+    assert saved["alpha.png"].axes[1].get_title() == "reference 2 (gemma)"
+    steps, values = saved["loss.png"].axes[0].get_lines()[0].get_data()
+    assert list(steps) == [1, 2, 3] and values[-1] == pytest.approx(0.55)
+    bars = [patch for patch in saved["heldout.png"].axes[0].patches]
+    assert len(bars) == 3 * 5 and any(bar.get_hatch() == "//" for bar in bars)  # start, dpo, mrpo x 5 rates
+
+
+def test_start_results_that_differ_stay_apart(tmp_path):
+    first = write_fake_run(tmp_path / "a" / "run")
+    second = write_fake_run(tmp_path / "b" / "run", trained_accuracy=0.7)
+    results = json.loads((second / "eval_results.json").read_text())
+    results["models"][0]["metrics"]["policy_accuracy"] = 0.45  # another eval split: another "start" result
+    (second / "eval_results.json").write_text(json.dumps(results))
+    runs = [load_run(first), load_run(second)]
+    from mrpo.report import _unique_names
+
+    _unique_names(runs)
+    assert [run.name for run in runs] == ["a/run", "b/run"]
+    names = [model.name for model in held_out_models(runs)]
+    assert names == ["a/run/start", "a/run/mrpo", "b/run/start", "b/run/mrpo"]
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path):
+    run = write_fake_run(tmp_path / "run")
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(
+        ReportError, match=r"run directory .*run' has no metrics.jsonl.*eval_results.json.*optional"
+    ):
+        write_report([run])
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report([tmp_path / "nowhere"])
+
+
+def test_optional_files_may_be_missing_and_a_torn_last_line_is_skipped(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    lines = [json.dumps(line) for line in _metrics_lines(0.3)[:3]]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "lo')  # killed mid-write
+    with pytest.warns(UserWarning, match="unfinished last line"):
+        report = write_report([run], tmp_path / "out")
+    text = report.read_text()
+    assert "No run has an eval_results.json" in text and "no data_summary.json" in text
+    assert "skipped the unfinished last line 4" in text and "Not finished" in text
+    assert not (tmp_path / "out" / "heldout.png").exists()
+    assert_valid_png(tmp_path / "out" / "loss.png")
+
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\nnot json\n{"step": 2, "loss": 0.6}\n')
+    with pytest.raises(ReportError, match="line 2: not a JSON object"):
+        write_report([run], tmp_path / "out")
+
+
+def test_without_matplotlib_the_summary_is_still_written(tmp_path, monkeypatch):
+    run = write_fake_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = write_report([run], tmp_path / "out")
+    assert "matplotlib is not installed" in report.read_text()
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_cli_report(tmp_path, capsys):
+    first = write_fake_run(tmp_path / "dpo", name="dpo", clip_rate=0.0)
+    second = write_fake_run(tmp_path / "mrpo")
+    assert main(["report", str(first), str(second), "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'out' / 'report.md'}" in out and "loss.png" in out
+    assert (tmp_path / "out" / "report.md").exists()
+
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "mrpo report: error: run directory" in capsys.readouterr().err
