@@ -37,12 +37,20 @@ STANDARD_RECORDS = [
     {"prompt": "Is ice cold?", "chosen": "Yes.", "rejected": "No.", "kind": "fact"},
 ]
 CONVERSATIONAL_RECORDS = [
-    {"prompt": [system("Be brief."), user("What is 2+2?")], "chosen": [assistant("4")],
-     "rejected": [assistant("5")], "kind": "arithmetic"},
+    {
+        "prompt": [system("Be brief."), user("What is 2+2?")],
+        "chosen": [assistant("4")],
+        "rejected": [assistant("5")],
+        "kind": "arithmetic",
+    },
     # Only this message has a "name" key: Arrow sources give the other messages name=None, which must not
     # change the pair ids.
-    {"prompt": [{"role": "user", "content": "Capital of France?", "name": "ada"}],
-     "chosen": [assistant("Paris.")], "rejected": [assistant("Lyon.")], "kind": "fact"},
+    {
+        "prompt": [{"role": "user", "content": "Capital of France?", "name": "ada"}],
+        "chosen": [assistant("Paris.")],
+        "rejected": [assistant("Lyon.")],
+        "kind": "fact",
+    },
 ]
 
 
@@ -66,7 +74,9 @@ def write_source(records: list[dict], tmp_path: Path, kind: str) -> Path:
     elif kind == "saved-dataset-dict":
         path = tmp_path / "saved_dict"
         other = datasets.Dataset.from_list(records[:1])
-        datasets.DatasetDict({"train": other, "test": datasets.Dataset.from_list(records)}).save_to_disk(str(path))
+        datasets.DatasetDict({"train": other, "test": datasets.Dataset.from_list(records)}).save_to_disk(
+            str(path)
+        )
     else:
         raise AssertionError(kind)
     return path
@@ -75,14 +85,18 @@ def write_source(records: list[dict], tmp_path: Path, kind: str) -> Path:
 SOURCE_KINDS = ["jsonl", "json", "json-data", "parquet", "saved-dataset", "saved-dataset-dict"]
 
 
-@pytest.mark.parametrize("records", [STANDARD_RECORDS, CONVERSATIONAL_RECORDS], ids=["standard", "conversational"])
+@pytest.mark.parametrize(
+    "records", [STANDARD_RECORDS, CONVERSATIONAL_RECORDS], ids=["standard", "conversational"]
+)
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_every_source_type_reads_the_same_pairs(tmp_path, records, kind):
     expected = pairs_from_records(records)
     split = "test" if kind == "saved-dataset-dict" else "train"
     loaded = load_pairs(write_source(records, tmp_path, kind), split=split)
     assert [pair.pair_id for pair in loaded] == [pair.pair_id for pair in expected]
-    assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [(p.prompt, p.chosen, p.rejected) for p in expected]
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [
+        (p.prompt, p.chosen, p.rejected) for p in expected
+    ]
     assert [pair.metadata for pair in loaded] == [{"kind": record["kind"]} for record in records]
     assert loaded.fingerprint == expected.fingerprint
     assert loaded.rows_read == len(records) and not loaded.dropped
@@ -138,8 +152,11 @@ def test_conversational_string_completions_become_assistant_messages():
 
 def test_implicit_prompt_multi_turn_with_system_message():
     shared = [system("Answer in one word."), user("Hi."), assistant("Hello."), user("Opposite of hot?")]
-    row = {"chosen": shared + [assistant("Cold.")], "rejected": shared + [assistant("Warm."), user("Sure?"),
-                                                                          assistant("Yes.")], "id": 7}
+    row = {
+        "chosen": shared + [assistant("Cold.")],
+        "rejected": shared + [assistant("Warm."), user("Sure?"), assistant("Yes.")],
+        "id": 7,
+    }
     pair = pairs_from_records([row])[0]
     assert pair.prompt == shared
     assert pair.chosen == [assistant("Cold.")]
@@ -159,9 +176,13 @@ def test_implicit_identical_conversations_split_before_the_final_assistant_turn(
 
 
 def test_explicit_fmt_holds_rows_to_it():
-    with pytest.raises(DataError, match=r"this row is standard but the data is conversational \(set by fmt\)"):
+    with pytest.raises(
+        DataError, match=r"this row is standard but the data is conversational \(set by fmt\)"
+    ):
         pairs_from_records(STANDARD_RECORDS, fmt="conversational")
-    with pytest.raises(DataError, match="field 'prompt'.*this row is conversational but the data is implicit"):
+    with pytest.raises(
+        DataError, match="field 'prompt'.*this row is conversational but the data is implicit"
+    ):
         pairs_from_records(CONVERSATIONAL_RECORDS, fmt="implicit")
     assert len(pairs_from_records(STANDARD_RECORDS, fmt="standard")) == 3
 
@@ -198,7 +219,10 @@ def test_pair_id_ignores_row_order_and_metadata_but_not_text():
 
 
 def test_pairs_compare_by_content_and_hash_by_id():
-    first, again = pairs_from_records(CONVERSATIONAL_RECORDS)[0], pairs_from_records(CONVERSATIONAL_RECORDS)[0]
+    first, again = (
+        pairs_from_records(CONVERSATIONAL_RECORDS)[0],
+        pairs_from_records(CONVERSATIONAL_RECORDS)[0],
+    )
     again_with_metadata = PreferencePair(again.pair_id, again.prompt, again.chosen, again.rejected, {"x": 1})
     assert first == again_with_metadata and len({first, again_with_metadata}) == 1
 
@@ -249,12 +273,16 @@ def test_max_pairs_option_subsamples(tmp_path):
 # Identical pairs, drops and the summary
 
 
-IDENTICAL_RECORDS = STANDARD_RECORDS + [{"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Hi."},
-                                        {"prompt": "Say bye.", "chosen": "Bye.", "rejected": "Bye."}]
+IDENTICAL_RECORDS = STANDARD_RECORDS + [
+    {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Hi."},
+    {"prompt": "Say bye.", "chosen": "Bye.", "rejected": "Bye."},
+]
 
 
 def test_identical_pairs_are_counted_warned_and_kept():
-    with pytest.warns(UserWarning, match=r"2 rows have chosen == rejected \(first: row index 3 \(0-based\)\)"):
+    with pytest.warns(
+        UserWarning, match=r"2 rows have chosen == rejected \(first: row index 3 \(0-based\)\)"
+    ):
         pair_set = pairs_from_records(IDENTICAL_RECORDS)
     assert pair_set.identical == 2 and len(pair_set) == 5 and not pair_set.dropped
     assert "2 rows have chosen == rejected (kept)" in pair_set.summary()
@@ -275,7 +303,11 @@ def test_no_warning_without_identical_pairs():
 
 
 def test_summary_accounts_for_every_row():
-    records = STANDARD_RECORDS + [{"prompt": "x", "chosen": ""}, {"prompt": "y", "chosen": "", "rejected": "z"}, 5]
+    records = STANDARD_RECORDS + [
+        {"prompt": "x", "chosen": ""},
+        {"prompt": "y", "chosen": "", "rejected": "z"},
+        5,
+    ]
     pair_set = pairs_from_records(records, source="mixed.jsonl", on_error="drop")
     assert pair_set.rows_read == len(pair_set) + sum(pair_set.dropped.values()) == 6
     summary = pair_set.summary()
@@ -286,9 +318,12 @@ def test_summary_accounts_for_every_row():
 
 def test_parquet_errors_name_the_zero_based_row_index(tmp_path):
     path = tmp_path / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist(STANDARD_RECORDS[:2] + [{"prompt": "p", "chosen": "c", "rejected": None}]),
-                   path)
-    with pytest.raises(DataError, match=r"pairs\.parquet, row index 2 \(0-based\), field 'rejected': missing"):
+    pq.write_table(
+        pa.Table.from_pylist(STANDARD_RECORDS[:2] + [{"prompt": "p", "chosen": "c", "rejected": None}]), path
+    )
+    with pytest.raises(
+        DataError, match=r"pairs\.parquet, row index 2 \(0-based\), field 'rejected': missing"
+    ):
         load_pairs(path)
     assert load_pairs(path, on_error="drop").dropped == {"missing field 'rejected'": 1}
 
@@ -300,51 +335,119 @@ def test_parquet_errors_name_the_zero_based_row_index(tmp_path):
 # the file cannot be read at all / nothing is left, so drop mode raises too).
 BAD_FILES: dict[str, tuple[str, str | None, str | None, tuple[int, dict] | None]] = {
     "all_rows_bad.jsonl": ("is empty (or only whitespace)", "line 1", "chosen", None),
-    "completion_not_assistant.jsonl": ("must start with an assistant message, found role 'user'", "line 2",
-                                       "chosen", (1, {"completion not from assistant": 1})),
+    "completion_not_assistant.jsonl": (
+        "must start with an assistant message, found role 'user'",
+        "line 2",
+        "chosen",
+        (1, {"completion not from assistant": 1}),
+    ),
     "empty.jsonl": ("no rows", None, None, None),
     "empty_chosen.jsonl": ("chosen is empty", "line 2", "chosen", (1, {"empty completion": 1})),
-    "empty_message_list.jsonl": ("rejected is an empty message list", "line 2", "rejected",
-                                 (1, {"empty completion": 1})),
+    "empty_message_list.jsonl": (
+        "rejected is an empty message list",
+        "line 2",
+        "rejected",
+        (1, {"empty completion": 1}),
+    ),
     "empty_prompt.jsonl": ("prompt is empty", "line 1", "prompt", (2, {"empty prompt": 1})),
-    "format_mismatch.jsonl": ("this row is conversational but the data is standard (detected from line 1)",
-                              "line 2", "prompt", (2, {"format mismatch": 1})),
-    "implicit_diverge_at_user.jsonl": ("diverge at message 2, a 'user' message", "line 2", "chosen",
-                                       (2, {"completion not from assistant": 1})),
-    "implicit_empty_remainder.jsonl": ("rejected ends where the shared prompt ends", "line 2", "rejected",
-                                       (1, {"empty completion": 1})),
-    "implicit_no_shared_prompt.jsonl": ("share no leading message", "line 2", "chosen",
-                                        (2, {"no shared prompt": 1})),
-    "implicit_string_rows.jsonl": ("implicit prompts need chosen/rejected as message lists", "line 1", "prompt",
-                                   (1, {"missing field 'prompt'": 2})),
+    "format_mismatch.jsonl": (
+        "this row is conversational but the data is standard (detected from line 1)",
+        "line 2",
+        "prompt",
+        (2, {"format mismatch": 1}),
+    ),
+    "implicit_diverge_at_user.jsonl": (
+        "diverge at message 2, a 'user' message",
+        "line 2",
+        "chosen",
+        (2, {"completion not from assistant": 1}),
+    ),
+    "implicit_empty_remainder.jsonl": (
+        "rejected ends where the shared prompt ends",
+        "line 2",
+        "rejected",
+        (1, {"empty completion": 1}),
+    ),
+    "implicit_no_shared_prompt.jsonl": (
+        "share no leading message",
+        "line 2",
+        "chosen",
+        (2, {"no shared prompt": 1}),
+    ),
+    "implicit_string_rows.jsonl": (
+        "implicit prompts need chosen/rejected as message lists",
+        "line 1",
+        "prompt",
+        (1, {"missing field 'prompt'": 2}),
+    ),
     "invalid_json.jsonl": ("invalid JSON", "line 3", None, (3, {"invalid JSON": 1})),
     "invalid_utf8.jsonl": ("not valid UTF-8", "line 2", None, (2, {"invalid UTF-8": 1})),
     "json_syntax_error.json": ("invalid JSON at line 3", "line 3", None, None),
-    "json_wrong_shape.json": ("expected a JSON list of row objects or {\"data\": [...]}", None, None, None),
-    "message_bad_role.jsonl": ("message 0 of rejected has role 'bot'", "line 3", "rejected",
-                               (2, {"malformed message": 1})),
-    "message_missing_role.jsonl": ("message 0 of prompt has no role", "line 1", "prompt",
-                                   (1, {"malformed message": 1})),
-    "message_nonstring_content.json": ("message 0 of chosen has content of type NoneType", "row index 2 (0-based)",
-                                       "chosen", (2, {"malformed message": 1})),
-    "message_not_object.jsonl": ("message 0 of prompt is a str", "line 2", "prompt",
-                                 (1, {"malformed message": 1})),
-    "messages_not_list.jsonl": ("expected a list of messages, found dict", "line 2", "chosen",
-                                (2, {"malformed message": 1})),
-    "missing_chosen.json": ("missing field 'chosen'", "row index 1 (0-based)", "chosen",
-                            (2, {"missing field 'chosen'": 1})),
-    "missing_rejected.jsonl": ("missing field 'rejected'", "line 3", "rejected",
-                               (2, {"missing field 'rejected'": 1})),
-    "mixed_types.jsonl": ("chosen is a message list but prompt is a string", "line 2", "chosen",
-                          (1, {"mixed types": 1})),
+    "json_wrong_shape.json": ('expected a JSON list of row objects or {"data": [...]}', None, None, None),
+    "message_bad_role.jsonl": (
+        "message 0 of rejected has role 'bot'",
+        "line 3",
+        "rejected",
+        (2, {"malformed message": 1}),
+    ),
+    "message_missing_role.jsonl": (
+        "message 0 of prompt has no role",
+        "line 1",
+        "prompt",
+        (1, {"malformed message": 1}),
+    ),
+    "message_nonstring_content.json": (
+        "message 0 of chosen has content of type NoneType",
+        "row index 2 (0-based)",
+        "chosen",
+        (2, {"malformed message": 1}),
+    ),
+    "message_not_object.jsonl": (
+        "message 0 of prompt is a str",
+        "line 2",
+        "prompt",
+        (1, {"malformed message": 1}),
+    ),
+    "messages_not_list.jsonl": (
+        "expected a list of messages, found dict",
+        "line 2",
+        "chosen",
+        (2, {"malformed message": 1}),
+    ),
+    "missing_chosen.json": (
+        "missing field 'chosen'",
+        "row index 1 (0-based)",
+        "chosen",
+        (2, {"missing field 'chosen'": 1}),
+    ),
+    "missing_rejected.jsonl": (
+        "missing field 'rejected'",
+        "line 3",
+        "rejected",
+        (2, {"missing field 'rejected'": 1}),
+    ),
+    "mixed_types.jsonl": (
+        "chosen is a message list but prompt is a string",
+        "line 2",
+        "chosen",
+        (1, {"mixed types": 1}),
+    ),
     "nonstring_chosen.jsonl": ("expected a string, found int", "line 2", "chosen", (2, {"wrong type": 1})),
     "not_object.jsonl": ("expected a JSON object", "line 2", None, (2, {"not an object": 1})),
     "null_prompt.jsonl": ("missing field 'prompt'", "line 2", "prompt", (2, {"missing field 'prompt'": 1})),
-    "prompt_wrong_type.jsonl": ("expected a string or a list of messages, found int", "line 1", "prompt",
-                                (1, {"wrong type": 1})),
+    "prompt_wrong_type.jsonl": (
+        "expected a string or a list of messages, found int",
+        "line 1",
+        "prompt",
+        (1, {"wrong type": 1}),
+    ),
     "unsupported.csv": ("unsupported file type '.csv'. Supported sources: .jsonl, .json", None, None, None),
-    "whitespace_rejected.jsonl": ("rejected is empty (or only whitespace)", "line 3", "rejected",
-                                  (2, {"empty completion": 1})),
+    "whitespace_rejected.jsonl": (
+        "rejected is empty (or only whitespace)",
+        "line 3",
+        "rejected",
+        (2, {"empty completion": 1}),
+    ),
 }
 
 
@@ -382,5 +485,7 @@ def test_bad_file(name):
 
 
 def test_all_bad_rows_in_drop_mode_lists_the_reasons():
-    with pytest.raises(DataError, match=r"no valid rows left: .*dropped 3 \(empty completion: 2, missing field"):
+    with pytest.raises(
+        DataError, match=r"no valid rows left: .*dropped 3 \(empty completion: 2, missing field"
+    ):
         load_pairs(BAD_DIR / "all_rows_bad.jsonl", on_error="drop")

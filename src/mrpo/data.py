@@ -47,7 +47,7 @@ Text = str | list[dict]
 MESSAGE_ROLES = frozenset({"system", "user", "assistant", "tool"})
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SUPPORTED_SOURCES = (
-    ".jsonl, .json (a list of objects or {\"data\": [...]}), .parquet, a directory written by "
+    '.jsonl, .json (a list of objects or {"data": [...]}), .parquet, a directory written by '
     "datasets' save_to_disk, or a Hugging Face hub dataset id"
 )
 _FORMATS = ("auto", "standard", "conversational", "implicit")
@@ -61,8 +61,15 @@ _DROP_IDENTICAL_REASON = "identical chosen and rejected"
 class DataError(ValueError):
     """Preference data that cannot be used, with where it is (source, row, field) and what to do about it."""
 
-    def __init__(self, message: str, *, source: str = "", row: str | None = None, field: str | None = None,
-                 reason: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str = "",
+        row: str | None = None,
+        field: str | None = None,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.source = source
         self.row = row
@@ -74,8 +81,12 @@ class DataError(ValueError):
 
 def compute_pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:
     """Content hash of a pair: first 16 hex digits of sha256 over the canonical JSON of its three texts."""
-    canonical = json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected},
-                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    canonical = json.dumps(
+        {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
@@ -102,7 +113,9 @@ class PreferencePair:
         return hash(self.pair_id)
 
     @classmethod
-    def build(cls, prompt: Text, chosen: Text, rejected: Text, metadata: dict | None = None) -> PreferencePair:
+    def build(
+        cls, prompt: Text, chosen: Text, rejected: Text, metadata: dict | None = None
+    ) -> PreferencePair:
         """A pair with its id computed from the texts (no validation: use :func:`pairs_from_records` for that)."""
         return cls(compute_pair_id(prompt, chosen, rejected), prompt, chosen, rejected, dict(metadata or {}))
 
@@ -169,8 +182,16 @@ class PairSet:
 # Public entry points
 
 
-def load_pairs(source: str | os.PathLike, *, split: str = "train", max_pairs: int | None = None, seed: int = 0,
-               on_error: OnError = "raise", fmt: Format = "auto", drop_identical: bool = False) -> PairSet:
+def load_pairs(
+    source: str | os.PathLike,
+    *,
+    split: str = "train",
+    max_pairs: int | None = None,
+    seed: int = 0,
+    on_error: OnError = "raise",
+    fmt: Format = "auto",
+    drop_identical: bool = False,
+) -> PairSet:
     """Read preference pairs from a file, a saved dataset directory or a hub dataset.
 
     Args:
@@ -185,18 +206,33 @@ def load_pairs(source: str | os.PathLike, *, split: str = "train", max_pairs: in
     """
     _check_options(on_error, fmt)
     label, rows = _open_source(source, split)
-    return _build_pair_set(rows, label, max_pairs=max_pairs, seed=seed, on_error=on_error, fmt=fmt,
-                           drop_identical=drop_identical)
+    return _build_pair_set(
+        rows, label, max_pairs=max_pairs, seed=seed, on_error=on_error, fmt=fmt, drop_identical=drop_identical
+    )
 
 
-def pairs_from_records(records: Iterable[dict], *, source: str = "<memory>", max_pairs: int | None = None,
-                       seed: int = 0, on_error: OnError = "raise", fmt: Format = "auto",
-                       drop_identical: bool = False) -> PairSet:
+def pairs_from_records(
+    records: Iterable[dict],
+    *,
+    source: str = "<memory>",
+    max_pairs: int | None = None,
+    seed: int = 0,
+    on_error: OnError = "raise",
+    fmt: Format = "auto",
+    drop_identical: bool = False,
+) -> PairSet:
     """Validate in-memory rows (dicts) exactly as :func:`load_pairs` validates the rows of a file."""
     _check_options(on_error, fmt)
     rows = ((f"row index {index} (0-based)", record) for index, record in enumerate(records))
-    return _build_pair_set(rows, source, max_pairs=max_pairs, seed=seed, on_error=on_error, fmt=fmt,
-                           drop_identical=drop_identical)
+    return _build_pair_set(
+        rows,
+        source,
+        max_pairs=max_pairs,
+        seed=seed,
+        on_error=on_error,
+        fmt=fmt,
+        drop_identical=drop_identical,
+    )
 
 
 def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
@@ -209,8 +245,13 @@ def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
     if max_pairs >= len(pairs.pairs):
-        return PairSet(list(pairs.pairs), pairs.source, pairs.rows_read, collections.Counter(pairs.dropped),
-                       pairs.identical)
+        return PairSet(
+            list(pairs.pairs),
+            pairs.source,
+            pairs.rows_read,
+            collections.Counter(pairs.dropped),
+            pairs.identical,
+        )
 
     def rank(indexed: tuple[int, PreferencePair]) -> tuple[str, int]:
         index, pair = indexed
@@ -219,8 +260,13 @@ def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
     chosen_indices = sorted(index for index, _ in sorted(enumerate(pairs.pairs), key=rank)[:max_pairs])
     dropped = collections.Counter(pairs.dropped)
     dropped[f"not in subsample (max_pairs={max_pairs}, seed={seed})"] += len(pairs.pairs) - max_pairs
-    return PairSet([pairs.pairs[index] for index in chosen_indices], pairs.source, pairs.rows_read, dropped,
-                   pairs.identical)
+    return PairSet(
+        [pairs.pairs[index] for index in chosen_indices],
+        pairs.source,
+        pairs.rows_read,
+        dropped,
+        pairs.identical,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,12 +295,18 @@ def _open_source(source: str | os.PathLike, split: str) -> tuple[str, Rows]:
             return label, _json_rows(path, label)
         if suffix == ".parquet":
             return label, _parquet_rows(path, label)
-        raise DataError(f"{label}: unsupported file type {path.suffix or '(no extension)'!r}. "
-                        f"Supported sources: {SUPPORTED_SOURCES}.", source=label)
+        raise DataError(
+            f"{label}: unsupported file type {path.suffix or '(no extension)'!r}. "
+            f"Supported sources: {SUPPORTED_SOURCES}.",
+            source=label,
+        )
     if isinstance(source, str) and _HUB_ID.match(source) and not source.lower().endswith(_FILE_SUFFIXES):
         return _open_hub_dataset(source, split)
-    raise DataError(f"{label}: no such file or directory (and not a hub dataset id). "
-                    f"Check the path; supported sources: {SUPPORTED_SOURCES}.", source=label)
+    raise DataError(
+        f"{label}: no such file or directory (and not a hub dataset id). "
+        f"Check the path; supported sources: {SUPPORTED_SOURCES}.",
+        source=label,
+    )
 
 
 def _jsonl_rows(path: Path, label: str) -> Rows:
@@ -265,33 +317,60 @@ def _jsonl_rows(path: Path, label: str) -> Rows:
             try:
                 text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
-                yield where, _RowError("invalid UTF-8", None, f"the line is not valid UTF-8 ({error.reason} at "
-                                       f"byte {error.start}); re-save the file as UTF-8")
+                yield (
+                    where,
+                    _RowError(
+                        "invalid UTF-8",
+                        None,
+                        f"the line is not valid UTF-8 ({error.reason} at "
+                        f"byte {error.start}); re-save the file as UTF-8",
+                    ),
+                )
                 continue
             if not text.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as error:
-                yield where, _RowError("invalid JSON", None, f"invalid JSON ({error.msg} at column {error.colno}); "
-                                       "each line must hold one JSON object")
+                yield (
+                    where,
+                    _RowError(
+                        "invalid JSON",
+                        None,
+                        f"invalid JSON ({error.msg} at column {error.colno}); "
+                        "each line must hold one JSON object",
+                    ),
+                )
 
 
 def _json_rows(path: Path, label: str) -> Rows:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as error:
-        raise DataError(f"{label}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8.",
-                        source=label) from error
+        raise DataError(
+            f"{label}: not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8.",
+            source=label,
+        ) from error
     except json.JSONDecodeError as error:
-        raise DataError(f"{label}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}.",
-                        source=label, row=f"line {error.lineno}", reason="invalid JSON") from error
+        raise DataError(
+            f"{label}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}.",
+            source=label,
+            row=f"line {error.lineno}",
+            reason="invalid JSON",
+        ) from error
     if isinstance(document, dict) and isinstance(document.get("data"), list):
         document = document["data"]
     if not isinstance(document, list):
-        found = f"an object with keys {sorted(document)[:5]}" if isinstance(document, dict) else type(document).__name__
-        raise DataError(f"{label}: expected a JSON list of row objects or {{\"data\": [...]}}, found {found}. "
-                        "For one object per line, name the file .jsonl.", source=label)
+        found = (
+            f"an object with keys {sorted(document)[:5]}"
+            if isinstance(document, dict)
+            else type(document).__name__
+        )
+        raise DataError(
+            f'{label}: expected a JSON list of row objects or {{"data": [...]}}, found {found}. '
+            "For one object per line, name the file .jsonl.",
+            source=label,
+        )
     return ((f"row index {index} (0-based)", row) for index, row in enumerate(document))
 
 
@@ -314,8 +393,11 @@ def _open_saved_dataset(path: Path, split: str) -> tuple[str, Rows]:
 
     markers = ("dataset_dict.json", "dataset_info.json", "state.json")
     if not any((path / marker).exists() for marker in markers):
-        raise DataError(f"{path}: a directory, but not one written by datasets' save_to_disk (no {markers[0]} or "
-                        f"{markers[2]}). Point at a .jsonl/.json/.parquet file inside it instead.", source=str(path))
+        raise DataError(
+            f"{path}: a directory, but not one written by datasets' save_to_disk (no {markers[0]} or "
+            f"{markers[2]}). Point at a .jsonl/.json/.parquet file inside it instead.",
+            source=str(path),
+        )
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as error:
@@ -323,8 +405,10 @@ def _open_saved_dataset(path: Path, split: str) -> tuple[str, Rows]:
     label = str(path)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise DataError(f"{path}: no split {split!r}; available splits: {sorted(loaded)}. Pass split=...",
-                            source=label)
+            raise DataError(
+                f"{path}: no split {split!r}; available splits: {sorted(loaded)}. Pass split=...",
+                source=label,
+            )
         loaded, label = loaded[split], f"{path} (split {split})"
     return label, _dataset_rows(loaded)
 
@@ -335,17 +419,24 @@ def _open_hub_dataset(source: str, split: str) -> tuple[str, Rows]:
     label = f"{source} (split {split})"
     try:
         loaded = datasets.load_dataset(source, split=split)
-    except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError ...)
+    except (
+        Exception
+    ) as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError ...)
         offline = " Offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)." if _offline() else ""
-        raise DataError(f"{source!r} is neither a local file nor a reachable hub dataset with split {split!r} "
-                        f"({type(error).__name__}: {error}).{offline} Check the path or the dataset id; supported "
-                        f"sources: {SUPPORTED_SOURCES}.", source=label) from error
+        raise DataError(
+            f"{source!r} is neither a local file nor a reachable hub dataset with split {split!r} "
+            f"({type(error).__name__}: {error}).{offline} Check the path or the dataset id; supported "
+            f"sources: {SUPPORTED_SOURCES}.",
+            source=label,
+        ) from error
     return label, _dataset_rows(loaded)
 
 
 def _offline() -> bool:
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-               for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+        for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def _dataset_rows(dataset: Any) -> Rows:
@@ -366,8 +457,16 @@ class _RowError(Exception):
         self.detail = detail
 
 
-def _build_pair_set(rows: Rows, label: str, *, max_pairs: int | None, seed: int, on_error: OnError, fmt: Format,
-                    drop_identical: bool) -> PairSet:
+def _build_pair_set(
+    rows: Rows,
+    label: str,
+    *,
+    max_pairs: int | None,
+    seed: int,
+    on_error: OnError,
+    fmt: Format,
+    drop_identical: bool,
+) -> PairSet:
     pairs: list[PreferencePair] = []
     dropped: collections.Counter = collections.Counter()
     identical_rows: list[str] = []
@@ -395,17 +494,27 @@ def _build_pair_set(rows: Rows, label: str, *, max_pairs: int | None, seed: int,
                 continue
         pairs.append(pair)
     if rows_read == 0:
-        raise DataError(f"{label}: no rows. The source is empty; expected rows with prompt/chosen/rejected.",
-                        source=label)
+        raise DataError(
+            f"{label}: no rows. The source is empty; expected rows with prompt/chosen/rejected.", source=label
+        )
     pair_set = PairSet(pairs, label, rows_read, dropped, len(identical_rows))
     if identical_rows:
-        warnings.warn(f"{label}: {len(identical_rows)} rows have chosen == rejected (first: {identical_rows[0]}); "
-                      "they carry no preference signal. "
-                      + ("Dropped (drop_identical=True)." if drop_identical else "Pass drop_identical=True to drop "
-                         "them."), UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{label}: {len(identical_rows)} rows have chosen == rejected (first: {identical_rows[0]}); "
+            "they carry no preference signal. "
+            + (
+                "Dropped (drop_identical=True)."
+                if drop_identical
+                else "Pass drop_identical=True to drop them."
+            ),
+            UserWarning,
+            stacklevel=3,
+        )
     if not pairs:
-        raise DataError(f"{label}: no valid rows left: {pair_set.summary()} Fix the rows or check the format.",
-                        source=label)
+        raise DataError(
+            f"{label}: no valid rows left: {pair_set.summary()} Fix the rows or check the format.",
+            source=label,
+        )
     if max_pairs is not None:
         pair_set = subsample(pair_set, max_pairs, seed)
     logger.info(pair_set.summary())
@@ -414,20 +523,31 @@ def _build_pair_set(rows: Rows, label: str, *, max_pairs: int | None, seed: int,
 
 def _to_data_error(error: _RowError, label: str, where: str) -> DataError:
     field_part = f", field {error.field_name!r}" if error.field_name else ""
-    return DataError(f"{label}, {where}{field_part}: {error.detail}. Fix or remove the row, or pass "
-                     "on_error='drop' to skip such rows (they are counted).", source=label, row=where,
-                     field=error.field_name, reason=error.reason)
+    return DataError(
+        f"{label}, {where}{field_part}: {error.detail}. Fix or remove the row, or pass "
+        "on_error='drop' to skip such rows (they are counted).",
+        source=label,
+        row=where,
+        field=error.field_name,
+        reason=error.reason,
+    )
 
 
 def _row_format(row: Any, expected: str | None, expected_at: str) -> str:
     """The row's format, checked against the one fixed by ``fmt`` or detected from an earlier row."""
     if not isinstance(row, dict):
-        raise _RowError("not an object", None, f"expected a JSON object with prompt/chosen/rejected, found "
-                        f"{type(row).__name__}")
+        raise _RowError(
+            "not an object",
+            None,
+            f"expected a JSON object with prompt/chosen/rejected, found {type(row).__name__}",
+        )
     for name in ("chosen", "rejected"):
         if row.get(name) is None:
-            raise _RowError(f"missing field {name!r}", name, f"missing field {name!r} (every row needs "
-                            "chosen and rejected)")
+            raise _RowError(
+                f"missing field {name!r}",
+                name,
+                f"missing field {name!r} (every row needs chosen and rejected)",
+            )
     prompt = row.get("prompt")
     if prompt is None:
         found = "implicit"
@@ -436,16 +556,25 @@ def _row_format(row: Any, expected: str | None, expected_at: str) -> str:
     elif isinstance(prompt, list):
         found = "conversational"
     else:
-        raise _RowError("wrong type", "prompt", f"expected a string or a list of messages, found "
-                        f"{type(prompt).__name__}")
+        raise _RowError(
+            "wrong type", "prompt", f"expected a string or a list of messages, found {type(prompt).__name__}"
+        )
     if expected is None or found == expected:
         return found
     if found == "implicit":
-        raise _RowError("missing field 'prompt'", "prompt", f"missing field 'prompt' (the data is {expected}"
-                        + (f", as detected from {expected_at}" if expected_at else "") + ")")
+        raise _RowError(
+            "missing field 'prompt'",
+            "prompt",
+            f"missing field 'prompt' (the data is {expected}"
+            + (f", as detected from {expected_at}" if expected_at else "")
+            + ")",
+        )
     source_of_format = f"detected from {expected_at}" if expected_at else "set by fmt"
-    raise _RowError("format mismatch", "prompt", f"this row is {found} but the data is {expected} "
-                    f"({source_of_format}); make all rows one format")
+    raise _RowError(
+        "format mismatch",
+        "prompt",
+        f"this row is {found} but the data is {expected} ({source_of_format}); make all rows one format",
+    )
 
 
 def _parse_row(row: dict, row_format: str) -> PreferencePair:
@@ -473,8 +602,12 @@ def _require_text(value: Any, name: str, *, empty_reason: str) -> str:
 
 def _standard_completion(value: Any, name: str) -> str:
     if isinstance(value, list):
-        raise _RowError("mixed types", name, f"{name} is a message list but prompt is a string; give the prompt as "
-                        "messages too (conversational) or the completion as a string (standard)")
+        raise _RowError(
+            "mixed types",
+            name,
+            f"{name} is a message list but prompt is a string; give the prompt as "
+            "messages too (conversational) or the completion as a string (standard)",
+        )
     return _require_text(value, name, empty_reason="empty completion")
 
 
@@ -490,8 +623,11 @@ def _conversational_completion(value: Any, name: str) -> list[dict]:
 
 def _check_completion(messages: list[dict], name: str) -> None:
     if messages[0]["role"] != "assistant":
-        raise _RowError("completion not from assistant", name, f"{name} must start with an assistant message, "
-                        f"found role {messages[0]['role']!r}")
+        raise _RowError(
+            "completion not from assistant",
+            name,
+            f"{name} must start with an assistant message, found role {messages[0]['role']!r}",
+        )
     if _blank(messages):
         raise _RowError("empty completion", name, f"{name} is empty (its messages have no content)")
 
@@ -499,7 +635,9 @@ def _check_completion(messages: list[dict], name: str) -> None:
 def _require_messages(value: Any, name: str, *, empty_reason: str = "empty prompt") -> list[dict]:
     """Validated copy of a message list; None-valued extra keys are removed (see below)."""
     if not isinstance(value, list):
-        raise _RowError("malformed message", name, f"expected a list of messages, found {type(value).__name__}")
+        raise _RowError(
+            "malformed message", name, f"expected a list of messages, found {type(value).__name__}"
+        )
     if not value:
         raise _RowError(empty_reason, name, f"{name} is an empty message list")
     return [_require_message(message, name, index) for index, message in enumerate(value)]
@@ -508,16 +646,23 @@ def _require_messages(value: Any, name: str, *, empty_reason: str = "empty promp
 def _require_message(message: Any, name: str, index: int) -> dict:
     where = f"message {index} of {name}"
     if not isinstance(message, dict):
-        raise _RowError("malformed message", name, f"{where} is a {type(message).__name__}, not an object with "
-                        "role and content")
+        raise _RowError(
+            "malformed message",
+            name,
+            f"{where} is a {type(message).__name__}, not an object with role and content",
+        )
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str) or role not in MESSAGE_ROLES:
         found = "no role" if role is None else f"role {role!r}"
-        raise _RowError("malformed message", name, f"{where} has {found}; role must be one of "
-                        f"{sorted(MESSAGE_ROLES)}")
+        raise _RowError(
+            "malformed message", name, f"{where} has {found}; role must be one of {sorted(MESSAGE_ROLES)}"
+        )
     if not isinstance(content, str):
-        raise _RowError("malformed message", name, f"{where} has content of type {type(content).__name__}; "
-                        "content must be a string")
+        raise _RowError(
+            "malformed message",
+            name,
+            f"{where} has content of type {type(content).__name__}; content must be a string",
+        )
     # Arrow-backed sources (Parquet, datasets) give every message every key seen in the column, set to None
     # where absent; dropping None-valued extras keeps the pair id the same whichever file type held the rows.
     return {key: item for key, item in message.items() if item is not None}
@@ -530,9 +675,13 @@ def _blank(messages: list[dict]) -> bool:
 def _split_implicit(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict], list[dict]]:
     """Split two whole conversations into (shared prompt, chosen remainder, rejected remainder)."""
     if isinstance(chosen, str) or isinstance(rejected, str):
-        raise _RowError("missing field 'prompt'", "prompt", "no 'prompt' field and chosen/rejected are strings: "
-                        "implicit prompts need chosen/rejected as message lists (a shared string prefix is "
-                        "ambiguous); add a 'prompt' column")
+        raise _RowError(
+            "missing field 'prompt'",
+            "prompt",
+            "no 'prompt' field and chosen/rejected are strings: "
+            "implicit prompts need chosen/rejected as message lists (a shared string prefix is "
+            "ambiguous); add a 'prompt' column",
+        )
     chosen = _require_messages(chosen, "chosen", empty_reason="empty completion")
     rejected = _require_messages(rejected, "rejected", empty_reason="empty completion")
     if chosen == rejected:
@@ -545,16 +694,28 @@ def _split_implicit(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict],
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
     if shared == 0:
-        raise _RowError("no shared prompt", "chosen", "no 'prompt' field, and chosen and rejected share no "
-                        "leading message, so no prompt can be inferred; add a 'prompt' column or start both "
-                        "conversations with the same prompt messages")
+        raise _RowError(
+            "no shared prompt",
+            "chosen",
+            "no 'prompt' field, and chosen and rejected share no "
+            "leading message, so no prompt can be inferred; add a 'prompt' column or start both "
+            "conversations with the same prompt messages",
+        )
     for name, conversation in (("chosen", chosen), ("rejected", rejected)):
         if shared == len(conversation):
-            raise _RowError("empty completion", name, f"{name} ends where the shared prompt ends (message "
-                            f"{shared - 1}), so its completion is empty")
+            raise _RowError(
+                "empty completion",
+                name,
+                f"{name} ends where the shared prompt ends (message "
+                f"{shared - 1}), so its completion is empty",
+            )
         if conversation[shared]["role"] != "assistant":
-            raise _RowError("completion not from assistant", name, f"chosen and rejected diverge at message "
-                            f"{shared}, a {conversation[shared]['role']!r} message in {name}; the part after the "
-                            "shared prompt must start with an assistant message")
+            raise _RowError(
+                "completion not from assistant",
+                name,
+                f"chosen and rejected diverge at message "
+                f"{shared}, a {conversation[shared]['role']!r} message in {name}; the part after the "
+                "shared prompt must start with an assistant message",
+            )
         _check_completion(conversation[shared:], name)
     return chosen[:shared], chosen[shared:], rejected[shared:]
