@@ -60,6 +60,10 @@ class MRPOTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, loss: LossConfig | None = None, **kwargs: Any):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.remove_unused_columns:
+            # Trainer would strip every column the model's forward does not name: all of ours.
+            training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
         self.loss_config = loss or LossConfig()
         self._loss_kwargs = dataclasses.asdict(self.loss_config)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One prepared command for a GPU machine (H100/H200): install the carried wheels if needed, run the speed
+# benchmarks, write their results under $OUT (default bench/out). Finishes in about 5 minutes.
+#
+# The GPU image has torch, transformers, peft and accelerate but neither trl nor datasets. Carry them as wheels in
+# .whl/ (see bench/README.md for the download command); pyarrow is installed from there only when the image's is
+# older than datasets needs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+BUDGET_S=${BENCH_BUDGET_S:-300}
+started=$(date +%s)
+
+if [ -d .whl ]; then
+  wheels=$(ls .whl/*.whl | grep -v pyarrow)
+  if ! python3 -c "import sys, pyarrow; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null; then
+    wheels="$wheels $(ls .whl/pyarrow-*.whl 2>/dev/null)"
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+
+# Training: TRL DPOTrainer vs mrpo (K=1 padded, K=1/K=4 packed with flex_attention, compiled packed).
+python3 bench/train_vs_trl.py --size qwen0.5b --compile --budget-s "$BUDGET_S" \
+  --output "$OUT/train_vs_trl.json" 2>&1 | grep -v -i warn | tee "$OUT/train_vs_trl.log"
+
+# Precompute: our reference scoring vs a bare forward (and TRL's precompute), if time is left.
+left=$(( BUDGET_S + 120 - ($(date +%s) - started) ))
+if [ "$left" -gt 60 ]; then
+  timeout "$left" python3 bench/precompute_vs_forward.py --size small --device cuda --pairs 2000 \
+    --batch-tokens 32768 2>&1 | grep -v -i warn | tee "$OUT/precompute_vs_forward.log"
+fi
