@@ -95,6 +95,10 @@ def prepare_split(
     references = resolved_references(config)
     all_views = [views.policy, *views.references]
     limits = [config.data.max_length, *(reference.max_length for reference in references)]
+    if config.data.overflow == "truncate":
+        # Truncation cuts every model at the smallest limit (one shared tokenizer), so that limit is what the
+        # reference stores must be keyed by.
+        references = [dataclasses.replace(reference, max_length=min(limits)) for reference in references]
     tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
     if not tokenization.pair_ids:
         raise ValueError(
