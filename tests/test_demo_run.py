@@ -1,0 +1,61 @@
+"""`mrpo demo` end to end on tiny in-process models (the real-model run is not part of CI)."""
+
+import json
+
+import pytest
+
+from mrpo.cli import main
+from mrpo.demo import models as demo_models
+from mrpo.demo.run import DemoSettings, run_demo
+from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo-models")
+    policy = save_model_dir(tiny_llama().train(), bpe_tokenizer(), root / "policy")
+    external = save_model_dir(tiny_gemma3(), char_tokenizer(), root / "external")
+    return str(policy), str(external)
+
+
+def test_demo_pipeline_trains_dpo_and_mrpo_and_reports(tiny_dirs, tmp_path, capsys):
+    policy, external = tiny_dirs
+    settings = DemoSettings(
+        output_dir=str(tmp_path / "demo"),
+        cache_dir=str(tmp_path / "cache"),
+        policy=policy,
+        external=external,
+        train_pairs=8,
+        test_pairs=8,
+        epochs=1,
+        max_length=512,
+    )
+    results = run_demo(settings)
+    out = capsys.readouterr().out
+    assert "policy pref. acc." in out and "CTRO clip rate" in out
+    assert set(results["metrics"]) == {"start", "dpo", "mrpo"}
+    for run in ("dpo", "mrpo"):
+        assert (tmp_path / "demo" / run / "final" / "adapter_config.json").exists()
+        assert (tmp_path / "demo" / run / "metrics.jsonl").stat().st_size > 0
+    mrpo_config = (tmp_path / "demo" / "mrpo" / "mrpo_config.yaml").read_text()
+    assert external in mrpo_config
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["metrics"]["mrpo"]["pairs"] == 8
+    assert saved["metrics"]["dpo"]["label_aware"] is False  # K = 1: nothing is clipped, no label leaks
+    assert saved["metrics"]["mrpo"]["label_aware"] is True
+    report = tmp_path / "demo" / "report"
+    assert (report / "report.md").exists() and (report / "heldout.png").stat().st_size > 1000
+
+
+def test_demo_fetch_failure_explains_how_to_use_other_models(tmp_path, monkeypatch, capsys):
+    def failing_fetch(model, cache_dir=None, **kwargs):
+        raise demo_models.DemoModelError(
+            f"could not download {model.name}; use `mrpo demo --policy PATH_OR_ID --external PATH_OR_ID`"
+        )
+
+    monkeypatch.setattr(demo_models, "ensure_demo_model", failing_fetch)
+    code = main(["demo", "--output-dir", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("mrpo demo: error: could not download")
+    assert "--policy PATH_OR_ID" in err
