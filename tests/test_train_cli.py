@@ -4,11 +4,13 @@ and the documented errors for bad configs and bad caches: exit code 2 and one li
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 
 from mrpo.cli import main
 from mrpo.config import ConfigError, DataConfig, LoraConfig, MRPOConfig, PolicyConfig, load_config
@@ -191,3 +193,30 @@ def test_cache_built_for_other_data_is_a_cache_error(run_setup, tmp_path):
     with pytest.raises(CacheError, match="the cache was built for other data") as caught:
         cache.columns([pairs[0].pair_id, other])
     assert other in str(caught.value) and "'init'" in str(caught.value)
+
+
+def test_lora_with_gradient_checkpointing_and_a_merged_copy(run_setup):
+    config = write_config(
+        run_setup,
+        "lora-merged",
+        lora={
+            "enabled": True,
+            "r": 4,
+            "alpha": 8,
+            "target_modules": ["q_proj", "v_proj"],
+            "save_merged": True,
+        },
+        training={
+            "max_steps": 2,
+            "gradient_checkpointing": True,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+        },
+    )
+    assert main(["train", str(config)]) == 0
+    run_dir = run_setup["root"] / "lora-merged"
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
