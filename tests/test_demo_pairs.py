@@ -19,12 +19,26 @@ from mrpo.demo.pairs import (
 
 # Written out by hand here, independently of the module's table.
 UNIT_FACTORS = {
-    ("kilometres", "metres"): 1000, ("metres", "centimetres"): 100, ("centimetres", "millimetres"): 10,
-    ("kilograms", "grams"): 1000, ("litres", "millilitres"): 1000, ("hours", "minutes"): 60,
-    ("minutes", "seconds"): 60, ("days", "hours"): 24, ("weeks", "days"): 7, ("years", "months"): 12,
+    ("kilometres", "metres"): 1000,
+    ("metres", "centimetres"): 100,
+    ("centimetres", "millimetres"): 10,
+    ("kilograms", "grams"): 1000,
+    ("litres", "millilitres"): 1000,
+    ("hours", "minutes"): 60,
+    ("minutes", "seconds"): 60,
+    ("days", "hours"): 24,
+    ("weeks", "days"): 7,
+    ("years", "months"): 12,
 }
-SOME_CAPITALS = {"France": "Paris", "Australia": "Canberra", "Canada": "Ottawa", "Nigeria": "Abuja",
-                 "Switzerland": "Bern", "Brazil": "Brasília", "Japan": "Tokyo"}
+SOME_CAPITALS = {
+    "France": "Paris",
+    "Australia": "Canberra",
+    "Canada": "Ottawa",
+    "Nigeria": "Abuja",
+    "Switzerland": "Bern",
+    "Brazil": "Brasília",
+    "Japan": "Tokyo",
+}
 SOME_SYMBOLS = {"gold": "Au", "sodium": "Na", "iron": "Fe", "potassium": "K", "tungsten": "W", "tin": "Sn"}
 
 
@@ -111,7 +125,9 @@ def test_rejected_answers_are_plausible_slips():
     continents = {capital: continent for _, capital, continent, _ in CAPITALS}
     for country, _, continent, mistaken_city in CAPITALS:  # no famous city: a capital of the continent
         if mistaken_city is None:
-            wrong = by_prompt[f"What is the capital of {country}?"].removeprefix(f"The capital of {country} is ")
+            wrong = by_prompt[f"What is the capital of {country}?"].removeprefix(
+                f"The capital of {country} is "
+            )
             assert continents[wrong.removesuffix(".")] == continent
 
 
@@ -131,8 +147,9 @@ def test_the_split_is_stratified_and_shares_no_prompt():
 
 def test_records_sharing_a_prompt_stay_on_one_side():
     records = generate_pairs()[:60]
-    doubled = records + [dict(record, rejected=[{"role": "assistant", "content": "I do not know."}])
-                         for record in records]
+    doubled = records + [
+        dict(record, rejected=[{"role": "assistant", "content": "I do not know."}]) for record in records
+    ]
     train, test = train_test_split(doubled, test_fraction=0.5)
     assert not _prompts(train) & _prompts(test)
     assert len(test) % 2 == 0 and len(train) % 2 == 0
@@ -167,7 +184,10 @@ def test_write_demo_data_subsets_keep_every_kind(tmp_path):
     assert (len(train), len(test)) == (60, 24)
     assert Counter(pair.metadata["kind"] for pair in train) == {kind: 10 for kind in KINDS}
     assert Counter(pair.metadata["kind"] for pair in test) == {kind: 4 for kind in KINDS}
-    assert write_demo_data(tmp_path / "again", seed=3, train_pairs=60, test_pairs=24) != (train_path, test_path)
+    assert write_demo_data(tmp_path / "again", seed=3, train_pairs=60, test_pairs=24) != (
+        train_path,
+        test_path,
+    )
     assert (tmp_path / "again" / "train.jsonl").read_bytes() == train_path.read_bytes()
 
 

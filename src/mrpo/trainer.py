@@ -54,9 +54,10 @@ class MetricAccumulator:
 class MRPOTrainer(Trainer):
     """``transformers.Trainer`` whose loss is MRPO (DPO when K = 1) against cached reference log-probs.
 
-    Use with ``collator.PreferenceDataset`` / ``PreferenceCollator``; ``TrainingArguments.remove_unused_columns``
-    is irrelevant (the dataset is not a ``datasets.Dataset``). Everything else -- checkpoints, resume, gradient
-    accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
+    Use with ``collator.PreferenceDataset`` / ``PreferenceCollator`` (padded or padding-free batches: the batch's
+    keys pick the log-prob path). ``TrainingArguments.remove_unused_columns`` is turned off: the Trainer would
+    otherwise strip every column the model's forward does not name. Everything else -- checkpoints, resume,
+    gradient accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
     """
 
     def __init__(self, *args: Any, loss: LossConfig | None = None, **kwargs: Any):
@@ -84,9 +85,7 @@ class MRPOTrainer(Trainer):
         reference_rejected = inputs["reference_rejected_logps"]
         batch_size = reference_chosen.shape[1]
         # One forward for both responses: the collator puts the chosen sequences first, then the rejected ones.
-        if (
-            "sequence_index" in inputs
-        ):  # padding-free batch: the collator packed the 2B sequences into one row
+        if "sequence_index" in inputs:  # padding-free: the collator packed the 2B sequences into one row
             policy = packed_sequence_logps(
                 model,
                 inputs["input_ids"],

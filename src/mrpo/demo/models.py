@@ -46,8 +46,12 @@ MARKER_FILE = "mrpo_demo_model.json"
 CONVERSION_VERSION = 1
 _TEMP_PREFIX = ".tmp-"
 _PIP_TIMEOUT_S = 1800
-_SPECIAL_TOKEN_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
-                       "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+_SPECIAL_TOKEN_KEYS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
 _GGUF_CONTROL_TOKEN, _GGUF_USER_TOKEN = 3, 4  # gguf.TokenType.CONTROL / USER_DEFINED
 
 
@@ -324,8 +328,11 @@ def _load_tokenizer(gguf_path: Path):
     architecture = _string_field(reader, "general.architecture")
     tokens_field = reader.fields["tokenizer.ggml.tokens"]
     tokens = [bytes(tokens_field.parts[index]).decode("utf-8") for index in tokens_field.data]
-    special = {name: tokens[int(reader.fields[key].parts[-1][0])] for name, key in _SPECIAL_TOKEN_KEYS.items()
-               if key in reader.fields}
+    special = {
+        name: tokens[int(reader.fields[key].parts[-1][0])]
+        for name, key in _SPECIAL_TOKEN_KEYS.items()
+        if key in reader.fields
+    }
     if architecture.startswith("gemma") and _string_field(reader, "tokenizer.ggml.model") == "llama":
         types_field = reader.fields["tokenizer.ggml.token_type"]
         token_types = [int(types_field.parts[index][0]) for index in types_field.data]
@@ -352,9 +359,13 @@ def _gemma_tokenizer(tokens: list[str], token_types: list[int], special: dict[st
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, **special)
     # Control tokens (<start_of_turn>, 6k <unusedN>...) and user-defined ones are matched whole, as llama.cpp
     # does; added as tokens rather than "additional_special_tokens" so tokenizer_config.json stays small.
-    tokenizer.add_tokens([AddedToken(token, normalized=False, special=kind == _GGUF_CONTROL_TOKEN)
-                          for token, kind in zip(tokens, token_types, strict=True)
-                          if kind in (_GGUF_CONTROL_TOKEN, _GGUF_USER_TOKEN)])
+    tokenizer.add_tokens(
+        [
+            AddedToken(token, normalized=False, special=kind == _GGUF_CONTROL_TOKEN)
+            for token, kind in zip(tokens, token_types, strict=True)
+            if kind in (_GGUF_CONTROL_TOKEN, _GGUF_USER_TOKEN)
+        ]
+    )
     return tokenizer
 
 
@@ -371,8 +382,10 @@ def _check_saved(model, output: Path, probe: tuple[str, tuple[int, ...]]) -> Non
     text, expected_ids = probe
     ids = tuple(AutoTokenizer.from_pretrained(output)(text)["input_ids"])
     if ids != tuple(expected_ids):
-        raise DemoModelError(f"the converted tokenizer encodes {text!r} as {list(ids)}, but the original "
-                             f"tokenizer gives {list(expected_ids)}")
+        raise DemoModelError(
+            f"the converted tokenizer encodes {text!r} as {list(ids)}, but the original "
+            f"tokenizer gives {list(expected_ids)}"
+        )
 
     reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.bfloat16)
     dtypes = {parameter.dtype for parameter in reloaded.parameters()}
