@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset  # noqa: E402
 from mrpo.config import LossConfig  # noqa: E402
+from mrpo.pipeline import compile_decoder_layers  # noqa: E402
 from mrpo.references import score_pairs  # noqa: E402
 from mrpo.tokenization import ModelView, TokenizedPair, TokenizedSequence  # noqa: E402
 from mrpo.trainer import MRPOTrainer  # noqa: E402
@@ -215,10 +216,7 @@ def run_mrpo(
     )
     model = new_model(config, args, attn_implementation=attn)
     if compiled:
-        # Compile the decoder layers, not the whole model: the document mask is built (and the chunked head runs
-        # in a hook) outside them, and the layers all share one compiled graph per packed-row length.
-        for layer in model.get_decoder().layers:
-            layer.compile(dynamic=False)
+        compile_decoder_layers(model)  # what policy.compile does
     clock = StepClock(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

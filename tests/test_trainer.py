@@ -437,3 +437,23 @@ def test_padding_free_training_matches_padded(two_reference_dataset, workdir):
     for padded_step, packed_step in zip(padded_logs, packed_logs, strict=True):
         for name in ("loss", *setup.LOSS_METRIC_NAMES):
             assert packed_step[name] == pytest.approx(padded_step[name], rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
+def test_compiled_decoder_layers_train_like_eager(two_reference_dataset, workdir):
+    from mrpo.pipeline import compile_decoder_layers
+
+    start = tiny_llama()
+    results = []
+    for compiled in (False, True):
+        model = copy.deepcopy(start).train()
+        if compiled:
+            compile_decoder_layers(model)
+        args = setup.training_arguments(
+            workdir / f"compiled-{compiled}", per_device_train_batch_size=4, max_steps=2
+        )
+        trainer = setup.make_trainer(model, two_reference_dataset, args, padding_free=True)
+        trainer.train()
+        results.append(train_logs(trainer))
+    for eager_step, compiled_step in zip(*results, strict=True):
+        assert compiled_step["loss"] == pytest.approx(eager_step["loss"], rel=1e-4, abs=1e-5)

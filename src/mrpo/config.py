@@ -306,6 +306,8 @@ class PolicyConfig:
     """Pack each micro-batch's sequences into one row without padding (true/false); "auto" packs with flex/flash attention."""
     pad_to_multiple_of: int | None = None
     """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes."""
+    compile: bool = False
+    """torch.compile the decoder layers (worth it on GPUs; pair it with pad_to_multiple_of, e.g. 4096, packed)."""
 
     def __post_init__(self) -> None:
         _check_field_types(self, "policy")

@@ -165,7 +165,27 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None):
                 task_type="CAUSAL_LM",
             ),
         )
+    if config.policy.compile:
+        compile_decoder_layers(model)
     return model
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (they share one graph per input shape).
+
+    Only the layers: the document mask is built, and the chunked LM head runs in a hook, outside them, where their
+    data-dependent shapes would break a graph. Hooks, LoRA adapters and checkpoints are untouched.
+    """
+    from mrpo.logprobs import unwrap_model
+
+    decoder = unwrap_model(model).get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"policy.compile: {type(decoder).__name__} has no `layers` to compile; set policy.compile to false"
+        )
+    for layer in layers:
+        layer.compile(dynamic=False)
 
 
 def check_lora_before_precompute(config: MRPOConfig) -> None:
