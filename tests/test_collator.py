@@ -26,6 +26,10 @@ def test_worked_example_of_the_docstring():
         "input_ids": [[5, 6, 7, 0], [5, 6, 8, 9]],
         "attention_mask": [[1, 1, 1, 0], [1, 1, 1, 1]],
         "completion_mask": [[0, 0, 1, 0], [0, 0, 1, 1]],
+        "prediction_positions": [
+            [0, 1, 1],
+            [1, 1, 2],
+        ],  # states (0,1), (1,1), (1,2) predict completion tokens
         "reference_chosen_logps": [[-1.0], [-2.0]],
         "reference_rejected_logps": [[-3.0], [-4.0]],
     }
@@ -46,6 +50,7 @@ def test_two_pairs_left_padding_chosen_rows_first():
         "input_ids": [[0, 5, 6, 7], [0, 0, 2, 3], [5, 6, 8, 9], [0, 2, 4, 4]],
         "attention_mask": [[0, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]],
         "completion_mask": [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]],
+        "prediction_positions": [[0, 1, 2, 2, 3, 3], [2, 2, 1, 2, 1, 2]],
         "reference_chosen_logps": [[-1.0, -5.0], [-2.0, -6.0]],  # (K, B)
         "reference_rejected_logps": [[-3.0, -7.0], [-4.0, -8.0]],
     }

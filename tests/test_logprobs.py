@@ -191,6 +191,7 @@ def test_unreproduced_logit_transform_raises_and_full_logits_fallback(monkeypatc
 def test_rejects_inconsistent_masks():
     model = tiny_llama()
     batch = pad_batch([TokenizedSequence((5, 6, 7), 1), TokenizedSequence((8, 9), 1)], pad_token_id=0)
+    del batch["prediction_positions"]  # hand-made masks (no host-computed positions) are checked
     at_start = dict(batch, completion_mask=torch.ones_like(batch["completion_mask"]))
     with pytest.raises(ValueError, match="position 0"):
         sequence_logps(model, **at_start)
@@ -270,6 +271,7 @@ def test_pack_sequences_worked_example():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert packed["completion_mask"].tolist() == [[0, 0, 1, 0, 1, 0, 0, 0]]
     assert packed["sequence_index"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1]]
+    assert packed["prediction_positions"].tolist() == [[0, 0], [1, 3]]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

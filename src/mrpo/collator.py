@@ -15,6 +15,7 @@ Worked example (pad id 0, right padding, K = 2)::
     batch["input_ids"]        == [[5, 6, 7, 0], [5, 6, 8, 9]]      # chosen rows, then rejected rows
     batch["attention_mask"]   == [[1, 1, 1, 0], [1, 1, 1, 1]]
     batch["completion_mask"]  == [[0, 0, 1, 0], [0, 0, 1, 1]]
+    batch["prediction_positions"] == [[0, 1, 1], [1, 1, 2]]   # (row, column) of states predicting completions
     batch["reference_chosen_logps"]   == [[-1.0], [-2.0]]         # (K, B)
     batch["reference_rejected_logps"] == [[-3.0], [-4.0]]
 """

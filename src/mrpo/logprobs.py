@@ -68,13 +68,14 @@ def pad_batch(
     """Pad tokenized sequences into a batch.
 
     Returns ``input_ids``, ``attention_mask`` and ``completion_mask``, each (N, T) int64, where T is the longest
-    sequence (rounded up to ``pad_to_multiple_of``). ``completion_mask[i, t] = 1`` where token t of sequence i is a
-    completion token. Example, right padding with pad id 0, sequences ``(5, 6, 7)`` with ``prompt_length=2`` and
-    ``(8, 9)`` with ``prompt_length=1``::
+    sequence (rounded up to ``pad_to_multiple_of``), and ``prediction_positions`` (see ``sequence_logps``).
+    ``completion_mask[i, t] = 1`` where token t of sequence i is a completion token. Example, right padding with pad
+    id 0, sequences ``(5, 6, 7)`` with ``prompt_length=2`` and ``(8, 9)`` with ``prompt_length=1``::
 
-        input_ids       [[5, 6, 7], [8, 9, 0]]
-        attention_mask  [[1, 1, 1], [1, 1, 0]]
-        completion_mask [[0, 0, 1], [0, 1, 0]]
+        input_ids            [[5, 6, 7], [8, 9, 0]]
+        attention_mask       [[1, 1, 1], [1, 1, 0]]
+        completion_mask      [[0, 0, 1], [0, 1, 0]]
+        prediction_positions [[0, 1], [1, 0]]        # (row, column) of the states that predict (5,6,7)[2], (8,9)[1]
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -92,7 +93,22 @@ def pad_batch(
         input_ids[i, start : start + n] = torch.tensor(sequence.input_ids, dtype=torch.long)
         attention_mask[i, start : start + n] = 1
         completion_mask[i, start + sequence.prompt_length : start + n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "prediction_positions": prediction_positions(completion_mask),
+    }
+
+
+def prediction_positions(completion_mask: Tensor) -> Tensor:
+    """(2, M) int64 rows and columns of the hidden states that predict a completion token (its left neighbour).
+
+    Computed on the host by the collators, so that the training step needs no data-dependent ``nonzero`` (a
+    host-device sync) on the accelerator.
+    """
+    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)
+    return torch.stack([rows, cols])
 
 
 def pack_sequences(
@@ -100,8 +116,8 @@ def pack_sequences(
 ) -> dict[str, Tensor]:
     """Pack tokenized sequences into one row without padding, for ``packed_sequence_logps``.
 
-    Returns ``input_ids``, ``position_ids``, ``completion_mask`` and ``sequence_index``, each (1, T) int64, where T
-    is the total length (rounded up to ``pad_to_multiple_of`` with a filler document whose ``sequence_index`` is
+    Returns ``input_ids``, ``position_ids``, ``completion_mask`` and ``sequence_index``, each (1, T) int64, and
+    ``prediction_positions`` (2, M) (see ``sequence_logps``), where T is the total length (rounded up to ``pad_to_multiple_of`` with a filler document whose ``sequence_index`` is
     -1 and whose tokens count for nothing, so that compiled models see few distinct shapes). Example: sequences
     ``(5, 6, 7)`` with ``prompt_length=2`` and ``(8, 9)`` with ``prompt_length=1``::
 
@@ -134,6 +150,7 @@ def pack_sequences(
         "position_ids": position_ids[None],
         "completion_mask": completion_mask[None],
         "sequence_index": sequence_index[None],
+        "prediction_positions": prediction_positions(completion_mask[None]),
     }
 
 
@@ -143,6 +160,7 @@ def sequence_logps(
     attention_mask: Tensor,
     completion_mask: Tensor,
     *,
+    prediction_positions: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> SequenceLogps:
     """Sum of completion-token log-probs of each sequence under ``model``.
@@ -154,6 +172,9 @@ def sequence_logps(
         attention_mask: (N, T) 1 for real tokens, 0 for padding.
         completion_mask: (N, T) 1 where the token is a completion token, whose log-prob given the tokens before
             it counts; must be 0 at position 0 (nothing predicts it) and on padding.
+        prediction_positions: optional (2, M) rows and columns of the hidden states that predict completion
+            tokens, as ``pad_batch`` computes them on the host; when given, ``completion_mask`` is trusted and
+            neither checked nor searched on the device (no host-device sync).
         chunk_size: completion positions projected through the LM head at a time; bounds the float32 logits to
             (chunk_size, vocabulary).
 
@@ -168,16 +189,21 @@ def sequence_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     completion_mask = completion_mask.bool()
-    if completion_mask[:, 0].any():
-        raise ValueError("completion_mask is 1 at position 0, where no earlier token predicts the completion")
-    if (completion_mask & ~attention_mask.bool()).any():
-        raise ValueError("completion_mask marks padding tokens (attention_mask 0) as completion tokens")
+    if prediction_positions is None:
+        if completion_mask[:, 0].any():
+            raise ValueError(
+                "completion_mask is 1 at position 0, where no earlier token predicts the completion"
+            )
+        if (completion_mask & ~attention_mask.bool()).any():
+            raise ValueError("completion_mask marks padding tokens (attention_mask 0) as completion tokens")
 
     # Positions count real tokens only, so a left-padded sequence sees the positions it would see alone (this
     # matters for absolute position embeddings; rotary ones are shift-invariant anyway).
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    rows, cols, token_logps = _completion_token_logps(model, model_inputs, completion_mask, chunk_size)
+    rows, cols, token_logps = _completion_token_logps(
+        model, model_inputs, completion_mask, prediction_positions, chunk_size
+    )
     logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     logps = logps.index_add(0, rows, token_logps)
     return SequenceLogps(logps=logps, token_counts=completion_mask.sum(dim=1).long())
@@ -191,6 +217,7 @@ def packed_sequence_logps(
     sequence_index: Tensor,
     num_sequences: int,
     *,
+    prediction_positions: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> SequenceLogps:
     """Padding-free variant of ``sequence_logps``: sequences packed one after another in rows.
@@ -206,6 +233,7 @@ def packed_sequence_logps(
         sequence_index: (R, T) int64, which output sequence (0..num_sequences-1) a token belongs to; -1 for
             filler tokens (bucket padding), which must form their own document (positions restarting at 0).
         num_sequences: N, the number of packed sequences.
+        prediction_positions: optional (2, M), as in ``sequence_logps`` (``pack_sequences`` computes it).
 
     Returns:
         ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64, in sequence_index order.
@@ -218,7 +246,9 @@ def packed_sequence_logps(
         )
     completion_mask = completion_mask.bool()
     model_inputs = {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
-    rows, cols, token_logps = _completion_token_logps(model, model_inputs, completion_mask, chunk_size)
+    rows, cols, token_logps = _completion_token_logps(
+        model, model_inputs, completion_mask, prediction_positions, chunk_size
+    )
     owners = sequence_index[rows, cols + 1]
     logps = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
     logps = logps.index_add(0, owners, token_logps)
@@ -228,12 +258,18 @@ def packed_sequence_logps(
 
 
 def _completion_token_logps(
-    model: nn.Module, model_inputs: dict[str, Tensor | None], completion_mask: Tensor, chunk_size: int
+    model: nn.Module,
+    model_inputs: dict[str, Tensor | None],
+    completion_mask: Tensor,
+    positions: Tensor | None,
+    chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Positions (rows, cols) whose hidden state predicts a completion token, and that token's log-prob."""
     # Hidden state (row, col) predicts the token at (row, col + 1).
     input_ids = model_inputs["input_ids"]
-    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)
+    if positions is None:
+        positions = prediction_positions(completion_mask)
+    rows, cols = positions[0].to(input_ids.device), positions[1].to(input_ids.device)
     targets = input_ids[rows, cols + 1]
     base = unwrap_model(model)
     head = _reproducible_head(base)

@@ -295,6 +295,7 @@ def score_pairs(
             tensors["input_ids"].to(device),
             tensors["attention_mask"].to(device),
             tensors["completion_mask"].to(device),
+            prediction_positions=tensors["prediction_positions"],
         )
         index = torch.tensor(batch)
         logps[index] = result.logps.float().cpu()

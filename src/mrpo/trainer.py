@@ -93,10 +93,15 @@ class MRPOTrainer(Trainer):
                 inputs["completion_mask"],
                 inputs["sequence_index"],
                 num_sequences=2 * batch_size,
+                prediction_positions=inputs.get("prediction_positions"),
             )
         else:
             policy = sequence_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["completion_mask"],
+                prediction_positions=inputs.get("prediction_positions"),
             )
         output = mrpo_loss(
             policy.logps[:batch_size],
