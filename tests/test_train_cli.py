@@ -220,3 +220,19 @@ def test_lora_with_gradient_checkpointing_and_a_merged_copy(run_setup):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_runs_are_reproducible_whatever_ran_before_in_the_process(run_setup):
+    import torch
+
+    config = write_config(
+        run_setup, "seeded", lora={"enabled": True, "r": 4, "alpha": 8},
+        training={"max_steps": 2, "eval_strategy": "no", "save_strategy": "no"},
+    )  # fmt: skip
+    assert main(["train", str(config)]) == 0
+    first = [r["loss"] for r in read_metrics(run_setup["root"] / "seeded") if "loss" in r]
+    torch.rand(1000)  # consume the global RNG, as a model conversion or an earlier run would
+    (run_setup["root"] / "seeded" / "metrics.jsonl").unlink()
+    assert main(["train", str(config)]) == 0
+    second = [r["loss"] for r in read_metrics(run_setup["root"] / "seeded") if "loss" in r]
+    assert second == first

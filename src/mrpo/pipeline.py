@@ -230,6 +230,11 @@ def run_train(
     )
     _write_json(output_dir / "data_summary.json", _data_summary(train_split, eval_split))
 
+    # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
+    # depends on whatever ran earlier in the process (a model conversion, a previous run).
+    from transformers import set_seed
+
+    set_seed(args.seed)
     model = load_policy(config)
     metrics_file = output_dir / "metrics.jsonl"
     trainer = MRPOTrainer(
