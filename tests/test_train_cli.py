@@ -236,3 +236,10 @@ def test_runs_are_reproducible_whatever_ran_before_in_the_process(run_setup):
     assert main(["train", str(config)]) == 0
     second = [r["loss"] for r in read_metrics(run_setup["root"] / "seeded") if "loss" in r]
     assert second == first
+
+
+def test_cli_reports_a_model_path_that_does_not_exist_in_one_line(run_setup, capsys, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    config = write_config(run_setup, "bad-model")
+    line = one_line_error(capsys, ["train", str(config), f"references.1.model={missing}"])
+    assert "references.1 (gemma)" in line and missing in line and "not a local directory" in line

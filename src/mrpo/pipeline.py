@@ -20,7 +20,14 @@ import torch
 from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled, resolve_dtype
 from mrpo.data import PairSet, load_pairs
-from mrpo.references import ReferenceCache, load_model, load_tokenizer, precompute, split_gguf
+from mrpo.references import (
+    ModelSourceError,
+    ReferenceCache,
+    load_model,
+    load_tokenizer,
+    precompute,
+    split_gguf,
+)
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
 logger = logging.getLogger(__name__)
@@ -59,12 +66,24 @@ def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
 
 
 def load_views(config: MRPOConfig) -> Views:
-    policy = ModelView(load_tokenizer(config.policy.model, config.policy.tokenizer), name=POLICY_VIEW)
+    policy = ModelView(
+        _tokenizer_for("policy", config.policy.model, config.policy.tokenizer), name=POLICY_VIEW
+    )
     references = [
-        ModelView(load_tokenizer(reference.model, reference.tokenizer), name=reference.name)
-        for reference in config.references
+        ModelView(
+            _tokenizer_for(f"references.{index} ({reference.name})", reference.model, reference.tokenizer),
+            name=reference.name,
+        )
+        for index, reference in enumerate(config.references)
     ]
     return Views(policy, references)
+
+
+def _tokenizer_for(role: str, model: str, tokenizer: str | None):
+    try:
+        return load_tokenizer(model, tokenizer)
+    except ModelSourceError as error:
+        raise ModelSourceError(f"{role}: {error}") from error
 
 
 def read_split(config: MRPOConfig, split: str) -> PairSet:

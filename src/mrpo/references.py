@@ -63,12 +63,29 @@ def split_gguf(path: str) -> tuple[str, dict[str, str]]:
     return path, {}
 
 
+class ModelSourceError(CacheError):
+    """A model or tokenizer that cannot be loaded from where the config points."""
+
+
+def _explain_source(kind: str, source: str, error: Exception) -> ModelSourceError:
+    where = (
+        "is not a local directory or .gguf file" if not Path(source).exists() else "exists but does not load"
+    )
+    return ModelSourceError(
+        f"cannot load the {kind} {source!r}: it {where}, and transformers says: {str(error).splitlines()[0]} "
+        "Point the config at a local model directory, a .gguf file, or a hub id (reachable unless HF_HUB_OFFLINE=1)."
+    )
+
+
 def load_tokenizer(model: str, tokenizer: str | None = None):
     """The tokenizer a model reads text with (its own unless ``tokenizer`` names another)."""
     from transformers import AutoTokenizer
 
     source, extra = split_gguf(tokenizer or model)
-    return AutoTokenizer.from_pretrained(source, **extra)
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as error:
+        raise _explain_source("tokenizer", tokenizer or model, error) from error
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -87,7 +104,10 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, attn_implem
     source, extra = split_gguf(model)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
-    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    except (OSError, ValueError) as error:
+        raise _explain_source("model", model, error) from error
     return loaded.to(device).eval()
 
 
