@@ -597,3 +597,17 @@ def test_cli_precompute_prints_summary_and_second_run_computes_nothing(
     assert main(["precompute", str(config), "data.max_length=300"]) == 0
     assert computed_column(capsys.readouterr().out) == {"init": [0, 0], "gemma": [0, 0]}
     assert forwards.calls == 0
+
+
+def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(tmp_path):
+    from mrpo.references import ReferenceCache, ReferenceStore, StoreKey
+
+    key = StoreKey("m", "fp", "tok", None, "drop", "torch.float32")
+    store = ReferenceStore.open(tmp_path, "ext", key)
+    store.write_shard(
+        ["a", "b"], torch.tensor([[-1.0, -2.0], [float("-inf"), -3.0]]), torch.tensor([[1, 1], [1, 1]])
+    )
+    cache = ReferenceCache(["ext"], [store])
+    with pytest.raises(CacheError, match=r"reference 1 \('ext'\) gives a non-finite log-prob .* pair id b"):
+        cache.columns(["a", "b"])
+    assert cache.columns(["a"])["reference_chosen_logps"].tolist() == [[-1.0]]

@@ -377,6 +377,15 @@ class ReferenceCache:
                 )
             values = [store.entries[pair_id] for pair_id in pair_ids]
             table = torch.tensor(values, dtype=torch.float64) if values else torch.empty(0, 4)
+            not_finite = (~torch.isfinite(table[:, :2])).any(dim=1).nonzero().flatten().tolist()
+            if not_finite:
+                first = pair_ids[not_finite[0]]
+                raise CacheError(
+                    f"reference {k + 1} ({name!r}) gives a non-finite log-prob for {len(not_finite)} pair(s) (first: "
+                    f"pair id {first}, chosen {table[not_finite[0], 0].item()}, rejected "
+                    f"{table[not_finite[0], 1].item()}): the model assigns (near) zero probability to a completion "
+                    "token, often a float16 overflow. Score it in float32 or bfloat16, or drop those pairs."
+                )
             chosen[k], rejected[k] = table[:, 0], table[:, 1]
             chosen_tokens[k], rejected_tokens[k] = table[:, 2].long(), table[:, 3].long()
         return {
