@@ -37,12 +37,12 @@ test-all: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q -m "not gpu"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench experiments
+	$(VENV)/bin/ruff format --check src tests bench experiments
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests bench
-	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench experiments
+	$(VENV)/bin/ruff check --fix src tests bench experiments
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
