@@ -319,7 +319,7 @@ def _curve_plots(runs: Sequence[Run]) -> dict[str, tuple[str, list[Panel]]]:
             [
                 Panel(
                     "eps",
-                    "eps (nats)",
+                    "eps (relative half-width of the band)",
                     [
                         Curve("ctro/eps_chosen", "-", "eps chosen"),
                         Curve("ctro/eps_rejected", ":", "eps rejected"),
