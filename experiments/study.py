@@ -90,7 +90,8 @@ STABILITY_METHODS: dict[str, Method] = {
 
 NOT_DONE = (
     "The controlled synthetic world of issue 7 (tiny LMs trained on disjoint fact sets, so that what each "
-    "reference knows is known by construction) is not built.",
+    "reference knows is known by construction) is a separate experiment: experiments/synthetic.py, "
+    "docs/results-synthetic.md.",
     "Train sizes above the generator's train split (512) are not reachable: `mrpo.demo.pairs` has about 300 "
     "distinct prompts in all. Capitals, elements, opposites and letters come from fixed lists, so other seeds "
     "regenerate the same prompts; only arithmetic and unit questions could grow, which would turn the larger "
