@@ -421,3 +421,17 @@ def test_python_api_rejects_a_plain_mapping_where_a_section_belongs():
         MRPOConfig(
             policy=PolicyConfig("m"), data=DataConfig("t"), references=[{"name": "init", "model": "m"}]
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("no", "no"), ("off", "off"), ("yes", "yes"), ("true", True), ("False", False)]
+)
+def test_only_true_and_false_are_booleans(text, value):
+    from mrpo.config import parse_override
+
+    assert parse_override(f"training.eval_strategy={text}") == ("training.eval_strategy", value)
+
+
+def test_eval_strategy_no_from_an_override_is_the_string_no():
+    config = load_config(None, [*MINIMAL, "training.eval_strategy=no"])
+    assert config.training.eval_strategy == "no"

@@ -814,7 +814,8 @@ def _build_section(section_class: type, raw: Any, prefix: str) -> Any:
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML safe loader that reads 1e-5 as a number (YAML 1.1 wants 1.0e-5) and rejects duplicate keys."""
+    """YAML safe loader: 1e-5 is a number (YAML 1.1 wants 1.0e-5), only true/false are booleans (not no/on/off),
+    and a key written twice in one mapping is an error."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -828,6 +829,15 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads yes/no/on/off as booleans, so `eval_strategy: no` would become False. Only true/false are
+# booleans here (as in YAML 1.2): rebuild the resolver table without the 1.1 bool resolver, then add 1.2's.
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),

@@ -19,7 +19,7 @@ import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled, resolve_dtype
-from mrpo.data import PairSet, load_pairs
+from mrpo.data import DataError, PairSet, load_pairs
 from mrpo.references import (
     ModelSourceError,
     ReferenceCache,
@@ -92,7 +92,7 @@ def read_split(config: MRPOConfig, split: str) -> PairSet:
         source, name, max_pairs = data.train, data.train_split, data.max_pairs
     else:
         if data.eval is None:
-            raise ValueError("data.eval is not set: there is no held-out split to read")
+            raise DataError("data.eval is not set: there is no held-out split to read (set data.eval=PATH)")
         source, name, max_pairs = data.eval, data.eval_split, data.max_eval_pairs
     return load_pairs(
         source,
@@ -120,9 +120,10 @@ def prepare_split(
         references = [dataclasses.replace(reference, max_length=min(limits)) for reference in references]
     tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
     if not tokenization.pair_ids:
-        raise ValueError(
+        raise DataError(
             f"no {split} pair is left after tokenization ({tokenization.summary()}); raise data.max_length or "
-            "check the data"
+            "check the data",
+            source=pairs.source,
         )
     if tokenization.dropped:
         logger.warning("%s split: %s", split, tokenization.summary())
@@ -344,7 +345,7 @@ def run_evaluate(
     from mrpo.evaluation import evaluate_model, load_for_evaluation, results_to_json
 
     if config.data.eval is None:
-        raise ValueError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")
+        raise DataError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")
     checkpoints = evaluation_checkpoints(config, checkpoints)
     prepared = prepare_split(config, "eval", show_progress=show_progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
