@@ -14,8 +14,6 @@ Multi-Reference Preference Optimization: train a policy on preference pairs agai
 reference models (of any family and tokenizer), whose log-probs are precomputed once and cached.
 """
 
-Subcommand = Callable[[argparse.Namespace], int]
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrpo", description=DESCRIPTION)

@@ -109,13 +109,9 @@ def _mean(values: torch.Tensor) -> float:
 
 def load_for_evaluation(config: MRPOConfig, checkpoint: str | None, device: torch.device):
     """The starting policy (``checkpoint=None``), a LoRA adapter directory on top of it, or a full model dir."""
-    from mrpo.references import load_model
+    from mrpo.references import load_model, torch_dtype
 
-    dtype = getattr(
-        torch, "bfloat16" if device.type == "cuda" and config.policy.dtype == "auto" else "float32"
-    )
-    if config.policy.dtype not in ("auto",):
-        dtype = getattr(torch, config.policy.dtype)
+    dtype = torch_dtype(config.policy.dtype, device)
     if checkpoint is None:
         return load_model(config.policy.model, dtype, device)
     if (Path(checkpoint) / "adapter_config.json").exists():

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled, resolve_dtype
+from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled
 from mrpo.data import DataError, PairSet, load_pairs
 from mrpo.references import (
     ModelSourceError,
@@ -27,6 +27,7 @@ from mrpo.references import (
     load_tokenizer,
     precompute,
     split_gguf,
+    torch_dtype,
 )
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
@@ -163,10 +164,11 @@ def run_precompute(config: MRPOConfig) -> dict[str, PreparedSplit]:
 
 def load_policy(config: MRPOConfig, device: torch.device | None = None):
     """The policy model, with LoRA adapters when configured (the base then is the initialising reference)."""
-    cuda = torch.cuda.is_available()
-    dtype = getattr(torch, resolve_dtype(config.policy.dtype, cuda=cuda))
-    device = device or torch.device("cpu")
-    model = load_model(config.policy.model, dtype, device, config.policy.attn_implementation)
+    accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer will train
+    dtype = torch_dtype(config.policy.dtype, accelerator)
+    model = load_model(
+        config.policy.model, dtype, device or torch.device("cpu"), config.policy.attn_implementation
+    )
     model.train()
     if config.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig

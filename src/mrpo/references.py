@@ -30,11 +30,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mrpo.config import ReferenceConfig
+from mrpo.config import ReferenceConfig, resolve_dtype
 from mrpo.logprobs import LOGPROB_CODE_VERSION, pad_batch, sequence_logps
 from mrpo.tokenization import ModelView, TokenizedPair
 
@@ -88,13 +87,9 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
         raise _explain_source("tokenizer", tokenizer or model, error) from error
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a configured one ("auto": bfloat16 on CUDA, float32 elsewhere; see config.resolve_dtype)."""
+    return getattr(torch, resolve_dtype(dtype, cuda=device.type == "cuda"))
 
 
 def load_model(model: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None):
@@ -416,7 +411,7 @@ def store_key(spec: ReferenceConfig, view: ModelView, overflow: str, device: tor
         # stored number and stores are shared across max_length values; truncation does change them.
         max_length=spec.max_length if overflow == "truncate" else None,
         overflow=overflow,
-        dtype=str(resolve_dtype(spec.dtype, device)),
+        dtype=str(torch_dtype(spec.dtype, device)),
     )
 
 
@@ -497,7 +492,7 @@ def _compute_missing(
     mine = shards[state.process_index :: state.num_processes]
     if not mine:
         return
-    model = load_model(spec.model, resolve_dtype(spec.dtype, device), device)
+    model = load_model(spec.model, torch_dtype(spec.dtype, device), device)
     total = sum(len(shard) for shard in mine)
     bar = tqdm(
         total=total,
@@ -541,7 +536,3 @@ def _report(
         mean_chosen_logp=sum(v[0] for v in values) / n if n else math.nan,
         mean_rejected_logp=sum(v[1] for v in values) / n if n else math.nan,
     )
-
-
-def reports_as_dicts(cache: ReferenceCache) -> list[dict[str, Any]]:
-    return [asdict(report) for report in cache.reports]

@@ -21,8 +21,6 @@ from typing import Any
 
 from mrpo.config import MRPOConfig
 
-RESULT_COLUMNS = ("start", "dpo", "mrpo")
-
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -120,14 +118,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     _say("5/5 evaluate on the held-out pairs")
     begin = time.perf_counter()
-    per_run = {}
-    for name, config in configs.items():
-        checkpoints = {"start": None, name: str(Path(config.training.output_dir) / "final")}
-        per_run[name], _ = run_evaluate(config, checkpoints=checkpoints)
+    # Each run is measured against its own references. The start is scored once, with the MRPO run (against its
+    # virtual reference, so the label-aware row shows what a model that learned nothing scores there).
+    final = {name: str(Path(config.training.output_dir) / "final") for name, config in configs.items()}
+    (dpo,), _ = run_evaluate(configs["dpo"], checkpoints={"dpo": final["dpo"]})
+    (start, mrpo), _ = run_evaluate(configs["mrpo"], checkpoints={"start": None, "mrpo": final["mrpo"]})
     timings["evaluate_s"] = round(time.perf_counter() - begin, 1)
-    # The start is measured against the MRPO run's virtual reference, like the MRPO model, so that the label-aware
-    # column shows what a model that learned nothing scores there.
-    columns = [per_run["mrpo"][0], per_run["dpo"][1], per_run["mrpo"][1]]
+    columns = [start, dpo, mrpo]
     table = format_table(columns)
     report = write_report(
         [configs["dpo"].training.output_dir, configs["mrpo"].training.output_dir], output / "report"
