@@ -43,7 +43,7 @@ def test_quick_grid_is_start_four_methods_and_the_stability_arm(study):
 
 
 def test_full_grid_caps_sizes_at_the_train_split_and_runs_a_collapsed_size_once(study):
-    settings = study.FULL
+    settings = study.dataclasses.replace(study.FULL, sizes=(32, 128, 512))
     runs = study.expand_grid(settings, available_train_pairs=100)
     main = [run for run in runs if run.group == "main"]
     assert sorted({run.size for run in main}) == [32, 100]  # 128 and 512 both become 100, run once
@@ -261,3 +261,68 @@ def test_runtime_estimate_scales_measured_seconds_per_step_to_the_grid(study):
     assert estimate["steps"] == 12 and estimate["runs"] == 3
     assert estimate["hours"] == pytest.approx((12 * 2.0 + 3 * 15.0) / 3600)
     assert estimate["hours_at_fastest"] == pytest.approx((12 * 2.0 + 3 * 10.0) / 3600)
+
+
+def _results(study, differences: dict[str, list[float]], sizes=(8, 16)):
+    """Main runs whose policy accuracy differs from DPO's by the given values, one per (size, seed)."""
+    results = []
+    for method, values in {"dpo": None, **differences}.items():
+        for index, (size, seed) in enumerate((size, seed) for size in sizes for seed in range(3)):
+            accuracy = 0.6 + 0.01 * index + (0.0 if values is None else values[index])
+            results.append(
+                {
+                    "group": "main", "method": method, "size": size, "seed": seed,
+                    "common": {"policy_accuracy": accuracy},
+                    "metrics": {"policy_accuracy": accuracy, "clip_rate": 0.0 if "no_ctro" in method else 0.9},
+                    "train": {"max_loss": 0.8, "nonfinite_steps": []},
+                }
+            )  # fmt: skip
+    return results
+
+
+def test_pooled_differences_take_every_size_and_seed(study):
+    results = _results(study, {"mrpo": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]})
+    pooled = study.pooled_differences(results, "policy_accuracy")
+    assert pooled["mrpo"] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+
+
+def test_judge_names_the_interval(study):
+    assert "supported" in study.judge(0.10, 0.02, 3)
+    assert "weaker than claimed" in study.judge(0.03, 0.02, 3)
+    assert "contradicted" in study.judge(-0.05, 0.02, 3)
+    assert "contains 0" in study.judge(0.01, 0.05, 3)
+    assert "one seed" in study.judge(0.10, math.nan, 1)
+
+
+def test_verdicts_report_each_size_pooled_and_the_single_reference_claim(study):
+    clearly_worse = [-0.05, -0.06, -0.05, -0.04, -0.05, -0.06]
+    noisy = [0.05, -0.05, 0.04, -0.04, 0.01, -0.01]
+    results = _results(
+        study,
+        {"mrpo": noisy, "mdpo": clearly_worse, "dpo_external": clearly_worse, "mrpo_no_ctro": noisy},
+    )
+    text = "\n".join(study.verdicts(results))
+    assert "8 pairs: +1.3 ± 13.7 points" in text and "16 pairs: -1.3" in text
+    assert "Pooled over sizes and seeds: +0.0" in text
+    # mdpo is clearly behind, no multi-reference variant clearly ahead: the later study's claim holds here
+    assert "3 multi-reference variants" in text and "above 0 for 0" in text
+    assert "below 0 for 1 (`mdpo`)" in text and "**Supported**" in text
+    assert "DPO with Gemma as the only reference − DPO with SmolLM2: -5.2" in text
+    assert "`mrpo_no_ctro` clips 0.0%" in text and "`mrpo` clips 90.0%" in text
+
+
+def test_sizes_flag_parses_and_refuses_nonsense(study):
+    assert study.parse_sizes("32,128, 220") == (32, 128, 220)
+    for bad in ("", "a,b", "0,32"):
+        with pytest.raises(SystemExit, match="--sizes"):
+            study.parse_sizes(bad)
+
+
+def test_report_only_uses_the_saved_settings_and_leaves_them_alone(study, tmp_path):
+    with pytest.raises(SystemExit, match="no study.json"):
+        study.saved_settings(tmp_path)
+    settings = study.StudySettings(sizes=(8,), seeds=(0, 1), methods=("dpo",), stability=())
+    study.check_settings(tmp_path, settings, resume=False)
+    before = (tmp_path / "study.json").read_text(encoding="utf-8")
+    assert study.saved_settings(tmp_path) == settings
+    assert (tmp_path / "study.json").read_text(encoding="utf-8") == before
