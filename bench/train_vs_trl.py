@@ -6,6 +6,9 @@ step, steps WARMUP+1..STEPS timed, tokens counted without padding):
 - ``trl_gc0`` / ``trl_gc1``: TRL 1.16 ``DPOTrainer`` with precomputed reference log-probs, without / with its
   default gradient checkpointing (the baseline of the speed goal);
 - ``mrpo_k1_padded``: mrpo with one cached reference (DPO), padded batches, sdpa;
+- ``mrpo_k1_padded_budget``: the same with token-budget micro-batches (``policy.micro_batch_tokens``, default room
+  for two of the longest pairs): each step's 8 pairs sorted by length and split so that no forward pads beyond the
+  budget; the optimizer still steps on all 8;
 - ``mrpo_k1_packed`` / ``mrpo_k4_packed``: padding-free batches (flex_attention on CUDA, sdpa on CPU) with one and
   four cached references. The four columns are the one computed reference plus shifted copies: a step's cost
   does not depend on the values, and references are never in memory during training -- that is the claim measured;
@@ -186,8 +189,9 @@ def tokenize(rows, view: ModelView, max_length: int) -> list[TokenizedPair]:
 
 
 def run_mrpo(
-    args, pairs, view, reference_logps, config, *, name, references, packed, compiled, n_params, peak
-):
+    args, pairs, view, reference_logps, config, *, name, references, packed, compiled, n_params, peak,
+    micro_batch_tokens=None,
+):  # fmt: skip
     from transformers import TrainingArguments
 
     attn = ("flex_attention" if args.device == "cuda" else "sdpa") if packed else "sdpa"
@@ -198,6 +202,7 @@ def run_mrpo(
         pad_token_id=view.pad_token_id,
         padding_free=packed,
         pad_to_multiple_of=args.bucket if compiled else None,
+        micro_batch_tokens=micro_batch_tokens,
     )
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="mrpo-bench-"),
@@ -240,10 +245,13 @@ class CountingTrainer(MRPOTrainer):
         self.tokens_per_step: list[int] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if "sequence_index" in inputs:
-            self.tokens_per_step.append(int((inputs["sequence_index"] >= 0).sum()))
-        else:
-            self.tokens_per_step.append(int(inputs["attention_mask"].sum()))
+        tokens = 0
+        for batch in inputs.get("micro_batches", [inputs]):
+            if "sequence_index" in batch:
+                tokens += int((batch["sequence_index"] >= 0).sum())
+            else:
+                tokens += int(batch["attention_mask"].sum())
+        self.tokens_per_step.append(tokens)
         return super().training_step(model, inputs, num_items_in_batch)
 
 
@@ -275,6 +283,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--bucket", type=int, default=4096, help="packed row length multiple when compiled")
     parser.add_argument("--compile", action="store_true", help="also run the compiled padding-free variant")
+    parser.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=None,
+        help="token budget of the mrpo_k1_padded_budget variant (default 4 x the longest sequence)",
+    )
     parser.add_argument("--only", nargs="*", help="run only these variants")
     parser.add_argument(
         "--budget-s", type=float, default=None, help="skip variants once this much time is spent"
@@ -311,11 +325,16 @@ def main() -> None:
         cleanup(args)
 
     common = {"n_params": n_params, "peak": peak}
+    longest = max(max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) for pair in pairs)
+    budget = args.micro_batch_tokens or 4 * longest  # room for two of the longest pairs, padded
     variants = {
         "trl_gc0": lambda: run_trl(args, rows, tokenizer, config, False, n_params, peak),
         "trl_gc1": lambda: run_trl(args, rows, tokenizer, config, True, n_params, peak),
         "mrpo_k1_padded": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k1_padded",
                                            references=1, packed=False, compiled=False, **common),
+        "mrpo_k1_padded_budget": lambda: run_mrpo(args, pairs, view, reference_logps, config,
+                                                  name="mrpo_k1_padded_budget", references=1, packed=False,
+                                                  compiled=False, micro_batch_tokens=budget, **common),
         "mrpo_k1_packed": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k1_packed",
                                            references=1, packed=True, compiled=False, **common),
         "mrpo_k4_packed": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k4_packed",
@@ -356,6 +375,7 @@ def report(results: dict) -> None:
     for a, b, label in (
         ("mrpo_k4_packed", "mrpo_k1_packed", "K=4 vs K=1 step time"),
         ("mrpo_k1_packed", "mrpo_k1_padded", "packed vs padded step time"),
+        ("mrpo_k1_padded_budget", "mrpo_k1_padded", "token-budget micro-batches vs one padded batch, step time"),
     ):
         if a in results and b in results:
             print(f"{label}: {results[a]['step_s'] / results[b]['step_s']:.3f}x")

@@ -117,3 +117,77 @@ def test_dataset_rejects_reference_columns_of_the_wrong_shape(chosen_shape, reje
     ]
     with pytest.raises(ValueError, match=r"expected \(K, 3\) each"):
         PreferenceDataset(pairs, torch.zeros(chosen_shape), torch.zeros(rejected_shape))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token-budget micro-batches
+
+
+def test_token_budget_groups_the_docstring_example():
+    from mrpo.collator import token_budget_groups
+
+    lengths = [(3, 4), (9, 10), (4, 2), (8, 8)]
+    assert token_budget_groups(lengths, 40, padded=True) == [[1, 3], [0, 2]]
+    # Packed, the cost is the total length: 19 + 16 = 35 fits 40, adding 7 would not; then 7 + 6.
+    assert token_budget_groups(lengths, 40, padded=False) == [[1, 3], [0, 2]]
+    assert token_budget_groups(lengths, 19, padded=False) == [[1], [3], [0, 2]]
+    # Rounded up to multiples of 16, every pair alone costs 2 x 16 = 32 padded and any two cost 64.
+    assert token_budget_groups(lengths, 40, padded=True, pad_to_multiple_of=16) == [[1], [3], [0], [2]]
+
+
+def test_token_budget_groups_respect_the_budget_and_cover_every_pair_once():
+    from mrpo.collator import forward_tokens, token_budget_groups
+
+    generator = torch.Generator().manual_seed(0)
+    for padded in (True, False):
+        for _ in range(50):
+            n = int(torch.randint(1, 20, (1,), generator=generator))
+            lengths = [tuple(int(x) for x in torch.randint(1, 60, (2,), generator=generator)) for _ in range(n)]
+            budget = int(torch.randint(1, 400, (1,), generator=generator))
+            groups = token_budget_groups(lengths, budget, padded=padded)
+            assert sorted(i for group in groups for i in group) == list(range(n))
+            for group in groups:
+                cost = forward_tokens([lengths[i] for i in group], padded=padded)
+                assert cost <= budget or len(group) == 1  # only a pair over the budget on its own may exceed it
+            # Greedy: merging a group with the first pair of the next one would break the budget.
+            for group, following in zip(groups, groups[1:]):
+                merged = [lengths[i] for i in [*group, following[0]]]
+                assert forward_tokens(merged, padded=padded) > budget
+
+
+def test_token_budget_groups_refuse_a_budget_below_one():
+    from mrpo.collator import token_budget_groups
+
+    with pytest.raises(ValueError, match="budget"):
+        token_budget_groups([(3, 4)], 0, padded=True)
+
+
+def _pairs_of_lengths(lengths):
+    return [
+        {"pair_id": str(i), "chosen_input_ids": list(range(1, c + 1)), "chosen_prompt_length": 1,
+         "rejected_input_ids": list(range(2, r + 2)), "rejected_prompt_length": 1,
+         "reference_chosen_logps": [-1.0 - i], "reference_rejected_logps": [-2.0 - i]}
+        for i, (c, r) in enumerate(lengths)
+    ]  # fmt: skip
+
+
+def test_collator_splits_over_the_budget_and_weights_each_micro_batch_by_its_pairs():
+    examples = _pairs_of_lengths([(3, 4), (9, 10), (4, 2), (8, 8)])
+    batch = PreferenceCollator(pad_token_id=0, micro_batch_tokens=40)(examples)
+    assert list(batch) == ["micro_batches"]
+    first, second = batch["micro_batches"]
+    assert first["input_ids"].shape == (4, 10) and second["input_ids"].shape == (4, 4)
+    assert first["reference_chosen_logps"].tolist() == [[-2.0, -4.0]]  # pairs 1 and 3
+    assert second["reference_chosen_logps"].tolist() == [[-1.0, -3.0]]  # pairs 0 and 2
+    assert first["loss_weight"] == second["loss_weight"] == 0.5
+    # Each micro-batch is exactly what the collator makes of its pairs alone.
+    alone = PreferenceCollator(pad_token_id=0)([examples[1], examples[3]])
+    assert as_lists(alone) == {k: v.tolist() for k, v in first.items() if k != "loss_weight"}
+
+
+def test_collator_within_the_budget_returns_one_plain_batch():
+    examples = _pairs_of_lengths([(3, 4), (9, 10)])
+    for padding_free in (False, True):
+        plain = PreferenceCollator(pad_token_id=0, padding_free=padding_free)(examples)
+        budgeted = PreferenceCollator(pad_token_id=0, padding_free=padding_free, micro_batch_tokens=1000)(examples)
+        assert as_lists(budgeted) == as_lists(plain)

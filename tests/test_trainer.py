@@ -300,9 +300,15 @@ def _launch_worker(command: list[str], out_dir: Path) -> tuple[dict, dict[str, t
     )
 
 
-def test_two_processes_match_one_process(llama_dir, workdir):
+@pytest.mark.parametrize(
+    "micro_batch_tokens",
+    [None, pytest.param(1, marks=pytest.mark.slow, id="each-pair-its-own-micro-batch")],
+)
+def test_two_processes_match_one_process(llama_dir, workdir, micro_batch_tokens):
     worker = str(SCRIPTS / "trainer_worker.py")
-    single_out, double_out = workdir / "one-process", workdir / "two-processes"
+    budget = [] if micro_batch_tokens is None else ["--micro-batch-tokens", str(micro_batch_tokens)]
+    single_out = workdir / f"one-process-{micro_batch_tokens}"
+    double_out = workdir / f"two-processes-{micro_batch_tokens}"
     single, single_parameters = _launch_worker(
         [sys.executable, worker, str(llama_dir), str(workdir / "cache-1p"), str(single_out),
          "--per-device-batch", "4", "--max-steps", "4"],
@@ -313,7 +319,7 @@ def test_two_processes_match_one_process(llama_dir, workdir):
         [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
          worker, str(llama_dir), str(workdir / "cache-2p"), str(double_out),
-         "--per-device-batch", "2", "--max-steps", "4", "--world-size", "2"],
+         "--per-device-batch", "2", "--max-steps", "4", "--world-size", "2", *budget],
         double_out,
     )  # fmt: skip
     assert (single["world_size"], double["world_size"]) == (1, 2)
@@ -457,3 +463,77 @@ def test_compiled_decoder_layers_train_like_eager(two_reference_dataset, workdir
         results.append(train_logs(trainer))
     for eager_step, compiled_step in zip(*results, strict=True):
         assert compiled_step["loss"] == pytest.approx(eager_step["loss"], rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token-budget micro-batches train exactly like the whole batch
+
+
+def _budget_that_splits_unevenly(dataset, batch_size: int, padded: bool) -> int:
+    """A budget under which the first batch splits into micro-batches of different sizes."""
+    from mrpo.collator import token_budget_groups
+
+    lengths = [
+        (len(dataset[i]["chosen_input_ids"]), len(dataset[i]["rejected_input_ids"])) for i in range(batch_size)
+    ]
+    for budget in range(1, 10_000):
+        sizes = {len(group) for group in token_budget_groups(lengths, budget, padded=padded)}
+        if len(sizes) > 1:
+            return budget
+    raise AssertionError("no budget splits the batch unevenly")
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_token_budget_micro_batches_train_like_the_whole_batch(two_reference_dataset, workdir, padding_free):
+    start = tiny_llama()
+    uneven = _budget_that_splits_unevenly(two_reference_dataset, 4, padded=not padding_free)
+    results = []
+    for budget, accumulation in ((None, 1), (1, 1), (uneven, 1), (uneven, 2)):
+        model = copy.deepcopy(start).train()
+        args = setup.training_arguments(
+            workdir / f"budget-{padding_free}-{budget}-{accumulation}",
+            per_device_train_batch_size=4 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            max_grad_norm=0.0,
+        )
+        trainer = setup.make_trainer(
+            model, two_reference_dataset, args, padding_free=padding_free, micro_batch_tokens=budget
+        )
+        trainer.train()
+        results.append((parameters(model), train_logs(trainer)))
+    (whole, whole_logs), *split_runs = results
+    moved = max((whole[name] - p).abs().max().item() for name, p in parameters(start).items())
+    assert moved > 1e-3
+    for split, split_logs in split_runs:
+        for name, value in split.items():
+            torch.testing.assert_close(value, whole[name], rtol=1e-5, atol=1e-6, msg=name)
+        for whole_step, split_step in zip(whole_logs, split_logs, strict=True):
+            for name in ("loss", *setup.LOSS_METRIC_NAMES):
+                assert split_step[name] == pytest.approx(whole_step[name], rel=1e-5, abs=1e-6), name
+
+
+def test_token_budget_micro_batches_evaluate_like_the_whole_batch(two_reference_dataset, workdir):
+    model = tiny_llama().eval()
+    metrics = []
+    for budget in (None, 1):
+        args = setup.training_arguments(workdir / f"eval-budget-{budget}", per_device_eval_batch_size=8)
+        trainer = setup.make_trainer(
+            model, two_reference_dataset, args, eval_dataset=two_reference_dataset, micro_batch_tokens=budget
+        )
+        metrics.append(trainer.evaluate())
+    whole, split = metrics
+    for name in ("eval_loss", *(f"eval_{name}" for name in spec_metric_names(2))):
+        assert split[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
+
+
+def test_token_budget_is_refused_under_deepspeed(two_reference_dataset, workdir):
+    from mrpo.config import ConfigError
+
+    args = setup.training_arguments(workdir / "deepspeed-budget")
+    trainer = setup.make_trainer(tiny_llama(), two_reference_dataset, args, micro_batch_tokens=64)
+    trainer.is_deepspeed_enabled = True  # what Trainer.__init__ sets from accelerate's DeepSpeed plugin
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        trainer._refuse_unsupported_micro_batches()
+    trainer.data_collator.micro_batch_tokens = None
+    trainer._refuse_unsupported_micro_batches()  # without a budget DeepSpeed is fine

@@ -102,14 +102,43 @@ class PreferenceCollator:
     With ``padding_free=True`` the 2B sequences are packed into one row instead (``logprobs.pack_sequences``:
     ``input_ids``, ``position_ids``, ``completion_mask``, ``sequence_index``), for attention kernels that respect
     document boundaries; the trainer picks the matching log-prob path from the batch's keys.
+
+    With ``micro_batch_tokens`` set, a batch whose forward would cost more tokens than that (padded: 2 x pairs x
+    longest sequence; packed: the total length) is split by ``token_budget_groups`` into length-grouped micro-batches,
+    returned as ``{"micro_batches": [batch, ...]}``; each carries ``loss_weight`` = its share of the pairs, so that the
+    weighted sum of the micro-batch losses is the loss of the whole batch (the MRPO loss is a mean over pairs, and
+    nothing in it couples two pairs). A batch within the budget is returned as one batch, as without the option.
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
+    micro_batch_tokens: int | None = None
 
-    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        self._check(examples)
+        if self.micro_batch_tokens is None:
+            return self._collate(examples)
+        lengths = [
+            (len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples
+        ]
+        groups = token_budget_groups(
+            lengths,
+            self.micro_batch_tokens,
+            padded=not self.padding_free,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        if len(groups) == 1:
+            return self._collate(examples)
+        micro_batches = []
+        for group in groups:
+            batch = self._collate([examples[i] for i in group])
+            batch["loss_weight"] = len(group) / len(examples)
+            micro_batches.append(batch)
+        return {"micro_batches": micro_batches}
+
+    def _check(self, examples: Sequence[dict[str, Any]]) -> None:
         if not examples:
             raise CollatorError("empty batch: the collator got no examples")
         for position, example in enumerate(examples):
@@ -125,6 +154,8 @@ class PreferenceCollator:
                 raise CollatorError(
                     f"example {position} of the batch (pair {pair}) lacks {', '.join(missing)}.{hint}"
                 )
+
+    def _collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = [
             TokenizedSequence(tuple(e[f"{side}_input_ids"]), int(e[f"{side}_prompt_length"]))
             for side in ("chosen", "rejected")
@@ -148,3 +179,50 @@ class PreferenceCollator:
                 [torch.as_tensor(e[f"reference_{side}_logps"], dtype=torch.float32) for e in examples], dim=1
             )
         return batch
+
+
+def forward_tokens(
+    lengths: Sequence[tuple[int, int]], *, padded: bool, pad_to_multiple_of: int | None = None
+) -> int:
+    """Tokens one policy forward over these pairs' chosen and rejected sequences processes, padding included."""
+
+    def round_up(n: int) -> int:
+        return -(-n // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else n
+
+    if padded:
+        return 2 * len(lengths) * round_up(max(max(pair) for pair in lengths))
+    return round_up(sum(sum(pair) for pair in lengths))
+
+
+def token_budget_groups(
+    lengths: Sequence[tuple[int, int]],
+    budget: int,
+    *,
+    padded: bool,
+    pad_to_multiple_of: int | None = None,
+) -> list[list[int]]:
+    """Split pairs into micro-batches whose forward costs at most ``budget`` tokens (``forward_tokens``).
+
+    ``lengths`` holds each pair's (chosen, rejected) sequence lengths. Pairs are taken longest first and a group is
+    closed when the next pair would take it over the budget, so the padded path pads short pairs only to other
+    short pairs. The two sequences of a pair always share a micro-batch (the loss needs both); a pair that alone
+    exceeds the budget is a micro-batch of its own. Returns indices into ``lengths``, every index exactly once.
+
+    Example, padded, budget 40: lengths [(3, 4), (9, 10), (4, 2), (8, 8)] -> [[1, 3], [0, 2]]
+    (pairs 1 and 3 cost 2 x 2 x 10 = 40; adding pair 0 would cost 60, so it opens the next group).
+    """
+    if budget < 1:
+        raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
+    order = sorted(range(len(lengths)), key=lambda i: (-max(lengths[i]), i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        candidate = [*current, index]
+        cost = forward_tokens([lengths[i] for i in candidate], padded=padded, pad_to_multiple_of=pad_to_multiple_of)
+        if current and cost > budget:
+            groups.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups

@@ -308,12 +308,15 @@ class PolicyConfig:
     """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes."""
     compile: bool = False
     """torch.compile the decoder layers (worth it on GPUs; pair it with pad_to_multiple_of, e.g. 4096, packed)."""
+    micro_batch_tokens: int | None = None
+    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. null = one forward per batch."""
 
     def __post_init__(self) -> None:
         _check_field_types(self, "policy")
         for name in ("model", "tokenizer", "attn_implementation"):
             _require_text(self, "policy", name)
         _require_at_least(self, "policy", "pad_to_multiple_of", 1)
+        _require_at_least(self, "policy", "micro_batch_tokens", 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -269,6 +269,7 @@ def run_train(
             padding_side=views.policy.padding_side,
             pad_to_multiple_of=config.policy.pad_to_multiple_of,
             padding_free=padding_free_enabled(config.policy.padding_free, config.policy.attn_implementation),
+            micro_batch_tokens=config.policy.micro_batch_tokens,
         ),
         processing_class=views.policy.tokenizer,
         loss=config.loss,

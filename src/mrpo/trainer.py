@@ -8,6 +8,7 @@ file only wires it in and accumulates the spec's §5 statistics between logging 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mrpo.config import LossConfig
+from mrpo.config import ConfigError, LossConfig
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import mrpo_loss
 
@@ -73,6 +74,38 @@ class MRPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
+        self._refuse_unsupported_micro_batches()
+
+    def _refuse_unsupported_micro_batches(self) -> None:
+        if getattr(self.data_collator, "micro_batch_tokens", None) and self.is_deepspeed_enabled:
+            raise ConfigError(
+                "policy.micro_batch_tokens does not work under DeepSpeed (its engine counts every backward pass as "
+                "an accumulation step): leave it unset and use training.gradient_accumulation_steps",
+                key="policy.micro_batch_tokens",
+            )
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """One batch; a batch the collator split under its token budget is a forward and backward per micro-batch.
+
+        Gradients add up across the micro-batches (each loss carries its share of the pairs as ``loss_weight``);
+        under DDP only the last backward synchronises them.
+        """
+        micro_batches = inputs.get("micro_batches")
+        if micro_batches is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        losses = []
+        for index, micro_batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = (
+                model.no_sync()
+                if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                else contextlib.nullcontext()
+            )
+            with sync:
+                losses.append(super().training_step(model, micro_batch, num_items_in_batch))
+        return torch.stack(losses).sum()
 
     def compute_loss(
         self,
@@ -111,12 +144,14 @@ class MRPOTrainer(Trainer):
             **self._loss_kwargs,
         )
         self._metrics["train" if model.training else "eval"].add(output.pair_statistics())
+        # A micro-batch of a batch split under a token budget carries its share of the batch's pairs.
+        loss = output.loss * inputs["loss_weight"] if "loss_weight" in inputs else output.loss
         if return_outputs:
-            return output.loss, {
+            return loss, {
                 "chosen_rewards": output.chosen_rewards,
                 "rejected_rewards": output.rejected_rewards,
             }
-        return output.loss
+        return loss
 
     def prediction_step(
         self,
@@ -127,7 +162,7 @@ class MRPOTrainer(Trainer):
     ):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+            loss = sum(self.compute_loss(model, batch) for batch in inputs.get("micro_batches", [inputs]))
         return loss.detach(), None, None
 
     def evaluate(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:

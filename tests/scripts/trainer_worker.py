@@ -151,10 +151,14 @@ def make_trainer(
     loss: LossConfig | None = None,
     callbacks: list | None = None,
     padding_free: bool = False,
+    micro_batch_tokens: int | None = None,
 ) -> MRPOTrainer:
     view = ModelView(bpe_tokenizer(), name="policy")
     collator = PreferenceCollator(
-        pad_token_id=view.pad_token_id, padding_side=view.padding_side, padding_free=padding_free
+        pad_token_id=view.pad_token_id,
+        padding_side=view.padding_side,
+        padding_free=padding_free,
+        micro_batch_tokens=micro_batch_tokens,
     )
     return MRPOTrainer(
         model=model,
@@ -180,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--world-size", type=int, default=1, help="fail unless this many processes train")
+    parser.add_argument(
+        "--micro-batch-tokens", type=int, default=None, help="split each batch under this token budget"
+    )
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -194,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.world_size != options.world_size:
         raise SystemExit(f"expected {options.world_size} processes, the launcher started {args.world_size}")
-    trainer = make_trainer(load_policy_model(options.model_dir), dataset, args)
+    trainer = make_trainer(
+        load_policy_model(options.model_dir), dataset, args, micro_batch_tokens=options.micro_batch_tokens
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
