@@ -16,8 +16,8 @@ def worked_example() -> list[dict]:
     ]  # fmt: skip
 
 
-def as_lists(batch: dict[str, torch.Tensor]) -> dict[str, list]:
-    return {name: tensor.tolist() for name, tensor in batch.items()}
+def as_lists(batch: dict) -> dict[str, list]:
+    return {name: value.tolist() if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
 def test_worked_example_of_the_docstring():
@@ -32,6 +32,7 @@ def test_worked_example_of_the_docstring():
         ],  # states (0,1), (1,1), (1,2) predict completion tokens
         "reference_chosen_logps": [[-1.0], [-2.0]],
         "reference_rejected_logps": [[-3.0], [-4.0]],
+        "pair_ids": ["a"],
     }
     assert all(batch[name].dtype == torch.long for name in ("input_ids", "attention_mask", "completion_mask"))
     assert batch["reference_chosen_logps"].dtype == torch.float32
@@ -53,6 +54,7 @@ def test_two_pairs_left_padding_chosen_rows_first():
         "prediction_positions": [[0, 1, 2, 2, 3, 3], [2, 2, 1, 2, 1, 2]],
         "reference_chosen_logps": [[-1.0, -5.0], [-2.0, -6.0]],  # (K, B)
         "reference_rejected_logps": [[-3.0, -7.0], [-4.0, -8.0]],
+        "pair_ids": ["a", "b"],
     }
 
 
@@ -182,7 +184,8 @@ def test_collator_splits_over_the_budget_and_weights_each_micro_batch_by_its_pai
     assert first["loss_weight"] == second["loss_weight"] == 0.5
     # Each micro-batch is exactly what the collator makes of its pairs alone.
     alone = PreferenceCollator(pad_token_id=0)([examples[1], examples[3]])
-    assert as_lists(alone) == {k: v.tolist() for k, v in first.items() if k != "loss_weight"}
+    assert as_lists(alone) == {k: v for k, v in as_lists(first).items() if k != "loss_weight"}
+    assert first["pair_ids"] == ["1", "3"] and second["pair_ids"] == ["0", "2"]
 
 
 def test_collator_within_the_budget_returns_one_plain_batch():

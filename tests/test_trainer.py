@@ -537,3 +537,49 @@ def test_token_budget_is_refused_under_deepspeed(two_reference_dataset, workdir)
         trainer._refuse_unsupported_micro_batches()
     trainer.data_collator.micro_batch_tokens = None
     trainer._refuse_unsupported_micro_batches()  # without a budget DeepSpeed is fine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite log-probs stop training with the step, the pair id and a remedy
+
+
+def test_a_diverged_policy_stops_training_naming_the_step_and_pair(dataset, workdir):
+    from mrpo.trainer import TrainingError
+
+    model = tiny_llama().train()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # every hidden state, hence every log-prob, is NaN
+    args = setup.training_arguments(workdir / "diverged", per_device_train_batch_size=4, max_steps=2)
+    trainer = setup.make_trainer(model, dataset, args)
+    first_pair = dataset.pairs[0].pair_id
+    with pytest.raises(TrainingError, match=rf"training step 1: the policy's log-prob of pair '{first_pair}'"):
+        trainer.train()
+
+
+def test_a_non_finite_cached_reference_names_the_reference_and_pair(dataset, workdir):
+    from mrpo.trainer import TrainingError
+
+    chosen = dataset.reference_chosen_logps.clone()
+    chosen[0, 2] = float("inf")
+    broken = PreferenceDataset(dataset.pairs, chosen, dataset.reference_rejected_logps)
+    args = setup.training_arguments(workdir / "bad-reference", per_device_eval_batch_size=4)
+    trainer = setup.make_trainer(tiny_llama(), broken, args, eval_dataset=broken)
+    with pytest.raises(TrainingError, match=rf"evaluation: the cached log-prob of reference 1 for pair "
+                                            rf"'{dataset.pairs[2].pair_id}'"):  # fmt: skip
+        trainer.evaluate()
+
+
+def test_cli_prints_a_training_error_on_one_line(monkeypatch, tmp_path, capsys):
+    import mrpo.pipeline
+    from mrpo.cli import main
+    from mrpo.trainer import TrainingError
+
+    def diverge(config, resume=None):
+        raise TrainingError("training step 7: the policy's log-prob of pair 'p1' is not finite")
+
+    monkeypatch.setattr(mrpo.pipeline, "run_train", diverge)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+    assert main(["train", str(config), f"training.output_dir={tmp_path}"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "mrpo train: error: training step 7: the policy's log-prob of pair 'p1' is not finite"
+    )

@@ -260,6 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, CacheError) as error:
         print(f"mrpo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        # mrpo.trainer (slow to import) raised it only if some command imported it.
+        trainer = sys.modules.get("mrpo.trainer")
+        if trainer is None or not isinstance(error, trainer.TrainingError):
+            raise
+        print(f"mrpo {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Worked example (pad id 0, right padding, K = 2)::
     batch["prediction_positions"] == [[0, 1, 1], [1, 1, 2]]   # (row, column) of states predicting completions
     batch["reference_chosen_logps"]   == [[-1.0], [-2.0]]         # (K, B)
     batch["reference_rejected_logps"] == [[-3.0], [-4.0]]
+    batch["pair_ids"]                 == ["a"]                    # for error messages
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class PreferenceCollator:
                     f"example {position} of the batch (pair {pair}) lacks {', '.join(missing)}.{hint}"
                 )
 
-    def _collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         sequences = [
             TokenizedSequence(tuple(e[f"{side}_input_ids"]), int(e[f"{side}_prompt_length"]))
             for side in ("chosen", "rejected")
@@ -170,6 +171,7 @@ class PreferenceCollator:
                 padding_side=self.padding_side,
                 pad_to_multiple_of=self.pad_to_multiple_of,
             )
+        batch["pair_ids"] = [str(e.get("pair_id", position)) for position, e in enumerate(examples)]
         num_references = {len(e["reference_chosen_logps"]) for e in examples}
         num_references |= {len(e["reference_rejected_logps"]) for e in examples}
         if len(num_references) != 1:

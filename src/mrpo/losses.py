@@ -422,6 +422,16 @@ def _check_inputs(
             raise ValueError(f"log-probs must be floating point tensors, got dtype {tensor.dtype}")
 
 
+class NonFiniteLogpsError(ValueError):
+    """A log-prob given to the loss is NaN or infinite; ``pair`` is its index in the batch, ``reference`` the row."""
+
+    def __init__(self, message: str, *, tensor: str, pair: int, reference: int | None = None):
+        super().__init__(message)
+        self.tensor = tensor
+        self.pair = pair
+        self.reference = reference
+
+
 def _check_finite(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -441,9 +451,11 @@ def _check_finite(
     for name, tensor in (("policy_chosen_logps", policy_chosen), ("policy_rejected_logps", policy_rejected)):
         bad = (~torch.isfinite(tensor)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(
+            raise NonFiniteLogpsError(
                 f"{name} is not finite for pair {bad[0]} (value {tensor[bad[0]].item()}); "
-                f"{len(bad)} pair(s) affected: {bad[:10]}"
+                f"{len(bad)} pair(s) affected: {bad[:10]}",
+                tensor=name,
+                pair=bad[0],
             )
     for name, tensor in (
         ("reference_chosen_logps", reference_chosen),
@@ -453,7 +465,10 @@ def _check_finite(
         if bad:
             k, b = bad[0]
             role = "the initialising reference" if k == 0 else "an external reference"
-            raise ValueError(
+            raise NonFiniteLogpsError(
                 f"{name} is not finite for reference {k + 1} ({role}, row {k}) at pair {b} "
-                f"(value {tensor[k, b].item()}); {len(bad)} value(s) affected"
+                f"(value {tensor[k, b].item()}); {len(bad)} value(s) affected",
+                tensor=name,
+                pair=b,
+                reference=k,
             )

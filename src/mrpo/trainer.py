@@ -19,7 +19,11 @@ from transformers import Trainer, TrainerCallback
 
 from mrpo.config import ConfigError, LossConfig
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
-from mrpo.losses import mrpo_loss
+from mrpo.losses import NonFiniteLogpsError, mrpo_loss
+
+
+class TrainingError(RuntimeError):
+    """Training (or evaluation inside the Trainer) cannot go on; the message names the step, the pair and a remedy."""
 
 
 class MetricAccumulator:
@@ -136,13 +140,16 @@ class MRPOTrainer(Trainer):
                 inputs["completion_mask"],
                 prediction_positions=inputs.get("prediction_positions"),
             )
-        output = mrpo_loss(
-            policy.logps[:batch_size],
-            policy.logps[batch_size:],
-            reference_chosen,
-            reference_rejected,
-            **self._loss_kwargs,
-        )
+        try:
+            output = mrpo_loss(
+                policy.logps[:batch_size],
+                policy.logps[batch_size:],
+                reference_chosen,
+                reference_rejected,
+                **self._loss_kwargs,
+            )
+        except NonFiniteLogpsError as error:
+            raise self._non_finite(error, inputs, training=model.training) from error
         self._metrics["train" if model.training else "eval"].add(output.pair_statistics())
         # A micro-batch of a batch split under a token budget carries its share of the batch's pairs.
         loss = output.loss * inputs["loss_weight"] if "loss_weight" in inputs else output.loss
@@ -152,6 +159,21 @@ class MRPOTrainer(Trainer):
                 "rejected_rewards": output.rejected_rewards,
             }
         return loss
+
+    def _non_finite(self, error: NonFiniteLogpsError, inputs: dict[str, Any], *, training: bool) -> TrainingError:
+        pair_ids = inputs.get("pair_ids")
+        pair = f"pair {pair_ids[error.pair]!r}" if pair_ids else f"pair {error.pair} of the batch"
+        where = f"training step {self.state.global_step + 1}" if training else "evaluation"
+        if error.reference is None:
+            return TrainingError(
+                f"{where}: the policy's log-prob of {pair} is not finite ({error}). Nothing was applied for this "
+                f"step; checkpoints already saved under {self.args.output_dir} are kept. The policy has diverged: "
+                "lower training.learning_rate, keep training.max_grad_norm above 0, or train in float32."
+            )
+        return TrainingError(
+            f"{where}: the cached log-prob of reference {error.reference + 1} for {pair} is not finite ({error}). "
+            "Recompute that reference's cache (delete its store under cache_dir, or run `mrpo precompute`)."
+        )
 
     def prediction_step(
         self,
