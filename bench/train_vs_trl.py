@@ -289,7 +289,7 @@ def main() -> None:
         default=None,
         help="token budget of the mrpo_k1_padded_budget variant (default 4 x the longest sequence)",
     )
-    parser.add_argument("--only", nargs="*", help="run only these variants")
+    parser.add_argument("--only", nargs="*", help="run only these variants, in this order")
     parser.add_argument(
         "--budget-s", type=float, default=None, help="skip variants once this much time is spent"
     )
@@ -346,9 +346,11 @@ def main() -> None:
             references=1, packed=True, compiled=True, **common,
         )  # fmt: skip
     results = {}
-    for name, run in variants.items():
-        if args.only and name not in args.only:
-            continue
+    unknown = sorted(set(args.only or ()) - set(variants))
+    if unknown:
+        raise SystemExit(f"--only: unknown variant(s) {unknown}; known: {sorted(variants)}")
+    for name in args.only or variants:  # --only also sets the order (what runs first survives --budget-s)
+        run = variants[name]
         if args.budget_s and time.perf_counter() - started > args.budget_s:
             print(f"SKIPPED {name}: time budget spent", flush=True)
             continue
