@@ -536,6 +536,9 @@ class TrainingConfig(Mapping[str, Any]):
             "report_to": "none",
             "logging_steps": 10,
             "remove_unused_columns": False,  # the MRPO collator needs the pair columns
+            # The loss already stops on a non-finite log-prob (a TrainingError); Trainer's filter would add a second
+            # host-device sync to every step only to hide a NaN loss from the log.
+            "logging_nan_inf_filter": False,
             "seed": 0,
         }
     )
