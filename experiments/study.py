@@ -546,11 +546,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def pooled_differences(
     results: Iterable[dict[str, Any]], key: str, baseline: str = BASELINE
 ) -> dict[str, list[float]]:
-    """method -> [method - baseline] over every (size, seed) where both ran: more pairs, one interval."""
-    pooled: dict[str, list[float]] = defaultdict(list)
-    for (_, method), values in paired_differences(results, key, baseline).items():
-        pooled[method].extend(values)
-    return dict(pooled)
+    """method -> one value per seed: its (method - baseline) difference averaged over the sizes where both ran.
+
+    The sizes of one seed share its nested subsample, training seed and test split, so their differences are not
+    independent: the seed, not the (size, seed) cell, is the unit of an interval over the pooled grid.
+    """
+    by_cell = {
+        (r["size"], r["method"], r["seed"]): metric_of(r, key) for r in results if r["group"] == "main"
+    }
+    per_seed: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (size, method, seed), value in sorted(by_cell.items()):
+        if method != baseline and (size, baseline, seed) in by_cell:
+            per_seed[method][seed].append(value - by_cell[(size, baseline, seed)])
+    return {
+        method: [statistics.fmean(values) for _, values in sorted(seeds.items())]
+        for method, seeds in per_seed.items()
+    }
 
 
 def judge(mean: float, half: float, n: int, claimed: float = 0.03) -> str:
@@ -580,7 +591,9 @@ def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
         text = "MRPO − DPO on held-out policy accuracy, paired by seed: " + "; ".join(parts) + "."
         if len(sizes) > 1:
             mean, half, n = mean_ci(pooled["mrpo"])
-            text += f" Pooled over sizes and seeds: {_pts(mean, half)} points (n={n}), {judge(mean, half, n)}."
+            text += (
+                f" Pooled over sizes (one value per seed): {_pts(mean, half)} points (n={n}), {judge(mean, half, n)}."
+            )
         lines.append(f"- *MRPO gains +3–7 points over DPO when data is scarce.* {text}")
     else:
         lines.append(
@@ -589,13 +602,17 @@ def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
 
     multi = [m for m in pooled if m in METHODS and len(METHODS[m].references) > 1]
     if multi:
-        summaries = {m: mean_ci(pooled[m]) for m in multi}
+        # Several variants against one baseline: Bonferroni-corrected intervals decide, so that one variant out
+        # of many excluding 0 by chance does not settle the claim.
+        confidence = 1 - 0.05 / len(multi)
+        summaries = {m: mean_ci(pooled[m], confidence) for m in multi}
         below = [m for m, (mean, _, _) in summaries.items() if mean < 0]
         significant_below = [m for m, (mean, half, n) in summaries.items() if n > 1 and mean + half < 0]
         significant_above = [m for m, (mean, half, n) in summaries.items() if n > 1 and mean - half > 0]
         text = (
-            f"Pooled over sizes and seeds, {len(below)} of {len(multi)} multi-reference variants have a mean "
-            f"below single-reference DPO; the interval lies below 0 for {len(significant_below)} "
+            f"Pooled over sizes (one value per seed), {len(below)} of {len(multi)} multi-reference variants have a "
+            f"mean below single-reference DPO; with Bonferroni-corrected {100 * confidence:.1f}% intervals the "
+            f"difference lies below 0 for {len(significant_below)} "
             f"({', '.join(f'`{m}`' for m in significant_below) or 'none'}) and above 0 for "
             f"{len(significant_above)} ({', '.join(f'`{m}`' for m in significant_above) or 'none'})."
         )
@@ -627,8 +644,8 @@ def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
                 f"`{method}` clips {_pct(statistics.fmean(clip[method]))}% and gives {_pts(mean, half)} (n={n})"
             )
         lines.append(
-            "- *CTRO strength (issue 7's sweep; the paper uses eps 0.1).* Pooled paired difference to DPO against "
-            "the mean clip rate on the test split: " + "; ".join(parts) + "."
+            "- *CTRO strength (issue 7's sweep; the paper uses eps 0.1).* Paired difference to DPO pooled over sizes "
+            "(one value per seed) against the mean clip rate on the test split: " + "; ".join(parts) + "."
         )
 
     stability = {r["method"]: r for r in results if r["group"] == "stability"}
@@ -712,6 +729,17 @@ def estimate_runtime(
     }
 
 
+def method_rank(method: str) -> int:
+    """Position in METHODS (the order the grid and the report list them), unknown names last."""
+    order = list(METHODS)
+    return order.index(method) if method in order else len(order)
+
+
+def in_method_order(cells: dict[tuple[int, str], Any]) -> list[tuple[tuple[int, str], Any]]:
+    """(size, method) cells sorted by size, then in METHODS order (DPO first), not alphabetically."""
+    return sorted(cells.items(), key=lambda item: (item[0][0], method_rank(item[0][1])))
+
+
 def render_markdown(
     results: Sequence[dict[str, Any]],
     settings: StudySettings,
@@ -774,7 +802,7 @@ def render_markdown(
         "max train loss",
     ]
     rows = []
-    for (size, method), (mean, half, n) in aggregated["policy_accuracy"].items():
+    for (size, method), (mean, half, n) in in_method_order(aggregated["policy_accuracy"]):
         cells = [str(size), f"`{method}`", str(n)]
         cells += [_pct(*aggregated[key][(size, method)][:2]) for key, _ in MAIN_KEYS]
         delta = mean - start["common"]["policy_accuracy"] if start else math.nan
@@ -783,13 +811,20 @@ def render_markdown(
         cells.append(f"{loss_mean:.3f}" if math.isfinite(loss_mean) else "–")
         rows.append(cells)
     lines += _table(header, rows)
-    for (size, method), (clip, _, _) in aggregated["clip_rate"].items():
-        if clip > 0.9:
-            lines.append(
-                f"- `{method}` at {size} pairs: CTRO clipped {100 * clip:.0f}% of the external log-probs on the test "
-                "split, so its virtual reference is the initialising one moved to the band edge: close to DPO "
-                "(spec §2)."
-            )
+    clip_by_method: dict[str, list[float]] = defaultdict(list)
+    for (_, method), (clip, _, _) in aggregated["clip_rate"].items():
+        clip_by_method[method].append(clip)
+    heavy = sorted(
+        ((method, statistics.fmean(v)) for method, v in clip_by_method.items() if statistics.fmean(v) > 0.9),
+        key=lambda item: method_rank(item[0]),
+    )
+    if heavy:
+        lines.append(
+            "- CTRO clipped more than 90% of the external log-probs on the test split for "
+            + ", ".join(f"`{method}` ({100 * clip:.0f}%)" for method, clip in heavy)
+            + ": there the external reference is replaced by the initialising one moved to the band edge, so the "
+            "method is close to DPO (spec §2)."
+        )
     lines.append("")
     if "accuracy" in plots:
         lines += [f"![policy accuracy]({plots['accuracy']})", ""]
@@ -800,15 +835,16 @@ def render_markdown(
         ("policy_accuracy", "policy acc."),
         ("reward_accuracy_vs_smollm2", "reward acc. vs SmolLM2"),
     ):
-        for (size, method), values in paired_differences(main, key).items():
+        for (size, method), values in in_method_order(paired_differences(main, key)):
             mean, half, n = mean_ci(values)
             per_seed = ", ".join(_pts(value) for value in values)
             rows.append([label, str(size), f"`{method}` − `dpo`", str(n), _pts(mean, half), per_seed])
         if len({r["size"] for r in main}) > 1:
-            for method, values in pooled_differences(main, key).items():
+            for method, values in sorted(pooled_differences(main, key).items(), key=lambda kv: method_rank(kv[0])):
                 mean, half, n = mean_ci(values)
-                rows.append([label, "all (pooled)", f"`{method}` − `dpo`", str(n), _pts(mean, half), ""])
-    lines += _table(["metric", "train pairs", "difference", "runs", "points", "per seed"], rows)
+                per_seed = ", ".join(_pts(value) for value in values)
+                rows.append([label, "all (mean per seed)", f"`{method}` − `dpo`", str(n), _pts(mean, half), per_seed])
+    lines += _table(["metric", "train pairs", "difference", "seeds", "points", "per seed"], rows)
     if "paired" in plots:
         lines += [f"![paired differences]({plots['paired']})", ""]
 
@@ -1091,10 +1127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.methods is not None:
         settings = dataclasses.replace(settings, methods=tuple(args.methods.split(",")))
     output_dir = Path(args.output_dir or ("runs/study-quick" if args.quick else "runs/study"))
-    output_dir.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         settings = saved_settings(output_dir)
     else:
+        output_dir.mkdir(parents=True, exist_ok=True)
         check_settings(output_dir, settings, args.resume)
     cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     models = {
@@ -1145,7 +1181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "time below is slower than on an idle machine)"
     )
     title = "Reproduction study"
-    if len(settings.sizes) == 1 or len(settings.seeds) == 1:
+    if (settings.sizes, settings.seeds, settings.methods) != (FULL.sizes, FULL.seeds, FULL.methods):
         title += (
             f" (reduced grid: sizes {list(settings.sizes)}, {len(settings.seeds)} seed(s), "
             f"{len(settings.methods)} methods)"

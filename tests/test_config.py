@@ -291,6 +291,11 @@ def test_from_dict_of_to_dict_is_identity():
             ["unknown key 'training.learnin_rate'", "did you mean 'training.learning_rate'?"],
         ),
         (["training.learning_rate=abc"], ["'training.learning_rate' must be a number", "'abc'"]),
+        (["policy.micro_batch_tokens=0"], ["'policy.micro_batch_tokens' must be at least 1", "0"]),
+        (
+            ["policy.micro_batch_tokens=1000", "policy.pad_to_multiple_of=4096"],
+            ["'policy.micro_batch_tokens' is below policy.pad_to_multiple_of (4096)", "1000"],
+        ),
         (["training.remove_unused_columns=true"], ["'training.remove_unused_columns' must stay false"]),
         (
             ["training.eval_strategy=steps"],

@@ -280,10 +280,11 @@ def _results(study, differences: dict[str, list[float]], sizes=(8, 16)):
     return results
 
 
-def test_pooled_differences_take_every_size_and_seed(study):
+def test_pooled_differences_average_each_seed_over_sizes(study):
+    # sizes 8 then 16, seeds 0..2 each: seed 0 has 0.01 (size 8) and 0.04 (size 16), and so on
     results = _results(study, {"mrpo": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]})
     pooled = study.pooled_differences(results, "policy_accuracy")
-    assert pooled["mrpo"] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    assert pooled["mrpo"] == pytest.approx([0.025, 0.035, 0.045])  # one value per seed: the unit of the interval
 
 
 def test_judge_names_the_interval(study):
@@ -303,7 +304,7 @@ def test_verdicts_report_each_size_pooled_and_the_single_reference_claim(study):
     )
     text = "\n".join(study.verdicts(results))
     assert "8 pairs: +1.3 ± 13.7 points" in text and "16 pairs: -1.3" in text
-    assert "Pooled over sizes and seeds: +0.0" in text
+    assert "Pooled over sizes (one value per seed): +0.0" in text and "(n=3)" in text
     # mdpo is clearly behind, no multi-reference variant clearly ahead: the later study's claim holds here
     assert "3 multi-reference variants" in text and "above 0 for 0" in text
     assert "below 0 for 1 (`mdpo`)" in text and "**Supported**" in text
@@ -326,3 +327,12 @@ def test_report_only_uses_the_saved_settings_and_leaves_them_alone(study, tmp_pa
     before = (tmp_path / "study.json").read_text(encoding="utf-8")
     assert study.saved_settings(tmp_path) == settings
     assert (tmp_path / "study.json").read_text(encoding="utf-8") == before
+
+
+def test_one_of_many_variants_excluding_zero_only_before_correction_settles_nothing(study):
+    modest = [-0.02, -0.03, -0.04, -0.02, -0.03, -0.04]  # per seed -0.02, -0.03, -0.04: t95 excludes 0
+    noisy = [0.05, -0.05, 0.04, -0.04, 0.01, -0.01]
+    mean, half, n = study.mean_ci([-0.02, -0.03, -0.04])
+    assert mean + half < 0  # uncorrected, the interval lies below 0
+    text = "\n".join(study.verdicts(_results(study, {"mrpo": noisy, "mdpo": modest, "mrpo_no_ctro": noisy})))
+    assert "below 0 for 0 (none)" in text and "**Not enough evidence**" in text

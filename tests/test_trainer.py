@@ -368,7 +368,7 @@ def expected_statistics(model, batch, loss: LossConfig) -> dict[str, torch.Tenso
             aggregation=loss.aggregation,
             align=loss.align,
         )
-    return output.pair_statistics()
+    return {**output.pair_statistics(), "loss": output.losses}
 
 
 def test_logged_metrics_are_means_of_per_pair_statistics_over_the_logging_window(
@@ -400,7 +400,7 @@ def test_logged_metrics_are_means_of_per_pair_statistics_over_the_logging_window
 
 def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, workdir):
     loss = LossConfig(beta=0.2)
-    model = tiny_llama().train()
+    model = tiny_llama(seed=1).train()  # not the reference's weights: the pairs' losses differ
     args = setup.training_arguments(
         workdir / "eval", per_device_eval_batch_size=3
     )  # 8 pairs: batches 3, 3, 2
@@ -417,7 +417,8 @@ def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, wor
         assert metrics[f"eval_{name}"] == pytest.approx(expected[name].mean().item(), rel=1e-5, abs=1e-6), (
             name
         )
-    assert "eval_loss" in metrics and math.isfinite(metrics["eval_loss"])
+    # Trainer repeats each batch's mean loss eval_batch_size times and cuts at the number of pairs: the pair mean.
+    assert metrics["eval_loss"] == pytest.approx(expected["loss"].mean().item(), rel=1e-5, abs=1e-6)
     # The train accumulator was not touched by evaluation, and the eval one was emptied by the log.
     assert trainer._metrics["train"].sums is None and trainer._metrics["eval"].sums is None
 
@@ -486,13 +487,17 @@ def _budget_that_splits_unevenly(dataset, batch_size: int, padded: bool) -> int:
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_token_budget_micro_batches_train_like_the_whole_batch(two_reference_dataset, workdir, padding_free):
     start = tiny_llama()
-    uneven = _budget_that_splits_unevenly(two_reference_dataset, 4, padded=not padding_free)
+    padded = not padding_free
+    uneven_of_8 = _budget_that_splits_unevenly(two_reference_dataset, 8, padded=padded)
+    uneven_of_4 = _budget_that_splits_unevenly(two_reference_dataset, 4, padded=padded)
     results = []
-    for budget, accumulation in ((None, 1), (1, 1), (uneven, 1), (uneven, 2)):
+    # 8 pairs per optimizer step throughout: one batch of 8 whole, split per pair, split unevenly, and two
+    # accumulated batches of 4, each split unevenly (micro-batch weights inside accumulation steps).
+    for budget, batch, accumulation in ((None, 8, 1), (1, 8, 1), (uneven_of_8, 8, 1), (uneven_of_4, 4, 2)):
         model = copy.deepcopy(start).train()
         args = setup.training_arguments(
             workdir / f"budget-{padding_free}-{budget}-{accumulation}",
-            per_device_train_batch_size=4 // accumulation,
+            per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulation,
             max_steps=2,
             max_grad_norm=0.0,
@@ -514,17 +519,18 @@ def test_token_budget_micro_batches_train_like_the_whole_batch(two_reference_dat
 
 
 def test_token_budget_micro_batches_evaluate_like_the_whole_batch(two_reference_dataset, workdir):
-    model = tiny_llama().eval()
+    model = tiny_llama(seed=1).eval()
     metrics = []
-    for budget in (None, 1):
-        args = setup.training_arguments(workdir / f"eval-budget-{budget}", per_device_eval_batch_size=8)
+    for budget in (None, 1, _budget_that_splits_unevenly(two_reference_dataset, 3, padded=True)):
+        args = setup.training_arguments(workdir / f"eval-budget-{budget}", per_device_eval_batch_size=3)
         trainer = setup.make_trainer(
             model, two_reference_dataset, args, eval_dataset=two_reference_dataset, micro_batch_tokens=budget
         )
         metrics.append(trainer.evaluate())
-    whole, split = metrics
-    for name in ("eval_loss", *(f"eval_{name}" for name in spec_metric_names(2))):
-        assert split[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
+    whole, *splits = metrics
+    for split in splits:
+        for name in ("eval_loss", *(f"eval_{name}" for name in spec_metric_names(2))):
+            assert split[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
 
 
 def test_token_budget_is_refused_under_deepspeed(two_reference_dataset, workdir):
@@ -537,6 +543,31 @@ def test_token_budget_is_refused_under_deepspeed(two_reference_dataset, workdir)
         trainer._refuse_unsupported_micro_batches()
     trainer.data_collator.micro_batch_tokens = None
     trainer._refuse_unsupported_micro_batches()  # without a budget DeepSpeed is fine
+
+
+def test_token_budget_is_refused_with_inputs_for_metrics(two_reference_dataset, workdir):
+    from mrpo.config import ConfigError
+
+    args = setup.training_arguments(workdir / "inputs-budget", include_for_metrics=["inputs"])
+    with pytest.raises(ConfigError, match="include_for_metrics"):
+        setup.make_trainer(tiny_llama(), two_reference_dataset, args, micro_batch_tokens=64)
+
+
+def test_split_batches_count_their_tokens_and_flops(two_reference_dataset, workdir):
+    counted = []
+    for budget in (None, 1):
+        args = setup.training_arguments(
+            workdir / f"tokens-{budget}", per_device_train_batch_size=4, max_steps=2,
+            include_num_input_tokens_seen="all",
+        )  # fmt: skip
+        trainer = setup.make_trainer(
+            tiny_llama().train(), two_reference_dataset, args, padding_free=True, micro_batch_tokens=budget
+        )
+        trainer.train()
+        counted.append((trainer.state.num_input_tokens_seen, trainer.state.total_flos))
+    (tokens, flos), (split_tokens, split_flos) = counted
+    assert tokens > 0 and split_tokens == tokens  # packed rows: every token is a real one, split or not
+    assert flos > 0 and split_flos == pytest.approx(flos)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ class PolicyConfig:
     compile: bool = False
     """torch.compile the decoder layers (worth it on GPUs; pair it with pad_to_multiple_of, e.g. 4096, packed)."""
     micro_batch_tokens: int | None = None
-    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. null = one forward per batch."""
+    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; both rounded up to pad_to_multiple_of) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. null = one forward per batch."""
 
     def __post_init__(self) -> None:
         _check_field_types(self, "policy")
@@ -317,6 +317,14 @@ class PolicyConfig:
             _require_text(self, "policy", name)
         _require_at_least(self, "policy", "pad_to_multiple_of", 1)
         _require_at_least(self, "policy", "micro_batch_tokens", 1)
+        if self.micro_batch_tokens and self.pad_to_multiple_of and self.micro_batch_tokens < self.pad_to_multiple_of:
+            _fail(
+                "policy",
+                "micro_batch_tokens",
+                self.micro_batch_tokens,
+                f"is below policy.pad_to_multiple_of ({self.pad_to_multiple_of}): every pair would be a micro-batch "
+                "of its own; use a budget of several multiples",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,15 @@ class MRPOTrainer(Trainer):
         self._refuse_unsupported_micro_batches()
 
     def _refuse_unsupported_micro_batches(self) -> None:
-        if getattr(self.data_collator, "micro_batch_tokens", None) and self.is_deepspeed_enabled:
+        if not getattr(self.data_collator, "micro_batch_tokens", None):
+            return
+        if "inputs" in (self.args.include_for_metrics or []):
+            raise ConfigError(
+                "policy.micro_batch_tokens cannot be combined with training.include_for_metrics=['inputs'] (a split "
+                "batch has no single input_ids tensor)",
+                key="policy.micro_batch_tokens",
+            )
+        if self.is_deepspeed_enabled:
             raise ConfigError(
                 "policy.micro_batch_tokens does not work under DeepSpeed (its engine counts every backward pass as "
                 "an accumulation step): leave it unset and use training.gradient_accumulation_steps",
@@ -93,23 +101,33 @@ class MRPOTrainer(Trainer):
     ) -> torch.Tensor:
         """One batch; a batch the collator split under its token budget is a forward and backward per micro-batch.
 
-        Gradients add up across the micro-batches (each loss carries its share of the pairs as ``loss_weight``);
-        under DDP only the last backward synchronises them.
+        Gradients add up across the micro-batches (each loss carries its share of the pairs as ``loss_weight``).
+        Under DDP (compiled or not) only the last backward synchronises them; FSDP reduces after every micro-batch
+        (correct, just not deferred).
         """
         micro_batches = inputs.get("micro_batches")
         if micro_batches is None:
             return super().training_step(model, inputs, num_items_in_batch)
+        ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
         losses = []
         for index, micro_batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             sync = (
-                model.no_sync()
-                if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                ddp.no_sync()
+                if not last and isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
                 else contextlib.nullcontext()
             )
             with sync:
                 losses.append(super().training_step(model, micro_batch, num_items_in_batch))
         return torch.stack(losses).sum()
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        count = super().floating_point_ops
+        return sum(count(batch) for batch in inputs.get("micro_batches", [inputs]))
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        for batch in inputs.get("micro_batches", [inputs]):
+            super()._track_num_input_tokens(batch)
 
     def compute_loss(
         self,
@@ -167,12 +185,13 @@ class MRPOTrainer(Trainer):
         if error.reference is None:
             return TrainingError(
                 f"{where}: the policy's log-prob of {pair} is not finite ({error}). Nothing was applied for this "
-                f"step; checkpoints already saved under {self.args.output_dir} are kept. The policy has diverged: "
-                "lower training.learning_rate, keep training.max_grad_norm above 0, or train in float32."
+                f"step; checkpoints already saved under {self.args.output_dir} are kept. The policy diverged or "
+                "overflowed its dtype: lower training.learning_rate, keep training.max_grad_norm above 0, or train "
+                "in float32 / bfloat16 rather than float16."
             )
         return TrainingError(
             f"{where}: the cached log-prob of reference {error.reference + 1} for {pair} is not finite ({error}). "
-            "Recompute that reference's cache (delete its store under cache_dir, or run `mrpo precompute`)."
+            "Score that reference in float32 or bfloat16 (references[].dtype), or drop the pair from the data."
         )
 
     def prediction_step(
