@@ -976,17 +976,25 @@ def write_plots(results: Sequence[dict[str, Any]], directory: Path, link_prefix:
 
         differences = paired_differences(main, "policy_accuracy")
         if differences:
-            figure, axis = plt.subplots(figsize=(8, 4.5))
-            labels = [f"{method}\n{size}" for size, method in differences]
-            stats = [mean_ci(values) for values in differences.values()]
-            axis.bar(
-                labels,
-                [100 * s[0] for s in stats],
-                yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in stats],
-            )
+            # One group of bars per method, one bar per train size, 95% intervals over seeds.
+            figure, axis = plt.subplots(figsize=(9, 4.5))
+            diff_sizes = sorted({size for size, _ in differences})
+            diff_methods = sorted({method for _, method in differences}, key=method_rank)
+            width = 0.8 / len(diff_sizes)
+            for offset, size in enumerate(diff_sizes):
+                stats = [mean_ci(differences.get((size, method), [])) for method in diff_methods]
+                axis.bar(
+                    [i + (offset - (len(diff_sizes) - 1) / 2) * width for i in range(len(diff_methods))],
+                    [100 * s[0] if s[2] else 0 for s in stats],
+                    width,
+                    yerr=[0 if math.isnan(s[1]) else 100 * s[1] for s in stats],
+                    capsize=2,
+                    label=f"{size} pairs",
+                )
+            axis.set_xticks(range(len(diff_methods)), diff_methods, rotation=30, ha="right", fontsize=8)
             axis.axhline(0, color="black", linewidth=0.8)
             axis.set_ylabel("policy accuracy − DPO (points)")
-            axis.tick_params(axis="x", labelsize=7)
+            axis.legend(fontsize=8)
             figure.tight_layout()
             figure.savefig(directory / "paired.png", dpi=110)
             plt.close(figure)
