@@ -935,6 +935,16 @@ def render_markdown(
     return "\n".join(lines)
 
 
+def save_figure(figure, path: Path, link_prefix: str) -> str:
+    """Write a finished figure and close it; returns its link for the report."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return f"{link_prefix}/{path.name}"
+
+
 def write_plots(results: Sequence[dict[str, Any]], directory: Path, link_prefix: str) -> dict[str, str]:
     import matplotlib
 
@@ -969,10 +979,7 @@ def write_plots(results: Sequence[dict[str, Any]], directory: Path, link_prefix:
         axis.set_ylim(0.4, 1.0)  # 0.5 is chance; the interesting range is above it
         axis.legend(fontsize=8)
         axis.set_ylabel("held-out policy accuracy")
-        figure.tight_layout()
-        figure.savefig(directory / "accuracy.png", dpi=110)
-        plt.close(figure)
-        plots["accuracy"] = f"{link_prefix}/accuracy.png"
+        plots["accuracy"] = save_figure(figure, directory / "accuracy.png", link_prefix)
 
         differences = paired_differences(main, "policy_accuracy")
         if differences:
@@ -995,10 +1002,7 @@ def write_plots(results: Sequence[dict[str, Any]], directory: Path, link_prefix:
             axis.axhline(0, color="black", linewidth=0.8)
             axis.set_ylabel("policy accuracy − DPO (points)")
             axis.legend(fontsize=8)
-            figure.tight_layout()
-            figure.savefig(directory / "paired.png", dpi=110)
-            plt.close(figure)
-            plots["paired"] = f"{link_prefix}/paired.png"
+            plots["paired"] = save_figure(figure, directory / "paired.png", link_prefix)
 
         figure, axis = plt.subplots(figsize=(6, 4.5))
         for method in methods:
@@ -1011,10 +1015,7 @@ def write_plots(results: Sequence[dict[str, Any]], directory: Path, link_prefix:
         axis.set_xlabel("CTRO clip rate (held-out)")
         axis.set_ylabel("held-out policy accuracy")
         axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(directory / "clip_rate.png", dpi=110)
-        plt.close(figure)
-        plots["clip"] = f"{link_prefix}/clip_rate.png"
+        plots["clip"] = save_figure(figure, directory / "clip_rate.png", link_prefix)
 
     stability = [r for r in results if r["group"] in ("stability", "main") and r["train"].get("loss_curve")]
     stability = [
@@ -1033,10 +1034,7 @@ def write_plots(results: Sequence[dict[str, Any]], directory: Path, link_prefix:
         axis.set_ylabel("training loss")
         axis.set_yscale("log")
         axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(directory / "stability.png", dpi=110)
-        plt.close(figure)
-        plots["stability"] = f"{link_prefix}/stability.png"
+        plots["stability"] = save_figure(figure, directory / "stability.png", link_prefix)
     return plots
 
 
