@@ -8,7 +8,7 @@ final adapter. A stability arm trains against a deliberately divergent external 
 model, hundreds of nats away) with CTRO adaptive / fixed / off.
 
     .venv/bin/python experiments/study.py --quick              # one size, one seed, 4 methods (~15 min, 2 CPUs)
-    .venv/bin/python experiments/study.py --resume             # the full grid; finished runs are skipped
+    .venv/bin/python experiments/study.py --resume             # the full grid (~1.8 h); finished runs are skipped
 
 Layout of ``--output-dir`` (default ``runs/study``)::
 
@@ -269,18 +269,25 @@ def aggregate(results: Iterable[dict[str, Any]], key: str) -> dict[tuple[int, st
     return {cell: mean_ci(values) for cell, values in sorted(groups.items())}
 
 
-def paired_differences(
+def paired_by_seed(
     results: Iterable[dict[str, Any]], key: str, baseline: str = BASELINE
-) -> dict[tuple[int, str], list[float]]:
-    """(size, method) -> [method - baseline] per seed, for the seeds where both runs exist."""
+) -> dict[tuple[int, str], dict[int, float]]:
+    """(size, method) -> {seed: method - baseline}, for the seeds where both runs exist."""
     by_cell = {
         (r["size"], r["method"], r["seed"]): metric_of(r, key) for r in results if r["group"] == "main"
     }
-    differences: dict[tuple[int, str], list[float]] = defaultdict(list)
+    differences: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
     for (size, method, seed), value in sorted(by_cell.items()):
         if method != baseline and (size, baseline, seed) in by_cell:
-            differences[(size, method)].append(value - by_cell[(size, baseline, seed)])
+            differences[(size, method)][seed] = value - by_cell[(size, baseline, seed)]
     return dict(differences)
+
+
+def paired_differences(
+    results: Iterable[dict[str, Any]], key: str, baseline: str = BASELINE
+) -> dict[tuple[int, str], list[float]]:
+    """(size, method) -> [method - baseline] per seed, in seed order, for the seeds where both runs exist."""
+    return {cell: list(by_seed.values()) for cell, by_seed in paired_by_seed(results, key, baseline).items()}
 
 
 def loss_statistics(metrics_file: Path) -> dict[str, Any]:
@@ -551,13 +558,10 @@ def pooled_differences(
     The sizes of one seed share its nested subsample, training seed and test split, so their differences are not
     independent: the seed, not the (size, seed) cell, is the unit of an interval over the pooled grid.
     """
-    by_cell = {
-        (r["size"], r["method"], r["seed"]): metric_of(r, key) for r in results if r["group"] == "main"
-    }
     per_seed: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for (size, method, seed), value in sorted(by_cell.items()):
-        if method != baseline and (size, baseline, seed) in by_cell:
-            per_seed[method][seed].append(value - by_cell[(size, baseline, seed)])
+    for (_, method), by_seed in paired_by_seed(results, key, baseline).items():
+        for seed, difference in by_seed.items():
+            per_seed[method][seed].append(difference)
     return {
         method: [statistics.fmean(values) for _, values in sorted(seeds.items())]
         for method, seeds in per_seed.items()

@@ -194,3 +194,16 @@ def test_collator_within_the_budget_returns_one_plain_batch():
         plain = PreferenceCollator(pad_token_id=0, padding_free=padding_free)(examples)
         budgeted = PreferenceCollator(pad_token_id=0, padding_free=padding_free, micro_batch_tokens=1000)(examples)
         assert as_lists(budgeted) == as_lists(plain)
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_forward_tokens_is_the_size_of_the_batch_the_collator_builds(padding_free, pad_to_multiple_of):
+    from mrpo.collator import forward_tokens
+
+    lengths = [(3, 4), (9, 10), (4, 2)]
+    batch = PreferenceCollator(pad_token_id=0, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of)(
+        _pairs_of_lengths(lengths)
+    )
+    expected = forward_tokens(lengths, padded=not padding_free, pad_to_multiple_of=pad_to_multiple_of)
+    assert batch["input_ids"].numel() == expected

@@ -33,12 +33,7 @@ sys.path.insert(0, str(SCRIPTS))
 import trainer_worker as setup  # noqa: E402
 
 SPEC_METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
+    *setup.LOSS_METRIC_NAMES,
     "ctro/eps_chosen",
     "ctro/eps_rejected",
     "ctro/clip_rate",

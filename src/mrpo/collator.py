@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mrpo.logprobs import pack_sequences, pad_batch
+from mrpo.logprobs import pack_sequences, pad_batch, padded_length
 from mrpo.tokenization import TokenizedPair, TokenizedSequence
 
 REQUIRED_FIELDS = (
@@ -187,13 +187,9 @@ def forward_tokens(
     lengths: Sequence[tuple[int, int]], *, padded: bool, pad_to_multiple_of: int | None = None
 ) -> int:
     """Tokens one policy forward over these pairs' chosen and rejected sequences processes, padding included."""
-
-    def round_up(n: int) -> int:
-        return -(-n // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else n
-
     if padded:
-        return 2 * len(lengths) * round_up(max(max(pair) for pair in lengths))
-    return round_up(sum(sum(pair) for pair in lengths))
+        return 2 * len(lengths) * padded_length(max(max(pair) for pair in lengths), pad_to_multiple_of)
+    return padded_length(sum(sum(pair) for pair in lengths), pad_to_multiple_of)
 
 
 def token_budget_groups(

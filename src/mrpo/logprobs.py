@@ -58,6 +58,12 @@ class SequenceLogps:
     """(N,) int64: number of completion tokens summed."""
 
 
+def padded_length(length: int, pad_to_multiple_of: int | None) -> int:
+    """``length`` rounded up to a multiple of ``pad_to_multiple_of`` (unchanged when it is None): the one rounding
+    rule of ``pad_batch``, ``pack_sequences`` and the collator's token budget."""
+    return -(-length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else length
+
+
 def pad_batch(
     sequences: Sequence[TokenizedSequence],
     *,
@@ -81,9 +87,7 @@ def pad_batch(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not sequences:
         raise ValueError("pad_batch needs at least one sequence")
-    length = max(len(s.input_ids) for s in sequences)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    length = padded_length(max(len(s.input_ids) for s in sequences), pad_to_multiple_of)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
@@ -128,8 +132,7 @@ def pack_sequences(
     """
     if not sequences:
         raise ValueError("pack_sequences needs at least one sequence")
-    total = sum(len(s.input_ids) for s in sequences)
-    length = -(-total // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else total
+    length = padded_length(sum(len(s.input_ids) for s in sequences), pad_to_multiple_of)
     input_ids = torch.zeros(length, dtype=torch.long)
     position_ids = torch.arange(length, dtype=torch.long)
     completion_mask = torch.zeros(length, dtype=torch.long)
