@@ -377,7 +377,11 @@ def report(results: dict) -> None:
     for a, b, label in (
         ("mrpo_k4_packed", "mrpo_k1_packed", "K=4 vs K=1 step time"),
         ("mrpo_k1_packed", "mrpo_k1_padded", "packed vs padded step time"),
-        ("mrpo_k1_padded_budget", "mrpo_k1_padded", "token-budget micro-batches vs one padded batch, step time"),
+        (
+            "mrpo_k1_padded_budget",
+            "mrpo_k1_padded",
+            "token-budget micro-batches vs one padded batch, step time",
+        ),
     ):
         if a in results and b in results:
             print(f"{label}: {results[a]['step_s'] / results[b]['step_s']:.3f}x")

@@ -595,9 +595,7 @@ def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
         text = "MRPO − DPO on held-out policy accuracy, paired by seed: " + "; ".join(parts) + "."
         if len(sizes) > 1:
             mean, half, n = mean_ci(pooled["mrpo"])
-            text += (
-                f" Pooled over sizes (one value per seed): {_pts(mean, half)} points (n={n}), {judge(mean, half, n)}."
-            )
+            text += f" Pooled over sizes (one value per seed): {_pts(mean, half)} points (n={n}), {judge(mean, half, n)}."
         lines.append(f"- *MRPO gains +3–7 points over DPO when data is scarce.* {text}")
     else:
         lines.append(
@@ -622,9 +620,7 @@ def verdicts(results: Sequence[dict[str, Any]]) -> list[str]:
         )
         if "dpo_external" in pooled:
             mean, half, n = mean_ci(pooled["dpo_external"])
-            text += (
-                f" DPO with Gemma as the only reference − DPO with SmolLM2: {_pts(mean, half)} points (n={n})."
-            )
+            text += f" DPO with Gemma as the only reference − DPO with SmolLM2: {_pts(mean, half)} points (n={n})."
         if significant_below and not significant_above:
             text += " **Supported**: where a difference is clear, single-reference DPO is ahead."
         elif significant_above and not significant_below:
@@ -844,10 +840,14 @@ def render_markdown(
             per_seed = ", ".join(_pts(value) for value in values)
             rows.append([label, str(size), f"`{method}` − `dpo`", str(n), _pts(mean, half), per_seed])
         if len({r["size"] for r in main}) > 1:
-            for method, values in sorted(pooled_differences(main, key).items(), key=lambda kv: method_rank(kv[0])):
+            for method, values in sorted(
+                pooled_differences(main, key).items(), key=lambda kv: method_rank(kv[0])
+            ):
                 mean, half, n = mean_ci(values)
                 per_seed = ", ".join(_pts(value) for value in values)
-                rows.append([label, "all (mean per seed)", f"`{method}` − `dpo`", str(n), _pts(mean, half), per_seed])
+                rows.append(
+                    [label, "all (mean per seed)", f"`{method}` − `dpo`", str(n), _pts(mean, half), per_seed]
+                )
     lines += _table(["metric", "train pairs", "difference", "seeds", "points", "per seed"], rows)
     if "paired" in plots:
         lines += [f"![paired differences]({plots['paired']})", ""]

@@ -17,7 +17,9 @@ def worked_example() -> list[dict]:
 
 
 def as_lists(batch: dict) -> dict[str, list]:
-    return {name: value.tolist() if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
+    return {
+        name: value.tolist() if isinstance(value, torch.Tensor) else value for name, value in batch.items()
+    }
 
 
 def test_worked_example_of_the_docstring():
@@ -144,15 +146,19 @@ def test_token_budget_groups_respect_the_budget_and_cover_every_pair_once():
     for padded in (True, False):
         for _ in range(50):
             n = int(torch.randint(1, 20, (1,), generator=generator))
-            lengths = [tuple(int(x) for x in torch.randint(1, 60, (2,), generator=generator)) for _ in range(n)]
+            lengths = [
+                tuple(int(x) for x in torch.randint(1, 60, (2,), generator=generator)) for _ in range(n)
+            ]
             budget = int(torch.randint(1, 400, (1,), generator=generator))
             groups = token_budget_groups(lengths, budget, padded=padded)
             assert sorted(i for group in groups for i in group) == list(range(n))
             for group in groups:
                 cost = forward_tokens([lengths[i] for i in group], padded=padded)
-                assert cost <= budget or len(group) == 1  # only a pair over the budget on its own may exceed it
+                assert (
+                    cost <= budget or len(group) == 1
+                )  # only a pair over the budget on its own may exceed it
             # Greedy: merging a group with the first pair of the next one would break the budget.
-            for group, following in zip(groups, groups[1:]):
+            for group, following in zip(groups, groups[1:], strict=False):
                 merged = [lengths[i] for i in [*group, following[0]]]
                 assert forward_tokens(merged, padded=padded) > budget
 
@@ -192,7 +198,9 @@ def test_collator_within_the_budget_returns_one_plain_batch():
     examples = _pairs_of_lengths([(3, 4), (9, 10)])
     for padding_free in (False, True):
         plain = PreferenceCollator(pad_token_id=0, padding_free=padding_free)(examples)
-        budgeted = PreferenceCollator(pad_token_id=0, padding_free=padding_free, micro_batch_tokens=1000)(examples)
+        budgeted = PreferenceCollator(pad_token_id=0, padding_free=padding_free, micro_batch_tokens=1000)(
+            examples
+        )
         assert as_lists(budgeted) == as_lists(plain)
 
 
@@ -202,8 +210,8 @@ def test_forward_tokens_is_the_size_of_the_batch_the_collator_builds(padding_fre
     from mrpo.collator import forward_tokens
 
     lengths = [(3, 4), (9, 10), (4, 2)]
-    batch = PreferenceCollator(pad_token_id=0, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of)(
-        _pairs_of_lengths(lengths)
-    )
+    batch = PreferenceCollator(
+        pad_token_id=0, padding_free=padding_free, pad_to_multiple_of=pad_to_multiple_of
+    )(_pairs_of_lengths(lengths))
     expected = forward_tokens(lengths, padded=not padding_free, pad_to_multiple_of=pad_to_multiple_of)
     assert batch["input_ids"].numel() == expected

@@ -284,7 +284,9 @@ def test_pooled_differences_average_each_seed_over_sizes(study):
     # sizes 8 then 16, seeds 0..2 each: seed 0 has 0.01 (size 8) and 0.04 (size 16), and so on
     results = _results(study, {"mrpo": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]})
     pooled = study.pooled_differences(results, "policy_accuracy")
-    assert pooled["mrpo"] == pytest.approx([0.025, 0.035, 0.045])  # one value per seed: the unit of the interval
+    assert pooled["mrpo"] == pytest.approx(
+        [0.025, 0.035, 0.045]
+    )  # one value per seed: the unit of the interval
 
 
 def test_judge_names_the_interval(study):

@@ -31,10 +31,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, check_training: bool = True):
     from mrpo.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, check_training=check_training)
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -185,6 +185,49 @@ def _register_precompute(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_precompute)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from mrpo.audit import format_audit
+    from mrpo.pipeline import run_inspect
+
+    result = run_inspect(
+        _load(args, check_training=False),  # inspect never trains: no need to import the training stack
+        output=args.output,
+        suspect_threshold=args.suspect_threshold,
+        config_path=args.config,
+    )
+    for audit in result.audits:
+        print(format_audit(audit) + "\n")
+    print(f"audit:         {result.inspect_file}")
+    print(f"suspect pairs: {result.suspects_file}")
+    return 0
+
+
+def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="what each reference will do to the loss, from the cache (after `mrpo precompute`)",
+        description="Audit the cached references before training: label agreement, the trust region's clip rate "
+        "forecast (at the configured settings and the alternatives), the weights alpha, agreement between "
+        "references, pairs whose label the references confidently contradict, and a verdict in plain words. "
+        "Reads only the data and the reference cache; writes inspect.json and suspect_pairs.jsonl.",
+    )
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="where to write inspect.json and suspect_pairs.jsonl (default: OUTPUT_DIR)",
+    )
+    parser.add_argument(
+        "--suspect-threshold",
+        type=float,
+        default=None,
+        metavar="X",
+        help="flag a pair when every reference of a group contradicts its label by at least X of its median margins "
+        "(default 1.0)",
+    )
+    parser.set_defaults(run=_inspect)
+
+
 def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -238,6 +281,7 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_precompute,
+    _register_inspect,
     _register_train,
     _register_evaluate,
     _register_demo,

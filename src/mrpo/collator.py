@@ -121,9 +121,7 @@ class PreferenceCollator:
         self._check(examples)
         if self.micro_batch_tokens is None:
             return self._collate(examples)
-        lengths = [
-            (len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples
-        ]
+        lengths = [(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
         groups = token_budget_groups(
             lengths,
             self.micro_batch_tokens,
@@ -216,7 +214,9 @@ def token_budget_groups(
     current: list[int] = []
     for index in order:
         candidate = [*current, index]
-        cost = forward_tokens([lengths[i] for i in candidate], padded=padded, pad_to_multiple_of=pad_to_multiple_of)
+        cost = forward_tokens(
+            [lengths[i] for i in candidate], padded=padded, pad_to_multiple_of=pad_to_multiple_of
+        )
         if current and cost > budget:
             groups.append(current)
             candidate = [index]

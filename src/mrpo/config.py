@@ -317,7 +317,11 @@ class PolicyConfig:
             _require_text(self, "policy", name)
         _require_at_least(self, "policy", "pad_to_multiple_of", 1)
         _require_at_least(self, "policy", "micro_batch_tokens", 1)
-        if self.micro_batch_tokens and self.pad_to_multiple_of and self.micro_batch_tokens < self.pad_to_multiple_of:
+        if (
+            self.micro_batch_tokens
+            and self.pad_to_multiple_of
+            and self.micro_batch_tokens < self.pad_to_multiple_of
+        ):
             _fail(
                 "policy",
                 "micro_batch_tokens",
@@ -462,6 +466,28 @@ class LoraConfig:
                 )
 
 
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Live warnings during training (each fires once, in the log and in OUTPUT/diagnostics.jsonl)."""
+
+    enabled: bool = True
+    """Watch the logged metrics and warn when training goes degenerate; false silences every warning."""
+    window: int = 5
+    """Number of consecutive train log lines a condition is judged over."""
+    clip_saturation: float = 0.9
+    """Warn when the external references' clip rate stays above this over a window (MRPO then trains as DPO)."""
+    alpha_collapse: float = 0.95
+    """Warn when one reference's mean weight alpha stays above this over a window."""
+
+    def __post_init__(self) -> None:
+        _check_field_types(self, "diagnostics")
+        _require_at_least(self, "diagnostics", "window", 1)
+        for name in ("clip_saturation", "alpha_collapse"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                _fail("diagnostics", name, value, "must be a share in (0, 1]")
+
+
 def check_lora_targets(config: LoraConfig, module_names: Iterable[str]) -> None:
     """Raise a ConfigError if a LoRA target module matches none of the model's module names.
 
@@ -576,6 +602,15 @@ class TrainingConfig(Mapping[str, Any]):
             )
         self._arguments = merged
 
+    @classmethod
+    def unchecked(cls, arguments: Mapping[str, Any]) -> "TrainingConfig":
+        """The section with the defaults merged in but its keys not checked against TrainingArguments, for commands
+        that never train (``mrpo inspect``): the check imports transformers' training stack, seconds on a CPU.
+        ``to_training_arguments`` still rejects an unknown key."""
+        section = cls.__new__(cls)
+        section._arguments = {**cls.DEFAULTS, **arguments}
+        return section
+
     def __getitem__(self, key: str) -> Any:
         return self._arguments[key]
 
@@ -670,11 +705,13 @@ class MRPOConfig:
     """LoRA adapters, or full fine-tuning."""
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     """Arguments of transformers.TrainingArguments (plus resume_from_checkpoint)."""
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    """Live warnings while training (clip saturation, alpha collapse, divergence)."""
     cache_dir: str = ".cache/mrpo"
     """Directory of the reference log-prob caches (content-keyed: shared safely between runs)."""
 
     SECTIONS: typing.ClassVar[tuple[str, ...]] = (
-        "policy", "references", "data", "loss", "lora", "training", "cache_dir"
+        "policy", "references", "data", "loss", "lora", "training", "diagnostics", "cache_dir"
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -733,8 +770,11 @@ class MRPOConfig:
         return reference.max_length if reference.max_length is not None else self.data.max_length
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "MRPOConfig":
-        """Build and check a config from plain data (a parsed YAML file); unknown and missing keys are errors."""
+    def from_dict(cls, raw: Mapping[str, Any], *, check_training: bool = True) -> "MRPOConfig":
+        """Build and check a config from plain data (a parsed YAML file); unknown and missing keys are errors.
+
+        ``check_training=False`` leaves the training section's keys unchecked (see ``TrainingConfig.unchecked``).
+        """
         if not isinstance(raw, Mapping):
             raise ConfigError(
                 f"a config must be a mapping of sections ({', '.join(cls.SECTIONS)}), got {raw!r}"
@@ -752,7 +792,11 @@ class MRPOConfig:
             "policy": _build_section(PolicyConfig, raw["policy"], "policy"),
             "data": _build_section(DataConfig, raw["data"], "data"),
         }
-        for name, section_class in (("loss", LossConfig), ("lora", LoraConfig)):
+        for name, section_class in (
+            ("loss", LossConfig),
+            ("lora", LoraConfig),
+            ("diagnostics", DiagnosticsConfig),
+        ):
             if raw.get(name) is not None:
                 sections[name] = _build_section(section_class, raw[name], name)
         if raw.get("training") is not None:
@@ -763,7 +807,9 @@ class MRPOConfig:
                     key="training",
                 )
             with _building("training"):
-                sections["training"] = TrainingConfig(training)
+                sections["training"] = (
+                    TrainingConfig(training) if check_training else TrainingConfig.unchecked(training)
+                )
         if raw.get("references") is not None:
             references = raw["references"]
             if not isinstance(references, list):
@@ -788,6 +834,7 @@ class MRPOConfig:
             "loss": dataclasses.asdict(self.loss),
             "lora": dataclasses.asdict(self.lora),
             "training": self.training.to_dict(),
+            "diagnostics": dataclasses.asdict(self.diagnostics),
             "cache_dir": self.cache_dir,
         }
 
@@ -935,11 +982,13 @@ def _list_index(items: list[Any], part: str, here: str) -> int:
     )
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> MRPOConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, check_training: bool = True
+) -> MRPOConfig:
     """Read a YAML config (or start empty when ``path`` is None), apply ``key=value`` overrides, check, build.
 
     Every mistake raises one ConfigError naming the file or override, the dotted key, the bad value and what is
-    allowed.
+    allowed. ``check_training=False`` is for commands that never train (see ``TrainingConfig.unchecked``).
     """
     raw: Any = {}
     if path is not None:
@@ -960,7 +1009,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key, value = parse_override(override)
         applied_overrides.append((override, _apply_override(raw, key, value)))
     try:
-        return MRPOConfig.from_dict(raw)
+        return MRPOConfig.from_dict(raw, check_training=check_training)
     except ConfigError as error:
         source = _source_of(error.key, applied_overrides)
         message = str(error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,24 +68,29 @@ def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
 
 
 def load_views(config: MRPOConfig) -> Views:
+    """The policy's and every reference's view; a tokenizer named twice (the policy and its initialising
+    reference, usually) is loaded once."""
+    loaded: dict[tuple[str, str | None], Any] = {}
+
+    def tokenizer_for(role: str, model: str, tokenizer: str | None):
+        if (model, tokenizer) not in loaded:
+            try:
+                loaded[model, tokenizer] = load_tokenizer(model, tokenizer)
+            except ModelSourceError as error:
+                raise ModelSourceError(f"{role}: {error}") from error
+        return loaded[model, tokenizer]
+
     policy = ModelView(
-        _tokenizer_for("policy", config.policy.model, config.policy.tokenizer), name=POLICY_VIEW
+        tokenizer_for("policy", config.policy.model, config.policy.tokenizer), name=POLICY_VIEW
     )
     references = [
         ModelView(
-            _tokenizer_for(f"references.{index} ({reference.name})", reference.model, reference.tokenizer),
+            tokenizer_for(f"references.{index} ({reference.name})", reference.model, reference.tokenizer),
             name=reference.name,
         )
         for index, reference in enumerate(config.references)
     ]
     return Views(policy, references)
-
-
-def _tokenizer_for(role: str, model: str, tokenizer: str | None):
-    try:
-        return load_tokenizer(model, tokenizer)
-    except ModelSourceError as error:
-        raise ModelSourceError(f"{role}: {error}") from error
 
 
 def read_split(config: MRPOConfig, split: str) -> PairSet:
@@ -106,11 +112,18 @@ def read_split(config: MRPOConfig, split: str) -> PairSet:
     )
 
 
-def prepare_split(
-    config: MRPOConfig, split: str, views: Views | None = None, *, show_progress: bool = True
-) -> PreparedSplit:
-    """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
-    views = views or load_views(config)
+@dataclass
+class TokenizedSplit:
+    """One split read and tokenized for the policy and every reference, before any reference is scored."""
+
+    pairs: PairSet
+    tokenization: TokenizationResult
+    references: list[ReferenceConfig]
+    """The references with the max_length their stores are keyed by."""
+
+
+def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSplit:
+    """Read one split and tokenize it jointly (a pair too long for any model is dropped for all)."""
     pairs = read_split(config, split)
     references = resolved_references(config)
     all_views = [views.policy, *views.references]
@@ -128,19 +141,30 @@ def prepare_split(
         )
     if tokenization.dropped:
         logger.warning("%s split: %s", split, tokenization.summary())
+    return TokenizedSplit(pairs, tokenization, references)
+
+
+def prepare_split(
+    config: MRPOConfig, split: str, views: Views | None = None, *, show_progress: bool = True
+) -> PreparedSplit:
+    """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
+    views = views or load_views(config)
+    tokenized = tokenize_split(config, split, views)
     cache = precompute(
-        references,
+        tokenized.references,
         views.references,
-        tokenization.per_view[1:],
+        tokenized.tokenization.per_view[1:],
         config.cache_dir,
         overflow=config.data.overflow,
         show_progress=show_progress,
     )
-    columns = cache.columns(tokenization.pair_ids)
+    columns = cache.columns(tokenized.tokenization.pair_ids)
     dataset = PreferenceDataset(
-        tokenization.per_view[0], columns["reference_chosen_logps"], columns["reference_rejected_logps"]
+        tokenized.tokenization.per_view[0],
+        columns["reference_chosen_logps"],
+        columns["reference_rejected_logps"],
     )
-    return PreparedSplit(pairs, tokenization, cache, dataset, views)
+    return PreparedSplit(tokenized.pairs, tokenized.tokenization, cache, dataset, views)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +179,105 @@ def run_precompute(config: MRPOConfig) -> dict[str, PreparedSplit]:
     if config.data.eval is not None:
         splits["eval"] = prepare_split(config, "eval", views)
     return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mrpo inspect
+# ----------------------------------------------------------------------------------------------------------------
+
+INSPECT_FILE = "inspect.json"
+SUSPECTS_FILE = "suspect_pairs.jsonl"
+
+
+@dataclass
+class InspectResult:
+    audits: list[Any]
+    """One ``audit.SplitAudit`` per split (train, then eval when configured)."""
+    output_dir: Path
+    inspect_file: Path
+    suspects_file: Path
+
+
+def run_inspect(
+    config: MRPOConfig,
+    *,
+    output: str | Path | None = None,
+    suspect_threshold: float | None = None,
+    config_path: str | None = None,
+    show_progress: bool = True,
+) -> InspectResult:
+    """Audit every reference from the cache (nothing is scored): write ``inspect.json`` and ``suspect_pairs.jsonl``.
+
+    Reads the data and the reference stores only; a store that is missing or incomplete is a CacheError naming the
+    reference to precompute. Output goes to ``output`` (default: ``training.output_dir``).
+    """
+    from tqdm.auto import tqdm
+
+    from mrpo.audit import SUSPECT_THRESHOLD, audit_split
+    from mrpo.references import model_fingerprint, open_cache
+
+    splits = ["train", *(["eval"] if config.data.eval is not None else [])]
+    audits, suspect_rows = [], []
+    with (
+        tqdm(total=1 + len(splits), desc="inspect", unit="step", disable=not show_progress) as bar,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        # Hash the reference weights (hashlib releases the GIL) while the tokenizers load; the store keys then
+        # find the digests memoised.
+        hashing = pool.submit(lambda: [model_fingerprint(reference.model) for reference in config.references])
+        views = load_views(config)
+        hashing.result()
+        bar.update()
+        for split in splits:
+            tokenized = tokenize_split(config, split, views)
+            pair_ids = tokenized.tokenization.pair_ids
+            cache = open_cache(
+                tokenized.references,
+                views.references,
+                pair_ids,
+                config.cache_dir,
+                overflow=config.data.overflow,
+                config_path=config_path,
+            )
+            columns = cache.columns(pair_ids)
+            audit = audit_split(
+                split,
+                cache.names,
+                pair_ids,
+                columns["reference_chosen_logps"],
+                columns["reference_rejected_logps"],
+                columns["reference_chosen_tokens"],
+                columns["reference_rejected_tokens"],
+                config.loss,
+                suspect_threshold=SUSPECT_THRESHOLD if suspect_threshold is None else suspect_threshold,
+            )
+            audits.append(audit)
+            by_id = {pair.pair_id: pair for pair in tokenized.pairs.pairs}
+            for rank, suspect in enumerate(audit.suspects, start=1):
+                pair = by_id[suspect.pair_id]
+                suspect_rows.append(
+                    {
+                        "split": split,
+                        "rank": rank,
+                        **dataclasses.asdict(suspect),
+                        "prompt": pair.prompt,
+                        "chosen": pair.chosen,
+                        "rejected": pair.rejected,
+                        **({"metadata": pair.metadata} if pair.metadata else {}),
+                    }
+                )
+            bar.update()
+    directory = Path(output) if output is not None else Path(config.training.output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    inspect_file, suspects_file = directory / INSPECT_FILE, directory / SUSPECTS_FILE
+    _write_json(
+        inspect_file,
+        {"references": [r.name for r in config.references], "splits": [a.to_json() for a in audits]},
+    )
+    with suspects_file.open("w", encoding="utf-8") as handle:
+        for row in suspect_rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return InspectResult(audits, directory, inspect_file, suspects_file)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,7 +360,7 @@ def run_train(
     config: MRPOConfig, *, resume: str | bool | None = None, show_progress: bool = True
 ) -> TrainResult:
     """Train the policy; write the resolved config, the metrics and the final model under training.output_dir."""
-    from mrpo.trainer import JsonlMetricsCallback, MRPOTrainer
+    from mrpo.trainer import DIAGNOSTICS_FILE, DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
 
     args = config.training.to_training_arguments()
     output_dir = Path(args.output_dir)
@@ -259,6 +382,17 @@ def run_train(
     set_seed(args.seed)
     model = load_policy(config)
     metrics_file = output_dir / "metrics.jsonl"
+    callbacks = [JsonlMetricsCallback(metrics_file)]
+    if config.diagnostics.enabled:
+        dataset = train_split.dataset
+        callbacks.append(
+            DiagnosticsCallback(
+                output_dir / DIAGNOSTICS_FILE,
+                config.diagnostics,
+                [reference.name for reference in config.references],
+                (dataset.reference_chosen_logps, dataset.reference_rejected_logps),
+            )
+        )
     trainer = MRPOTrainer(
         model=model,
         args=args,
@@ -273,7 +407,7 @@ def run_train(
         ),
         processing_class=views.policy.tokenizer,
         loss=config.loss,
-        callbacks=[JsonlMetricsCallback(metrics_file)],
+        callbacks=callbacks,
     )
     resume = resume if resume is not None else config.training.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=resume or None)

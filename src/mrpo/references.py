@@ -19,6 +19,7 @@ each writing its own shards; everyone reads all shards after a barrier.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -119,7 +120,9 @@ def model_fingerprint(model: str) -> str:
     total = sum(f.stat().st_size for f in files)
     for file in files:
         digest.update(file.name.encode())
-        digest.update(_file_digest(file, whole=total <= _FULL_HASH_LIMIT or file.suffix == ".json").encode())
+        whole = total <= _FULL_HASH_LIMIT or file.suffix == ".json"
+        stat = file.stat()
+        digest.update(_file_digest(file.resolve(), stat.st_size, stat.st_mtime_ns, whole).encode())
     return digest.hexdigest()
 
 
@@ -138,8 +141,11 @@ def _hub_snapshot_files(model_id: str) -> list[Path]:
     return sorted(p for p in snapshot.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
 
 
-def _file_digest(file: Path, whole: bool) -> str:
-    digest = hashlib.sha256(str(file.stat().st_size).encode())
+@functools.lru_cache(maxsize=256)
+def _file_digest(file: Path, size: int, mtime_ns: int, whole: bool) -> str:
+    """sha256 of a file (or of samples of it); memoised per process by path, size and modification time, so the
+    train and eval splits of one run do not hash the same weights twice."""
+    digest = hashlib.sha256(str(size).encode())
     with file.open("rb") as handle:
         if whole:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -475,6 +481,49 @@ def precompute(
     if state.is_main_process:
         logger.info("Reference cache under %s:\n%s", root, cache.summary())
     return cache
+
+
+def open_cache(
+    specs: Sequence[ReferenceConfig],
+    views: Sequence[ModelView],
+    pair_ids: Sequence[str],
+    cache_dir: str | os.PathLike,
+    *,
+    overflow: str = "drop",
+    device: torch.device | str | None = None,
+    config_path: str | None = None,
+) -> ReferenceCache:
+    """The K stores as they are, computing nothing: for readers such as ``mrpo inspect``.
+
+    Raises CacheError naming the first reference whose store is absent or lacks some of ``pair_ids``, and the
+    command that fills it.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    root = Path(cache_dir)
+    fill = f"`mrpo precompute {config_path}`" if config_path else "`mrpo precompute` with this config"
+    stores = []
+    for k, (spec, view) in enumerate(zip(specs, views, strict=True)):
+        key = store_key(spec, view, overflow, device)
+        directory = root / f"{spec.name}-{key.digest}"
+        if not (directory / "key.json").is_file():
+            raise CacheError(
+                f"reference {k + 1} ({spec.name!r}, {spec.model}) has no store under {root} for this model, "
+                f"tokenizer and settings: run {fill} first"
+            )
+        store = ReferenceStore(directory, key)
+        store.reload()
+        missing = store.missing(pair_ids)
+        if missing:
+            raise CacheError(
+                f"reference {k + 1} ({spec.name!r}, {spec.model}) lacks {len(missing)} of {len(pair_ids)} pairs in "
+                f"{directory} (first: pair id {missing[0]}): run {fill} first"
+            )
+        stores.append(store)
+    return ReferenceCache([spec.name for spec in specs], stores)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _compute_missing(

@@ -1,4 +1,4 @@
-"""MRPOTrainer: transformers.Trainer with the MRPO loss on cached references, and its metrics. Nothing else.
+"""MRPOTrainer: transformers.Trainer with the MRPO loss on cached references, its metrics and live diagnostics.
 
 A step is one policy forward over the batch's chosen and rejected sequences (through ``logprobs.sequence_logps``,
 the same function that built the reference cache) and ``losses.mrpo_loss`` against the K cached reference columns
@@ -11,15 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mrpo.config import ConfigError, LossConfig
+from mrpo.config import ConfigError, DiagnosticsConfig, LossConfig
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import NonFiniteLogpsError, mrpo_loss
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -178,7 +183,9 @@ class MRPOTrainer(Trainer):
             }
         return loss
 
-    def _non_finite(self, error: NonFiniteLogpsError, inputs: dict[str, Any], *, training: bool) -> TrainingError:
+    def _non_finite(
+        self, error: NonFiniteLogpsError, inputs: dict[str, Any], *, training: bool
+    ) -> TrainingError:
         pair_ids = inputs.get("pair_ids")
         pair = f"pair {pair_ids[error.pair]!r}" if pair_ids else f"pair {error.pair} of the batch"
         where = f"training step {self.state.global_step + 1}" if training else "evaluation"
@@ -232,3 +239,196 @@ class JsonlMetricsCallback(TrainerCallback):
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Live diagnostics
+# ----------------------------------------------------------------------------------------------------------------
+
+DIAGNOSTICS_FILE = "diagnostics.jsonl"
+
+DIVERGENCE_TOLERANCE = 0.05
+"""Loss divergence: the window's mean loss exceeds the first window's by more than max(this, 10% of it)."""
+
+MARGIN_PEAK = 0.1
+"""Margin collapse: the window's mean reward margin has fallen below 0 after a window mean above this."""
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One warning: which condition, at which step, the figure that tripped it and what to do."""
+
+    condition: str
+    step: int
+    value: float
+    message: str
+    remedy: str
+
+    def line(self) -> str:
+        return f"step {self.step}: {self.message} {self.remedy}"
+
+
+class TrainingWatcher:
+    """Judges the stream of train log lines; each condition fires at most once (per reference for alpha).
+
+    Conditions, each over a window of ``settings.window`` consecutive train log lines:
+
+    - ``clip_saturation``: mean ``ctro/clip_rate`` above ``settings.clip_saturation`` -- the external references are
+      clipped into the trust region, so MRPO trains as DPO;
+    - ``alpha_collapse``: one reference's mean ``alpha/ref{k}`` above ``settings.alpha_collapse``;
+    - ``loss_divergence``: mean loss above the first window's mean by more than max(0.05, 10%);
+    - ``margin_collapse``: mean ``rewards/margins`` below 0 after a window mean above 0.1;
+    - ``non_finite``: a logged value (e.g. grad_norm) is NaN or infinite (a non-finite loss already stops training);
+    - ``near_identical_reference`` (from the cached columns, before the first step): an external reference within
+      0.05 nats of the initialising one that prefers the same answer on 99% of pairs.
+    """
+
+    def __init__(self, settings: DiagnosticsConfig, reference_names: list[str] | None = None):
+        self.settings = settings
+        self.reference_names = reference_names or []
+        self.history: list[dict[str, float]] = []
+        self.fired: set[str] = set()
+        self.first_window_loss: float | None = None
+        self.margin_peak = -math.inf
+
+    def check_references(
+        self, reference_chosen: torch.Tensor, reference_rejected: torch.Tensor
+    ) -> list[Diagnostic]:
+        from mrpo.audit import NEAR_IDENTICAL_GAP, pairwise_agreement
+
+        names = self.reference_names or [f"ref{k + 1}" for k in range(reference_chosen.shape[0])]
+        found = []
+        for row in pairwise_agreement(names, reference_chosen, reference_rejected)[: len(names) - 1]:
+            first, other = row["references"]
+            if row["mean_abs_level_difference"] < NEAR_IDENTICAL_GAP and row["agreement"] >= 0.99:
+                k = names.index(other) + 1
+                found += self._fire(
+                    f"near_identical_reference/ref{k}",
+                    0,
+                    row["mean_abs_level_difference"],
+                    f"reference {k} ({other!r}) is near-identical to the initialising reference ({first!r}): mean "
+                    f"level difference {row['mean_abs_level_difference']:.3f} nats, same preference on "
+                    f"{row['agreement']:.0%} of pairs, so it cannot change the loss.",
+                    "Use a reference that differs from the policy's start (another model, size or family).",
+                )
+        return found
+
+    def observe(self, step: int, logs: dict[str, float]) -> list[Diagnostic]:
+        """Feed one train log line; returns the warnings it fires."""
+        found = []
+        for key, value in logs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                found += self._fire(
+                    "non_finite",
+                    step,
+                    value,
+                    f"the logged {key} is {value}.",
+                    "Lower training.learning_rate or keep training.max_grad_norm above 0; train in float32 or "
+                    "bfloat16 rather than float16.",
+                )
+        if "loss" not in logs:
+            return found
+        self.history.append({k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+        window = self.settings.window
+        if len(self.history) < window:
+            return found
+        recent = self.history[-window:]
+
+        def mean(key: str) -> float | None:
+            values = [row[key] for row in recent if key in row and math.isfinite(row[key])]
+            return sum(values) / len(values) if len(values) == window else None
+
+        clip = mean("ctro/clip_rate")
+        if clip is not None and clip > self.settings.clip_saturation and len(self.reference_names) != 1:
+            found += self._fire(
+                "clip_saturation",
+                step,
+                clip,
+                f"the external references were clipped on {clip:.0%} of their log-probs over the last {window} "
+                "logs: the trust region holds them at the initialising reference, so this run trains as DPO.",
+                "Run `mrpo inspect` for the clip rate at other settings; widen loss.eps, set loss.align=pair, or "
+                "loss.clip=off.",
+            )
+        # With one reference alpha is 1 by construction: nothing can collapse.
+        alpha_keys = (
+            sorted(k for k in recent[-1] if k.startswith("alpha/ref"))
+            if len(self.reference_names) != 1
+            else []
+        )
+        for key in alpha_keys:
+            alpha = mean(key)
+            if alpha is not None and alpha > self.settings.alpha_collapse:
+                k = int(key.rsplit("ref", 1)[1])
+                name = self.reference_names[k - 1] if k <= len(self.reference_names) else key
+                found += self._fire(
+                    f"alpha_collapse/ref{k}",
+                    step,
+                    alpha,
+                    f"reference {k} ({name!r}) holds a mean weight alpha of {alpha:.2f} over the last {window} "
+                    "logs: the virtual reference is that one reference.",
+                    "Fixed loss.weights spread the weight; a reference whose margins dwarf the others' may be "
+                    "miscalibrated (see `mrpo inspect`).",
+                )
+        loss = mean("loss")
+        if self.first_window_loss is None:
+            self.first_window_loss = loss
+        elif loss is not None:
+            tolerance = max(DIVERGENCE_TOLERANCE, 0.1 * abs(self.first_window_loss))
+            if loss > self.first_window_loss + tolerance:
+                found += self._fire(
+                    "loss_divergence",
+                    step,
+                    loss,
+                    f"the mean loss over the last {window} logs ({loss:.3f}) is above the first {window} logs' "
+                    f"({self.first_window_loss:.3f}): training is diverging.",
+                    "Lower training.learning_rate; with external references, keep the trust region on (loss.clip).",
+                )
+        margin = mean("rewards/margins")
+        if margin is not None:
+            if margin < 0 and self.margin_peak > MARGIN_PEAK:
+                found += self._fire(
+                    "margin_collapse",
+                    step,
+                    margin,
+                    f"the mean reward margin fell to {margin:+.3f} over the last {window} logs after reaching "
+                    f"{self.margin_peak:+.3f}: the policy now prefers the rejected answers against its reference.",
+                    "Lower training.learning_rate or loss.beta, or check the labels (`mrpo inspect` lists suspect "
+                    "pairs).",
+                )
+            self.margin_peak = max(self.margin_peak, margin)
+        return found
+
+    def _fire(self, condition: str, step: int, value: float, message: str, remedy: str) -> list[Diagnostic]:
+        if condition in self.fired:
+            return []
+        self.fired.add(condition)
+        return [Diagnostic(condition, step, float(value), message, remedy)]
+
+
+class DiagnosticsCallback(TrainerCallback):
+    """Warns once per condition (see ``TrainingWatcher``) in the log and in ``OUTPUT/diagnostics.jsonl``."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: DiagnosticsConfig,
+        reference_names: list[str],
+        reference_columns: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        self.path = Path(path)
+        self.watcher = TrainingWatcher(settings, reference_names)
+        self.reference_columns = reference_columns
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.reference_columns is not None and state.is_world_process_zero:
+            self._emit(self.watcher.check_references(*self.reference_columns), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self._emit(self.watcher.observe(state.global_step, logs), state.global_step)
+
+    def _emit(self, diagnostics: list[Diagnostic], step: int) -> None:
+        for diagnostic in diagnostics:
+            logger.warning("%s", diagnostic.line())
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(dataclasses.asdict(diagnostic)) + "\n")

@@ -1,0 +1,644 @@
+"""Study, round two (issue 12): can MRPO help when labels are noisy and training does not saturate?
+
+Policy SmolLM2-135M-Instruct; references SmolLM2 itself (initialising) and Gemma-3-270M (external). Per seed,
+64 facts are drawn from a train pool (``reworded_facts``) and 30% of their labels flipped; every arm of that seed
+trains on the same facts, flips, LoRA initialisation and training seed. Two held-out families:
+
+- **reworded**: the seed's own training facts asked in two other wordings, with their *true* labels: what training
+  taught about a fact, wrong labels included, transfers there;
+- **disjoint**: the 95 facts outside the train pool, in the training wording (the first study's kind of test).
+
+Arms (issue 12's letters): (a) DPO; (b) MRPO defaults; (c) MRPO without CTRO; (d) DPO on the pairs the external
+reference agrees with; (e) DPO on the truly clean pairs (the oracle of any reweighting); (f) DPO on the pairs
+``mrpo inspect`` does not flag; (g) MRPO with align=pair; (h) fixed alpha (external weight 0.25 / 0.5 / 0.75,
+clipping off, against (c)'s adaptive alpha). A divergence arm trains on 200+-token answers against a random
+reference thousands of nats away, with and without CTRO; the lm-eval bridge scores start, DPO and MRPO.
+
+    .venv/bin/python experiments/noisy_study.py --quick           # 1 seed, 4 arms, no divergence/lm-eval (~15 min)
+    .venv/bin/python experiments/noisy_study.py --resume          # the full grid; finished runs are skipped
+
+Layout of ``--output-dir`` (default ``runs/noisy-study``): ``settings.json``, ``data/``, one directory per run with
+``result.json`` written last (atomically: a directory without it is redone), ``summary.json``. The report is
+``docs/results-noisy-study.md`` with plots in ``docs/noisy-study/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import reworded_facts
+
+DECISION_RULE = (
+    '"MRPO helps" if (b) or (c) beats (a) by >= 3 points of held-out policy accuracy with the 95% interval above 0; '
+    '"MRPO wastes usable signal" if (d) beats (a) by >= 3 points while (b) and (c) stay near 0 (within ±1.5 '
+    'points); "settled null at this scale" if even the oracle (e) beats (a) by < ~2 points. Judged per family '
+    "(reworded, disjoint) and per beta at 30% flipped labels; the reworded family is the primary test only if (e) "
+    "beats (a) there clearly (interval above 0), i.e. only if the test can discriminate at all."
+)
+"""Written into docs/results-noisy-study.md before the runs (issue 12) and quoted by the report."""
+
+SATURATION_LOSS = 0.3
+"""A run whose mean training loss over its last epoch is below this is flagged as saturated."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    letter: str
+    references: tuple[str, ...]
+    loss: dict[str, Any] = field(default_factory=dict)
+    train_filter: str | None = None
+    """None (all pairs), "external_agrees", "clean" or "not_flagged"."""
+    description: str = ""
+
+
+ARMS: dict[str, Arm] = {
+    "dpo": Arm("a", ("init",), description="DPO (K = 1)"),
+    "mrpo": Arm(
+        "b", ("init", "external"), description="MRPO, paper defaults (adaptive alpha, adaptive CTRO 0.1)"
+    ),
+    "mrpo_no_ctro": Arm("c", ("init", "external"), {"clip": "off"}, description="MRPO without CTRO"),
+    "dpo_external_agrees": Arm(
+        "d", ("init",), train_filter="external_agrees", description="DPO on the pairs Gemma agrees with"
+    ),
+    "dpo_clean": Arm(
+        "e", ("init",), train_filter="clean", description="DPO on the truly clean pairs (oracle)"
+    ),
+    "dpo_not_flagged": Arm(
+        "f", ("init",), train_filter="not_flagged", description="DPO on the pairs mrpo inspect does not flag"
+    ),
+    "mrpo_align": Arm("g", ("init", "external"), {"align": "pair"}, description="MRPO, align=pair"),
+    "mrpo_fixed_0.25": Arm(
+        "h",
+        ("init", "external"),
+        {"clip": "off", "weights": [0.75, 0.25]},
+        description="fixed alpha_ext 0.25",
+    ),
+    "mrpo_fixed_0.5": Arm(
+        "h", ("init", "external"), {"clip": "off", "weights": [0.5, 0.5]}, description="fixed alpha_ext 0.5"
+    ),
+    "mrpo_fixed_0.75": Arm(
+        "h",
+        ("init", "external"),
+        {"clip": "off", "weights": [0.25, 0.75]},
+        description="fixed alpha_ext 0.75",
+    ),
+}
+
+DIVERGENCE_ARMS: dict[str, Arm] = {
+    "ctro_adaptive": Arm("div", ("init", "divergent"), description="random reference, adaptive CTRO 0.1"),
+    "ctro_off": Arm("div", ("init", "divergent"), {"clip": "off"}, description="random reference, no CTRO"),
+}
+
+Cell = tuple[float, float, str]
+"""(share of flipped labels, beta, arm)."""
+
+PRIMARY_CELLS: tuple[Cell, ...] = (
+    *(
+        (0.3, 0.1, arm)
+        for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_external_agrees", "dpo_clean", "dpo_not_flagged")
+    ),
+    *((0.3, 0.5, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_external_agrees", "dpo_clean")),
+    *((0.0, 0.1, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro")),
+)
+EXTRA_CELLS: tuple[Cell, ...] = (
+    (0.3, 0.1, "mrpo_align"),
+    (0.3, 0.1, "mrpo_fixed_0.25"),
+    (0.3, 0.1, "mrpo_fixed_0.5"),
+    (0.3, 0.1, "mrpo_fixed_0.75"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    seeds: tuple[int, ...] = tuple(range(10))
+    cells: tuple[Cell, ...] = PRIMARY_CELLS
+    extra_cells: tuple[Cell, ...] = EXTRA_CELLS
+    extra_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """The lower-priority arms (g, h) run on these seeds only, after the primary grid."""
+    train_facts: int = 64
+    epochs: float = 2.0
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    bf16: bool = True
+    """bf16 autocast for training (fp32 master weights), as on a GPU; evaluation is scored in fp32."""
+    max_length: int = 512
+    divergence_seeds: tuple[int, ...] = (0, 1)
+    divergence_pairs: int = 32
+    lm_eval: bool = True
+    lm_eval_limit: int = 100
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Settings:
+        converted = {}
+        for key, value in raw.items():
+            if key in ("cells", "extra_cells"):
+                value = tuple(tuple(cell) for cell in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            converted[key] = value
+        return cls(**converted)
+
+
+QUICK = Settings(
+    seeds=(0,),
+    cells=tuple((0.3, 0.1, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_clean")),
+    extra_cells=(),
+    extra_seeds=(),
+    divergence_seeds=(),
+    lm_eval=False,
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    group: str
+    """"start", "main", "divergence" or "lm_eval"."""
+    arm: str
+    seed: int
+    noise: float = 0.0
+    beta: float = 0.1
+
+    @property
+    def name(self) -> str:
+        if self.group == "start":
+            return f"start/s{self.seed}"
+        if self.group == "divergence":
+            return f"divergence/{self.arm}/s{self.seed}"
+        if self.group == "lm_eval":
+            return f"lm_eval/{self.arm}"
+        return f"noise{self.noise:g}/beta{self.beta:g}/{self.arm}/s{self.seed}"
+
+
+def expand_grid(settings: Settings) -> list[RunSpec]:
+    """Seed by seed (so a cut grid still holds complete paired sets), the arms in priority order; then the extra
+    arms, the divergence arm and the lm-eval runs."""
+    runs: list[RunSpec] = []
+    for seed in settings.seeds:
+        runs.append(RunSpec("start", "start", seed))
+        runs += [RunSpec("main", arm, seed, noise, beta) for noise, beta, arm in settings.cells]
+    for seed in settings.extra_seeds:
+        runs += [RunSpec("main", arm, seed, noise, beta) for noise, beta, arm in settings.extra_cells]
+    for seed in settings.divergence_seeds:
+        runs += [RunSpec("divergence", arm, seed, 0.0, 0.1) for arm in DIVERGENCE_ARMS]
+    if settings.lm_eval and settings.seeds:
+        runs += [RunSpec("lm_eval", label, settings.seeds[0], 0.3, 0.1) for label in ("start", "dpo", "mrpo")]
+    return runs
+
+
+RESULT_FILE = "result.json"
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def run_grid(
+    runs: Sequence[RunSpec],
+    output_dir: Path,
+    runner: Callable[[RunSpec, Path], dict],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Run every unfinished run (a directory without result.json is cleared and redone); return all results."""
+    results = []
+    for index, run in enumerate(runs, start=1):
+        run_dir = output_dir / run.name
+        if not (run_dir / RESULT_FILE).exists():
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            log(f"[{index}/{len(runs)}] {run.name}: running")
+            begin = time.perf_counter()
+            result = {**dataclasses.asdict(run), **runner(run, run_dir)}
+            result["seconds"] = round(time.perf_counter() - begin, 1)
+            write_json_atomic(run_dir / RESULT_FILE, result)
+            log(f"    done in {result['seconds']:.0f} s")
+        results.append(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def seed_data(settings: Settings, data_dir: Path, seed: int) -> dict[str, Path]:
+    """The seed's training facts (wording 0) at each noise level, and its reworded test (wordings 1 and 2)."""
+    facts = reworded_facts.all_facts()
+    pool, _ = reworded_facts.split_facts(facts)
+    rng = random.Random(f"noisy-study-facts-{seed}")
+    chosen = reworded_facts.sample_stratified(pool, settings.train_facts, rng)
+    directory = data_dir / f"s{seed}"
+    paths = {}
+    noises = sorted({noise for noise, _, _ in (*settings.cells, *settings.extra_cells)})
+    for noise in noises:
+        flips = set(
+            random.Random(f"noisy-study-flips-{seed}-{noise}").sample(
+                range(len(chosen)), round(noise * len(chosen))
+            )
+        )
+        records = [fact.pair(0, flipped=index in flips) for index, fact in enumerate(chosen)]
+        paths[f"train-{noise:g}"] = write_jsonl(directory / f"train-noise{noise:g}.jsonl", records)
+    reworded = [fact.pair(wording) for fact in chosen for wording in range(1, reworded_facts.WORDINGS)]
+    paths["reworded"] = write_jsonl(directory / "reworded.jsonl", reworded)
+    return paths
+
+
+def disjoint_data(settings: Settings, data_dir: Path) -> Path:
+    _, disjoint = reworded_facts.split_facts(reworded_facts.all_facts())
+    return write_jsonl(data_dir / "disjoint.jsonl", [fact.pair(0) for fact in disjoint])
+
+
+def divergence_data(settings: Settings, data_dir: Path) -> Path:
+    """Long answers: the capitals of 26-32 countries as a list, the rejected list with four wrong capitals and
+    four lines more or fewer (so a reference that scores every token alike puts hundreds of nats between them)."""
+    from mrpo.demo.pairs import CAPITALS
+
+    rng = random.Random("noisy-study-divergence")
+    records = []
+    for index in range(settings.divergence_pairs):
+        countries = rng.sample(CAPITALS, rng.randint(26, 32))
+        asked = countries[:-4] if index % 2 else countries
+        lines = [f"- {country}: {capital}" for country, capital, _, _ in asked]
+        wrong = list(lines)
+        for position in rng.sample(range(len(asked)), 4):
+            country, capital, continent, _ = asked[position]
+            other = rng.choice([c for _, c, where, _ in CAPITALS if where == continent and c != capital])
+            wrong[position] = f"- {country}: {other}"
+        # Even pairs: the rejected list drops four countries; odd pairs: it adds four that were not asked for.
+        wrong = wrong[:-4] if index % 2 == 0 else wrong + [f"- {c}: {k}" for c, k, _, _ in countries[-4:]]
+        question = (
+            "List the capital of each of these countries, one per line: "
+            + ", ".join(c for c, *_ in asked)
+            + "."
+        )
+        records.append(
+            {
+                "prompt": [{"role": "user", "content": question}],
+                "chosen": [{"role": "assistant", "content": "Here are the capitals:\n" + "\n".join(lines)}],
+                "rejected": [{"role": "assistant", "content": "Here are the capitals:\n" + "\n".join(wrong)}],
+                "kind": "capital lists",
+            }
+        )
+    return write_jsonl(data_dir / "divergence.jsonl", records)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The runner
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Trains with ``mrpo.pipeline.run_train`` and scores the final adapter on the seed's two held-out sets."""
+
+    def __init__(self, settings: Settings, output_dir: Path, cache_root: Path, models: dict[str, str]):
+        self.settings = settings
+        self.output_dir = output_dir
+        self.cache_root = cache_root
+        self.models = models
+        self.data_dir = output_dir / "data"
+        self._prepared: dict[str, Any] = {}
+
+    def config(
+        self,
+        run: RunSpec,
+        run_dir: Path,
+        train: Path,
+        *,
+        references: Sequence[str],
+        evaluation: Path | None = None,
+    ):
+        from mrpo.config import MRPOConfig
+
+        s = self.settings
+        arm = (DIVERGENCE_ARMS if run.group == "divergence" else ARMS).get(run.arm)
+        loss = {"beta": run.beta, **(arm.loss if arm and evaluation is None else {})}
+        return MRPOConfig.from_dict(
+            {
+                "policy": {"model": self.models["init"], "dtype": "float32"},
+                "references": [{"name": name, "model": self.models[name]} for name in references],
+                "data": {
+                    "train": str(train),
+                    "eval": str(evaluation) if evaluation else None,
+                    "max_length": s.max_length,
+                    "seed": run.seed,
+                },
+                "loss": loss,
+                "lora": {
+                    "enabled": True,
+                    "r": s.lora_r,
+                    "alpha": 2 * s.lora_r,
+                    "dropout": 0.0,
+                    "target_modules": list(s.lora_targets),
+                },
+                "training": {
+                    "output_dir": str(run_dir),
+                    "per_device_train_batch_size": s.batch_size,
+                    "num_train_epochs": s.epochs,
+                    "learning_rate": s.learning_rate,
+                    "lr_scheduler_type": "constant",
+                    "logging_steps": 1,
+                    "eval_strategy": "no",
+                    "save_strategy": "no",
+                    "seed": run.seed,
+                    "bf16": s.bf16,
+                    "use_cpu": True,
+                    "disable_tqdm": True,
+                    "report_to": "none",
+                },
+                "cache_dir": str(self.cache_root / "references"),
+            }
+        )
+
+    # -- data per seed --------------------------------------------------------------------------------------
+
+    def train_file(self, run: RunSpec) -> Path:
+        """The run's training pairs: the seed's noisy facts, filtered for arms (d), (e), (f)."""
+        base = self.data_dir / f"s{run.seed}" / f"train-noise{run.noise:g}.jsonl"
+        arm = ARMS[run.arm]
+        if arm.train_filter is None:
+            return base
+        filtered = base.with_name(f"{base.stem}-{arm.train_filter}.jsonl")
+        if not filtered.exists():
+            records = read_jsonl(base)
+            keep = self.keep_mask(run, base, records, arm.train_filter)
+            write_jsonl(filtered, [record for record, kept in zip(records, keep, strict=True) if kept])
+        return filtered
+
+    def keep_mask(self, run: RunSpec, base: Path, records: list[dict], train_filter: str) -> list[bool]:
+        if train_filter == "clean":
+            return [not record["flipped"] for record in records]
+        from mrpo.audit import find_suspects
+        from mrpo.pipeline import prepare_split
+
+        config = self.config(run, self.output_dir / "scratch", base, references=("init", "external"))
+        prepared = prepare_split(config, "train", show_progress=False)
+        if len(prepared.tokenization.pair_ids) != len(records):
+            raise RuntimeError(f"{base}: tokenization dropped pairs; raise max_length")
+        chosen = prepared.dataset.reference_chosen_logps
+        rejected = prepared.dataset.reference_rejected_logps
+        margins = chosen.double() - rejected.double()
+        if train_filter == "external_agrees":
+            return (margins[1] > 0).tolist()
+        flagged = {
+            s.pair_id for s in find_suspects(margins, ["init", "external"], prepared.tokenization.pair_ids)
+        }
+        return [pair_id not in flagged for pair_id in prepared.tokenization.pair_ids]
+
+    def prepared(self, key: str, data: Path):
+        """A held-out split with the initialising reference's column (tokenized and cached once)."""
+        if key not in self._prepared:
+            from mrpo.pipeline import prepare_split
+
+            config = self.config(
+                RunSpec("start", "start", 0),
+                self.output_dir / "scratch",
+                data,
+                references=("init",),
+                evaluation=data,
+            )
+            self._prepared = {
+                k: v for k, v in self._prepared.items() if k == "disjoint"
+            }  # keep one seed at a time
+            self._prepared[key] = (prepare_split(config, "eval", show_progress=False), config)
+        return self._prepared[key]
+
+    # -- one run --------------------------------------------------------------------------------------------
+
+    def __call__(self, run: RunSpec, run_dir: Path) -> dict[str, Any]:
+        if run.group == "lm_eval":
+            return self.lm_eval(run, run_dir)
+        if run.group == "divergence":
+            return {"train": self.train(run, run_dir, self.data_dir / "divergence.jsonl")}
+        checkpoint, train = None, {}
+        if run.group == "main":
+            train = self.train(run, run_dir, self.train_file(run))
+            checkpoint = train.pop("checkpoint")
+        return {"train": train, "eval": self.evaluate(run, checkpoint)}
+
+    def train(self, run: RunSpec, run_dir: Path, train_file: Path) -> dict[str, Any]:
+        from mrpo.pipeline import run_train
+
+        arm = (DIVERGENCE_ARMS if run.group == "divergence" else ARMS)[run.arm]
+        config = self.config(run, run_dir, train_file, references=arm.references)
+        begin = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_train(config, show_progress=False)
+        records = read_jsonl(train_file)
+        statistics = training_statistics(result.metrics_file)
+        statistics.update(
+            seconds=round(time.perf_counter() - begin, 1),
+            pairs=len(records),
+            flipped=sum(bool(r.get("flipped")) for r in records),
+            checkpoint=str(result.final_model_dir),
+        )
+        return statistics
+
+    def evaluate(self, run: RunSpec, checkpoint: str | None) -> dict[str, Any]:
+        import torch
+
+        from mrpo.evaluation import evaluate_model, load_for_evaluation
+
+        begin = time.perf_counter()
+        sets = {
+            "reworded": self.prepared(
+                f"reworded-s{run.seed}", self.data_dir / f"s{run.seed}" / "reworded.jsonl"
+            ),
+            "disjoint": self.prepared("disjoint", self.data_dir / "disjoint.jsonl"),
+        }
+        _, any_config = sets["disjoint"]
+        model = load_for_evaluation(any_config, checkpoint, torch.device("cpu"))
+        results = {}
+        for family, (prepared, config) in sets.items():
+            held_out = evaluate_model(
+                model, run.arm, checkpoint or "start", prepared, config, show_progress=False
+            )
+            results[family] = {
+                "pairs": held_out.pairs,
+                "metrics": held_out.metrics,
+                "by_kind": held_out.by_kind,
+            }
+        del model
+        results["seconds"] = round(time.perf_counter() - begin, 1)
+        return results
+
+    def lm_eval(self, run: RunSpec, run_dir: Path) -> dict[str, Any]:
+        from mrpo.lm_eval_bridge import run_lm_eval
+
+        checkpoint = None
+        if run.arm != "start":
+            source = self.output_dir / RunSpec("main", run.arm, run.seed, run.noise, run.beta).name / "final"
+            checkpoint = str(source)
+        config = self.config(run, run_dir, self.data_dir / "disjoint.jsonl", references=("init",))
+        begin = time.perf_counter()
+        result = run_lm_eval(
+            config,
+            checkpoint,
+            ["mrpo_arithmetic", "mrpo_facts"],
+            label=run.arm,
+            limit=self.settings.lm_eval_limit,
+        )
+        return {
+            "lm_eval": result.metrics,
+            "samples": result.samples,
+            "model": result.model,
+            "seconds": round(time.perf_counter() - begin, 1),
+        }
+
+
+def training_statistics(metrics_file: Path) -> dict[str, Any]:
+    """Loss curve, first / last-epoch / max loss, clip rate and final reward margin from a run's metrics."""
+    rows = [row for row in read_jsonl(metrics_file) if "loss" in row] if metrics_file.exists() else []
+    losses = [(row["step"], float(row["loss"])) for row in rows]
+    last_epoch = (
+        [
+            loss
+            for (_, loss), row in zip(losses, rows, strict=True)
+            if row.get("epoch", 0) > rows[-1]["epoch"] - 1
+        ]
+        if rows
+        else []
+    )
+    finite = [loss for _, loss in losses if math.isfinite(loss)]
+    clip = [float(row["ctro/clip_rate"]) for row in rows if "ctro/clip_rate" in row]
+    return {
+        "loss_curve": losses,
+        "first_loss": losses[0][1] if losses else math.nan,
+        "last_epoch_loss": sum(last_epoch) / len(last_epoch) if last_epoch else math.nan,
+        "max_loss": max(finite) if finite else math.nan,
+        "nonfinite_steps": [step for step, loss in losses if not math.isfinite(loss)],
+        "clip_rate": sum(clip) / len(clip) if clip else math.nan,
+        "final_reward_margin": float(rows[-1].get("rewards/margins", math.nan)) if rows else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------
+
+
+def check_settings(output_dir: Path, settings: Settings, resume: bool) -> None:
+    saved = output_dir / "settings.json"
+    if saved.exists():
+        previous = Settings.from_json(json.loads(saved.read_text(encoding="utf-8")))
+        if previous != settings:
+            raise SystemExit(
+                f"{output_dir} holds a study with other settings ({saved}); use another --output-dir or the same flags"
+            )
+        if not resume and any(output_dir.glob(f"**/{RESULT_FILE}")):
+            raise SystemExit(
+                f"{output_dir} holds finished runs: pass --resume to continue, or another --output-dir"
+            )
+    write_json_atomic(saved, settings.to_json())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 4 arms, no divergence / lm-eval (~15 min)"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="default runs/noisy-study (runs/noisy-study-quick with --quick)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue a study; finished runs are skipped")
+    parser.add_argument("--cache-dir", default=None, help="models + reference cache (default $MRPO_CACHE)")
+    parser.add_argument("--docs", default="docs/results-noisy-study.md", help="the markdown report to write")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="number of seeds (0..N-1) of the primary grid"
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="render the report from finished runs only"
+    )
+    args = parser.parse_args(argv)
+
+    from mrpo.demo.models import GEMMA3, SMOLLM2, default_cache_dir, ensure_demo_model
+
+    started = time.perf_counter()
+    settings = QUICK if args.quick else Settings()
+    if args.seeds is not None:
+        settings = dataclasses.replace(settings, seeds=tuple(range(args.seeds)))
+    output_dir = Path(args.output_dir or ("runs/noisy-study-quick" if args.quick else "runs/noisy-study"))
+    if args.report_only:
+        settings = Settings.from_json(json.loads((output_dir / "settings.json").read_text(encoding="utf-8")))
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        check_settings(output_dir, settings, args.resume)
+    cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    models = {
+        "init": str(ensure_demo_model(SMOLLM2, cache_root)),
+        "external": str(ensure_demo_model(GEMMA3, cache_root)),
+    }
+    data_dir = output_dir / "data"
+    for seed in sorted({*settings.seeds, *settings.extra_seeds}):
+        seed_data(settings, data_dir, seed)
+    disjoint_data(settings, data_dir)
+    if settings.divergence_seeds:
+        divergence_data(settings, data_dir)
+        from study import make_divergent_reference
+
+        models["divergent"] = str(
+            make_divergent_reference(models["init"], output_dir / "models" / "divergent-tiny-llama")
+        )
+    runs = expand_grid(
+        settings,
+    )
+    print(f"{len(runs)} runs; output {output_dir}", flush=True)
+    runner = Runner(settings, output_dir, cache_root, models)
+    lines: list[str] = []
+
+    def log(message: str) -> None:
+        lines.append(message)
+        print(message, flush=True)
+
+    if args.report_only:
+        runs = [run for run in runs if (output_dir / run.name / RESULT_FILE).exists()]
+    results = run_grid(runs, output_dir, runner, log)
+    runtime = time.perf_counter() - started
+    command = " ".join(
+        [".venv/bin/python experiments/noisy_study.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    ran = sum(1 for line in lines if line.endswith(": running"))
+    with (output_dir / "invocations.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"command": command, "runtime_s": round(runtime, 1), "runs_run": ran}) + "\n")
+    write_json_atomic(output_dir / "summary.json", {"settings": settings.to_json(), "results": results})
+    print(f"{len(results)} results; runtime {runtime / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

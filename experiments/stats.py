@@ -1,0 +1,42 @@
+"""Small statistics shared by the experiments: means with Student-t intervals, paired differences, verdicts."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
+    """Mean, half-width of the Student-t confidence interval (nan below two values), and the count."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, math.nan, 1
+    from scipy.stats import t
+
+    half_width = float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return mean, half_width, n
+
+
+def paired(values: Mapping[int, float], baseline: Mapping[int, float]) -> dict[int, float]:
+    """value - baseline for every seed that has both, in seed order."""
+    return {seed: values[seed] - baseline[seed] for seed in sorted(values) if seed in baseline}
+
+
+def interval_text(mean: float, half: float, *, scale: float = 100.0, signed: bool = True) -> str:
+    """``+1.2 ± 0.8`` (points when scale is 100), ``–`` when there is nothing."""
+    if not math.isfinite(mean):
+        return "–"
+    text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
+    return text + (f" ± {scale * half:.1f}" if math.isfinite(half) else "")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub markdown table: the header, the rule, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
