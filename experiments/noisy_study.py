@@ -14,7 +14,7 @@ reference agrees with; (e) DPO on the truly clean pairs (the oracle of any rewei
 clipping off, against (c)'s adaptive alpha). A divergence arm trains on 200+-token answers against a random
 reference thousands of nats away, with and without CTRO; the lm-eval bridge scores start, DPO and MRPO.
 
-    .venv/bin/python experiments/noisy_study.py --quick           # 1 seed, 4 arms, no divergence/lm-eval (~15 min)
+    .venv/bin/python experiments/noisy_study.py --quick           # 1 seed, 6 runs, no divergence/lm-eval (~15 min)
     .venv/bin/python experiments/noisy_study.py --resume          # the full grid; finished runs are skipped
 
 Layout of ``--output-dir`` (default ``runs/noisy-study``): ``settings.json``, ``data/``, one directory per run with
@@ -159,7 +159,10 @@ class Settings:
 
 QUICK = Settings(
     seeds=(0,),
-    cells=tuple((0.3, 0.1, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_clean")),
+    cells=(
+        *((0.3, 0.1, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_clean")),
+        *((0.3, 0.5, arm) for arm in ("dpo", "dpo_clean")),
+    ),
     extra_cells=(),
     extra_seeds=(),
     divergence_seeds=(),
@@ -570,7 +573,7 @@ def check_settings(output_dir: Path, settings: Settings, resume: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="1 seed, 4 arms, no divergence / lm-eval (~15 min)"
+        "--quick", action="store_true", help="1 seed, 6 runs, no divergence / lm-eval (~15 min)"
     )
     parser.add_argument(
         "--output-dir", default=None, help="default runs/noisy-study (runs/noisy-study-quick with --quick)"
