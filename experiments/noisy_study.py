@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import sys
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import reworded_facts
+import stats
 
 DECISION_RULE = (
     '"MRPO helps" if (b) or (c) beats (a) by >= 3 points of held-out policy accuracy with the 95% interval above 0; '
@@ -135,7 +137,7 @@ class Settings:
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     bf16: bool = True
-    """bf16 autocast for training (fp32 master weights), as on a GPU; evaluation is scored in fp32."""
+    """bf16 autocast (fp32 master weights) for training and held-out scoring, as on a GPU."""
     max_length: int = 512
     divergence_seeds: tuple[int, ...] = (0, 1)
     divergence_pairs: int = 32
@@ -487,10 +489,14 @@ class Runner:
         _, any_config = sets["disjoint"]
         model = load_for_evaluation(any_config, checkpoint, torch.device("cpu"))
         results = {}
+        # Scored under bf16 autocast like the training (1.7x faster here; on the start model's 223 held-out pairs it
+        # changed no pair's preference, with sums within 0.5 nats of fp32).
+        precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.bf16)
         for family, (prepared, config) in sets.items():
-            held_out = evaluate_model(
-                model, run.arm, checkpoint or "start", prepared, config, show_progress=False
-            )
+            with precision:
+                held_out = evaluate_model(
+                    model, run.arm, checkpoint or "start", prepared, config, show_progress=False
+                )
             results[family] = {
                 "pairs": held_out.pairs,
                 "metrics": held_out.metrics,
@@ -548,6 +554,301 @@ def training_statistics(metrics_file: Path) -> dict[str, Any]:
         "clip_rate": sum(clip) / len(clip) if clip else math.nan,
         "final_reward_margin": float(rows[-1].get("rewards/margins", math.nan)) if rows else math.nan,
     }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Report: docs/results-noisy-study.md and docs/noisy-study/*.png
+# ------------------------------------------------------------------------------------------------------------
+
+FAMILIES = ("reworded", "disjoint")
+
+
+def accuracy(result: dict[str, Any], family: str) -> float:
+    return result["eval"][family]["metrics"]["policy_accuracy"]
+
+
+def main_results(results: Sequence[dict[str, Any]]) -> dict[Cell, dict[int, dict[str, Any]]]:
+    """(noise, beta, arm) -> seed -> result, for the trained runs."""
+    cells: dict[Cell, dict[int, dict[str, Any]]] = {}
+    for result in results:
+        if result["group"] == "main":
+            cells.setdefault((result["noise"], result["beta"], result["arm"]), {})[result["seed"]] = result
+    return cells
+
+
+def difference(cells, cell: Cell, family: str) -> tuple[float, float, int]:
+    """Mean and 95% t-interval of (arm - DPO) over the seeds both ran, in accuracy (0..1)."""
+    noise, beta, _ = cell
+    baseline = cells.get((noise, beta, "dpo"), {})
+    values = {seed: accuracy(r, family) for seed, r in cells.get(cell, {}).items()}
+    return stats.mean_ci(
+        list(stats.paired(values, {s: accuracy(r, family) for s, r in baseline.items()}).values())
+    )
+
+
+def judge(cells, noise: float, beta: float, family: str) -> str:
+    """The decision rule (DECISION_RULE) for one family and beta."""
+
+    def diff(arm: str) -> tuple[float, float, int]:
+        return difference(cells, (noise, beta, arm), family)
+
+    oracle, filtered = diff("dpo_clean"), diff("dpo_external_agrees")
+    mrpo, no_ctro = diff("mrpo"), diff("mrpo_no_ctro")
+    if not math.isfinite(oracle[0]):
+        return "not judged (the oracle arm did not run)"
+    discriminates = math.isfinite(oracle[1]) and oracle[0] - oracle[1] > 0
+    parts = [
+        f"the oracle (e) is {stats.interval_text(*oracle[:2])} points from DPO "
+        + ("(the test discriminates)" if discriminates else "(the test does not clearly discriminate)")
+    ]
+    helps = [name for name, d in (("(b)", mrpo), ("(c)", no_ctro)) if d[0] >= 0.03 and d[0] - d[1] > 0]
+    near_zero = all(math.isfinite(d[0]) and abs(d[0]) <= 0.015 for d in (mrpo, no_ctro))
+    if helps:
+        verdict = f"**MRPO helps** ({' and '.join(helps)} beat DPO by >= 3 points, interval above 0)"
+    elif math.isfinite(filtered[0]) and filtered[0] >= 0.03 and near_zero:
+        verdict = "**MRPO wastes usable signal** ((d) beats DPO by >= 3 points while (b) and (c) stay near 0)"
+    elif oracle[0] < 0.02:
+        verdict = "**settled null at this scale** (even the oracle gains < 2 points)"
+    else:
+        verdict = "**inconclusive** under the rule (no branch of it applies)"
+    return verdict + "; " + parts[0]
+
+
+def filter_quality(cells, noise: float, beta: float, arm: str, train_facts: int) -> str:
+    """Precision and recall of the pairs an arm dropped against the truly flipped ones, summed over seeds."""
+    runs = cells.get((noise, beta, arm), {})
+    flipped = round(noise * train_facts)
+    dropped = sum(train_facts - r["train"]["pairs"] for r in runs.values())
+    caught = sum(flipped - r["train"]["flipped"] for r in runs.values())
+    total_flipped = flipped * len(runs)
+    if not runs:
+        return "–"
+    precision = f"{caught / dropped:.0%}" if dropped else "–"
+    recall = f"{caught / total_flipped:.0%}" if total_flipped else "–"
+    return f"dropped {dropped / len(runs):.1f} pairs per seed; precision {precision}, recall {recall}"
+
+
+def arm_rows(cells, noise: float, beta: float, settings: Settings) -> list[list[str]]:
+    rows = []
+    for arm, spec in ARMS.items():
+        runs = cells.get((noise, beta, arm))
+        if not runs:
+            continue
+        row = [f"({spec.letter}) {arm}", spec.description]
+        for family in FAMILIES:
+            mean, half, _ = stats.mean_ci([accuracy(r, family) for r in runs.values()])
+            row.append(stats.interval_text(mean, half, signed=False))
+            if arm == "dpo":
+                row.append("baseline")
+            else:
+                d_mean, d_half, n = difference(cells, (noise, beta, arm), family)
+                row.append(f"{stats.interval_text(d_mean, d_half)} ({n})")
+        losses = [r["train"]["last_epoch_loss"] for r in runs.values()]
+        saturated = sum(loss < SATURATION_LOSS for loss in losses)
+        clip = [r["train"]["clip_rate"] for r in runs.values() if math.isfinite(r["train"]["clip_rate"])]
+        row += [
+            f"{sum(losses) / len(losses):.3f}" + (f" ({saturated} < {SATURATION_LOSS})" if saturated else ""),
+            f"{sum(clip) / len(clip):.0%}" if clip and len(spec.references) > 1 else "–",
+            str(len(runs)),
+        ]
+        rows.append(row)
+    return rows
+
+
+def render_markdown(
+    results, settings: Settings, *, command: str, machine: str, runtime_s: float, plots: dict
+) -> str:
+    cells = main_results(results)
+    starts = {r["seed"]: r for r in results if r["group"] == "start"}
+    lines = ["# Study, round two: noisy labels, unsaturated training, ceilings", ""]
+    lines += [
+        "Written by `experiments/noisy_study.py` (issue 12). Question: with wrongly labelled training pairs and "
+        "training that does not saturate, does MRPO beat DPO, and could any reweighting of the training pairs?",
+        "",
+        "## Decision rule (fixed before the runs)",
+        "",
+        f"> {DECISION_RULE}",
+        "",
+        "## Setting",
+        "",
+        f"- Policy SmolLM2-135M-Instruct, LoRA r {settings.lora_r} on {', '.join(settings.lora_targets)}, lr "
+        f"{settings.learning_rate:g} constant, {settings.epochs:g} epochs of batch {settings.batch_size}, "
+        f"{'bf16 autocast (fp32 weights) for training and scoring' if settings.bf16 else 'fp32'}, on the CPU.",
+        "- References: SmolLM2-135M-Instruct (initialising) and Gemma-3-270M (external; another family and "
+        "tokenizer), each scoring its own tokenization.",
+        f"- Per seed: {settings.train_facts} facts drawn from a pool of {len(reworded_facts.split_facts(reworded_facts.all_facts())[0])}"
+        " (capitals, chemical symbols, opposites, letter counts, unit conversions, arithmetic), asked in wording 0; "
+        "at 30% noise 19 of their labels are flipped (swapped chosen / rejected). The same facts, flips, LoRA "
+        "initialisation and training seed serve every arm of a seed.",
+        f"- Held out: **reworded** -- the seed's {settings.train_facts} training facts in two other wordings "
+        f"({2 * settings.train_facts} pairs, true labels); **disjoint** -- the "
+        f"{len(reworded_facts.split_facts(reworded_facts.all_facts())[1])} facts outside the pool in wording 0. "
+        "Metric: policy preference accuracy (pw > pl), which needs no reference.",
+        f"- Seeds: {len(settings.seeds)} for the primary grid; the (g) / (h) arms on {len(settings.extra_seeds)}.",
+        "",
+    ]
+    if starts:
+        for family in FAMILIES:
+            mean, half, n = stats.mean_ci([accuracy(r, family) for r in starts.values()])
+            lines.append(
+                f"Untrained start, {family}: {stats.interval_text(mean, half, signed=False)} % ({n} seeds).  "
+            )
+        lines.append("")
+    lines += ["## Verdict", ""]
+    for noise, beta in sorted({(n, b) for n, b, _ in cells}, key=lambda c: (-c[0], c[1])):
+        if (noise, beta, "dpo_clean") not in cells:
+            continue
+        for family in FAMILIES:
+            lines.append(
+                f"- {noise:.0%} flipped, beta {beta:g}, {family}: {judge(cells, noise, beta, family)}."
+            )
+    lines.append("")
+    lines += [
+        "## Per arm",
+        "",
+        "Held-out policy accuracy in % (mean ± 95% t-interval over seeds) and the paired difference to DPO in "
+        "points (same seed, same facts and flips), with the number of seeds; the mean training loss over the last "
+        f"epoch (runs below {SATURATION_LOSS} are flagged as saturated); the mean CTRO clip rate.",
+        "",
+    ]
+    for noise, beta in sorted({(n, b) for n, b, _ in cells}, key=lambda c: (-c[0], c[1])):
+        lines += [f"### {noise:.0%} flipped labels, beta {beta:g}", ""]
+        lines += stats.markdown_table(
+            [
+                "arm",
+                "what",
+                "reworded",
+                "Δ vs DPO",
+                "disjoint",
+                "Δ vs DPO",
+                "last-epoch loss",
+                "clip",
+                "seeds",
+            ],
+            arm_rows(cells, noise, beta, settings),
+        )
+        quality = [
+            f"- ({ARMS[arm].letter}) {arm}: {filter_quality(cells, noise, beta, arm, settings.train_facts)}"
+            for arm in ("dpo_external_agrees", "dpo_not_flagged")
+            if (noise, beta, arm) in cells and noise > 0
+        ]
+        if quality:
+            lines += ["", "Filters against the truly flipped pairs:", "", *quality]
+        lines.append("")
+    if plots.get("paired"):
+        lines += [f"![paired differences]({plots['paired']})", ""]
+    lines += divergence_section(results, plots)
+    lines += lm_eval_section(results)
+    lines += [
+        "## What was cut, and how it ran",
+        "",
+        f"- Arms (g) align=pair and (h) fixed alpha ran on {len(settings.extra_seeds)} seeds only; (f) ran at beta 0.1 "
+        "only; at 0% noise only (a)-(c) ran. The grid was sized to stay near 2.5 h on 2 CPU cores.",
+        f"- Command: {command}",
+        f"- Machine: {machine}",
+        f"- Wall time of the runs in the summary: {sum(r.get('seconds', 0) for r in results) / 3600:.2f} h "
+        f"(this invocation {runtime_s / 60:.1f} min).",
+    ]
+    return "\n".join(lines)
+
+
+def divergence_section(results, plots) -> list[str]:
+    runs = [r for r in results if r["group"] == "divergence"]
+    if not runs:
+        return []
+    lines = [
+        "## Divergence arm: can the loss blow up without CTRO?",
+        "",
+        "32 pairs whose answers are lists of 26-32 capitals (200+ tokens), the rejected list with four wrong "
+        "capitals and four lines more or fewer; the external reference is a 2-layer random-init model with "
+        "SmolLM2's tokenizer. Beta 0.1, the same LoRA settings.",
+        "",
+    ]
+    rows = [
+        [r["arm"], str(r["seed"]), f"{r['train']['first_loss']:.2f}", f"{r['train']['max_loss']:.2f}",
+         f"{r['train']['last_epoch_loss']:.2f}", str(len(r["train"]["nonfinite_steps"])),
+         f"{r['train']['clip_rate']:.0%}" if math.isfinite(r["train"]["clip_rate"]) else "–"]
+        for r in sorted(runs, key=lambda r: (r["arm"], r["seed"]))
+    ]  # fmt: skip
+    lines += stats.markdown_table(
+        ["arm", "seed", "first loss", "max loss", "last-epoch loss", "non-finite steps", "clip rate"], rows
+    )
+    if plots.get("divergence"):
+        lines += ["", f"![divergence loss curves]({plots['divergence']})"]
+    return lines + [""]
+
+
+def lm_eval_section(results) -> list[str]:
+    runs = [r for r in results if r["group"] == "lm_eval"]
+    if not runs:
+        return []
+    lines = [
+        "## General ability (lm-eval bridge, offline tasks)",
+        "",
+        "`mrpo_arithmetic` (generate the result, exact match) and `mrpo_facts` (capitals and chemical symbols, four "
+        "choices): seed 0, 30% flipped labels, beta 0.1. `mrpo_facts` overlaps the training facts' topics.",
+        "",
+    ]
+    rows = []
+    for r in runs:
+        for task, metrics in sorted(r["lm_eval"].items()):
+            rows.append([r["arm"], task, ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())),
+                         str(r["samples"].get(task, ""))])  # fmt: skip
+    return lines + stats.markdown_table(["model", "task", "metrics", "n"], rows) + [""]
+
+
+def write_plots(results, directory: Path, link_prefix: str) -> dict[str, str]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cells = main_results(results)
+    plots = {}
+    settings_cells = sorted({(n, b) for n, b, _ in cells}, key=lambda c: (-c[0], c[1]))
+    if settings_cells:
+        figure = Figure(figsize=(6 * len(FAMILIES), 1.2 + 0.35 * len(cells)), layout="constrained")
+        FigureCanvasAgg(figure)
+        for index, family in enumerate(FAMILIES):
+            ax = figure.add_subplot(1, len(FAMILIES), index + 1)
+            labels, y = [], 0
+            for noise, beta in settings_cells:
+                for arm in ARMS:
+                    if arm == "dpo" or (noise, beta, arm) not in cells:
+                        continue
+                    base = {s: accuracy(r, family) for s, r in cells.get((noise, beta, "dpo"), {}).items()}
+                    values = stats.paired(
+                        {s: accuracy(r, family) for s, r in cells[(noise, beta, arm)].items()}, base
+                    )
+                    mean, half, _ = stats.mean_ci(list(values.values()))
+                    ax.scatter(
+                        [100 * v for v in values.values()], [y] * len(values), s=8, alpha=0.5, color="C0"
+                    )
+                    if math.isfinite(half):
+                        ax.errorbar([100 * mean], [y], xerr=[100 * half], fmt="o", color="C3", capsize=3)
+                    labels.append(f"{noise:.0%} b{beta:g} ({ARMS[arm].letter}) {arm}")
+                    y += 1
+            ax.axvline(0, color="grey", linewidth=1)
+            ax.set_yticks(range(len(labels)), labels, fontsize="small")
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{family}: accuracy - DPO (points)")
+        figure.savefig(directory / "paired.png", dpi=100)
+        plots["paired"] = f"{link_prefix}/paired.png"
+    divergence = [r for r in results if r["group"] == "divergence"]
+    if divergence:
+        figure = Figure(figsize=(6, 4), layout="constrained")
+        FigureCanvasAgg(figure)
+        ax = figure.add_subplot(1, 1, 1)
+        for r in sorted(divergence, key=lambda r: (r["arm"], r["seed"])):
+            steps, losses = zip(*r["train"]["loss_curve"], strict=True)
+            ax.plot(steps, losses, color="C0" if r["arm"] == "ctro_adaptive" else "C3", alpha=0.8,
+                    label=f"{r['arm']} s{r['seed']}")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize="small")
+        figure.savefig(directory / "divergence.png", dpi=100)
+        plots["divergence"] = f"{link_prefix}/divergence.png"
+    return plots
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -639,7 +940,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (output_dir / "invocations.jsonl").open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"command": command, "runtime_s": round(runtime, 1), "runs_run": ran}) + "\n")
     write_json_atomic(output_dir / "summary.json", {"settings": settings.to_json(), "results": results})
-    print(f"{len(results)} results; runtime {runtime / 60:.1f} min", flush=True)
+    invocations = [json.loads(line) for line in (output_dir / "invocations.jsonl").read_text().splitlines()]
+    commands = "; then ".join(
+        f"`{item['command']}` ({item['runtime_s'] / 60:.1f} min, {item['runs_run']} runs run)"
+        for item in [*(i for i in invocations[:-1] if i["runs_run"]), invocations[-1]]
+    )
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    machine = (
+        f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; load average at the end "
+        f"{load} (above {os.cpu_count()}: other work shared the cores)"
+    )
+    docs = Path(args.docs)
+    plots = write_plots(results, docs.parent / "noisy-study", "noisy-study")
+    docs.write_text(
+        render_markdown(results, settings, command=commands, machine=machine, runtime_s=runtime, plots=plots)
+        + "\n",
+        encoding="utf-8",
+    )
+    print(f"report: {docs}\n{len(results)} results; runtime {runtime / 60:.1f} min", flush=True)
     return 0
 
 

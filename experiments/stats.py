@@ -31,7 +31,9 @@ def interval_text(mean: float, half: float, *, scale: float = 100.0, signed: boo
     """``+1.2 ± 0.8`` (points when scale is 100), ``–`` when there is nothing."""
     if not math.isfinite(mean):
         return "–"
-    text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
+    value = scale * mean + 0.0  # no "-0.0"
+    value = 0.0 if abs(value) < 0.05 else value
+    text = f"{value:+.1f}" if signed else f"{value:.1f}"
     return text + (f" ± {scale * half:.1f}" if math.isfinite(half) else "")
 
 

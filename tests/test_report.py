@@ -259,3 +259,51 @@ def test_cli_report(tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "mrpo report: error: run directory" in capsys.readouterr().err
+
+
+def test_report_shows_the_audit_and_marks_live_warnings_on_the_curves(tmp_path, monkeypatch):
+    import torch
+
+    from mrpo.audit import audit_split
+    from mrpo.config import DiagnosticsConfig, LossConfig
+    from mrpo.trainer import TrainingWatcher
+
+    run_dir = tmp_path / "mrpo"
+    write_fake_run(run_dir, clip_rate=0.99)
+    chosen = torch.tensor([[-10.0, -12.0, -9.0], [-20.0, -25.0, -19.0]])
+    rejected = torch.tensor([[-11.0, -15.0, -9.5], [-22.0, -24.0, -21.0]])
+    audit = audit_split(
+        "train",
+        ["init", "gemma"],
+        ["a", "b", "c"],
+        chosen,
+        rejected,
+        torch.ones(2, 3),
+        torch.ones(2, 3),
+        LossConfig(),
+    )
+    (run_dir / "inspect.json").write_text(
+        json.dumps({"references": ["init", "gemma"], "splits": [audit.to_json()]})
+    )
+    watcher = TrainingWatcher(DiagnosticsConfig(window=2), ["init", "gemma"])
+    fired = [
+        d
+        for step, row in enumerate(_metrics_lines(0.99), start=1)
+        if "loss" in row
+        for d in watcher.observe(row["step"], row)
+    ]
+    assert [d.condition for d in fired] == ["clip_saturation"]
+    (run_dir / "diagnostics.jsonl").write_text("".join(json.dumps(d.__dict__) + "\n" for d in fired))
+
+    drawn = []
+    from matplotlib.axes import Axes
+
+    original = Axes.axvline
+    monkeypatch.setattr(
+        Axes, "axvline", lambda self, x, *a, **k: drawn.append(x) or original(self, x, *a, **k)
+    )
+    text = write_report([run_dir]).read_text()
+    assert "## Reference audit (`mrpo inspect`, before training)" in text
+    assert audit.verdict[0] in text
+    assert "## Live diagnostics" in text and "| mrpo | 2 | clip_saturation |" in text
+    assert drawn and set(drawn) == {2}  # the warning's step, on every panel that was drawn

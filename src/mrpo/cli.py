@@ -48,11 +48,12 @@ def _precompute(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from mrpo.pipeline import run_train
+    from mrpo.rundir import CONFIG_FILE
 
     config = _load(args)
     result = run_train(config, resume=args.resume)
     print(f"run directory:   {result.output_dir}")
-    print(f"resolved config: {result.output_dir / 'mrpo_config.yaml'}")
+    print(f"resolved config: {result.output_dir / CONFIG_FILE}")
     print(f"metrics:         {result.metrics_file}")
     print(f"checkpoints:     {result.output_dir}/checkpoint-*")
     print(f"final model:     {result.final_model_dir}")

@@ -30,6 +30,17 @@ from mrpo.references import (
     split_gguf,
     torch_dtype,
 )
+from mrpo.rundir import (
+    CONFIG_FILE,
+    DATA_SUMMARY_FILE,
+    DIAGNOSTICS_FILE,
+    EVAL_RESULTS_FILE,
+    FINAL_DIR,
+    INSPECT_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    SUSPECTS_FILE,
+)
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
 logger = logging.getLogger(__name__)
@@ -184,9 +195,6 @@ def run_precompute(config: MRPOConfig) -> dict[str, PreparedSplit]:
 # ----------------------------------------------------------------------------------------------------------------
 # mrpo inspect
 # ----------------------------------------------------------------------------------------------------------------
-
-INSPECT_FILE = "inspect.json"
-SUSPECTS_FILE = "suspect_pairs.jsonl"
 
 
 @dataclass
@@ -360,12 +368,12 @@ def run_train(
     config: MRPOConfig, *, resume: str | bool | None = None, show_progress: bool = True
 ) -> TrainResult:
     """Train the policy; write the resolved config, the metrics and the final model under training.output_dir."""
-    from mrpo.trainer import DIAGNOSTICS_FILE, DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
+    from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
 
     args = config.training.to_training_arguments()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / "mrpo_config.yaml")
+    config.save(output_dir / CONFIG_FILE)
 
     check_lora_before_precompute(config)
     views = load_views(config)
@@ -373,7 +381,7 @@ def run_train(
     eval_split = (
         prepare_split(config, "eval", views, show_progress=show_progress) if config.data.eval else None
     )
-    _write_json(output_dir / "data_summary.json", _data_summary(train_split, eval_split))
+    _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
 
     # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
     # depends on whatever ran earlier in the process (a model conversion, a previous run).
@@ -381,7 +389,7 @@ def run_train(
 
     set_seed(args.seed)
     model = load_policy(config)
-    metrics_file = output_dir / "metrics.jsonl"
+    metrics_file = output_dir / METRICS_FILE
     callbacks = [JsonlMetricsCallback(metrics_file)]
     if config.diagnostics.enabled:
         dataset = train_split.dataset
@@ -413,11 +421,11 @@ def run_train(
     train_output = trainer.train(resume_from_checkpoint=resume or None)
     eval_metrics = trainer.evaluate() if eval_split is not None else None
 
-    final_dir = output_dir / "final"
+    final_dir = output_dir / FINAL_DIR
     trainer.save_model(str(final_dir))
     merged_dir = None
     if config.lora.enabled and config.lora.save_merged and trainer.is_world_process_zero():
-        merged_dir = output_dir / "merged"
+        merged_dir = output_dir / MERGED_DIR
         trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
         views.policy.tokenizer.save_pretrained(merged_dir)
     return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
@@ -451,7 +459,7 @@ def _write_json(path: Path, content: Any) -> None:
 
 def default_checkpoint(config: MRPOConfig) -> str | None:
     """The run's final model when it exists (what ``mrpo train`` saved), else None."""
-    final = Path(config.training.output_dir) / "final"
+    final = Path(config.training.output_dir) / FINAL_DIR
     return str(final) if final.exists() else None
 
 
@@ -492,6 +500,6 @@ def run_evaluate(
         source = checkpoint or config.policy.model
         results.append(evaluate_model(model, label, source, prepared, config, show_progress=show_progress))
         del model
-    output = Path(output) if output else Path(config.training.output_dir) / "eval_results.json"
+    output = Path(output) if output else Path(config.training.output_dir) / EVAL_RESULTS_FILE
     results_to_json(results, config, output)
     return results, output

@@ -1,8 +1,8 @@
 """Plots (PNG) and a markdown summary (``report.md``) of one or several training runs: ``mrpo report RUN_DIR...``.
 
 A run directory is what ``mrpo train`` writes (``training.output_dir``): ``metrics.jsonl`` (required: one JSON
-object per Trainer log line), and, when present, ``eval_results.json`` (``mrpo evaluate``), ``data_summary.json``
-and ``mrpo_config.yaml``. Several runs share every plot, one colour per run, so a DPO run and an MRPO run started
+object per Trainer log line), and, when present, ``eval_results.json`` (``mrpo evaluate``), ``data_summary.json``,
+``mrpo_config.yaml``, ``diagnostics.jsonl`` (live warnings) and ``inspect.json`` (``mrpo inspect``). Several runs share every plot, one colour per run, so a DPO run and an MRPO run started
 from the same model compare at a glance.
 
 The CTRO clip rate comes first in the summary: when the references are of different families, adaptive CTRO can
@@ -24,14 +24,19 @@ from typing import Any
 
 import yaml
 
+from mrpo.rundir import (
+    CONFIG_FILE,
+    DATA_SUMMARY_FILE,
+    DIAGNOSTICS_FILE,
+    EVAL_RESULTS_FILE,
+    INSPECT_FILE,
+    METRICS_FILE,
+    REPORT_FILE,
+)
+
 CLIP_RATE_WARNING = 0.5
 """A mean clip rate above this gets a warning: the external references then barely move the virtual reference."""
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_RESULTS_FILE = "eval_results.json"
-DATA_SUMMARY_FILE = "data_summary.json"
-CONFIG_FILE = "mrpo_config.yaml"
-REPORT_FILE = "report.md"
 
 # Held-out metric keys (see evaluation.METRIC_LABELS), split by scale: rates in [0, 1] and margins in nats.
 _HELD_OUT_RATES = [
@@ -75,6 +80,10 @@ class Run:
     config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     """Problems met while reading, shown in the report."""
+    audit: dict[str, Any] | None = None
+    """``mrpo inspect``'s inspect.json, when it was written into the run directory."""
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    """The live warnings training wrote (diagnostics.jsonl), in the order they fired."""
 
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """Steps and values of one logged metric; "eval_" keys come from the eval lines."""
@@ -140,6 +149,14 @@ def load_run(run_dir: str | Path) -> Run:
             f"{metrics_file} holds no train or eval log line yet; report on the run once it has logged"
         )
     run.eval_results = _read_json(path / EVAL_RESULTS_FILE)
+    run.audit = _read_json(path / INSPECT_FILE)
+    diagnostics_file = path / DIAGNOSTICS_FILE
+    if diagnostics_file.is_file():
+        for number, line in enumerate(diagnostics_file.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                run.diagnostics.append(json.loads(line))
+            except json.JSONDecodeError:
+                run.notes.append(f"{DIAGNOSTICS_FILE}: line {number} is not JSON; skipped.")
     run.data_summary = _read_json(path / DATA_SUMMARY_FILE)
     config_file = path / CONFIG_FILE
     if config_file.is_file():
@@ -268,6 +285,21 @@ def plot_curves(runs: Sequence[Run], panels: Sequence[Panel], path: Path, title:
                     markersize=3,
                     label=label,
                 )
+        for index, run in enumerate(runs):  # each live warning where it fired
+            for diagnostic in run.diagnostics:
+                step = diagnostic.get("step")
+                if isinstance(step, int) and step > 0:
+                    ax.axvline(step, color=f"C{index % 10}", linestyle=":", linewidth=1, alpha=0.8)
+                    ax.annotate(
+                        str(diagnostic.get("condition", "?")).split("/")[0],
+                        (step, 1),
+                        xycoords=("data", "axes fraction"),
+                        rotation=90,
+                        va="top",
+                        ha="right",
+                        fontsize="x-small",
+                        color=f"C{index % 10}",
+                    )
         ax.set_title(panel.title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -507,6 +539,61 @@ def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[s
     return lines + [""]
 
 
+def _audit_section(runs: Sequence[Run]) -> list[str]:
+    """What `mrpo inspect` forecast for each run that has an inspect.json, train split first."""
+    audited = [run for run in runs if run.audit and isinstance(run.audit.get("splits"), list)]
+    if not audited:
+        return []
+    lines = ["## Reference audit (`mrpo inspect`, before training)", ""]
+    for run in audited:
+        for split in run.audit["splits"]:
+            if not isinstance(split, dict):
+                continue
+            lines += [
+                f"**{run.name}**, {split.get('split', '?')} split ({split.get('pairs', '?')} pairs):",
+                "",
+            ]
+            rows = []
+            for ref in split.get("references", []):
+                agreement = ref.get("label_agreement") or {}
+                rows.append(
+                    [
+                        f"{ref.get('index')} {ref.get('name')}",
+                        f"{_percent(agreement.get('value'))} [{_percent(agreement.get('low'))}, "
+                        f"{_percent(agreement.get('high'))}]",
+                        _signed(ref.get("mean_margin")),
+                        "—" if ref.get("level_gap") is None else _signed(ref.get("level_gap")),
+                        "—" if ref.get("clip_rate") is None else _percent(ref.get("clip_rate")),
+                        _plain(ref.get("alpha_mean")),
+                    ]
+                )
+            lines += _table(
+                ["reference", "agrees with labels [95% CI]", "mean margin", "level gap (nats)", "clip forecast",
+                 "mean alpha"],
+                rows,
+            )  # fmt: skip
+            lines += [""] + [f"- {sentence}" for sentence in split.get("verdict", [])] + [""]
+    return lines
+
+
+def _diagnostics_section(runs: Sequence[Run]) -> list[str]:
+    lines = ["## Live diagnostics", ""]
+    rows = [
+        [
+            run.name,
+            str(d.get("step", "?")),
+            str(d.get("condition", "?")),
+            f"{d.get('message', '')} {d.get('remedy', '')}",
+        ]
+        for run in runs
+        for d in run.diagnostics
+    ]
+    if not rows:
+        return lines + ["No warning fired during training (or the runs predate live diagnostics).", ""]
+    lines += ["Each warning fired once, at the step shown; the curves mark it with a dotted line.", ""]
+    return lines + _table(["run", "step", "condition", "what and what to do"], rows) + [""]
+
+
 def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str]:
     from mrpo.evaluation import METRIC_LABELS
 
@@ -722,6 +809,8 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path | None =
     lines.append(f"Runs: {', '.join(f'`{run.name}`' for run in runs)} — written by mrpo {__version__}.")
     lines.append("")
     lines += _clip_section(runs, models)
+    lines += _audit_section(runs)
+    lines += _diagnostics_section(runs)
     lines += ["## Training curves", ""]
     if len(runs) > 1:
         lines += [

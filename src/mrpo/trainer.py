@@ -245,8 +245,6 @@ class JsonlMetricsCallback(TrainerCallback):
 # Live diagnostics
 # ----------------------------------------------------------------------------------------------------------------
 
-DIAGNOSTICS_FILE = "diagnostics.jsonl"
-
 DIVERGENCE_TOLERANCE = 0.05
 """Loss divergence: the window's mean loss exceeds the first window's by more than max(this, 10% of it)."""
 

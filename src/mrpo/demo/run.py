@@ -87,6 +87,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from mrpo.evaluation import format_table
     from mrpo.pipeline import run_evaluate, run_train
     from mrpo.report import write_report
+    from mrpo.rundir import FINAL_DIR
 
     started = time.perf_counter()
     output = Path(settings.output_dir)
@@ -120,7 +121,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     begin = time.perf_counter()
     # Each run is measured against its own references. The start is scored once, with the MRPO run (against its
     # virtual reference, so the label-aware row shows what a model that learned nothing scores there).
-    final = {name: str(Path(config.training.output_dir) / "final") for name, config in configs.items()}
+    final = {name: str(Path(config.training.output_dir) / FINAL_DIR) for name, config in configs.items()}
     (dpo,), _ = run_evaluate(configs["dpo"], checkpoints={"dpo": final["dpo"]})
     (start, mrpo), _ = run_evaluate(configs["mrpo"], checkpoints={"start": None, "mrpo": final["mrpo"]})
     timings["evaluate_s"] = round(time.perf_counter() - begin, 1)
