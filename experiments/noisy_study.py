@@ -112,15 +112,17 @@ PRIMARY_CELLS: tuple[Cell, ...] = (
         (0.3, 0.1, arm)
         for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_external_agrees", "dpo_clean", "dpo_not_flagged")
     ),
-    *((0.3, 0.5, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_external_agrees", "dpo_clean")),
-    *((0.0, 0.1, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro")),
+    *((0.3, 0.5, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro", "dpo_clean")),
 )
+"""Run on every seed: the arms the decision rule needs, at both betas ((d) and (f) at beta 0.1 only)."""
 EXTRA_CELLS: tuple[Cell, ...] = (
+    *((0.0, 0.1, arm) for arm in ("dpo", "mrpo", "mrpo_no_ctro")),
     (0.3, 0.1, "mrpo_align"),
     (0.3, 0.1, "mrpo_fixed_0.25"),
     (0.3, 0.1, "mrpo_fixed_0.5"),
     (0.3, 0.1, "mrpo_fixed_0.75"),
 )
+"""Lower priority (issue 12's order): clean labels for comparison, (g) and (h); on ``extra_seeds`` only."""
 
 
 @dataclass(frozen=True)
@@ -128,12 +130,12 @@ class Settings:
     seeds: tuple[int, ...] = tuple(range(10))
     cells: tuple[Cell, ...] = PRIMARY_CELLS
     extra_cells: tuple[Cell, ...] = EXTRA_CELLS
-    extra_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    """The lower-priority arms (g, h) run on these seeds only, after the primary grid."""
+    extra_seeds: tuple[int, ...] = (0, 1)
+    """The lower-priority cells run on these seeds only, after the primary grid."""
     train_facts: int = 64
     epochs: float = 2.0
     batch_size: int = 4
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     bf16: bool = True
@@ -475,9 +477,11 @@ class Runner:
         return statistics
 
     def evaluate(self, run: RunSpec, checkpoint: str | None) -> dict[str, Any]:
+        """Policy metrics on both held-out families; on the reworded one also split by whether the fact's training
+        label is flipped at 30% noise (for every run of the seed, so the arms compare on the same facts)."""
         import torch
 
-        from mrpo.evaluation import evaluate_model, load_for_evaluation
+        from mrpo.evaluation import load_for_evaluation, score_split, split_metrics
 
         begin = time.perf_counter()
         sets = {
@@ -488,23 +492,41 @@ class Runner:
         }
         _, any_config = sets["disjoint"]
         model = load_for_evaluation(any_config, checkpoint, torch.device("cpu"))
-        results = {}
+        results: dict[str, Any] = {}
         # Scored under bf16 autocast like the training (1.7x faster here; on the start model's 223 held-out pairs it
         # changed no pair's preference, with sums within 0.5 nats of fp32).
         precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.bf16)
         for family, (prepared, config) in sets.items():
             with precision:
-                held_out = evaluate_model(
-                    model, run.arm, checkpoint or "start", prepared, config, show_progress=False
-                )
+                logps, tokens = score_split(model, prepared, run.arm, show_progress=False)
+            held_out = split_metrics(run.arm, checkpoint or "start", prepared, config, logps, tokens)
             results[family] = {
                 "pairs": held_out.pairs,
                 "metrics": held_out.metrics,
                 "by_kind": held_out.by_kind,
             }
+            if family == "reworded":
+                results[family]["by_label"] = self.accuracy_by_flip(run.seed, prepared, logps)
         del model
         results["seconds"] = round(time.perf_counter() - begin, 1)
         return results
+
+    def accuracy_by_flip(self, seed: int, prepared, logps) -> dict[str, dict[str, float]]:
+        """Policy accuracy on the reworded pairs of the facts whose label is flipped at 30% noise, and of the rest."""
+        noisy = self.data_dir / f"s{seed}" / "train-noise0.3.jsonl"
+        if not noisy.exists():
+            return {}
+        flipped = {record["fact"] for record in read_jsonl(noisy) if record["flipped"]}
+        fact_of = {pair.pair_id: pair.metadata.get("fact") for pair in prepared.pairs}
+        correct = (logps[:, 0] > logps[:, 1]).tolist()
+        groups: dict[str, list[bool]] = {"flipped_facts": [], "clean_facts": []}
+        for pair_id, right in zip(prepared.tokenization.pair_ids, correct, strict=True):
+            groups["flipped_facts" if fact_of[pair_id] in flipped else "clean_facts"].append(right)
+        return {
+            name: {"policy_accuracy": sum(values) / len(values), "pairs": len(values)}
+            for name, values in groups.items()
+            if values
+        }
 
     def lm_eval(self, run: RunSpec, run_dir: Path) -> dict[str, Any]:
         from mrpo.lm_eval_bridge import run_lm_eval
@@ -684,7 +706,7 @@ def render_markdown(
         f"({2 * settings.train_facts} pairs, true labels); **disjoint** -- the "
         f"{len(reworded_facts.split_facts(reworded_facts.all_facts())[1])} facts outside the pool in wording 0. "
         "Metric: policy preference accuracy (pw > pl), which needs no reference.",
-        f"- Seeds: {len(settings.seeds)} for the primary grid; the (g) / (h) arms on {len(settings.extra_seeds)}.",
+        f"- Seeds: {len(settings.seeds)} for the primary grid; the lower-priority cells on {len(settings.extra_seeds)}.",
         "",
     ]
     if starts:
@@ -742,8 +764,10 @@ def render_markdown(
     lines += [
         "## What was cut, and how it ran",
         "",
-        f"- Arms (g) align=pair and (h) fixed alpha ran on {len(settings.extra_seeds)} seeds only; (f) ran at beta 0.1 "
-        "only; at 0% noise only (a)-(c) ran. The grid was sized to stay near 2.5 h on 2 CPU cores.",
+        f"- The primary grid is (a)-(f) at beta 0.1 and (a), (b), (c), (e) at beta 0.5, 30% flipped, on "
+        f"{len(settings.seeds)} seeds, sized to stay near 2.5 h on 2 CPU cores. Cut from it: (d) and (f) at beta 0.5. "
+        f"Run on {len(settings.extra_seeds)} seeds only, after it: 0% flipped ((a)-(c)), (g) align=pair and (h) "
+        "fixed alpha, all at beta 0.1.",
         f"- Command: {command}",
         f"- Machine: {machine}",
         f"- Wall time of the runs in the summary: {sum(r.get('seconds', 0) for r in results) / 3600:.2f} h "

@@ -43,7 +43,12 @@ def all_fact_pairs(world: synthetic.World, seed: int) -> list[dict[str, Any]]:
     for fact in world.facts:
         wrong = rng.choice([v for v in synthetic.RELATIONS[fact.relation] if v != fact.value])
         pairs.append(
-            {"prompt": fact.prompt, "chosen": f" {fact.value}", "rejected": f" {wrong}", "fact_set": fact.fact_set}
+            {
+                "prompt": fact.prompt,
+                "chosen": f" {fact.value}",
+                "rejected": f" {wrong}",
+                "fact_set": fact.fact_set,
+            }
         )
     return pairs
 
@@ -94,7 +99,9 @@ def audit_one(models: dict[str, str], rows: list[dict[str, Any]], references: tu
     config = MRPOConfig.from_dict(
         {
             "policy": {"model": models["A"], "dtype": "float32"},
-            "references": [{"name": f"model_{n}", "model": models[n], "dtype": "float32"} for n in references],
+            "references": [
+                {"name": f"model_{n}", "model": models[n], "dtype": "float32"} for n in references
+            ],
             "data": {"train": str(data), "max_length": 32},
             "training": {"output_dir": str(work / "unused"), "use_cpu": True},
             "cache_dir": str(work.parent / "cache"),
@@ -103,7 +110,9 @@ def audit_one(models: dict[str, str], rows: list[dict[str, Any]], references: tu
     prepared = prepare_split(config, "train", show_progress=False)
     ids = prepared.tokenization.pair_ids
     assert len(ids) == len(rows), "the synthetic pairs are short: none may be dropped"
-    margins = prepared.dataset.reference_chosen_logps.double() - prepared.dataset.reference_rejected_logps.double()
+    margins = (
+        prepared.dataset.reference_chosen_logps.double() - prepared.dataset.reference_rejected_logps.double()
+    )
     names = [f"model_{n}" for n in references]
     flagged = {s.pair_id for s in find_suspects(margins, names, ids, SUSPECT_THRESHOLD)}
     truth = [bool(row["flipped"]) for row in rows]
@@ -121,7 +130,9 @@ def audit_one(models: dict[str, str], rows: list[dict[str, Any]], references: tu
     }
     for fact_set in synthetic.SETS:
         in_set = [i for i, row in enumerate(rows) if row["fact_set"] == fact_set and truth[i]]
-        result["recall_by_set"][fact_set] = sum(is_flagged[i] for i in in_set) / len(in_set) if in_set else None
+        result["recall_by_set"][fact_set] = (
+            sum(is_flagged[i] for i in in_set) / len(in_set) if in_set else None
+        )
     return result
 
 
@@ -204,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append({"seed": seed, "rate": rate, "references": name, **result})
         print(f"seed {seed}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     (output / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    command = " ".join([".venv/bin/python experiments/suspect_audit.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        [".venv/bin/python experiments/suspect_audit.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     Path(args.docs).write_text(render(results, command, time.perf_counter() - started, args.seeds) + "\n")
     print(f"report: {args.docs}")
     return 0

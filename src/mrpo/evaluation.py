@@ -133,14 +133,27 @@ def evaluate_model(
     show_progress: bool = True,
 ) -> HeldOutMetrics:
     """Score ``model`` on a prepared split (see ``pipeline.prepare_split``) and compute its metrics."""
+    logps, tokens = score_split(model, prepared, label, batch_tokens=batch_tokens, show_progress=show_progress)
+    return split_metrics(label, model_source, prepared, config, logps, tokens)
+
+
+def score_split(model, prepared, label: str = "model", *, batch_tokens: int = 8192, show_progress: bool = True):
+    """The model's sequence log-probs ``(N, 2)`` (chosen, rejected) and completion token counts ``(N, 2)`` on a
+    prepared split, in the split's pair order."""
     from tqdm.auto import tqdm
 
     from mrpo.references import score_pairs
 
     dataset = prepared.dataset
-    view = prepared.views.policy
     with tqdm(total=len(dataset), unit="pair", desc=f"evaluate {label}", disable=not show_progress) as bar:
-        logps, tokens = score_pairs(model, view, dataset.pairs, batch_tokens, bar.update)
+        return score_pairs(model, prepared.views.policy, dataset.pairs, batch_tokens, bar.update)
+
+
+def split_metrics(
+    label: str, model_source: str, prepared, config: MRPOConfig, logps: torch.Tensor, tokens: torch.Tensor
+) -> HeldOutMetrics:
+    """The held-out metrics of a split from a model's log-probs on it (``score_split``), overall and by kind."""
+    dataset = prepared.dataset
     reference_chosen, reference_rejected = dataset.reference_chosen_logps, dataset.reference_rejected_logps
     arguments = (logps[:, 0], logps[:, 1], tokens[:, 0], tokens[:, 1], reference_chosen, reference_rejected)
     metrics = compute_metrics(*arguments, config.loss)
