@@ -341,6 +341,12 @@ BAD_FILES: dict[str, tuple[str, str | None, str | None, tuple[int, dict] | None]
         "chosen",
         (1, {"completion not from assistant": 1}),
     ),
+    "completion_user_turn.jsonl": (
+        "chosen ends with a 'user' message (message 1)",
+        "line 2",
+        "chosen",
+        (2, {"completion not ending with assistant": 1}),
+    ),
     "empty.jsonl": ("no rows", None, None, None),
     "empty_chosen.jsonl": ("chosen is empty", "line 2", "chosen", (1, {"empty completion": 1})),
     "empty_message_list.jsonl": (
@@ -489,3 +495,26 @@ def test_all_bad_rows_in_drop_mode_lists_the_reasons():
         DataError, match=r"no valid rows left: .*dropped 3 \(empty completion: 2, missing field"
     ):
         load_pairs(BAD_DIR / "all_rows_bad.jsonl", on_error="drop")
+
+
+def test_a_file_whose_rows_are_all_dropped_says_kept_0_pairs_not_a_format(tmp_path):
+    path = tmp_path / "conversational.jsonl"
+    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}  # fmt: skip
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError) as raised:
+        load_pairs(path, on_error="drop")
+    assert "kept 0 pairs; dropped 1 (completion not from assistant: 1)" in str(raised.value)
+    assert "standard" not in str(raised.value)
+
+
+def test_a_completion_may_hold_tool_turns_but_must_end_with_the_assistant(tmp_path):
+    def record(chosen):
+        return {"prompt": [{"role": "user", "content": "weather?"}], "chosen": chosen,
+                "rejected": [{"role": "assistant", "content": "no idea"}]}  # fmt: skip
+
+    calling = [{"role": "assistant", "content": "call"}, {"role": "tool", "content": "12C"},
+               {"role": "assistant", "content": "It is 12C."}]  # fmt: skip
+    assert len(pairs_from_records([record(calling)])) == 1
+    with pytest.raises(DataError, match="chosen ends with a 'tool' message"):
+        pairs_from_records([record(calling[:2])])

@@ -409,3 +409,26 @@ def test_non_finite_values_name_reference_and_pair(bad):
     pw[0] = bad
     with pytest.raises(ValueError, match="policy_chosen_logps is not finite for pair 0"):
         mrpo_loss(pw, pl, chosen, rejected)
+
+
+def test_an_empty_batch_is_an_error_not_a_nan_loss():
+    empty = torch.zeros(0)
+    with pytest.raises(ValueError, match=r"the batch is empty \(B = 0\)"):
+        mrpo_loss(empty, empty, torch.zeros(2, 0), torch.zeros(2, 0))
+
+
+@pytest.mark.parametrize("tensor", ["policy_chosen_logps", "reference_rejected_logps"])
+def test_a_positive_log_prob_is_an_error_naming_the_tensor(tensor):
+    values = {
+        "policy_chosen_logps": torch.tensor([-1.0, -2.0]),
+        "policy_rejected_logps": torch.tensor([-3.0, -4.0]),
+        "reference_chosen_logps": torch.tensor([[-1.0, -2.0], [-1.5, -2.5]]),
+        "reference_rejected_logps": torch.tensor([[-3.0, -4.0], [-3.5, -4.5]]),
+    }
+    values[tensor] = values[tensor].clone()
+    values[tensor].view(-1)[1] = 0.5
+    with pytest.raises(ValueError, match=rf"{tensor} has a positive value 0.5 .* <= 0"):
+        mrpo_loss(**values)
+    # Zero is a valid log-prob (a certain completion) and so is anything below it.
+    values[tensor].view(-1)[1] = 0.0
+    assert torch.isfinite(mrpo_loss(**values).loss)

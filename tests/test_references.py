@@ -611,3 +611,26 @@ def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(t
     with pytest.raises(CacheError, match=r"reference 1 \('ext'\) gives a non-finite log-prob .* pair id b"):
         cache.columns(["a", "b"])
     assert cache.columns(["a"])["reference_chosen_logps"].tolist() == [[-1.0]]
+
+
+def test_large_weights_are_sampled_with_a_log_line_and_full_hashing_sees_every_byte(
+    tmp_path, monkeypatch, caplog
+):
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
+    monkeypatch.setattr(references, "_FULL_HASH_LIMIT", 1 << 20)  # "large" above 1 MiB for the test
+    with caplog.at_level(logging.INFO, logger="mrpo.references"):
+        sampled = references.model_fingerprint(str(weights.parent))
+    assert "from 64 sampled MiB per weight file" in caplog.text and "hash_weights: full" in caplog.text
+    full = references.model_fingerprint(str(weights.parent), "full")
+    # The full hash sees an in-place edit anywhere (the sampled one only inside its 64 samples).
+    content = bytearray(weights.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    assert references.model_fingerprint(str(weights.parent), "full") != full
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrpo.references"):
+        references.model_fingerprint(str(weights.parent), "full")
+    assert "sampled" not in caplog.text
+    assert sampled != full  # the two modes never share a store

@@ -171,8 +171,8 @@ def test_pair_too_long_for_one_view_is_dropped_for_all():
     assert result.pair_ids == [p.pair_id for p in pairs if p.pair_id not in too_long]
     assert [t.pair_id for t in result.per_view[0]] == result.pair_ids
     assert [t.pair_id for t in result.per_view[1]] == result.pair_ids
-    assert result.dropped == {"longer than max_length for char": len(too_long)}
-    assert f"dropped: {len(too_long)} longer than max_length for char" in result.summary()
+    assert result.dropped == {f"longer than {limit} tokens for char": len(too_long)}
+    assert f"dropped: {len(too_long)} longer than {limit} tokens for char" in result.summary()
 
     # One limit per view: no limit for char keeps everything.
     assert tokenize_for_models(pairs, views, max_length=[limit, None]).pair_ids == [p.pair_id for p in pairs]
@@ -195,7 +195,7 @@ def test_truncate_cuts_completion_ends_identically_and_drops_overlong_prompts():
     )  # the smaller wins
     kept = [p.pair_id for p, t in zip(pairs, full, strict=True) if t.chosen.prompt_length < limit]
     assert result.pair_ids == kept and len(kept) < len(pairs)
-    assert result.dropped == {"prompt reaches max_length for policy": len(pairs) - len(kept)}
+    assert result.dropped == {f"prompt reaches {limit} tokens for policy": len(pairs) - len(kept)}
     for original in full:
         if original.pair_id not in kept:
             continue

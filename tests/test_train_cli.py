@@ -4,6 +4,7 @@ and the documented errors for bad configs and bad caches: exit code 2 and one li
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -243,3 +244,96 @@ def test_cli_reports_a_model_path_that_does_not_exist_in_one_line(run_setup, cap
     config = write_config(run_setup, "bad-model")
     line = one_line_error(capsys, ["train", str(config), f"references.1.model={missing}"])
     assert "references.1 (gemma)" in line and missing in line and "not a local directory" in line
+
+
+def test_resume_after_a_crash_keeps_one_metric_line_per_step_and_the_true_mean_loss(run_setup):
+    import shutil
+
+    from mrpo.report import load_run
+
+    config = write_config(run_setup, "crash", training={"max_steps": 4, "save_steps": 2})
+    run_dir = run_setup["root"] / "crash"
+    assert main(["train", str(config)]) == 0
+    uninterrupted = [r for r in read_metrics(run_dir) if "loss" in r]
+    expected_mean = load_run(run_dir).mean_train_loss()
+    assert expected_mean == pytest.approx(sum(r["loss"] for r in uninterrupted) / 4)
+    # A crash after step 4 was logged but before checkpoint-4 was kept: the resume starts again from step 2.
+    shutil.rmtree(run_dir / "checkpoint-4")
+    shutil.rmtree(run_dir / "final")
+    assert main(["train", str(config), "--resume"]) == 0
+    resumed = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # no step twice
+    for before, after in zip(uninterrupted, resumed, strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+    summaries = [r for r in read_metrics(run_dir) if "train_runtime" in r]
+    assert len(summaries) == 1  # the interrupted run's end line is gone
+    # The Trainer's own train_loss covers only steps 3-4; the report averages all four.
+    assert load_run(run_dir).mean_train_loss() == pytest.approx(expected_mean, rel=1e-6)
+    assert summaries[0]["train_loss"] != pytest.approx(expected_mean, rel=1e-6)
+
+
+def test_resume_skips_checkpoints_cut_while_saving_and_keeps_them(run_setup, caplog):
+    config = write_config(run_setup, "cut", training={"max_steps": 4, "save_steps": 2})
+    run_dir = run_setup["root"] / "cut"
+    assert main(["train", str(config)]) == 0
+    (run_dir / "checkpoint-6").mkdir()  # killed right after creating the directory
+    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # killed before the state file, written last
+    with caplog.at_level(logging.WARNING, logger="mrpo.pipeline"):
+        assert main(["train", str(config), "training.max_steps=6", "--resume"]) == 0
+    assert "Skipping " + str(run_dir / "checkpoint-6") + ": no trainer_state.json" in caplog.text
+    assert "Skipping " + str(run_dir / "checkpoint-4") in caplog.text
+    assert "Resuming from " + str(run_dir / "checkpoint-2") in caplog.text
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "checkpoint-4").is_dir()  # never deleted silently (the Trainer re-saved it complete)
+
+
+def test_resume_without_a_complete_checkpoint_fails_at_once_in_one_line(run_setup, capsys, monkeypatch):
+    import mrpo.pipeline
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the error must come before any loading")
+
+    monkeypatch.setattr(mrpo.pipeline, "load_views", must_not_load)
+    config = write_config(run_setup, "nothing-to-resume", training={"max_steps": 2})
+    (run_setup["root"] / "nothing-to-resume" / "checkpoint-3").mkdir(parents=True)
+    line = one_line_error(capsys, ["train", str(config), "--resume"])
+    assert "holds no complete checkpoint-N directory (incomplete: checkpoint-3)" in line
+    line = one_line_error(capsys, ["train", str(config), "--resume", str(run_setup["root"] / "nowhere")])
+    assert "cannot resume from it: it is not a directory" in line
+
+
+def test_a_reference_with_fewer_positions_drops_longer_pairs_by_name_instead_of_crashing(
+    run_setup, capsys, caplog
+):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = bpe_tokenizer()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_positions=40, n_embd=16, n_layer=1, n_head=2)
+    )
+    gpt2_dir = save_model_dir(gpt2, tokenizer, run_setup["root"] / "gpt2-40")
+    long_row = {
+        "prompt": [
+            {"role": "user", "content": "Please list every colour of the rainbow, in order, with care."}
+        ],
+        "chosen": [{"role": "assistant", "content": "Red, orange, yellow, green, blue, indigo and violet."}],
+        "rejected": [{"role": "assistant", "content": "Red."}],
+    }
+    data = run_setup["root"] / "with-long.jsonl"
+    rows = [*setup.conversational_records(), long_row]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    config = write_config(
+        run_setup, "positions",
+        references=[{"name": "init", "model": str(run_setup["llama"]), "dtype": "float32"},
+                    {"name": "gpt2", "model": str(gpt2_dir), "dtype": "float32"}],
+        data={"train": str(data), "eval": None}, training={"max_steps": 1},
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mrpo.pipeline"):
+        assert main(["precompute", str(config)]) == 0
+    assert (
+        f"references.1 (gpt2) ({gpt2_dir}) has 40 positions, fewer than references.1.max_length = 1024"
+        in caplog.text
+    )
+    printed = capsys.readouterr().out
+    assert "kept 4 of 5 pairs" in printed and "1 longer than 40 tokens for gpt2" in printed

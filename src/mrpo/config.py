@@ -347,6 +347,8 @@ class ReferenceConfig:
     """Longest prompt + completion in this reference's tokens; null = data.max_length."""
     batch_tokens: int = 16384
     """Token budget of one precompute batch (padding included); lower it if the precompute runs out of memory."""
+    hash_weights: Literal["auto", "full"] = "auto"
+    """How the cache identifies the weights: "auto" hashes them whole up to 1 GiB, then 64 sampled MiB per file (fast; an in-place edit between samples goes unseen); "full" reads every byte."""
 
     def __post_init__(self) -> None:
         _check_field_types(self, "reference")

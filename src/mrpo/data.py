@@ -149,8 +149,8 @@ class PairSet:
 
     def summary(self) -> str:
         """One readable paragraph: what was read, what was kept, and why anything else was dropped."""
-        kind = "conversational" if self.pairs and self.pairs[0].conversational else "standard"
-        text = f"Read {self.rows_read} rows from {self.source}; kept {len(self.pairs)} {kind} pairs"
+        kind = ("conversational " if self.pairs[0].conversational else "standard ") if self.pairs else ""
+        text = f"Read {self.rows_read} rows from {self.source}; kept {len(self.pairs)} {kind}pairs"
         total_dropped = sum(self.dropped.values())
         if total_dropped:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
@@ -627,6 +627,15 @@ def _check_completion(messages: list[dict], name: str) -> None:
             "completion not from assistant",
             name,
             f"{name} must start with an assistant message, found role {messages[0]['role']!r}",
+        )
+    if messages[-1]["role"] != "assistant":
+        # Every token of a completion is trained on as the model's own: a trailing user (or tool, or system) turn
+        # would teach the policy to write the other side's text.
+        raise _RowError(
+            "completion not ending with assistant",
+            name,
+            f"{name} ends with a {messages[-1]['role']!r} message (message {len(messages) - 1}); a completion is "
+            "trained on as the model's own text and must end with the assistant's turn",
         )
     if _blank(messages):
         raise _RowError("empty completion", name, f"{name} is empty (its messages have no content)")

@@ -133,11 +133,15 @@ def evaluate_model(
     show_progress: bool = True,
 ) -> HeldOutMetrics:
     """Score ``model`` on a prepared split (see ``pipeline.prepare_split``) and compute its metrics."""
-    logps, tokens = score_split(model, prepared, label, batch_tokens=batch_tokens, show_progress=show_progress)
+    logps, tokens = score_split(
+        model, prepared, label, batch_tokens=batch_tokens, show_progress=show_progress
+    )
     return split_metrics(label, model_source, prepared, config, logps, tokens)
 
 
-def score_split(model, prepared, label: str = "model", *, batch_tokens: int = 8192, show_progress: bool = True):
+def score_split(
+    model, prepared, label: str = "model", *, batch_tokens: int = 8192, show_progress: bool = True
+):
     """The model's sequence log-probs ``(N, 2)`` (chosen, rejected) and completion token counts ``(N, 2)`` on a
     prepared split, in the split's pair order."""
     from tqdm.auto import tqdm

@@ -286,7 +286,8 @@ def mrpo_loss(
         aggregation: ``"harmonic"`` (§3, the paper's), ``"geometric"``, or ``"mdpo"`` (alpha-weighted sum of K
             DPO losses; its rewards are measured against the alpha-weighted geometric reference).
         align: ``"none"`` or ``"pair"`` (§2b level alignment before CTRO).
-        check_finite: raise on NaN/inf inputs (one host sync); turn off only where inputs are known finite.
+        check_finite: raise on NaN/inf or positive inputs (one host sync); turn off only where inputs are known
+            valid.
     """
     _check_inputs(
         policy_chosen_logps,
@@ -307,7 +308,7 @@ def mrpo_loss(
     reference_chosen = reference_chosen_logps.detach().to(dtype=dtype, device=policy_chosen.device)
     reference_rejected = reference_rejected_logps.detach().to(dtype=dtype, device=policy_chosen.device)
     if check_finite:
-        _check_finite(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+        _check_values(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
 
     alpha = reference_weights(reference_chosen, reference_rejected, weights)  # §1, on unclipped log-probs
     aligned_chosen, aligned_rejected = align_levels(reference_chosen, reference_rejected, align)  # §2b
@@ -391,6 +392,10 @@ def _check_inputs(
     ):
         if tensor.dim() != 1:
             raise ValueError(f"{name} must have shape (B,), got {tuple(tensor.shape)}")
+    if policy_chosen_logps.dim() == 1 and policy_chosen_logps.shape[0] == 0:
+        raise ValueError(
+            "the batch is empty (B = 0): the loss is a mean over pairs and needs at least one pair"
+        )
     if policy_chosen_logps.shape != policy_rejected_logps.shape:
         raise ValueError(
             f"policy_chosen_logps {tuple(policy_chosen_logps.shape)} and policy_rejected_logps "
@@ -432,21 +437,16 @@ class NonFiniteLogpsError(ValueError):
         self.reference = reference
 
 
-def _check_finite(
+def _check_values(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     reference_chosen: torch.Tensor,
     reference_rejected: torch.Tensor,
 ) -> None:
-    all_finite = torch.stack(
-        [
-            torch.isfinite(policy_chosen).all(),
-            torch.isfinite(policy_rejected).all(),
-            torch.isfinite(reference_chosen).all(),
-            torch.isfinite(reference_rejected).all(),
-        ]
-    ).all()
-    if bool(all_finite):  # the one host sync of the loss
+    tensors = (policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    # Finite and <= 0 (a sequence log-prob is a sum of log-probabilities), in one reduction: the one host sync.
+    valid = torch.stack([(torch.isfinite(t) & (t <= 0)).all() for t in tensors]).all()
+    if bool(valid):
         return
     for name, tensor in (("policy_chosen_logps", policy_chosen), ("policy_rejected_logps", policy_rejected)):
         bad = (~torch.isfinite(tensor)).nonzero().flatten().tolist()
@@ -471,4 +471,22 @@ def _check_finite(
                 tensor=name,
                 pair=b,
                 reference=k,
+            )
+    for name, tensor in zip(
+        (
+            "policy_chosen_logps",
+            "policy_rejected_logps",
+            "reference_chosen_logps",
+            "reference_rejected_logps",
+        ),
+        tensors,
+        strict=True,
+    ):
+        positive = (tensor > 0).nonzero().tolist()
+        if positive:
+            where = positive[0]
+            raise ValueError(
+                f"{name} has a positive value {tensor[tuple(where)].item()} at index {tuple(where)} "
+                f"({len(positive)} in all): sequence log-probs are sums of log-probabilities, <= 0. Pass log-probs, "
+                "not probabilities, losses or negated log-probs."
             )

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled
+from mrpo.config import ConfigError, MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled
 from mrpo.data import DataError, PairSet, load_pairs
 from mrpo.references import (
     ModelSourceError,
     ReferenceCache,
     load_model,
     load_tokenizer,
+    model_position_limit,
     precompute,
     split_gguf,
     torch_dtype,
@@ -40,6 +41,8 @@ from mrpo.rundir import (
     MERGED_DIR,
     METRICS_FILE,
     SUSPECTS_FILE,
+    checkpoint_problem,
+    latest_checkpoint,
 )
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
@@ -138,7 +141,7 @@ def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSpl
     pairs = read_split(config, split)
     references = resolved_references(config)
     all_views = [views.policy, *views.references]
-    limits = [config.data.max_length, *(reference.max_length for reference in references)]
+    limits = effective_limits(config, references)
     if config.data.overflow == "truncate":
         # Truncation cuts every model at the smallest limit (one shared tokenizer), so that limit is what the
         # reference stores must be keyed by.
@@ -153,6 +156,31 @@ def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSpl
     if tokenization.dropped:
         logger.warning("%s split: %s", split, tokenization.summary())
     return TokenizedSplit(pairs, tokenization, references)
+
+
+def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> list[int]:
+    """Per model (the policy, then each reference): its max_length, capped at the positions the model was built for.
+
+    A learned position table indexes out of range past its size; a rotary model would score past the context it
+    was trained on. Pairs beyond a model's limit are dropped for all models and counted under that model's name.
+    """
+    models = [("policy", config.policy.model, config.data.max_length, "data.max_length")]
+    models += [
+        (f"references.{index} ({reference.name})", reference.model, reference.max_length,
+         f"references.{index}.max_length")
+        for index, reference in enumerate(references)
+    ]  # fmt: skip
+    limits = []
+    for role, model, limit, key in models:
+        positions = model_position_limit(model)
+        if positions is not None and positions < limit:
+            logger.warning(
+                "%s (%s) has %d positions, fewer than %s = %d: pairs longer than %d tokens for it are dropped.",
+                role, model, positions, key, limit, positions,
+            )  # fmt: skip
+            limit = positions
+        limits.append(limit)
+    return limits
 
 
 def prepare_split(
@@ -232,7 +260,7 @@ def run_inspect(
     ):
         # Hash the reference weights (hashlib releases the GIL) while the tokenizers load; the store keys then
         # find the digests memoised.
-        hashing = pool.submit(lambda: [model_fingerprint(reference.model) for reference in config.references])
+        hashing = pool.submit(lambda: [model_fingerprint(r.model, r.hash_weights) for r in config.references])
         views = load_views(config)
         hashing.result()
         bar.update()
@@ -354,6 +382,33 @@ def check_lora_before_precompute(config: MRPOConfig) -> None:
     check_lora_targets(config.lora, linear_names)
 
 
+def resume_checkpoint(output_dir: Path, resume: str | bool | None) -> str | None:
+    """The checkpoint to resume from: ``resume=True`` takes the newest complete one in ``output_dir`` (saying which
+    incomplete ones it skipped, and leaving them in place), a path must be a complete checkpoint."""
+    if not resume:
+        return None
+    if resume is True:
+        checkpoint, skipped = latest_checkpoint(output_dir)
+        for directory, problem in skipped:
+            logger.warning("Skipping %s: %s; it is left in place.", directory, problem)
+        if checkpoint is None:
+            found = f" (incomplete: {', '.join(d.name for d, _ in skipped)})" if skipped else ""
+            raise ConfigError(
+                f"--resume: {output_dir} holds no complete checkpoint-N directory{found}; train without --resume to "
+                "start over, or give a checkpoint directory (--resume DIR)",
+                key="training.resume_from_checkpoint",
+            )
+    else:
+        checkpoint = Path(resume)
+        problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a directory"
+        if problem:
+            raise ConfigError(
+                f"--resume {resume}: cannot resume from it: {problem}", key="training.resume_from_checkpoint"
+            )
+    logger.warning("Resuming from %s.", checkpoint)
+    return str(checkpoint)
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -372,6 +427,8 @@ def run_train(
 
     args = config.training.to_training_arguments()
     output_dir = Path(args.output_dir)
+    resume = resume if resume is not None else config.training.resume_from_checkpoint
+    checkpoint = resume_checkpoint(output_dir, resume)  # before minutes of loading: a bad --resume fails now
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / CONFIG_FILE)
 
@@ -417,8 +474,7 @@ def run_train(
         loss=config.loss,
         callbacks=callbacks,
     )
-    resume = resume if resume is not None else config.training.resume_from_checkpoint
-    train_output = trainer.train(resume_from_checkpoint=resume or None)
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate() if eval_split is not None else None
 
     final_dir = output_dir / FINAL_DIR

@@ -88,6 +88,22 @@ def load_tokenizer(model: str, tokenizer: str | None = None):
         raise _explain_source("tokenizer", tokenizer or model, error) from error
 
 
+def model_position_limit(model: str) -> int | None:
+    """How many positions a model was built for (``max_position_embeddings``, ``n_positions`` for GPT-2), read from
+    its config without its weights; None when the config does not say or cannot be read here (loading the model
+    later gives the clear error)."""
+    from transformers import AutoConfig
+
+    source, extra = split_gguf(model)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The torch dtype of a configured one ("auto": bfloat16 on CUDA, float32 elsewhere; see config.resolve_dtype)."""
     return getattr(torch, resolve_dtype(dtype, cuda=device.type == "cuda"))
@@ -107,8 +123,13 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, attn_implem
     return loaded.to(device).eval()
 
 
-def model_fingerprint(model: str) -> str:
-    """Identity of a model's weights: content hashes of local weight files, or the hub commit of a snapshot."""
+def model_fingerprint(model: str, hash_weights: str = "auto") -> str:
+    """Identity of a model's weights: content hashes of its weight files (local, or a hub snapshot's).
+
+    ``hash_weights="auto"`` hashes the files whole up to 1 GiB in all; above that each weight file is identified by
+    its size and 64 evenly spaced 1 MiB samples (a line in the log says so): an edit in place between the samples
+    would keep the old cache. ``"full"`` always reads every byte.
+    """
     path = Path(model)
     if path.is_file():
         files = [path]
@@ -118,9 +139,17 @@ def model_fingerprint(model: str) -> str:
         files = _hub_snapshot_files(model)
     digest = hashlib.sha256()
     total = sum(f.stat().st_size for f in files)
+    sampled = hash_weights != "full" and total > _FULL_HASH_LIMIT
+    if sampled:
+        logger.info(
+            "Fingerprinting %s (%.1f GiB) from 64 sampled MiB per weight file plus its size; set the reference's "
+            "hash_weights: full to hash every byte.",
+            model,
+            total / 2**30,
+        )
     for file in files:
         digest.update(file.name.encode())
-        whole = total <= _FULL_HASH_LIMIT or file.suffix == ".json"
+        whole = not sampled or file.suffix == ".json"
         stat = file.stat()
         digest.update(_file_digest(file.resolve(), stat.st_size, stat.st_mtime_ns, whole).encode())
     return digest.hexdigest()
@@ -411,7 +440,7 @@ class ReferenceCache:
 def store_key(spec: ReferenceConfig, view: ModelView, overflow: str, device: torch.device) -> StoreKey:
     return StoreKey(
         model=spec.model,
-        model_fingerprint=model_fingerprint(spec.model),
+        model_fingerprint=model_fingerprint(spec.model, spec.hash_weights),
         tokenizer_fingerprint=view.fingerprint,
         # With overflow="drop" a pair is either scored whole or not at all, so max_length does not change any
         # stored number and stores are shared across max_length values; truncation does change them.

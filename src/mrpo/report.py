@@ -118,6 +118,18 @@ class Run:
             return references[k - 1].get("name")
         return None
 
+    def mean_train_loss(self) -> float | None:
+        """The loss averaged over every optimizer step, from the logged lines: each line's loss is the mean over
+        the steps since the previous line, so it counts for that many steps. (The Trainer's own end-of-training
+        ``train_loss`` covers only the steps since a resume.)"""
+        total, steps, previous = 0.0, 0, 0
+        for row in self.train:
+            if _is_number(row.get("loss")) and row["step"] > previous:
+                total += row["loss"] * (row["step"] - previous)
+                steps += row["step"] - previous
+                previous = row["step"]
+        return total / steps if steps else None
+
     def mean_clip_rate(self) -> tuple[float, str] | None:
         """The mean CTRO clip rate over the train log lines (else the eval lines), and which split it is from."""
         for key, split in (("ctro/clip_rate", "train"), ("eval_ctro/clip_rate", "eval")):
@@ -668,8 +680,9 @@ def _run_section(run: Run) -> list[str]:
         parts = [f"{int(run.summary.get('step', 0))} steps"]
         if _is_number(run.summary.get("train_runtime")):
             parts.append(f"{run.summary['train_runtime']:.0f} s")
-        if _is_number(run.summary.get("train_loss")):
-            parts.append(f"mean train loss {run.summary['train_loss']:.4g}")
+        mean_loss = run.mean_train_loss()
+        if mean_loss is not None:
+            parts.append(f"mean train loss {mean_loss:.4g}")
         lines.append(f"Finished: {', '.join(parts)}.  ")
     else:
         last = run.train[-1]["step"] if run.train else run.eval[-1]["step"]

@@ -355,7 +355,9 @@ def tokenize_for_models(
                 one = _apply_limit(one, limit, overflow)
                 if one is None:
                     reason = (
-                        "prompt reaches max_length" if overflow == "truncate" else "longer than max_length"
+                        f"prompt reaches {limit} tokens"
+                        if overflow == "truncate"
+                        else f"longer than {limit} tokens"
                     )
                     result.dropped[f"{reason} for {view.name}"] += 1
                     break

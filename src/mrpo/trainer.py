@@ -229,10 +229,30 @@ class MRPOTrainer(Trainer):
 
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Appends every log line (train and eval) to a JSONL file as it happens, so a crash loses no metrics."""
+    """Appends every log line (train and eval) to a JSONL file as it happens, so a crash loses no metrics.
+
+    On a resume from checkpoint-N the lines the interrupted run wrote after step N (and its end-of-training line)
+    are removed first: the resumed run logs those steps again, and the file keeps one line per step.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or state.global_step == 0 or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the half-written last line of a killed run
+            is_log = "loss" in record or any(key.startswith("eval_") for key in record)
+            if is_log and isinstance(record.get("step"), int) and record["step"] <= state.global_step:
+                kept.append(line)
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        temporary.replace(self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
