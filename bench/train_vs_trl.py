@@ -41,7 +41,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset  # noqa: E402
 from mrpo.config import LossConfig  # noqa: E402
-from mrpo.pipeline import compile_decoder_layers  # noqa: E402
+from mrpo.models import compile_decoder_layers  # noqa: E402
 from mrpo.references import score_pairs  # noqa: E402
 from mrpo.tokenization import ModelView, TokenizedPair, TokenizedSequence  # noqa: E402
 from mrpo.trainer import MRPOTrainer  # noqa: E402

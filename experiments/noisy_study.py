@@ -481,7 +481,8 @@ class Runner:
         label is flipped at 30% noise (for every run of the seed, so the arms compare on the same facts)."""
         import torch
 
-        from mrpo.evaluation import load_for_evaluation, score_split, split_metrics
+        from mrpo.evaluation import score_split, split_metrics
+        from mrpo.models import load_for_evaluation
 
         begin = time.perf_counter()
         sets = {

@@ -441,7 +441,8 @@ class RealRunner:
         import torch
 
         from mrpo.config import LossConfig
-        from mrpo.evaluation import compute_metrics, load_for_evaluation
+        from mrpo.evaluation import compute_metrics
+        from mrpo.models import load_for_evaluation
         from mrpo.references import score_pairs
 
         prepared = self.prepared_test()

@@ -456,8 +456,8 @@ def clip_statistics(
 def run_one(world, info, method_name, seed, seed_dir, ts: TrainSettings) -> dict[str, Any]:
     import torch
 
+    from mrpo.models import load_model
     from mrpo.pipeline import run_train
-    from mrpo.references import load_model
 
     base, _, arm = method_name.partition("@")
     method = METHODS[base]

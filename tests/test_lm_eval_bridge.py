@@ -14,7 +14,7 @@ from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
 
 pytest.importorskip("lm_eval")
 
-import mrpo.evaluation  # noqa: E402
+import mrpo.models  # noqa: E402
 from mrpo.lm_eval_bridge import (  # noqa: E402
     LMEvalError,
     LMEvalNotInstalledError,
@@ -76,13 +76,13 @@ def test_shipped_tasks_on_a_model_dir_and_a_lora_adapter(model_dirs, tmp_path, m
     base, adapter = model_dirs
     config = _config(base, tmp_path / "cache")
     loaded = []
-    original = mrpo.evaluation.load_for_evaluation
+    original = mrpo.models.load_for_evaluation
 
     def recording_loader(*args, **kwargs):
         loaded.append(original(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(mrpo.evaluation, "load_for_evaluation", recording_loader)
+    monkeypatch.setattr(mrpo.models, "load_for_evaluation", recording_loader)
 
     start = run_lm_eval(config, None, TASKS, limit=4)
     tuned = run_lm_eval(config, str(adapter), TASKS, label="mrpo", limit=4)

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from mrpo import references
 from mrpo.config import ReferenceConfig
 from mrpo.data import pairs_from_records
-from mrpo.references import CacheError, ReferenceStore, load_tokenizer, precompute, token_budget_batches
+from mrpo.models import load_tokenizer
+from mrpo.references import CacheError, ReferenceStore, precompute, token_budget_batches
 from mrpo.tokenization import ModelView, tokenize_for_models
 from tiny_models import (
     CHATML_TEMPLATE,

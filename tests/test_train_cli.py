@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from mrpo.cli import main
 from mrpo.config import ConfigError, DataConfig, LoraConfig, MRPOConfig, PolicyConfig, load_config
-from mrpo.pipeline import load_policy
+from mrpo.models import load_policy
 from mrpo.references import CacheError, ReferenceCache
 from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
 
@@ -337,3 +337,12 @@ def test_a_reference_with_fewer_positions_drops_longer_pairs_by_name_instead_of_
     )
     printed = capsys.readouterr().out
     assert "kept 4 of 5 pairs" in printed and "1 longer than 40 tokens for gpt2" in printed
+
+
+def test_a_mistyped_policy_with_explicit_lora_targets_is_one_line(run_setup, capsys):
+    config = write_config(
+        run_setup, "typo-policy", policy={"model": str(run_setup["root"] / "no-such-model"), "dtype": "float32"},
+        lora={"enabled": True, "target_modules": ["q_proj"]},
+    )  # fmt: skip
+    line = one_line_error(capsys, ["train", str(config)])
+    assert "policy: cannot load the model config" in line and "no-such-model" in line

@@ -23,7 +23,7 @@ from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import DataConfig, LoraConfig, LossConfig, MRPOConfig, PolicyConfig, ReferenceConfig
 from mrpo.logprobs import sequence_logps
 from mrpo.losses import mrpo_loss
-from mrpo.pipeline import load_policy
+from mrpo.models import load_policy
 from mrpo.tokenization import ModelView
 from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
 
@@ -442,7 +442,7 @@ def test_padding_free_training_matches_padded(two_reference_dataset, workdir):
 
 @pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
 def test_compiled_decoder_layers_train_like_eager(two_reference_dataset, workdir):
-    from mrpo.pipeline import compile_decoder_layers
+    from mrpo.models import compile_decoder_layers
 
     start = tiny_llama()
     results = []

@@ -131,7 +131,6 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mrpo.demo.models import DemoModelError
     from mrpo.demo.run import DemoSettings, run_demo
 
     settings = DemoSettings(
@@ -143,11 +142,7 @@ def _demo(args: argparse.Namespace) -> int:
         test_pairs=args.test_pairs,
         epochs=args.epochs,
     )
-    try:
-        run_demo(settings)
-    except DemoModelError as error:
-        print(f"mrpo demo: error: {error}", file=sys.stderr)
-        return 2
+    run_demo(settings)
     return 0
 
 
@@ -248,13 +243,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mrpo.report import ReportError, write_report
+    from mrpo.report import write_report
 
-    try:
-        report = write_report(args.run_dirs, args.output)
-    except ReportError as error:
-        print(f"mrpo report: error: {error}", file=sys.stderr)
-        return 2
+    report = write_report(args.run_dirs, args.output)
     print(f"report: {report}")
     for image in sorted(report.parent.glob("*.png")):
         print(f"plot:   {image}")
@@ -296,22 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from mrpo.config import ConfigError
-    from mrpo.data import DataError
-    from mrpo.references import CacheError
+    from mrpo.errors import MRPOError
 
     try:
         return args.run(args)
-    except (ConfigError, DataError, CacheError) as error:
+    except MRPOError as error:
         print(f"mrpo {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        # mrpo.trainer (slow to import) raised it only if some command imported it.
-        trainer = sys.modules.get("mrpo.trainer")
-        if trainer is None or not isinstance(error, trainer.TrainingError):
-            raise
-        print(f"mrpo {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mrpo.errors import CollatorError
 from mrpo.logprobs import pack_sequences, pad_batch, padded_length
 from mrpo.tokenization import TokenizedPair, TokenizedSequence
 
@@ -41,13 +42,6 @@ REQUIRED_FIELDS = (
     "reference_chosen_logps",
     "reference_rejected_logps",
 )
-
-
-class CollatorError(KeyError):
-    """A batch lacks what the trainer needs (most often: the cached reference columns)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 class PreferenceDataset(Dataset):

@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mrpo.errors import ConfigError
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit"]
 PaddingFree = Literal["auto"] | bool
@@ -53,15 +55,6 @@ def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) 
 
 INITIALISING_REFERENCE_NAME = "init"
 _REFERENCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the dotted key, the bad value and what is allowed."""
-
-    def __init__(self, message: str, *, key: str | None = None):
-        super().__init__(message)
-        self.key = key
-        """The dotted key the mistake is about (``loss.beta``), when there is one."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from mrpo.errors import DataError
+
 __all__ = [
     "DataError",
     "PairSet",
@@ -56,27 +58,6 @@ _ON_ERROR = ("raise", "drop")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _DROP_IDENTICAL_REASON = "identical chosen and rejected"
-
-
-class DataError(ValueError):
-    """Preference data that cannot be used, with where it is (source, row, field) and what to do about it."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        source: str = "",
-        row: str | None = None,
-        field: str | None = None,
-        reason: str | None = None,
-    ):
-        super().__init__(message)
-        self.source = source
-        self.row = row
-        """Human-readable row position, e.g. "line 7" (JSONL) or "row index 3 (0-based)"; None if whole-file."""
-        self.field = field
-        self.reason = reason
-        """The short reason this row would be counted under with on_error="drop"."""
 
 
 def compute_pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:

@@ -107,21 +107,6 @@ def _mean(values: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_for_evaluation(config: MRPOConfig, checkpoint: str | None, device: torch.device):
-    """The starting policy (``checkpoint=None``), a LoRA adapter directory on top of it, or a full model dir."""
-    from mrpo.references import load_model, torch_dtype
-
-    dtype = torch_dtype(config.policy.dtype, device)
-    if checkpoint is None:
-        return load_model(config.policy.model, dtype, device)
-    if (Path(checkpoint) / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = load_model(config.policy.model, dtype, device)
-        return PeftModel.from_pretrained(base, checkpoint).to(device).eval()
-    return load_model(checkpoint, dtype, device)
-
-
 def evaluate_model(
     model,
     label: str,

@@ -29,20 +29,13 @@ from typing import Any
 
 import yaml
 
-from mrpo.config import ConfigError, MRPOConfig
+from mrpo.config import MRPOConfig
+from mrpo.errors import LMEvalError, LMEvalNotInstalledError
 from mrpo.lm_eval_tasks import SHIPPED_TASKS, TASK_DIR
 
 INSTALL_HINT = "pip install 'mrpo[eval]'"
 SHIPPED_PREFIX = "mrpo_"
 """Every task mrpo ships is named ``mrpo_...``; no lm-evaluation-harness task is."""
-
-
-class LMEvalError(ConfigError):
-    """An lm-eval request mrpo cannot run as asked (unknown task, missing package); the message says what to do."""
-
-
-class LMEvalNotInstalledError(LMEvalError, ImportError):
-    """lm-evaluation-harness is not installed."""
 
 
 @dataclass
@@ -218,8 +211,7 @@ def run_lm_eval(
 
     import torch
 
-    from mrpo.evaluation import load_for_evaluation
-    from mrpo.references import load_tokenizer
+    from mrpo.models import load_for_evaluation, load_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_evaluation(config, checkpoint, device)

@@ -19,18 +19,10 @@ from typing import Any
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import ConfigError, MRPOConfig, ReferenceConfig, check_lora_targets, padding_free_enabled
+from mrpo.config import ConfigError, MRPOConfig, ReferenceConfig, padding_free_enabled
 from mrpo.data import DataError, PairSet, load_pairs
-from mrpo.references import (
-    ModelSourceError,
-    ReferenceCache,
-    load_model,
-    load_tokenizer,
-    model_position_limit,
-    precompute,
-    split_gguf,
-    torch_dtype,
-)
+from mrpo.models import check_lora_before_precompute, load_policy, load_tokenizer, model_position_limit
+from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
@@ -88,10 +80,7 @@ def load_views(config: MRPOConfig) -> Views:
 
     def tokenizer_for(role: str, model: str, tokenizer: str | None):
         if (model, tokenizer) not in loaded:
-            try:
-                loaded[model, tokenizer] = load_tokenizer(model, tokenizer)
-            except ModelSourceError as error:
-                raise ModelSourceError(f"{role}: {error}") from error
+            loaded[model, tokenizer] = load_tokenizer(model, tokenizer, role=role)
         return loaded[model, tokenizer]
 
     policy = ModelView(
@@ -321,67 +310,6 @@ def run_inspect(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_policy(config: MRPOConfig, device: torch.device | None = None):
-    """The policy model, with LoRA adapters when configured (the base then is the initialising reference)."""
-    accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer will train
-    dtype = torch_dtype(config.policy.dtype, accelerator)
-    model = load_model(
-        config.policy.model, dtype, device or torch.device("cpu"), config.policy.attn_implementation
-    )
-    model.train()
-    if config.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-        check_lora_targets(config.lora, linear_names)
-        target = config.lora.target_modules
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=config.lora.r,
-                lora_alpha=config.lora.alpha,
-                lora_dropout=config.lora.dropout,
-                target_modules=target if isinstance(target, str) else list(target),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    if config.policy.compile:
-        compile_decoder_layers(model)
-    return model
-
-
-def compile_decoder_layers(model: torch.nn.Module) -> None:
-    """``torch.compile`` each decoder layer in place (they share one graph per input shape).
-
-    Only the layers: the document mask is built, and the chunked LM head runs in a hook, outside them, where their
-    data-dependent shapes would break a graph. Hooks, LoRA adapters and checkpoints are untouched.
-    """
-    from mrpo.logprobs import unwrap_model
-
-    decoder = unwrap_model(model).get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"policy.compile: {type(decoder).__name__} has no `layers` to compile; set policy.compile to false"
-        )
-    for layer in layers:
-        layer.compile(dynamic=False)
-
-
-def check_lora_before_precompute(config: MRPOConfig) -> None:
-    """Catch a LoRA target the policy lacks before minutes of precompute, on a weightless (meta) copy."""
-    if not config.lora.enabled or config.lora.target_modules == "all-linear":
-        return
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    source, extra = split_gguf(config.policy.model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, **extra))
-    linear_names = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
-    check_lora_targets(config.lora, linear_names)
-
-
 def resume_checkpoint(output_dir: Path, resume: str | bool | None) -> str | None:
     """The checkpoint to resume from: ``resume=True`` takes the newest complete one in ``output_dir`` (saying which
     incomplete ones it skipped, and leaving them in place), a path must be a complete checkpoint."""
@@ -543,7 +471,8 @@ def run_evaluate(
 
     By default: the starting model and, when the run has one, its final model. Writes ``eval_results.json``.
     """
-    from mrpo.evaluation import evaluate_model, load_for_evaluation, results_to_json
+    from mrpo.evaluation import evaluate_model, results_to_json
+    from mrpo.models import load_for_evaluation
 
     if config.data.eval is None:
         raise DataError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")

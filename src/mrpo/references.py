@@ -34,8 +34,10 @@ from pathlib import Path
 
 import torch
 
-from mrpo.config import ReferenceConfig, resolve_dtype
+from mrpo.config import ReferenceConfig
+from mrpo.errors import CacheError
 from mrpo.logprobs import LOGPROB_CODE_VERSION, pad_batch, sequence_logps
+from mrpo.models import load_model, torch_dtype
 from mrpo.tokenization import ModelView, TokenizedPair
 
 logger = logging.getLogger(__name__)
@@ -45,82 +47,6 @@ SHARD_PAIRS = 512
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _FULL_HASH_LIMIT = 1 << 30  # weight files up to 1 GiB in all are hashed whole; larger ones are sampled
-
-
-class CacheError(ValueError):
-    """A reference cache cannot serve what was asked (missing pairs, another data set, a broken store)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading models and tokenizers (hub id, local directory, or GGUF file)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def split_gguf(path: str) -> tuple[str, dict[str, str]]:
-    if path.endswith(".gguf"):
-        gguf = Path(path)
-        return str(gguf.parent), {"gguf_file": gguf.name}
-    return path, {}
-
-
-class ModelSourceError(CacheError):
-    """A model or tokenizer that cannot be loaded from where the config points."""
-
-
-def _explain_source(kind: str, source: str, error: Exception) -> ModelSourceError:
-    where = (
-        "is not a local directory or .gguf file" if not Path(source).exists() else "exists but does not load"
-    )
-    return ModelSourceError(
-        f"cannot load the {kind} {source!r}: it {where}, and transformers says: {str(error).splitlines()[0]} "
-        "Point the config at a local model directory, a .gguf file, or a hub id (reachable unless HF_HUB_OFFLINE=1)."
-    )
-
-
-def load_tokenizer(model: str, tokenizer: str | None = None):
-    """The tokenizer a model reads text with (its own unless ``tokenizer`` names another)."""
-    from transformers import AutoTokenizer
-
-    source, extra = split_gguf(tokenizer or model)
-    try:
-        return AutoTokenizer.from_pretrained(source, **extra)
-    except (OSError, ValueError) as error:
-        raise _explain_source("tokenizer", tokenizer or model, error) from error
-
-
-def model_position_limit(model: str) -> int | None:
-    """How many positions a model was built for (``max_position_embeddings``, ``n_positions`` for GPT-2), read from
-    its config without its weights; None when the config does not say or cannot be read here (loading the model
-    later gives the clear error)."""
-    from transformers import AutoConfig
-
-    source, extra = split_gguf(model)
-    try:
-        config = AutoConfig.from_pretrained(source, **extra)
-    except (OSError, ValueError):
-        return None
-    config = getattr(config, "text_config", None) or config
-    limit = getattr(config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
-
-
-def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a configured one ("auto": bfloat16 on CUDA, float32 elsewhere; see config.resolve_dtype)."""
-    return getattr(torch, resolve_dtype(dtype, cuda=device.type == "cuda"))
-
-
-def load_model(model: str, dtype: torch.dtype, device: torch.device, attn_implementation: str | None = None):
-    """Load a causal LM for scoring (eval mode, on ``device``)."""
-    from transformers import AutoModelForCausalLM
-
-    source, extra = split_gguf(model)
-    if attn_implementation:
-        extra["attn_implementation"] = attn_implementation
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-    except (OSError, ValueError) as error:
-        raise _explain_source("model", model, error) from error
-    return loaded.to(device).eval()
 
 
 def model_fingerprint(model: str, hash_weights: str = "auto") -> str:
@@ -570,7 +496,7 @@ def _compute_missing(
     mine = shards[state.process_index :: state.num_processes]
     if not mine:
         return
-    model = load_model(spec.model, torch_dtype(spec.dtype, device), device)
+    model = load_model(spec.model, torch_dtype(spec.dtype, device), device, role=f"reference {spec.name!r}")
     total = sum(len(shard) for shard in mine)
     bar = tqdm(
         total=total,

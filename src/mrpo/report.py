@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mrpo.errors import ReportError
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
@@ -49,10 +50,6 @@ _HELD_OUT_RATES = [
 _HELD_OUT_MARGINS = ["policy_margin", "reward_margin_initialising", "reward_margin_virtual"]
 _LABEL_AWARE_METRIC = "reward_accuracy_virtual"
 _LABEL_AWARE_NOTE = "label-aware: adaptive CTRO builds this reference knowing which answer is the chosen one."
-
-
-class ReportError(ValueError):
-    """A run directory cannot be reported on; the message names the directory and what is missing or wrong."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

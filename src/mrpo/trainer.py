@@ -20,15 +20,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mrpo.config import ConfigError, DiagnosticsConfig, LossConfig
+from mrpo.config import DiagnosticsConfig, LossConfig
+from mrpo.errors import ConfigError, TrainingError
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import NonFiniteLogpsError, mrpo_loss
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training (or evaluation inside the Trainer) cannot go on; the message names the step, the pair and a remedy."""
 
 
 class MetricAccumulator:

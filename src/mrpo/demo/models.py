@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mrpo.errors import DemoModelError
+
 __all__ = [
     "DEMO_MODELS",
     "GEMMA3",
@@ -53,10 +55,6 @@ _SPECIAL_TOKEN_KEYS = {
     "pad_token": "tokenizer.ggml.padding_token_id",
 }
 _GGUF_CONTROL_TOKEN, _GGUF_USER_TOKEN = 3, 4  # gguf.TokenType.CONTROL / USER_DEFINED
-
-
-class DemoModelError(RuntimeError):
-    """A demo model could not be fetched or converted; the message says what failed and what to use instead."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""The one way to load a model, a tokenizer or a model's config: hub id, local directory or ``.gguf`` file.
+
+Every load goes through ``_loading``, so a path that does not load is one ``ModelSourceError`` naming the role
+(policy, references.N (name)) and the path, never a transformers traceback. Also the policy as training builds it
+(LoRA adapters, compiled layers) and the models ``mrpo evaluate`` scores (the start, an adapter, a full model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mrpo.config import MRPOConfig, check_lora_targets, resolve_dtype
+from mrpo.errors import ModelSourceError
+
+
+def split_gguf(path: str) -> tuple[str, dict[str, str]]:
+    """(directory or id, extra from_pretrained arguments): a ``.gguf`` file is read from its directory."""
+    if path.endswith(".gguf"):
+        gguf = Path(path)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return path, {}
+
+
+@contextlib.contextmanager
+def _loading(kind: str, source: str, role: str | None) -> Iterator[None]:
+    """Turn transformers' failure to load ``source`` into one ModelSourceError naming the role and the path."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        where = (
+            "is not a local directory or .gguf file"
+            if not Path(source).exists()
+            else "exists but does not load"
+        )
+        prefix = f"{role}: " if role else ""
+        raise ModelSourceError(
+            f"{prefix}cannot load the {kind} {source!r}: it {where}, and transformers says: "
+            f"{str(error).splitlines()[0]} Point the config at a local model directory, a .gguf file, or a hub id "
+            "(reachable unless HF_HUB_OFFLINE=1)."
+        ) from error
+
+
+def load_tokenizer(model: str, tokenizer: str | None = None, *, role: str | None = None):
+    """The tokenizer a model reads text with (its own unless ``tokenizer`` names another)."""
+    from transformers import AutoTokenizer
+
+    source, extra = split_gguf(tokenizer or model)
+    with _loading("tokenizer", tokenizer or model, role):
+        return AutoTokenizer.from_pretrained(source, **extra)
+
+
+def load_model_config(model: str, *, role: str | None = None):
+    """A model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    source, extra = split_gguf(model)
+    with _loading("model config", model, role):
+        return AutoConfig.from_pretrained(source, **extra)
+
+
+def model_position_limit(model: str) -> int | None:
+    """How many positions a model was built for (``max_position_embeddings``, ``n_positions`` for GPT-2), read from
+    its config without its weights; None when the config does not say or cannot be read here (loading the model
+    later gives the clear error)."""
+    try:
+        config = load_model_config(model)
+    except ModelSourceError:
+        return None
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a configured one ("auto": bfloat16 on CUDA, float32 elsewhere; see config.resolve_dtype)."""
+    return getattr(torch, resolve_dtype(dtype, cuda=device.type == "cuda"))
+
+
+def load_model(
+    model: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_implementation: str | None = None,
+    *,
+    role: str | None = None,
+):
+    """Load a causal LM for scoring (eval mode, on ``device``)."""
+    from transformers import AutoModelForCausalLM
+
+    source, extra = split_gguf(model)
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    with _loading("model", model, role):
+        loaded = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    return loaded.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy, as training builds it and evaluation loads it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_policy(config: MRPOConfig, device: torch.device | None = None):
+    """The policy model, with LoRA adapters when configured (the base then is the initialising reference)."""
+    accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer will train
+    dtype = torch_dtype(config.policy.dtype, accelerator)
+    model = load_model(
+        config.policy.model,
+        dtype,
+        device or torch.device("cpu"),
+        config.policy.attn_implementation,
+        role="policy",
+    )
+    model.train()
+    if config.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        check_lora_targets(config.lora, linear_names)
+        target = config.lora.target_modules
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=config.lora.r,
+                lora_alpha=config.lora.alpha,
+                lora_dropout=config.lora.dropout,
+                target_modules=target if isinstance(target, str) else list(target),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if config.policy.compile:
+        compile_decoder_layers(model)
+    return model
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (they share one graph per input shape).
+
+    Only the layers: the document mask is built, and the chunked LM head runs in a hook, outside them, where their
+    data-dependent shapes would break a graph. Hooks, LoRA adapters and checkpoints are untouched.
+    """
+    from mrpo.logprobs import unwrap_model
+
+    decoder = unwrap_model(model).get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"policy.compile: {type(decoder).__name__} has no `layers` to compile; set policy.compile to false"
+        )
+    for layer in layers:
+        layer.compile(dynamic=False)
+
+
+def check_lora_before_precompute(config: MRPOConfig) -> None:
+    """Catch a LoRA target the policy lacks before minutes of precompute, on a weightless (meta) copy."""
+    if not config.lora.enabled or config.lora.target_modules == "all-linear":
+        return
+    from transformers import AutoModelForCausalLM
+
+    model_config = load_model_config(config.policy.model, role="policy")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    linear_names = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    check_lora_targets(config.lora, linear_names)
+
+
+def load_for_evaluation(config: MRPOConfig, checkpoint: str | None, device: torch.device):
+    """The starting policy (``checkpoint=None``), a LoRA adapter directory on top of it, or a full model dir."""
+    dtype = torch_dtype(config.policy.dtype, device)
+    if checkpoint is None:
+        return load_model(config.policy.model, dtype, device, role="policy")
+    if (Path(checkpoint) / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(config.policy.model, dtype, device, role="policy")
+        with _loading("LoRA adapter", checkpoint, "checkpoint"):
+            return PeftModel.from_pretrained(base, checkpoint).to(device).eval()
+    return load_model(checkpoint, dtype, device, role="checkpoint")
