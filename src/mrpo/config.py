@@ -16,27 +16,28 @@ This module imports nothing of ours; transformers is imported lazily, only to ch
 section.
 """
 
-import ast
-import contextlib
-import contextvars
 import dataclasses
-import difflib
-import enum
-import functools
-import inspect
 import math
 import re
-import textwrap
-import types
 import typing
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from mrpo.errors import ConfigError
+from mrpo.overrides import INITIALISING_REFERENCE_NAME, apply_override, parse_override, parse_yaml, source_of
+from mrpo.training_section import TrainingConfig
+from mrpo.typecheck import (
+    check_field_types,
+    did_you_mean,
+    fail,
+    field_docs,
+    require_at_least,
+    require_text,
+)
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit"]
@@ -53,223 +54,7 @@ def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) 
     return bool(setting)
 
 
-INITIALISING_REFERENCE_NAME = "init"
 _REFERENCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dotted keys: a section builds its fields' full names from the prefix it is being built under.
-
-_key_prefix: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "mrpo_config_key_prefix", default=None
-)
-
-
-@contextlib.contextmanager
-def _building(prefix: str) -> Iterator[None]:
-    token = _key_prefix.set(prefix)
-    try:
-        yield
-    finally:
-        _key_prefix.reset(token)
-
-
-def _dotted(section: str, name: str) -> str:
-    prefix = _key_prefix.get()
-    prefix = section if prefix is None else prefix
-    return f"{prefix}.{name}" if prefix else name
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A small checker for the annotations our fields use: str, int, float (an int is accepted), bool, Literal,
-# list[...], dict[...], X | None, Any, enums and classes.
-
-
-def _match(value: Any, annotation: Any, *, lenient: bool) -> tuple[bool, Any]:
-    """(whether ``value`` fits ``annotation``, the value to store: ints widened to floats, tuples to lists)."""
-    if annotation is Any:
-        return True, value
-    if annotation is None or annotation is type(None):
-        return value is None, value
-    origin = typing.get_origin(annotation)
-    arguments = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for arm in arguments:
-            fits, converted = _match(value, arm, lenient=lenient)
-            if fits:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        # `type(...) is` so that True does not pass for 1, nor 1 for 1.0.
-        return any(value == allowed and type(value) is type(allowed) for allowed in arguments), value
-    if origin is list or annotation is list:
-        if not isinstance(value, list | tuple):
-            return False, value
-        if not arguments:
-            return True, list(value)
-        items = []
-        for item in value:
-            fits, converted = _match(item, arguments[0], lenient=lenient)
-            if not fits:
-                return False, value
-            items.append(converted)
-        return True, items
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            return False, value
-        if not arguments:
-            return True, value
-        key_type, value_type = arguments
-        for item_key, item_value in value.items():
-            if not (
-                _match(item_key, key_type, lenient=lenient)[0]
-                and _match(item_value, value_type, lenient=lenient)[0]
-            ):
-                return False, value
-        return True, value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    if isinstance(annotation, type):
-        if isinstance(value, annotation):
-            return True, value
-        if issubclass(annotation, enum.Enum):
-            return value in {member.value for member in annotation}, value
-        return lenient, value
-    # An annotation this checker does not know (only in transformers' TrainingArguments): let transformers judge.
-    return lenient, value
-
-
-_PLAIN_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    dict: "a mapping",
-}
-_PLURAL_NAMES = {str: "strings", int: "integers", float: "numbers", bool: "booleans", dict: "mappings"}
-
-
-def _describe(annotation: Any) -> str:
-    """What a value of ``annotation`` looks like, in words: ``'adaptive' or a list of numbers``."""
-    if annotation is None or annotation is type(None):
-        return "null"
-    origin = typing.get_origin(annotation)
-    arguments = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        arms = [arm for arm in arguments if arm is not type(None)]
-        described = " or ".join(_describe(arm) for arm in arms)
-        return described + (" or null" if len(arms) < len(arguments) else "")
-    if origin is Literal:
-        if len(arguments) == 1:
-            return repr(arguments[0])
-        return "one of " + ", ".join(repr(allowed) for allowed in arguments)
-    if origin is list or annotation is list:
-        if not arguments:
-            return "a list"
-        item = arguments[0]
-        if item in _PLURAL_NAMES:
-            return f"a list of {_PLURAL_NAMES[item]}"
-        if isinstance(item, type) and not issubclass(item, enum.Enum):
-            return f"a list of {item.__name__}s"
-        return f"a list of items that are each {_describe(item)}"
-    if origin is dict:
-        return "a mapping"
-    if annotation in _PLAIN_NAMES:
-        return _PLAIN_NAMES[annotation]
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return "one of " + ", ".join(repr(member.value) for member in annotation)
-    if isinstance(annotation, type):
-        return f"a {annotation.__name__}"
-    return str(annotation)
-
-
-def _literal_choices(annotation: Any) -> list[str]:
-    """Every string a Literal (or enum) inside ``annotation`` allows, for did-you-mean suggestions."""
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return [allowed for allowed in typing.get_args(annotation) if isinstance(allowed, str)]
-    if origin in (typing.Union, types.UnionType):
-        return [choice for arm in typing.get_args(annotation) for choice in _literal_choices(arm)]
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return [str(member.value) for member in annotation]
-    return []
-
-
-def _did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
-    """`` — did you mean 'loss.beta'?`` for the candidate closest to ``word`` (shown under ``prefix``), or ""."""
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" — did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-
-
-def _conform(value: Any, annotation: Any, key: str, *, lenient: bool = False) -> Any:
-    """``value`` as stored for ``annotation``, or a ConfigError naming ``key``, the value and what is allowed."""
-    fits, converted = _match(value, annotation, lenient=lenient)
-    if fits:
-        return converted
-    hint = _did_you_mean(value, _literal_choices(annotation)) if isinstance(value, str) else ""
-    raise ConfigError(f"'{key}' must be {_describe(annotation)}, got {value!r}{hint}", key=key)
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_field_types(config: Any, section: str) -> None:
-    """Check every field of a dataclass against its annotation (storing widened values) — the first step of
-    each section's ``__post_init__``."""
-    hints = _type_hints(type(config))
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        conformed = _conform(value, hints[field.name], _dotted(section, field.name))
-        if conformed is not value:
-            object.__setattr__(config, field.name, conformed)
-
-
-def _fail(section: str, name: str, value: Any, requirement: str) -> typing.NoReturn:
-    key = _dotted(section, name)
-    raise ConfigError(f"'{key}' {requirement}, got {value!r}", key=key)
-
-
-def _require_text(config: Any, section: str, name: str) -> None:
-    value = getattr(config, name)
-    if value is not None and not value.strip():
-        _fail(section, name, value, "must not be empty")
-
-
-def _require_at_least(config: Any, section: str, name: str, minimum: int) -> None:
-    value = getattr(config, name)
-    if value is not None and value < minimum:
-        _fail(section, name, value, f"must be at least {minimum}")
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each field of a config dataclass, by field name (for help texts and errors)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):  # source not shipped (zipapp, frozen build)
-        return {}
-    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for statement, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(statement, ast.AnnAssign)
-            and isinstance(statement.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[statement.target.id] = inspect.cleandoc(following.value.value)
-    return docs
 
 
 def resolve_dtype(dtype: Dtype, *, cuda: bool) -> str:
@@ -286,6 +71,9 @@ def resolve_dtype(dtype: Dtype, *, cuda: bool) -> str:
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     """The model being trained, as it is at the start."""
+
+    SECTION: typing.ClassVar[str] = "policy"
+    """The section's own name in error keys (``policy.<field>``)."""
 
     model: str
     """Hub id, local directory or .gguf file of the model the policy starts from."""
@@ -305,17 +93,17 @@ class PolicyConfig:
     """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; both rounded up to pad_to_multiple_of) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. null = one forward per batch."""
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "policy")
+        check_field_types(self, "policy")
         for name in ("model", "tokenizer", "attn_implementation"):
-            _require_text(self, "policy", name)
-        _require_at_least(self, "policy", "pad_to_multiple_of", 1)
-        _require_at_least(self, "policy", "micro_batch_tokens", 1)
+            require_text(self, "policy", name)
+        require_at_least(self, "policy", "pad_to_multiple_of", 1)
+        require_at_least(self, "policy", "micro_batch_tokens", 1)
         if (
             self.micro_batch_tokens
             and self.pad_to_multiple_of
             and self.micro_batch_tokens < self.pad_to_multiple_of
         ):
-            _fail(
+            fail(
                 "policy",
                 "micro_batch_tokens",
                 self.micro_batch_tokens,
@@ -327,6 +115,9 @@ class PolicyConfig:
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
     """One reference model whose sequence log-probs are precomputed and cached; the first is the initialising one."""
+
+    SECTION: typing.ClassVar[str] = "reference"
+    """The section's own name in error keys (``reference.<field>``)."""
 
     name: str
     """Short, filesystem-safe name: it names the reference's cache directory and its metrics."""
@@ -344,9 +135,9 @@ class ReferenceConfig:
     """How the cache identifies the weights: "auto" hashes them whole up to 1 GiB, then 64 sampled MiB per file (fast; an in-place edit between samples goes unseen); "full" reads every byte."""
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "reference")
+        check_field_types(self, "reference")
         if not _REFERENCE_NAME_PATTERN.match(self.name):
-            _fail(
+            fail(
                 "reference",
                 "name",
                 self.name,
@@ -354,14 +145,17 @@ class ReferenceConfig:
                 " (it names a cache directory)",
             )
         for name in ("model", "tokenizer"):
-            _require_text(self, "reference", name)
-        _require_at_least(self, "reference", "max_length", 1)
-        _require_at_least(self, "reference", "batch_tokens", 1)
+            require_text(self, "reference", name)
+        require_at_least(self, "reference", "max_length", 1)
+        require_at_least(self, "reference", "batch_tokens", 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the preference pairs come from and how they are cut."""
+
+    SECTION: typing.ClassVar[str] = "data"
+    """The section's own name in error keys (``data.<field>``)."""
 
     train: str
     """Training pairs: a local .jsonl/.json/.parquet file or directory, or a Hugging Face dataset id."""
@@ -389,16 +183,19 @@ class DataConfig:
     """Drop pairs whose chosen and rejected completions are identical (they carry no preference)."""
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "data")
+        check_field_types(self, "data")
         for name in ("train", "eval", "train_split", "eval_split"):
-            _require_text(self, "data", name)
+            require_text(self, "data", name)
         for name in ("max_length", "max_pairs", "max_eval_pairs"):
-            _require_at_least(self, "data", name, 1)
+            require_at_least(self, "data", name, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The MRPO loss (shared/mrpo-spec.md): how the K references combine into one virtual reference."""
+
+    SECTION: typing.ClassVar[str] = "loss"
+    """The section's own name in error keys (``loss.<field>``)."""
 
     beta: float = 0.1
     """Strength of the pull towards the (virtual) reference, > 0; the beta of DPO."""
@@ -414,23 +211,26 @@ class LossConfig:
     """Level alignment (research variant): "pair" shifts each external reference to the initialising one's mean level per pair before clipping."""
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "loss")
+        check_field_types(self, "loss")
         if not (math.isfinite(self.beta) and self.beta > 0):
-            _fail("loss", "beta", self.beta, "must be a number > 0 (typically 0.01 to 0.5)")
+            fail("loss", "beta", self.beta, "must be a number > 0 (typically 0.01 to 0.5)")
         if not (math.isfinite(self.eps) and self.eps >= 0):
-            _fail("loss", "eps", self.eps, "must be a number >= 0 (the default is 0.1)")
+            fail("loss", "eps", self.eps, "must be a number >= 0 (the default is 0.1)")
         if isinstance(self.weights, list):
             if not self.weights:
-                _fail("loss", "weights", self.weights, 'must be "adaptive" or one number per reference')
+                fail("loss", "weights", self.weights, 'must be "adaptive" or one number per reference')
             if not all(math.isfinite(weight) and weight >= 0 for weight in self.weights):
-                _fail("loss", "weights", self.weights, "must all be finite and >= 0")
+                fail("loss", "weights", self.weights, "must all be finite and >= 0")
             if sum(self.weights) <= 0:
-                _fail("loss", "weights", self.weights, "must not all be zero")
+                fail("loss", "weights", self.weights, "must not all be zero")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adapters on the policy (peft); off means full fine-tuning."""
+
+    SECTION: typing.ClassVar[str] = "lora"
+    """The section's own name in error keys (``lora.<field>``)."""
 
     enabled: bool = False
     """Train LoRA adapters instead of all the weights; the initialising reference is then the base with adapters off."""
@@ -446,14 +246,14 @@ class LoraConfig:
     """Also save a copy of the model with the adapters merged into the weights (ignored when LoRA is off)."""
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "lora")
-        _require_at_least(self, "lora", "r", 1)
-        _require_at_least(self, "lora", "alpha", 1)
+        check_field_types(self, "lora")
+        require_at_least(self, "lora", "r", 1)
+        require_at_least(self, "lora", "alpha", 1)
         if not 0 <= self.dropout < 1:
-            _fail("lora", "dropout", self.dropout, "must be in [0, 1)")
+            fail("lora", "dropout", self.dropout, "must be in [0, 1)")
         if isinstance(self.target_modules, list):
             if not self.target_modules or not all(name.strip() for name in self.target_modules):
-                _fail(
+                fail(
                     "lora",
                     "target_modules",
                     self.target_modules,
@@ -465,6 +265,9 @@ class LoraConfig:
 class DiagnosticsConfig:
     """Live warnings during training (each fires once, in the log and in OUTPUT/diagnostics.jsonl)."""
 
+    SECTION: typing.ClassVar[str] = "diagnostics"
+    """The section's own name in error keys (``diagnostics.<field>``)."""
+
     enabled: bool = True
     """Watch the logged metrics and warn when training goes degenerate; false silences every warning."""
     window: int = 5
@@ -475,12 +278,12 @@ class DiagnosticsConfig:
     """Warn when one reference's mean weight alpha stays above this over a window."""
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "diagnostics")
-        _require_at_least(self, "diagnostics", "window", 1)
+        check_field_types(self, "diagnostics")
+        require_at_least(self, "diagnostics", "window", 1)
         for name in ("clip_saturation", "alpha_collapse"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
-                _fail("diagnostics", name, value, "must be a share in (0, 1]")
+                fail("diagnostics", name, value, "must be a share in (0, 1]")
 
 
 def check_lora_targets(config: LoraConfig, module_names: Iterable[str]) -> None:
@@ -503,7 +306,7 @@ def check_lora_targets(config: LoraConfig, module_names: Iterable[str]) -> None:
         return
     available = sorted({name.rsplit(".", 1)[-1] for name in names})
     shown = ", ".join(available[:20]) + (", ..." if len(available) > 20 else "") if available else "none"
-    hint = _did_you_mean(missing[0], available) if len(missing) == 1 else ""
+    hint = did_you_mean(missing[0], available) if len(missing) == 1 else ""
     raise ConfigError(
         f"'lora.target_modules' = {config.target_modules!r}: the model has no module named {', '.join(map(repr, missing))}"
         f'{hint}; its linear modules are named: {shown} (or use "all-linear")',
@@ -513,159 +316,6 @@ def check_lora_targets(config: LoraConfig, module_names: Iterable[str]) -> None:
 
 def _lora_target_matches(target: str, module_name: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The training section: passed through to transformers.TrainingArguments.
-
-
-@functools.cache
-def _training_argument_types() -> dict[str, Any]:
-    """TrainingArguments' constructor fields and their annotations (imports transformers, without building one)."""
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    return {
-        field.name: hints.get(field.name, Any)
-        for field in dataclasses.fields(TrainingArguments)
-        if field.init
-    }
-
-
-_RENAMED_TRAINING_ARGUMENTS = {
-    # transformers >= 5.2x renamed these; both names are accepted in configs and mapped to what is installed.
-    "gradient_checkpointing": "activation_checkpointing",
-    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
-}
-
-
-def _current_argument_names(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Rename arguments to the names the installed TrainingArguments uses, so no version warns or fails."""
-    allowed = _training_argument_types()
-    renamed = dict(arguments)
-    for old, new in _RENAMED_TRAINING_ARGUMENTS.items():
-        if new in allowed and old in renamed and new not in renamed:
-            renamed[new] = renamed.pop(old)
-        elif new not in allowed and new in renamed and old not in renamed:
-            renamed[old] = renamed.pop(new)
-    return renamed
-
-
-class TrainingConfig(Mapping[str, Any]):
-    """Keyword arguments of ``transformers.TrainingArguments``, with our defaults merged in.
-
-    Keys and value types are checked against TrainingArguments' fields on construction, without building one;
-    ``to_training_arguments()`` builds it. ``resume_from_checkpoint`` is kept here but not passed on: it is an
-    argument of ``Trainer.train``.
-    """
-
-    DEFAULTS: typing.ClassVar[Mapping[str, Any]] = types.MappingProxyType(
-        {
-            "output_dir": "runs/mrpo",
-            "report_to": "none",
-            "logging_steps": 10,
-            "remove_unused_columns": False,  # the MRPO collator needs the pair columns
-            # The loss already stops on a non-finite log-prob (a TrainingError); Trainer's filter would add a second
-            # host-device sync to every step only to hide a NaN loss from the log.
-            "logging_nan_inf_filter": False,
-            "seed": 0,
-        }
-    )
-
-    def __init__(self, arguments: Mapping[str, Any] | None = None, /, **keyword_arguments: Any):
-        merged = {**self.DEFAULTS, **(arguments or {}), **keyword_arguments}
-        allowed = dict(_training_argument_types())
-        for old_name, new_name in _RENAMED_TRAINING_ARGUMENTS.items():  # either name, whichever is installed
-            if (old_name in allowed) != (new_name in allowed):
-                allowed.setdefault(old_name, allowed.get(new_name))
-                allowed.setdefault(new_name, allowed.get(old_name))
-        for key, value in merged.items():
-            dotted = _dotted("training", key)
-            if not isinstance(key, str) or key not in allowed:
-                raise ConfigError(
-                    f"unknown key '{dotted}'{_did_you_mean(str(key), allowed, dotted.rpartition('.')[0])} — the 'training' section takes the"
-                    " arguments of transformers.TrainingArguments",
-                    key=dotted,
-                )
-            annotation = bool | str | None if key == "resume_from_checkpoint" else allowed[key]
-            _conform(value, annotation, dotted, lenient=True)  # checked, but stored as written: 10 stays 10
-        if merged["remove_unused_columns"]:
-            raise ConfigError(
-                f"'{_dotted('training', 'remove_unused_columns')}' must stay false, got True: the MRPO collator needs"
-                " the pair columns that Trainer would remove",
-                key=_dotted("training", "remove_unused_columns"),
-            )
-        self._arguments = merged
-
-    @classmethod
-    def unchecked(cls, arguments: Mapping[str, Any]) -> "TrainingConfig":
-        """The section with the defaults merged in but its keys not checked against TrainingArguments, for commands
-        that never train (``mrpo inspect``): the check imports transformers' training stack, seconds on a CPU.
-        ``to_training_arguments`` still rejects an unknown key."""
-        section = cls.__new__(cls)
-        section._arguments = {**cls.DEFAULTS, **arguments}
-        return section
-
-    def __getitem__(self, key: str) -> Any:
-        return self._arguments[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._arguments)
-
-    def __len__(self) -> int:
-        return len(self._arguments)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, TrainingConfig):
-            return self._arguments == other._arguments
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"TrainingConfig({self._arguments!r})"
-
-    @property
-    def output_dir(self) -> str:
-        """Where checkpoints, metrics and the resolved config of the run go."""
-        return self._arguments["output_dir"]
-
-    @property
-    def resume_from_checkpoint(self) -> str | bool | None:
-        """Checkpoint to resume from, for ``Trainer.train``: a path, true (the latest in output_dir) or None."""
-        return self._arguments.get("resume_from_checkpoint")
-
-    @property
-    def eval_strategy(self) -> str:
-        """When to evaluate during training: "no", "steps" or "epoch"."""
-        strategy = self._arguments.get("eval_strategy", "no")
-        return str(getattr(strategy, "value", strategy))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self._arguments)
-
-    def to_training_arguments(self) -> Any:
-        """A ``transformers.TrainingArguments`` built from this section (without ``resume_from_checkpoint``)."""
-        from transformers import TrainingArguments
-
-        arguments = {key: value for key, value in self._arguments.items() if key != "resume_from_checkpoint"}
-        arguments = _current_argument_names(arguments)
-        try:
-            return TrainingArguments(**arguments)
-        except TypeError as error:
-            unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-            if not unexpected:
-                raise
-            key = unexpected.group(1)
-            raise ConfigError(
-                f"unknown key 'training.{key}'{_did_you_mean(key, _training_argument_types(), 'training')} — this"
-                " version of transformers.TrainingArguments does not take it",
-                key=f"training.{key}",
-            ) from None
-        except ValueError as error:
-            raise ConfigError(
-                f"transformers.TrainingArguments rejected the 'training' section: {error}"
-            ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -710,10 +360,10 @@ class MRPOConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        _check_field_types(self, "")
+        check_field_types(self, "")
         if self.references is None:
             object.__setattr__(self, "references", default_references(self.policy))
-        _require_text(self, "", "cache_dir")
+        require_text(self, "", "cache_dir")
         references: list[ReferenceConfig] = self.references  # type: ignore[assignment]
         if not references:
             raise ConfigError(
@@ -801,10 +451,9 @@ class MRPOConfig:
                     f"'training' must be a mapping of TrainingArguments keys, got {training!r}",
                     key="training",
                 )
-            with _building("training"):
-                sections["training"] = (
-                    TrainingConfig(training) if check_training else TrainingConfig.unchecked(training)
-                )
+            sections["training"] = (
+                TrainingConfig(training) if check_training else TrainingConfig.unchecked(training)
+            )
         if raw.get("references") is not None:
             references = raw["references"]
             if not isinstance(references, list):
@@ -844,7 +493,7 @@ def _reject_unknown_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix:
     for key in raw:
         if key not in allowed:
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            suggestion = _did_you_mean(str(key), allowed, prefix)
+            suggestion = did_you_mean(str(key), allowed, prefix)
             if not suggestion:
                 where = f"'{prefix}'" if prefix else "a config"
                 suggestion = f"; the keys of {where} are: {', '.join(allowed)}"
@@ -861,120 +510,19 @@ def _build_section(section_class: type, raw: Any, prefix: str) -> Any:
         if required and field.name not in raw:
             doc = field_docs(section_class).get(field.name, "")
             raise ConfigError(f"missing key '{prefix}.{field.name}' ({doc})", key=f"{prefix}.{field.name}")
-    with _building(prefix):
-        return section_class(**raw)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading: YAML files and key=value overrides.
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """YAML safe loader: 1e-5 is a number (YAML 1.1 wants 1.0e-5), only true/false are booleans (not no/on/off),
-    and a key written twice in one mapping is an error."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise ConfigError(
-                    f"key {key!r} appears twice in one mapping ({key_node.start_mark}); keep one"
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 reads yes/no/on/off as booleans, so `eval_strategy: no` would become False. Only true/false are
-# booleans here (as in YAML 1.2): rebuild the resolver table without the 1.1 bool resolver, then add 1.2's.
-_ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no arbitrary objects
-
-
-def parse_override(override: str) -> tuple[str, Any]:
-    """``"loss.beta=0.2"`` -> ``("loss.beta", 0.2)``; the value is parsed as YAML, an empty value is None."""
-    key, separator, text = override.partition("=")
-    key = key.strip()
-    if not separator or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. loss.beta=0.2")
     try:
-        value = _parse_yaml(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({error})", key=key) from None
-    return key, value
+        return section_class(**raw)
+    except ConfigError as error:
+        raise _under(error, section_class.SECTION, prefix) from None
 
 
-def _apply_override(root: dict[str, Any], key: str, value: Any) -> str:
-    """Set ``key`` to ``value`` in the raw config; returns the key with list items by position
-    (``references.gemma.dtype`` -> ``references.1.dtype``), the form error messages use."""
-    parts = key.split(".")
-    if parts[0] == "references" and len(parts) > 1 and root.get("references") is None:
-        # Overriding one reference of a config that lists none: start from the default list (the policy's model).
-        policy = root.get("policy") if isinstance(root.get("policy"), Mapping) else {}
-        default = {"name": INITIALISING_REFERENCE_NAME, "model": policy.get("model")}
-        default.update({name: policy[name] for name in ("tokenizer", "dtype") if name in policy})
-        root["references"] = [default]
-    node: Any = root
-    for depth, part in enumerate(parts):
-        here = ".".join(parts[: depth + 1])
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            index = _list_index(node, part, here)
-            parts[depth] = str(index)
-            if index == len(
-                node
-            ):  # one past the end appends, so a reference can be added from the command line
-                node.append({} if not last else value)
-            elif last:
-                node[index] = value
-            if not last:
-                node = node[index]
-            continue
-        if not isinstance(node, dict):
-            parent = ".".join(parts[:depth])
-            raise ConfigError(
-                f"override '{key}': '{parent}' is {node!r}, not a section with keys", key=parent
-            )
-        if last:
-            node[part] = value
-        else:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-    return ".".join(parts)
-
-
-def _list_index(items: list[Any], part: str, here: str) -> int:
-    if part.isdigit():
-        index = int(part)
-        if index > len(items):
-            raise ConfigError(
-                f"'{here}': there are {len(items)} items (0 to {len(items) - 1}); {index} is out of range",
-                key=here,
-            )
-        return index
-    names = [item.get("name") for item in items if isinstance(item, Mapping)]
-    if part in names:
-        return names.index(part)
-    raise ConfigError(
-        f"'{here}': no item named {part!r}{_did_you_mean(part, [n for n in names if isinstance(n, str)])}; use a"
-        f" position (0 to {len(items) - 1}) or one of the names {names}",
-        key=here,
-    )
+def _under(error: ConfigError, section: str, prefix: str) -> ConfigError:
+    """The error of a section built as ``prefix`` (``references.1``) rather than under its own name
+    (``reference``): the same message with the key renamed."""
+    if section == prefix or not error.key or not error.key.startswith(section + "."):
+        return error
+    key = prefix + error.key[len(section) :]
+    return ConfigError(str(error).replace(f"'{error.key}'", f"'{key}'"), key=key)
 
 
 def load_config(
@@ -991,7 +539,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = _parse_yaml(path.read_text(encoding="utf-8"))
+            raw = parse_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
         except ConfigError as error:
@@ -1002,24 +550,14 @@ def load_config(
     applied_overrides = []
     for override in overrides:
         key, value = parse_override(override)
-        applied_overrides.append((override, _apply_override(raw, key, value)))
+        applied_overrides.append((override, apply_override(raw, key, value)))
     try:
         return MRPOConfig.from_dict(raw, check_training=check_training)
     except ConfigError as error:
-        source = _source_of(error.key, applied_overrides)
+        source = source_of(error.key, applied_overrides)
         message = str(error)
         if source:
             message = f"{message} (from the override {source!r})"
         elif path is not None:
             message = f"{path}: {message}"
         raise ConfigError(message, key=error.key) from None
-
-
-def _source_of(key: str | None, overrides: list[tuple[str, str]]) -> str | None:
-    """The last override that set ``key`` (or a section holding it, or a key inside it), if any."""
-    if key is None:
-        return None
-    for text, override_key in reversed(overrides):
-        if override_key == key or key.startswith(override_key + ".") or override_key.startswith(key + "."):
-            return text
-    return None
