@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from mrpo.cli import main
-from mrpo.report import CLIP_RATE_WARNING, ReportError, held_out_models, load_run, write_report
+from mrpo.errors import ReportError
+from mrpo.report import CLIP_RATE_WARNING, held_out_models, write_report
+from mrpo.rundir import load_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CURVE_PLOTS = ["loss.png", "rewards.png", "alpha.png", "ctro.png"]

@@ -249,7 +249,7 @@ def test_cli_reports_a_model_path_that_does_not_exist_in_one_line(run_setup, cap
 def test_resume_after_a_crash_keeps_one_metric_line_per_step_and_the_true_mean_loss(run_setup):
     import shutil
 
-    from mrpo.report import load_run
+    from mrpo.rundir import load_run
 
     config = write_config(run_setup, "crash", training={"max_steps": 4, "save_steps": 2})
     run_dir = run_setup["root"] / "crash"

@@ -19,24 +19,43 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from mrpo.config import LossConfig, MRPOConfig
 from mrpo.losses import mrpo_loss
 
-METRIC_LABELS = {
-    "policy_accuracy": "policy pref. acc. (pw > pl)",
-    "policy_accuracy_per_token": "policy pref. acc. per token",
-    "reward_accuracy_initialising": "reward acc. vs initialising ref",
-    "reward_accuracy_virtual": "reward acc. vs virtual ref",
-    "policy_margin": "mean policy margin pw - pl (nats)",
-    "reward_margin_initialising": "mean reward margin vs initialising",
-    "reward_margin_virtual": "mean reward margin vs virtual",
-    "clip_rate": "CTRO clip rate",
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    """What tables and plots call it."""
+    kind: Literal["rate", "margin"]
+    """A share in [0, 1] (shown as a percentage) or a mean margin in nats (shown signed)."""
+
+    def format(self, value: Any) -> str:
+        """``75.0%`` or ``+0.805``; ``—`` when there is no number."""
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            return "—"
+        return f"{float(value):.1%}" if self.kind == "rate" else f"{float(value):+.3f}"
+
+
+METRICS = {
+    "policy_accuracy": Metric("policy pref. acc. (pw > pl)", "rate"),
+    "policy_accuracy_per_token": Metric("policy pref. acc. per token", "rate"),
+    "reward_accuracy_initialising": Metric("reward acc. vs initialising ref", "rate"),
+    "reward_accuracy_virtual": Metric("reward acc. vs virtual ref", "rate"),
+    "policy_margin": Metric("mean policy margin pw - pl (nats)", "margin"),
+    "reward_margin_initialising": Metric("mean reward margin vs initialising", "margin"),
+    "reward_margin_virtual": Metric("mean reward margin vs virtual", "margin"),
+    "clip_rate": Metric("CTRO clip rate", "rate"),
 }
-"""Metric keys in display order, with the label the table shows."""
+"""The held-out metrics in display order."""
+
+LABEL_AWARE_METRIC = "reward_accuracy_virtual"
+LABEL_AWARE_NOTE = "label-aware: adaptive CTRO builds this reference knowing which answer is the chosen one."
+"""Said once, wherever the label-aware metric is shown with its asterisk."""
 
 
 @dataclass
@@ -49,7 +68,7 @@ class HeldOutMetrics:
     """Where it was loaded from."""
     pairs: int
     metrics: dict[str, float]
-    """Keys of ``METRIC_LABELS``."""
+    """Keys of ``METRICS``."""
     label_aware: bool
     """True when ``reward_accuracy_virtual`` uses a label-dependent (adaptive CTRO) virtual reference."""
     by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -196,22 +215,19 @@ def results_to_json(
 
 def format_table(results: Sequence[HeldOutMetrics]) -> str:
     """A fixed-width table: one row per metric, one column per model."""
-    width = max(len(label) for label in METRIC_LABELS.values()) + 2
+    width = max(len(metric.label) for metric in METRICS.values()) + 2
     columns = [result.label for result in results]
     column_width = max(12, *(len(c) + 2 for c in columns))
     lines = ["".ljust(width) + "".join(c.rjust(column_width) for c in columns)]
     lines.append("pairs".ljust(width) + "".join(str(r.pairs).rjust(column_width) for r in results))
-    for key, label in METRIC_LABELS.items():
+    for key, metric in METRICS.items():
         cells = []
         for result in results:
-            value = result.metrics[key]
-            text = f"{value:.1%}" if "accuracy" in key or key == "clip_rate" else f"{value:+.3f}"
-            if key == "reward_accuracy_virtual" and result.label_aware:
+            text = metric.format(result.metrics[key])
+            if key == LABEL_AWARE_METRIC and result.label_aware:
                 text += "*"
             cells.append(text.rjust(column_width))
-        lines.append(label.ljust(width) + "".join(cells))
+        lines.append(metric.label.ljust(width) + "".join(cells))
     if any(result.label_aware for result in results):
-        lines.append(
-            "* label-aware: adaptive CTRO builds this reference knowing which answer is the chosen one."
-        )
+        lines.append(f"* {LABEL_AWARE_NOTE}")
     return "\n".join(lines)

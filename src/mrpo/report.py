@@ -14,214 +14,25 @@ exactly like DPO. The report says so when a run's mean clip rate is above ``CLIP
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from mrpo.errors import ReportError
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
-    DIAGNOSTICS_FILE,
     EVAL_RESULTS_FILE,
-    INSPECT_FILE,
-    METRICS_FILE,
     REPORT_FILE,
+    Run,
+    is_number,
+    load_run,
 )
 
 CLIP_RATE_WARNING = 0.5
 """A mean clip rate above this gets a warning: the external references then barely move the virtual reference."""
-
-
-# Held-out metric keys (see evaluation.METRIC_LABELS), split by scale: rates in [0, 1] and margins in nats.
-_HELD_OUT_RATES = [
-    "policy_accuracy",
-    "policy_accuracy_per_token",
-    "reward_accuracy_initialising",
-    "reward_accuracy_virtual",
-    "clip_rate",
-]
-_HELD_OUT_MARGINS = ["policy_margin", "reward_margin_initialising", "reward_margin_virtual"]
-_LABEL_AWARE_METRIC = "reward_accuracy_virtual"
-_LABEL_AWARE_NOTE = "label-aware: adaptive CTRO builds this reference knowing which answer is the chosen one."
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading a run directory
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """What a run directory holds, read and sorted by step."""
-
-    name: str
-    """The run's name in legends and tables (its directory name)."""
-    path: Path
-    train: list[dict[str, Any]]
-    """Train log lines (those with "loss"), one per step (the last one wins when a resumed run logged a step
-    twice)."""
-    eval: list[dict[str, Any]]
-    """Eval log lines (keys prefixed "eval_"), one per step."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    """The end-of-training line (train_runtime, train_loss, ...), if the run finished."""
-    eval_results: dict[str, Any] | None = None
-    data_summary: dict[str, Any] | None = None
-    config_text: str | None = None
-    config: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    """Problems met while reading, shown in the report."""
-    audit: dict[str, Any] | None = None
-    """``mrpo inspect``'s inspect.json, when it was written into the run directory."""
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
-    """The live warnings training wrote (diagnostics.jsonl), in the order they fired."""
-
-    def series(self, key: str) -> tuple[list[float], list[float]]:
-        """Steps and values of one logged metric; "eval_" keys come from the eval lines."""
-        rows = self.eval if key.startswith("eval_") else self.train
-        points = [(row["step"], row[key]) for row in rows if _is_number(row.get(key))]
-        return [float(step) for step, _ in points], [float(value) for _, value in points]
-
-    def has(self, key: str) -> bool:
-        return bool(self.series(key)[0])
-
-    @property
-    def num_references(self) -> int:
-        """K: from the config, else from the logged alpha/ref{k} keys (0 when neither tells)."""
-        if self.config and isinstance(self.config.get("references"), list):
-            return len(self.config["references"])
-        return len(self.alpha_keys())
-
-    def alpha_keys(self) -> list[str]:
-        keys = {
-            key
-            for row in self.train + self.eval
-            for key in row
-            if key.startswith(("alpha/ref", "eval_alpha/ref"))
-        }
-        numbers = sorted({int(key.rsplit("ref", 1)[1]) for key in keys if key.rsplit("ref", 1)[1].isdigit()})
-        return [f"alpha/ref{k}" for k in numbers]
-
-    def reference_name(self, k: int) -> str | None:
-        """The configured name of reference k (1-based), when the config is there."""
-        references = (self.config or {}).get("references")
-        if isinstance(references, list) and 0 < k <= len(references) and isinstance(references[k - 1], dict):
-            return references[k - 1].get("name")
-        return None
-
-    def mean_train_loss(self) -> float | None:
-        """The loss averaged over every optimizer step, from the logged lines: each line's loss is the mean over
-        the steps since the previous line, so it counts for that many steps. (The Trainer's own end-of-training
-        ``train_loss`` covers only the steps since a resume.)"""
-        total, steps, previous = 0.0, 0, 0
-        for row in self.train:
-            if _is_number(row.get("loss")) and row["step"] > previous:
-                total += row["loss"] * (row["step"] - previous)
-                steps += row["step"] - previous
-                previous = row["step"]
-        return total / steps if steps else None
-
-    def mean_clip_rate(self) -> tuple[float, str] | None:
-        """The mean CTRO clip rate over the train log lines (else the eval lines), and which split it is from."""
-        for key, split in (("ctro/clip_rate", "train"), ("eval_ctro/clip_rate", "eval")):
-            values = self.series(key)[1]
-            if values:
-                return sum(values) / len(values), split
-        return None
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory; ``metrics.jsonl`` is required, the other files are optional."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ReportError(
-            f"run directory {str(path)!r} does not exist (give the training.output_dir of a run)"
-        )
-    metrics_file = path / METRICS_FILE
-    if not metrics_file.is_file():
-        present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-        raise ReportError(
-            f"run directory {str(path)!r} has no {METRICS_FILE} (it holds: {present}). `mrpo train` writes it "
-            f"into training.output_dir as it logs; {METRICS_FILE} is required, {EVAL_RESULTS_FILE}, "
-            f"{DATA_SUMMARY_FILE} and {CONFIG_FILE} are optional."
-        )
-    run = Run(name=path.resolve().name, path=path, train=[], eval=[])
-    _read_metrics(metrics_file, run)
-    if not run.train and not run.eval:
-        raise ReportError(
-            f"{metrics_file} holds no train or eval log line yet; report on the run once it has logged"
-        )
-    run.eval_results = _read_json(path / EVAL_RESULTS_FILE)
-    run.audit = _read_json(path / INSPECT_FILE)
-    diagnostics_file = path / DIAGNOSTICS_FILE
-    if diagnostics_file.is_file():
-        for number, line in enumerate(diagnostics_file.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                run.diagnostics.append(json.loads(line))
-            except json.JSONDecodeError:
-                run.notes.append(f"{DIAGNOSTICS_FILE}: line {number} is not JSON; skipped.")
-    run.data_summary = _read_json(path / DATA_SUMMARY_FILE)
-    config_file = path / CONFIG_FILE
-    if config_file.is_file():
-        run.config_text = config_file.read_text(encoding="utf-8")
-        try:
-            parsed = yaml.safe_load(run.config_text)
-            run.config = parsed if isinstance(parsed, dict) else None
-        except yaml.YAMLError as error:
-            run.notes.append(f"{CONFIG_FILE} is not valid YAML ({error}); shown as is.")
-    return run
-
-
-def _read_metrics(metrics_file: Path, run: Run) -> None:
-    lines = metrics_file.read_text(encoding="utf-8").splitlines()
-    train: dict[int, dict[str, Any]] = {}
-    evaluation: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):  # a run killed while writing leaves half a last line: skip it, say so
-                run.notes.append(f"{METRICS_FILE}: skipped the unfinished last line {number}.")
-                warnings.warn(f"{metrics_file}: skipping the unfinished last line {number}", stacklevel=3)
-                continue
-            raise ReportError(f"{metrics_file}, line {number}: not a JSON object ({error})") from None
-        if not isinstance(row, dict):
-            raise ReportError(f"{metrics_file}, line {number}: expected a JSON object, got {line[:80]!r}")
-        step = row.get("step")
-        if not isinstance(step, int):
-            raise ReportError(f"{metrics_file}, line {number}: no integer 'step' field")
-        if any(key.startswith("eval_") for key in row):
-            evaluation[step] = row
-        elif "loss" in row:
-            train[step] = row
-        else:
-            run.summary = row
-    run.train = [train[step] for step in sorted(train)]
-    run.eval = [evaluation[step] for step in sorted(evaluation)]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ReportError(f"{path}: not valid JSON ({error}); rewrite it or remove it") from None
-    if not isinstance(content, dict):
-        raise ReportError(f"{path}: expected a JSON object")
-    return content
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -413,22 +224,24 @@ def plot_held_out(models: Sequence[HeldOutModel], path: Path) -> bool:
     """Side-by-side bars of the held-out metrics: rates on the left, margins (nats) on the right."""
     if not models:
         return False
-    from mrpo.evaluation import METRIC_LABELS
+    from mrpo.evaluation import LABEL_AWARE_METRIC, LABEL_AWARE_NOTE, METRICS
 
+    rates = [key for key, metric in METRICS.items() if metric.kind == "rate"]
+    margins = [key for key, metric in METRICS.items() if metric.kind == "margin"]
     figure, axes = _figure(2)
     figure.set_size_inches(max(11.0, 1.1 * len(models) * 4), 4.8)
     figure.suptitle("Held-out metrics")
     any_label_aware = any(model.result.get("label_aware") for model in models)
     width = 0.8 / len(models)
-    for ax, keys, ylabel in ((axes[0], _HELD_OUT_RATES, "rate"), (axes[1], _HELD_OUT_MARGINS, "nats")):
+    for ax, keys, ylabel in ((axes[0], rates, "rate"), (axes[1], margins, "nats")):
         for index, model in enumerate(models):
             values = [_number_or_nan(model.result["metrics"].get(key)) for key in keys]
             positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(keys))]
             bars = ax.bar(positions, values, width, color=f"C{index % 10}", label=model.name)
-            if model.result.get("label_aware") and _LABEL_AWARE_METRIC in keys:
-                bars[keys.index(_LABEL_AWARE_METRIC)].set_hatch("//")
+            if model.result.get("label_aware") and LABEL_AWARE_METRIC in keys:
+                bars[keys.index(LABEL_AWARE_METRIC)].set_hatch("//")
         ticks = [
-            METRIC_LABELS.get(key, key) + ("*" if key == _LABEL_AWARE_METRIC and any_label_aware else "")
+            METRICS[key].label + ("*" if key == LABEL_AWARE_METRIC and any_label_aware else "")
             for key in keys
         ]
         ax.set_xticks(range(len(keys)), [_wrap(tick) for tick in ticks], fontsize="small")
@@ -438,7 +251,7 @@ def plot_held_out(models: Sequence[HeldOutModel], path: Path) -> bool:
         ax.legend(fontsize="small")
     axes[0].set_ylim(0, 1.05)
     if any_label_aware:
-        figure.text(0.01, 0.005, "* hatched: " + _LABEL_AWARE_NOTE, fontsize="small")
+        figure.text(0.01, 0.005, "* hatched: " + LABEL_AWARE_NOTE, fontsize="small")
     figure.savefig(path, dpi=100)
     return True
 
@@ -455,7 +268,7 @@ def _wrap(text: str, width: int = 16) -> str:
 
 
 def _number_or_nan(value: Any) -> float:
-    return float(value) if _is_number(value) else math.nan
+    return float(value) if is_number(value) else math.nan
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,15 +277,15 @@ def _number_or_nan(value: Any) -> float:
 
 
 def _percent(value: Any) -> str:
-    return f"{float(value):.1%}" if _is_number(value) else "—"
+    return f"{float(value):.1%}" if is_number(value) else "—"
 
 
 def _signed(value: Any) -> str:
-    return f"{float(value):+.3f}" if _is_number(value) else "—"
+    return f"{float(value):+.3f}" if is_number(value) else "—"
 
 
 def _plain(value: Any) -> str:
-    return f"{float(value):.4g}" if _is_number(value) else "—"
+    return f"{float(value):.4g}" if is_number(value) else "—"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -604,7 +417,7 @@ def _diagnostics_section(runs: Sequence[Run]) -> list[str]:
 
 
 def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str]:
-    from mrpo.evaluation import METRIC_LABELS
+    from mrpo.evaluation import LABEL_AWARE_METRIC, LABEL_AWARE_NOTE, METRICS
 
     lines = ["## Held-out metrics", ""]
     if not models:
@@ -614,18 +427,17 @@ def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str
         ]
     any_label_aware = any(model.result.get("label_aware") for model in models)
     rows = [["pairs", *(str(model.result.get("pairs", "—")) for model in models)]]
-    for key, label in METRIC_LABELS.items():
+    for key, metric in METRICS.items():
         cells = []
         for model in models:
-            value = model.result["metrics"].get(key)
-            text = _percent(value) if "accuracy" in key or key == "clip_rate" else _signed(value)
-            if key == _LABEL_AWARE_METRIC and model.result.get("label_aware"):
+            text = metric.format(model.result["metrics"].get(key))
+            if key == LABEL_AWARE_METRIC and model.result.get("label_aware"):
                 text += "*"
             cells.append(text)
-        rows.append([label, *cells])
+        rows.append([metric.label, *cells])
     lines += _table(["metric", *(model.name for model in models)], rows)
     if any_label_aware:
-        lines += ["", f"\\* {_LABEL_AWARE_NOTE} It is not comparable between runs."]
+        lines += ["", f"\\* {LABEL_AWARE_NOTE} It is not comparable between runs."]
     kinds = sorted({kind for model in models for kind in (model.result.get("by_kind") or {})})
     if kinds:
         lines += ["", "Policy preference accuracy by kind of pair:", ""]
@@ -675,7 +487,7 @@ def _run_section(run: Run) -> list[str]:
     lines = [f"### {run.name}", "", f"Directory: `{run.path}`  "]
     if run.summary:
         parts = [f"{int(run.summary.get('step', 0))} steps"]
-        if _is_number(run.summary.get("train_runtime")):
+        if is_number(run.summary.get("train_runtime")):
             parts.append(f"{run.summary['train_runtime']:.0f} s")
         mean_loss = run.mean_train_loss()
         if mean_loss is not None:

@@ -1,4 +1,5 @@
-"""The layout of a run directory (``training.output_dir``): what is written where, by whom, read back by whom.
+"""The layout of a run directory (``training.output_dir``): what is written where, by whom, and how it is read back
+(``load_run``: the metrics one line per step, the evaluation, the audit and the live warnings).
 
 mrpo_config.yaml     the resolved config                      written by train, read by report / evaluate
 metrics.jsonl        one JSON object per Trainer log line     train; report
@@ -14,8 +15,16 @@ report.md, *.png     the report                               report
 """
 
 import json
+import math
 import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mrpo.errors import ReportError
 
 CONFIG_FILE = "mrpo_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -66,3 +75,175 @@ def latest_checkpoint(output_dir: Path) -> tuple[Path | None, list[tuple[Path, s
             return directory, skipped
         skipped.append((directory, problem))
     return None, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a run directory back
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a run directory holds, read and sorted by step."""
+
+    name: str
+    """The run's name in legends and tables (its directory name)."""
+    path: Path
+    train: list[dict[str, Any]]
+    """Train log lines (those with "loss"), one per step (the last one wins when a resumed run logged a step
+    twice)."""
+    eval: list[dict[str, Any]]
+    """Eval log lines (keys prefixed "eval_"), one per step."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """The end-of-training line (train_runtime, train_loss, ...), if the run finished."""
+    eval_results: dict[str, Any] | None = None
+    data_summary: dict[str, Any] | None = None
+    config_text: str | None = None
+    config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    """Problems met while reading, shown in the report."""
+    audit: dict[str, Any] | None = None
+    """``mrpo inspect``'s inspect.json, when it was written into the run directory."""
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    """The live warnings training wrote (diagnostics.jsonl), in the order they fired."""
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """Steps and values of one logged metric; "eval_" keys come from the eval lines."""
+        rows = self.eval if key.startswith("eval_") else self.train
+        points = [(row["step"], row[key]) for row in rows if is_number(row.get(key))]
+        return [float(step) for step, _ in points], [float(value) for _, value in points]
+
+    def has(self, key: str) -> bool:
+        return bool(self.series(key)[0])
+
+    @property
+    def num_references(self) -> int:
+        """K: from the config, else from the logged alpha/ref{k} keys (0 when neither tells)."""
+        if self.config and isinstance(self.config.get("references"), list):
+            return len(self.config["references"])
+        return len(self.alpha_keys())
+
+    def alpha_keys(self) -> list[str]:
+        keys = {
+            key
+            for row in self.train + self.eval
+            for key in row
+            if key.startswith(("alpha/ref", "eval_alpha/ref"))
+        }
+        numbers = sorted({int(key.rsplit("ref", 1)[1]) for key in keys if key.rsplit("ref", 1)[1].isdigit()})
+        return [f"alpha/ref{k}" for k in numbers]
+
+    def reference_name(self, k: int) -> str | None:
+        """The configured name of reference k (1-based), when the config is there."""
+        references = (self.config or {}).get("references")
+        if isinstance(references, list) and 0 < k <= len(references) and isinstance(references[k - 1], dict):
+            return references[k - 1].get("name")
+        return None
+
+    def mean_train_loss(self) -> float | None:
+        """The loss averaged over every optimizer step, from the logged lines: each line's loss is the mean over
+        the steps since the previous line, so it counts for that many steps. (The Trainer's own end-of-training
+        ``train_loss`` covers only the steps since a resume.)"""
+        total, steps, previous = 0.0, 0, 0
+        for row in self.train:
+            if is_number(row.get("loss")) and row["step"] > previous:
+                total += row["loss"] * (row["step"] - previous)
+                steps += row["step"] - previous
+                previous = row["step"]
+        return total / steps if steps else None
+
+    def mean_clip_rate(self) -> tuple[float, str] | None:
+        """The mean CTRO clip rate over the train log lines (else the eval lines), and which split it is from."""
+        for key, split in (("ctro/clip_rate", "train"), ("eval_ctro/clip_rate", "eval")):
+            values = self.series(key)[1]
+            if values:
+                return sum(values) / len(values), split
+        return None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory; ``metrics.jsonl`` is required, the other files are optional."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ReportError(
+            f"run directory {str(path)!r} does not exist (give the training.output_dir of a run)"
+        )
+    metrics_file = path / METRICS_FILE
+    if not metrics_file.is_file():
+        present = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise ReportError(
+            f"run directory {str(path)!r} has no {METRICS_FILE} (it holds: {present}). `mrpo train` writes it "
+            f"into training.output_dir as it logs; {METRICS_FILE} is required, {EVAL_RESULTS_FILE}, "
+            f"{DATA_SUMMARY_FILE} and {CONFIG_FILE} are optional."
+        )
+    run = Run(name=path.resolve().name, path=path, train=[], eval=[])
+    _read_metrics(metrics_file, run)
+    if not run.train and not run.eval:
+        raise ReportError(
+            f"{metrics_file} holds no train or eval log line yet; report on the run once it has logged"
+        )
+    run.eval_results = _read_json(path / EVAL_RESULTS_FILE)
+    run.audit = _read_json(path / INSPECT_FILE)
+    diagnostics_file = path / DIAGNOSTICS_FILE
+    if diagnostics_file.is_file():
+        for number, line in enumerate(diagnostics_file.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                run.diagnostics.append(json.loads(line))
+            except json.JSONDecodeError:
+                run.notes.append(f"{DIAGNOSTICS_FILE}: line {number} is not JSON; skipped.")
+    run.data_summary = _read_json(path / DATA_SUMMARY_FILE)
+    config_file = path / CONFIG_FILE
+    if config_file.is_file():
+        run.config_text = config_file.read_text(encoding="utf-8")
+        try:
+            parsed = yaml.safe_load(run.config_text)
+            run.config = parsed if isinstance(parsed, dict) else None
+        except yaml.YAMLError as error:
+            run.notes.append(f"{CONFIG_FILE} is not valid YAML ({error}); shown as is.")
+    return run
+
+
+def _read_metrics(metrics_file: Path, run: Run) -> None:
+    lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    train: dict[int, dict[str, Any]] = {}
+    evaluation: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # a run killed while writing leaves half a last line: skip it, say so
+                run.notes.append(f"{METRICS_FILE}: skipped the unfinished last line {number}.")
+                warnings.warn(f"{metrics_file}: skipping the unfinished last line {number}", stacklevel=3)
+                continue
+            raise ReportError(f"{metrics_file}, line {number}: not a JSON object ({error})") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{metrics_file}, line {number}: expected a JSON object, got {line[:80]!r}")
+        step = row.get("step")
+        if not isinstance(step, int):
+            raise ReportError(f"{metrics_file}, line {number}: no integer 'step' field")
+        if any(key.startswith("eval_") for key in row):
+            evaluation[step] = row
+        elif "loss" in row:
+            train[step] = row
+        else:
+            run.summary = row
+    run.train = [train[step] for step in sorted(train)]
+    run.eval = [evaluation[step] for step in sorted(evaluation)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{path}: not valid JSON ({error}); rewrite it or remove it") from None
+    if not isinstance(content, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return content
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
