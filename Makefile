@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest -q
 
 test-all: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest -q -m "not gpu"
+	$(OFFLINE) $(PY) -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench experiments

@@ -43,6 +43,8 @@ from typing import Any
 import reworded_facts
 import stats
 
+from mrpo.report import markdown_table
+
 DECISION_RULE = (
     '"MRPO helps" if (b) or (c) beats (a) by >= 3 points of held-out policy accuracy with the 95% interval above 0; '
     '"MRPO wastes usable signal" if (d) beats (a) by >= 3 points while (b) and (c) stay near 0 (within ±1.5 '
@@ -349,47 +351,24 @@ class Runner:
         references: Sequence[str],
         evaluation: Path | None = None,
     ):
-        from mrpo.config import MRPOConfig
+        from mrpo.demo.config import run_config
 
         s = self.settings
         arm = (DIVERGENCE_ARMS if run.group == "divergence" else ARMS).get(run.arm)
-        loss = {"beta": run.beta, **(arm.loss if arm and evaluation is None else {})}
-        return MRPOConfig.from_dict(
-            {
-                "policy": {"model": self.models["init"], "dtype": "float32"},
-                "references": [{"name": name, "model": self.models[name]} for name in references],
-                "data": {
-                    "train": str(train),
-                    "eval": str(evaluation) if evaluation else None,
-                    "max_length": s.max_length,
-                    "seed": run.seed,
-                },
-                "loss": loss,
-                "lora": {
-                    "enabled": True,
-                    "r": s.lora_r,
-                    "alpha": 2 * s.lora_r,
-                    "dropout": 0.0,
-                    "target_modules": list(s.lora_targets),
-                },
-                "training": {
-                    "output_dir": str(run_dir),
-                    "per_device_train_batch_size": s.batch_size,
-                    "num_train_epochs": s.epochs,
-                    "learning_rate": s.learning_rate,
-                    "lr_scheduler_type": "constant",
-                    "logging_steps": 1,
-                    "eval_strategy": "no",
-                    "save_strategy": "no",
-                    "seed": run.seed,
-                    "bf16": s.bf16,
-                    "use_cpu": True,
-                    "disable_tqdm": True,
-                    "report_to": "none",
-                },
-                "cache_dir": str(self.cache_root / "references"),
-            }
-        )
+        return run_config(
+            policy=self.models["init"],
+            references={name: self.models[name] for name in references},
+            train=train,
+            eval=evaluation,
+            output_dir=run_dir,
+            cache_dir=self.cache_root / "references",
+            data={"max_length": s.max_length, "seed": run.seed},
+            loss={"beta": run.beta, **(arm.loss if arm and evaluation is None else {})},
+            lora={"enabled": True, "r": s.lora_r, "alpha": 2 * s.lora_r, "dropout": 0.0,
+                  "target_modules": list(s.lora_targets)},
+            training={"per_device_train_batch_size": s.batch_size, "num_train_epochs": s.epochs,
+                      "learning_rate": s.learning_rate, "seed": run.seed, "bf16": s.bf16},
+        )  # fmt: skip
 
     # -- data per seed --------------------------------------------------------------------------------------
 
@@ -500,7 +479,7 @@ class Runner:
         for family, (prepared, config) in sets.items():
             with precision:
                 logps, tokens = score_split(model, prepared, run.arm, show_progress=False)
-            held_out = split_metrics(run.arm, checkpoint or "start", prepared, config, logps, tokens)
+            held_out = split_metrics(run.arm, checkpoint or "start", prepared, config.loss, logps, tokens)
             results[family] = {
                 "pairs": held_out.pairs,
                 "metrics": held_out.metrics,
@@ -736,7 +715,7 @@ def render_markdown(
     ]
     for noise, beta in sorted({(n, b) for n, b, _ in cells}, key=lambda c: (-c[0], c[1])):
         lines += [f"### {noise:.0%} flipped labels, beta {beta:g}", ""]
-        lines += stats.markdown_table(
+        lines += markdown_table(
             [
                 "arm",
                 "what",
@@ -795,7 +774,7 @@ def divergence_section(results, plots) -> list[str]:
          f"{r['train']['clip_rate']:.0%}" if math.isfinite(r["train"]["clip_rate"]) else "–"]
         for r in sorted(runs, key=lambda r: (r["arm"], r["seed"]))
     ]  # fmt: skip
-    lines += stats.markdown_table(
+    lines += markdown_table(
         ["arm", "seed", "first loss", "max loss", "last-epoch loss", "non-finite steps", "clip rate"], rows
     )
     if plots.get("divergence"):
@@ -819,7 +798,7 @@ def lm_eval_section(results) -> list[str]:
         for task, metrics in sorted(r["lm_eval"].items()):
             rows.append([r["arm"], task, ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())),
                          str(r["samples"].get(task, ""))])  # fmt: skip
-    return lines + stats.markdown_table(["model", "task", "metrics", "n"], rows) + [""]
+    return lines + markdown_table(["model", "task", "metrics", "n"], rows) + [""]
 
 
 def write_plots(results, directory: Path, link_prefix: str) -> dict[str, str]:

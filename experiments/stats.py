@@ -1,10 +1,13 @@
-"""Small statistics shared by the experiments: means with Student-t intervals, paired differences, verdicts."""
+"""Small statistics shared by the experiments: means with Student-t intervals, paired differences, loss curves."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
@@ -37,8 +40,19 @@ def interval_text(mean: float, half: float, *, scale: float = 100.0, signed: boo
     return text + (f" ± {scale * half:.1f}" if math.isfinite(half) else "")
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A GitHub markdown table: the header, the rule, one line per row."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
+def loss_statistics(metrics_file: Path) -> dict[str, Any]:
+    """Max and final training loss and the steps whose loss was not finite, from a run's metrics.jsonl."""
+    losses: list[tuple[int, float]] = []
+    if metrics_file.exists():
+        for line in metrics_file.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                losses.append((record["step"], float(record["loss"])))
+    finite = [loss for _, loss in losses if math.isfinite(loss)]
+    return {
+        "logged_steps": len(losses),
+        "max_loss": max(finite) if finite else math.nan,
+        "final_loss": losses[-1][1] if losses else math.nan,
+        "nonfinite_steps": [step for step, loss in losses if not math.isfinite(loss)],
+        "loss_curve": losses,
+    }

@@ -37,12 +37,15 @@ import shutil
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from stats import loss_statistics, mean_ci
+
+from mrpo.report import markdown_table
 
 REFERENCES = ("init", "external", "divergent")
 """Every reference the study can use, in the order of the shared evaluation columns."""
@@ -236,21 +239,6 @@ def run_grid(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
-    """Mean, half-width of the Student-t confidence interval (nan below two values), and the count."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, math.nan, 1
-    from scipy.stats import t
-
-    half_width = float(t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-    return mean, half_width, n
-
-
 def metric_of(result: dict[str, Any], key: str) -> float:
     """A held-out metric of a run: its own-loss metrics, or the ``common`` ones (measured the same for all)."""
     if key in result.get("common", {}):
@@ -288,24 +276,6 @@ def paired_differences(
 ) -> dict[tuple[int, str], list[float]]:
     """(size, method) -> [method - baseline] per seed, in seed order, for the seeds where both runs exist."""
     return {cell: list(by_seed.values()) for cell, by_seed in paired_by_seed(results, key, baseline).items()}
-
-
-def loss_statistics(metrics_file: Path) -> dict[str, Any]:
-    """Max and final training loss and the steps whose loss was not finite, from a run's metrics.jsonl."""
-    losses: list[tuple[int, float]] = []
-    if metrics_file.exists():
-        for line in metrics_file.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                losses.append((record["step"], float(record["loss"])))
-    finite = [loss for _, loss in losses if math.isfinite(loss)]
-    return {
-        "logged_steps": len(losses),
-        "max_loss": max(finite) if finite else math.nan,
-        "final_loss": losses[-1][1] if losses else math.nan,
-        "nonfinite_steps": [step for step, loss in losses if not math.isfinite(loss)],
-        "loss_curve": losses,
-    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -364,44 +334,26 @@ class RealRunner:
         references: Sequence[str] | None = None,
         evaluation: bool = False,
     ):
-        from mrpo.config import MRPOConfig
+        from mrpo.demo.config import run_config
 
         s = self.settings
         method = run.spec
         names = list(references or method.references)
-        with warnings.catch_warnings():
+        return run_config(
+            policy=self.models["init"],
+            references={name: self.models[name] for name in names},
+            train=self.data_dir / "train.jsonl",
+            eval=self.data_dir / "test.jsonl" if evaluation else None,
+            output_dir=run_dir,
+            cache_dir=self.cache_root / "references",
+            data={"max_length": s.max_length, "max_pairs": max(run.size, 1), "seed": run.seed},
+            loss={"beta": s.beta, **({} if evaluation else method.loss)},
+            lora={"enabled": True, "r": s.lora_r, "alpha": 2 * s.lora_r, "dropout": 0.0},
+            training={"per_device_train_batch_size": s.batch_size, "num_train_epochs": s.epochs,
+                      "learning_rate": s.learning_rate, "seed": run.seed},
             # dpo_external's only reference is not the policy's start, on purpose; the config warns about that.
-            warnings.simplefilter("ignore", UserWarning)
-            return MRPOConfig.from_dict(
-                {
-                    "policy": {"model": self.models["init"], "dtype": "float32"},
-                    "references": [{"name": name, "model": self.models[name]} for name in names],
-                    "data": {
-                        "train": str(self.data_dir / "train.jsonl"),
-                        "eval": str(self.data_dir / "test.jsonl") if evaluation else None,
-                        "max_length": s.max_length,
-                        "max_pairs": max(run.size, 1),
-                        "seed": run.seed,
-                    },
-                    "loss": {"beta": s.beta, **({} if evaluation else method.loss)},
-                    "lora": {"enabled": True, "r": s.lora_r, "alpha": 2 * s.lora_r, "dropout": 0.0},
-                    "training": {
-                        "output_dir": str(run_dir),
-                        "per_device_train_batch_size": s.batch_size,
-                        "num_train_epochs": s.epochs,
-                        "learning_rate": s.learning_rate,
-                        "lr_scheduler_type": "constant",
-                        "logging_steps": 1,
-                        "eval_strategy": "no",
-                        "save_strategy": "no",
-                        "seed": run.seed,
-                        "use_cpu": True,
-                        "disable_tqdm": True,
-                        "report_to": "none",
-                    },
-                    "cache_dir": str(self.cache_root / "references"),
-                }
-            )
+            quiet_reference_warning=True,
+        )  # fmt: skip
 
     def references_used(self) -> list[str]:
         return [name for name in REFERENCES if name in self.models]
@@ -438,64 +390,56 @@ class RealRunner:
         return {"train": train, **self.evaluate(run, run_dir, checkpoint)}
 
     def evaluate(self, run: RunSpec, run_dir: Path, checkpoint: str | None) -> dict[str, Any]:
+        """The run's metrics against its own references, and against SmolLM2 for every run (dpo_external's own
+        reference 1 is Gemma), so runs compare fairly; overall and by kind."""
         import torch
 
         from mrpo.config import LossConfig
-        from mrpo.evaluation import compute_metrics
+        from mrpo.evaluation import score_split, split_metrics
         from mrpo.models import load_for_evaluation
-        from mrpo.references import score_pairs
 
         prepared = self.prepared_test()
         names = self.references_used()
-        config = self.config(run, run_dir, references=names, evaluation=True)
         begin = time.perf_counter()
+        config = self.config(run, run_dir, references=names, evaluation=True)
         model = load_for_evaluation(config, checkpoint, torch.device("cpu"))
         with torch.no_grad():
-            logps, tokens = score_pairs(
-                model, prepared.views.policy, prepared.dataset.pairs, 8192, lambda _: None
-            )
+            logps, tokens = score_split(model, prepared, run.name, show_progress=False)
         del model
-        dataset = prepared.dataset
-        rows = torch.tensor([names.index(name) for name in run.spec.references])
         loss = LossConfig(**{"beta": self.settings.beta, **run.spec.loss})
-        init_row = torch.tensor([names.index("init")])
-        kinds = test_kinds(prepared)
+        rows = [names.index(name) for name in run.spec.references]
+        own = split_metrics(run.name, str(checkpoint), prepared, loss, logps, tokens, reference_rows=rows)
+        versus_init = split_metrics(
+            run.name, str(checkpoint), prepared, LossConfig(beta=loss.beta), logps, tokens,
+            reference_rows=[names.index("init")],
+        )  # fmt: skip
 
-        def metrics(index: torch.Tensor | None) -> tuple[dict[str, float], dict[str, float]]:
-            pick = (lambda t: t) if index is None else (lambda t: t[..., index])
-            arguments = (pick(logps[:, 0]), pick(logps[:, 1]), pick(tokens[:, 0]), pick(tokens[:, 1]))
-            chosen, rejected = pick(dataset.reference_chosen_logps), pick(dataset.reference_rejected_logps)
-            own = compute_metrics(*arguments, chosen[rows], rejected[rows], loss)
-            # Against SmolLM2 for every run (dpo_external's own reference 1 is Gemma), so runs compare fairly.
-            versus_init = compute_metrics(
-                *arguments, chosen[init_row], rejected[init_row], LossConfig(beta=loss.beta)
-            )
-            return own, {
-                "policy_accuracy": own["policy_accuracy"],
-                "reward_accuracy_vs_smollm2": versus_init["reward_accuracy_initialising"],
-                "reward_margin_vs_smollm2": versus_init["reward_margin_initialising"],
+        def common(metrics: dict[str, float], initial: dict[str, float]) -> dict[str, float]:
+            return {
+                "policy_accuracy": metrics["policy_accuracy"],
+                "reward_accuracy_vs_smollm2": initial["reward_accuracy_initialising"],
+                "reward_margin_vs_smollm2": initial["reward_margin_initialising"],
             }
 
-        own, common = metrics(None)
-        by_kind = {}
-        for kind in sorted(set(kinds)):
-            index = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
-            kind_own, kind_common = metrics(index)
-            by_kind[kind] = {**kind_own, **kind_common, "pairs": len(index)}
         return {
-            "metrics": own,
-            "common": common,
-            "by_kind": by_kind,
-            "label_aware": loss.clip == "adaptive" and len(run.spec.references) > 1,
-            "eval_pairs": len(dataset),
+            "metrics": own.metrics,
+            "common": common(own.metrics, versus_init.metrics),
+            "by_kind": {
+                kind: {**values, **common(values, versus_init.by_kind[kind])}
+                for kind, values in own.by_kind.items()
+            },
+            "label_aware": own.label_aware,
+            "eval_pairs": own.pairs,
             "eval_seconds": round(time.perf_counter() - begin, 1),
         }
 
     def reference_summary(self) -> dict[str, Any]:
         """Each reference's accuracy (d_k > 0) and mean log-prob on the test split, overall and by kind."""
+        from mrpo.evaluation import split_kinds
+
         prepared = self.prepared_test()
         chosen, rejected = prepared.dataset.reference_chosen_logps, prepared.dataset.reference_rejected_logps
-        kinds = test_kinds(prepared)
+        kinds = split_kinds(prepared)
         summary: dict[str, Any] = {"pairs": len(kinds), "references": {}}
         for k, name in enumerate(self.references_used()):
             margin = chosen[k] - rejected[k]
@@ -514,11 +458,6 @@ class RealRunner:
                 "accuracy_by_kind": per_kind,
             }
         return summary
-
-
-def test_kinds(prepared) -> list[str]:
-    by_id = {pair.pair_id: str(pair.metadata.get("kind", "?")) for pair in prepared.pairs}
-    return [by_id[pair_id] for pair_id in prepared.tokenization.pair_ids]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -543,12 +482,6 @@ def _pts(mean: float, half: float = math.nan) -> str:
     if not math.isfinite(mean):
         return "–"
     return f"{100 * mean:+.1f}" + (f" ± {100 * half:.1f}" if math.isfinite(half) else "")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
 
 
 def pooled_differences(
@@ -811,7 +744,7 @@ def render_markdown(
         loss_mean = aggregated["max_loss"][(size, method)][0]
         cells.append(f"{loss_mean:.3f}" if math.isfinite(loss_mean) else "–")
         rows.append(cells)
-    lines += _table(header, rows)
+    lines += [*markdown_table(header, rows), ""]
     clip_by_method: dict[str, list[float]] = defaultdict(list)
     for (_, method), (clip, _, _) in aggregated["clip_rate"].items():
         clip_by_method[method].append(clip)
@@ -849,7 +782,10 @@ def render_markdown(
                 rows.append(
                     [label, "all (mean per seed)", f"`{method}` − `dpo`", str(n), _pts(mean, half), per_seed]
                 )
-    lines += _table(["metric", "train pairs", "difference", "seeds", "points", "per seed"], rows)
+    lines += [
+        *markdown_table(["metric", "train pairs", "difference", "seeds", "points", "per seed"], rows),
+        "",
+    ]
     if "paired" in plots:
         lines += [f"![paired differences]({plots['paired']})", ""]
 
@@ -876,7 +812,7 @@ def render_markdown(
         f"held-out policy accuracy at {largest} train pairs (mean ± CI over seeds)."
     )
     lines.append("")
-    lines += _table(header, rows)
+    lines += [*markdown_table(header, rows), ""]
     lines += [
         "Reference levels on the test split (the loss sees only margins, so a level gap that is the same on "
         "both answers of a pair cancels unless CTRO clips it): "
@@ -920,7 +856,7 @@ def render_markdown(
                     _pct(r["common"]["policy_accuracy"]),
                 ]
             )
-        lines += _table(
+        lines += markdown_table(
             [
                 "run",
                 "setting",
@@ -931,7 +867,7 @@ def render_markdown(
                 "policy acc.",
             ],
             rows,
-        )
+        ) + [""]
         if "stability" in plots:
             lines += [f"![stability]({plots['stability']})", ""]
     if "clip" in plots:

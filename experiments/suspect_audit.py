@@ -27,6 +27,8 @@ from typing import Any
 import stats
 import synthetic
 
+from mrpo.report import markdown_table
+
 NOISE_RATES = (0.1, 0.2, 0.3, 0.4)
 REFERENCE_SETS: dict[str, tuple[str, ...]] = {
     "A + B": ("A", "B"),
@@ -178,7 +180,7 @@ def render(results: list[dict[str, Any]], command: str, runtime_s: float, seeds:
                     *(summary([r["recall_by_set"][s] for r in cell]) for s in synthetic.SETS),
                 ]
             )
-    lines += stats.markdown_table(
+    lines += markdown_table(
         ["references", "flipped", "flagged per seed", "precision", "recall", "R-precision", "random",
          "recall on A", "recall on B", "recall on C"],
         rows,

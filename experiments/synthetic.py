@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import loss_statistics, mean_ci  # noqa: E402  (the real-model study's aggregation helpers)
+from stats import loss_statistics, mean_ci
+
+from mrpo.report import markdown_table
 
 SETS = ("A", "B", "C")
 RELATIONS: dict[str, tuple[str, ...]] = {
@@ -362,33 +364,20 @@ def evaluate_world(model, tokenizer, world: World, train_pairs: Sequence[dict[st
 def mrpo_config(
     models: dict[str, str], method: Method, data: Path, run_dir: Path, seed: int, ts: TrainSettings
 ):
-    from mrpo.config import MRPOConfig
+    from mrpo.demo.config import run_config
 
-    return MRPOConfig.from_dict(
-        {
-            "policy": {"model": models["A"], "dtype": "float32"},
-            "references": [{"name": f"model_{n}", "model": models[n]} for n in method.references],
-            "data": {"train": str(data), "max_length": 32, "seed": seed},
-            "loss": {"beta": ts.beta, **method.loss},
-            "lora": {"enabled": False},
-            "training": {
-                "output_dir": str(run_dir),
-                "per_device_train_batch_size": ts.batch_size,
-                "num_train_epochs": ts.epochs,
-                "learning_rate": ts.learning_rate,
-                "lr_scheduler_type": "constant",
-                "weight_decay": 0.0,
-                "logging_steps": 1,
-                "eval_strategy": "no",
-                "save_strategy": "no",
-                "seed": seed,
-                "use_cpu": True,
-                "disable_tqdm": True,
-                "report_to": "none",
-            },
-            "cache_dir": str(run_dir.parent.parent / "cache"),
-        }
-    )
+    return run_config(
+        policy=models["A"],
+        references={f"model_{n}": models[n] for n in method.references},
+        train=data,
+        output_dir=run_dir,
+        cache_dir=run_dir.parent.parent / "cache",
+        data={"max_length": 32, "seed": seed},
+        loss={"beta": ts.beta, **method.loss},
+        training={"per_device_train_batch_size": ts.batch_size, "num_train_epochs": ts.epochs,
+                  "learning_rate": ts.learning_rate, "weight_decay": 0.0, "seed": seed},
+        quiet_reference_warning=True,  # dpo_refB's only reference is model_B, on purpose
+    )  # fmt: skip
 
 
 def clip_statistics(
@@ -420,18 +409,7 @@ def clip_statistics(
             chosen.append(scores[torch.arange(len(rows)), index_w])
             rejected.append(scores[torch.arange(len(rows)), index_l])
         ref_w, ref_l = torch.stack(chosen), torch.stack(rejected)
-        result = mrpo_loss(
-            ref_w[0],
-            ref_l[0],
-            ref_w,
-            ref_l,
-            beta=loss.beta,
-            weights=loss.weights,
-            clip=loss.clip,
-            eps=loss.eps,
-            aggregation=loss.aggregation,
-            align=loss.align,
-        )
+        result = mrpo_loss(ref_w[0], ref_l[0], ref_w, ref_l, **dataclasses.asdict(loss))
         stats = result.pair_statistics()
         virtual = (stats["rewards/rejected"] - stats["rewards/chosen"]) / loss.beta + ref_w[0] - ref_l[0]
         flips = torch.tensor([bool(p.get("flipped")) for p in pairs])
@@ -514,14 +492,6 @@ def fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     if n < 2 or not math.isfinite(half):
         return f"{scale * mean:.{digits}f}"
     return f"{scale * mean:.{digits}f} ± {scale * half:.{digits}f}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
 
 
 def collect(results: Sequence[dict], models: dict[int, dict], path: Sequence[str], fact_set: str):
@@ -659,7 +629,7 @@ def render(summary: dict[str, Any], doc: Path, plot_dir: Path) -> None:
             vals_top = [models[s][name]["knowledge"][fact_set]["heldout"]["top1"] for s in models]
             vals_tr = [models[s][name]["knowledge"][fact_set]["train"]["top1"] for s in models]
             rows.append([f"`model_{name}`", fact_set, fmt(vals_top), fmt(vals_tr)])
-    lines += table(["model", "set", "top-1, held-out facts", "top-1, train facts"], rows)
+    lines += markdown_table(["model", "set", "top-1, held-out facts", "top-1, train facts"], rows)
     lines += ["", "Chance top-1 is 12.5%, chance pairwise 50%.", ""]
     for title, key in (
         (
@@ -674,12 +644,12 @@ def render(summary: dict[str, Any], doc: Path, plot_dir: Path) -> None:
         lines += [f"## {title}", ""]
         per_set = {fact_set: collect(results, models, key, fact_set) for fact_set in SETS}
         rows = [[f"`{m}`", *(fmt(per_set[s][m]) for s in SETS)] for m in ["start", *methods]]
-        lines += table(["method", "set A", "set B", "set C"], rows) + [""]
+        lines += markdown_table(["method", "set A", "set B", "set C"], rows) + [""]
         if key in (("heldout", "pairwise"), ("train_unseen_distractors",)):
             lines += ["Paired difference against `dpo` (same seed/world), points:", ""]
             diffs = {s: paired(results, key, s) for s in SETS}
             rows = [[f"`{m}` − `dpo`", *(fmt(diffs[s][m]) for s in SETS)] for m in methods if m != "dpo"]
-            lines += table(["difference", "set A", "set B", "set C"], rows) + [""]
+            lines += markdown_table(["difference", "set A", "set B", "set C"], rows) + [""]
     lines += ["![held-out](" + f"{rel}/{plots[0]})", "", "![train unseen](" + f"{rel}/{plots[1]})", ""]
     lines += [
         "## CTRO clip rate and the external reference's weight, on the train pairs",
@@ -710,7 +680,7 @@ def render(summary: dict[str, Any], doc: Path, plot_dir: Path) -> None:
                     fmt([r["logged_clip_rate"] for r in mine]) if fact_set == "A" else "",
                 ]
             )
-    lines += table(
+    lines += markdown_table(
         [
             "method",
             "set",
@@ -756,7 +726,7 @@ def render(summary: dict[str, Any], doc: Path, plot_dir: Path) -> None:
             rows += [
                 [f"`{m}` − `dpo@noisy`", *(fmt(diffs[s][m]) for s in SETS)] for m in noisy if m != "dpo@noisy"
             ]
-            lines += table(["method", "set A", "set B", "set C"], rows) + [""]
+            lines += markdown_table(["method", "set A", "set B", "set C"], rows) + [""]
         rows = []
         for m in noisy:
             mine = [r for r in results if r["method"] == m and r["references"]]
@@ -770,7 +740,7 @@ def render(summary: dict[str, Any], doc: Path, plot_dir: Path) -> None:
                 ]
             )
         lines += ["### The virtual reference on the swapped pairs", ""]
-        lines += table(
+        lines += markdown_table(
             [
                 "method",
                 "virt. margin A",
@@ -802,7 +772,7 @@ def render(summary: dict[str, Any], doc: Path, plot_dir: Path) -> None:
         ]
         for m in [*methods, *noisy]
     ]
-    lines += table(["method", "max loss", "final loss", "non-finite steps", "seconds per run"], rows)
+    lines += markdown_table(["method", "max loss", "final loss", "non-finite steps", "seconds per run"], rows)
     lines += ["", "## Verdict", "", *summary.get("verdict", ["(written after the run)"]), ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines), encoding="utf-8")

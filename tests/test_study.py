@@ -15,12 +15,14 @@ STUDY_PATH = Path(__file__).resolve().parents[1] / "experiments" / "study.py"
 
 @pytest.fixture(scope="module")
 def study():
+    sys.path.insert(0, str(STUDY_PATH.parent))  # what `python experiments/study.py` does: its siblings import
     spec = importlib.util.spec_from_file_location("mrpo_study", STUDY_PATH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["mrpo_study"] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
     yield module
     del sys.modules["mrpo_study"]
+    sys.path.remove(str(STUDY_PATH.parent))
 
 
 # ------------------------------------------------------------------------------------------------------------

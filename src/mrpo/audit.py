@@ -302,34 +302,15 @@ def audit_split(
     configured = loss_view(reference_chosen, reference_rejected, loss)
     forecast = clip_forecast(reference_chosen, reference_rejected, loss) if num_references > 1 else {}
     margins = reference_chosen.double() - reference_rejected.double()
-    references = []
-    for k, name in enumerate(names):
-        per_token = reference_chosen[k].double() / chosen_tokens[k].clamp(min=1) > reference_rejected[
-            k
-        ].double() / rejected_tokens[k].clamp(min=1)
-        audit = ReferenceAudit(
-            name=name,
-            index=k + 1,
-            label_agreement=Rate.of(margins[k] > 0),
-            label_agreement_per_token=Rate.of(per_token),
-            ties=int((margins[k] == 0).sum()),
-            mean_margin=float(margins[k].mean()),
-            mean_abs_margin=float(margins[k].abs().mean()),
-            alpha_mean=float(configured.alpha[k].double().mean()),
-            alpha_dominant=float((configured.alpha[k] > ALPHA_DOMINANCE).double().mean()),
+    references = [
+        _reference_audit(
+            k, name, reference_chosen, reference_rejected, chosen_tokens, rejected_tokens, configured
         )
-        if k > 0:
-            gaps = torch.cat(
-                [
-                    reference_chosen[k].double() - reference_chosen[0].double(),
-                    reference_rejected[k].double() - reference_rejected[0].double(),
-                ]
-            )
-            audit.level_gap = float(gaps.mean())
-            audit.mean_abs_level_gap = float(gaps.abs().mean())
-            audit.clip_rate = forecast["configured"][k]
-            audit.clip_alternatives = {setting: rates[k] for setting, rates in forecast.items()}
-        references.append(audit)
+        for k, name in enumerate(names)
+    ]
+    for k, audit in enumerate(references[1:], start=1):
+        audit.clip_rate = forecast["configured"][k]
+        audit.clip_alternatives = {setting: rates[k] for setting, rates in forecast.items()}
     suspects = find_suspects(margins, names, pair_ids, suspect_threshold)
     result = SplitAudit(
         split=split,
@@ -345,6 +326,38 @@ def audit_split(
     )
     result.verdict = verdict(result)
     return result
+
+
+def _reference_audit(
+    k: int,
+    name: str,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    configured: MRPOOutput,
+) -> ReferenceAudit:
+    """Reference ``k``'s agreement with the labels, margins, weights and level gap (its clip rates come from the
+    forecast)."""
+    chosen, rejected = reference_chosen[k].double(), reference_rejected[k].double()
+    margin = chosen - rejected
+    per_token = chosen / chosen_tokens[k].clamp(min=1) > rejected / rejected_tokens[k].clamp(min=1)
+    audit = ReferenceAudit(
+        name=name,
+        index=k + 1,
+        label_agreement=Rate.of(margin > 0),
+        label_agreement_per_token=Rate.of(per_token),
+        ties=int((margin == 0).sum()),
+        mean_margin=float(margin.mean()),
+        mean_abs_margin=float(margin.abs().mean()),
+        alpha_mean=float(configured.alpha[k].double().mean()),
+        alpha_dominant=float((configured.alpha[k] > ALPHA_DOMINANCE).double().mean()),
+    )
+    if k > 0:
+        gaps = torch.cat([chosen - reference_chosen[0].double(), rejected - reference_rejected[0].double()])
+        audit.level_gap = float(gaps.mean())
+        audit.mean_abs_level_gap = float(gaps.abs().mean())
+    return audit
 
 
 def pairwise_agreement(
@@ -398,64 +411,14 @@ def _setting(loss: dict[str, Any]) -> str:
 def verdict(audit: SplitAudit) -> list[str]:
     """Short sentences: what each reference will do in this run, and which knobs change it."""
     lines = []
-    loss = audit.loss
     initialising = audit.references[0]
     if len(audit.references) == 1:
         lines.append(
             f"One reference ({initialising.name!r}): this run is DPO. It prefers the chosen answer on "
             f"{initialising.label_agreement.text()} of the {audit.pairs} pairs."
         )
-    saturated = []
     for ref in audit.references[1:]:
-        label = f"reference {ref.index} ({ref.name!r})"
-        identical = _near_identical(audit, initialising.name, ref.name)
-        if identical:
-            lines.append(
-                f"{label} is near-identical to the initialising reference (mean level difference "
-                f"{identical['mean_abs_level_difference']:.3f} nats, same preference on "
-                f"{identical['agreement']:.0%} of pairs): it changes nothing whatever the settings; use another model."
-            )
-            continue
-        alternatives = ref.clip_alternatives
-        knobs = (
-            f"with loss.align=pair {alternatives['align=pair']:.0%}, loss.eps=1.0 {alternatives['eps=1']:.0%}, "
-            f"loss.clip=off 0% (then its weight alpha averages {ref.alpha_mean:.2f})"
-        )
-        gap = (
-            f"its log-probs sit {ref.mean_abs_level_gap:.1f} nats from the initialising reference's on average, "
-            f"the trust region is ±{audit.band_half_width:.2f} nats wide"
-        )
-        if loss["clip"] == "off":
-            lines.append(
-                f"{label} enters the loss unclipped (clip=off) with mean weight alpha {ref.alpha_mean:.2f}; "
-                f"{gap.replace('the trust region is', 'a default trust region would be')}."
-            )
-        elif ref.clip_rate >= SATURATED_CLIP_RATE:
-            saturated.append(ref)
-            lines.append(
-                f"{label} will be clipped on {ref.clip_rate:.0%} of its log-probs {_setting(loss)}: {gap}. "
-                f"This run would train almost exactly as DPO. Clipped share {knobs}."
-            )
-        elif ref.clip_rate >= PARTIAL_CLIP_RATE:
-            lines.append(
-                f"{label} will be clipped on {ref.clip_rate:.0%} of its log-probs {_setting(loss)}: it enters the "
-                f"loss only partly ({gap}). Clipped share {knobs}."
-            )
-        else:
-            lines.append(
-                f"{label} enters the loss: clipped on {ref.clip_rate:.0%} of its log-probs {_setting(loss)}, mean "
-                f"weight alpha {ref.alpha_mean:.2f}."
-            )
-        if ref.label_agreement.low <= 0.5 <= ref.label_agreement.high:
-            lines.append(
-                f"{label} prefers the chosen answer on {ref.label_agreement.text()} of pairs: not distinguishable "
-                "from chance on this data, so whatever it adds is mostly noise."
-            )
-        elif ref.label_agreement.high < 0.5:
-            lines.append(
-                f"{label} prefers the *rejected* answer on most pairs ({1 - ref.label_agreement.value:.0%}): it "
-                "contradicts your labels (or your labels are reversed)."
-            )
+        lines += _external_verdict(audit, ref)
     for ref in audit.references:
         if len(audit.references) > 1 and ref.alpha_dominant >= 0.5:
             lines.append(
@@ -464,18 +427,12 @@ def verdict(audit: SplitAudit) -> list[str]:
                 "mostly this one (fixed loss.weights spread it)."
             )
     if audit.suspects:
-        external = sum("external" in s.flagged_by for s in audit.suspects)
-        everyone = sum("all" in s.flagged_by for s in audit.suspects)
-        scope = (
-            f"{external} by the external references, {everyone} by all references"
-            if len(audit.references) > 1
-            else (f"{everyone} by the initialising reference")
-        )
-        lines.append(
-            f"{len(audit.suspects)} of {audit.pairs} pairs ({len(audit.suspects) / max(audit.pairs, 1):.0%}) have "
-            f"a label the references confidently contradict ({scope}): candidates for label noise, listed in "
-            "suspect_pairs.jsonl."
-        )
+        lines.append(_suspects_sentence(audit))
+    saturated = [
+        ref
+        for ref in audit.references[1:]
+        if audit.loss["clip"] != "off" and ref.clip_rate >= SATURATED_CLIP_RATE
+    ]
     if saturated and len(saturated) == len(audit.references) - 1:
         lines.append(
             "Overall: every external reference is clipped away, so this MRPO run is DPO against the initialising "
@@ -483,6 +440,75 @@ def verdict(audit: SplitAudit) -> list[str]:
             "them in."
         )
     return lines
+
+
+def _external_verdict(audit: SplitAudit, ref: ReferenceAudit) -> list[str]:
+    """What one external reference will do: its clipping (or that it is a copy of the initialising one), and
+    whether its preferences mean anything on this data."""
+    loss, label = audit.loss, f"reference {ref.index} ({ref.name!r})"
+    identical = _near_identical(audit, audit.references[0].name, ref.name)
+    if identical:
+        return [
+            f"{label} is near-identical to the initialising reference (mean level difference "
+            f"{identical['mean_abs_level_difference']:.3f} nats, same preference on {identical['agreement']:.0%} "
+            "of pairs): it changes nothing whatever the settings; use another model."
+        ]
+    alternatives = ref.clip_alternatives
+    knobs = (
+        f"with loss.align=pair {alternatives['align=pair']:.0%}, loss.eps=1.0 {alternatives['eps=1']:.0%}, "
+        f"loss.clip=off 0% (then its weight alpha averages {ref.alpha_mean:.2f})"
+    )
+    gap = (
+        f"its log-probs sit {ref.mean_abs_level_gap:.1f} nats from the initialising reference's on average, the "
+        f"trust region is ±{audit.band_half_width:.2f} nats wide"
+    )
+    if loss["clip"] == "off":
+        lines = [
+            f"{label} enters the loss unclipped (clip=off) with mean weight alpha {ref.alpha_mean:.2f}; "
+            f"{gap.replace('the trust region is', 'a default trust region would be')}."
+        ]
+    elif ref.clip_rate >= SATURATED_CLIP_RATE:
+        lines = [
+            f"{label} will be clipped on {ref.clip_rate:.0%} of its log-probs {_setting(loss)}: {gap}. This run "
+            f"would train almost exactly as DPO. Clipped share {knobs}."
+        ]
+    elif ref.clip_rate >= PARTIAL_CLIP_RATE:
+        lines = [
+            f"{label} will be clipped on {ref.clip_rate:.0%} of its log-probs {_setting(loss)}: it enters the loss "
+            f"only partly ({gap}). Clipped share {knobs}."
+        ]
+    else:
+        lines = [
+            f"{label} enters the loss: clipped on {ref.clip_rate:.0%} of its log-probs {_setting(loss)}, mean weight "
+            f"alpha {ref.alpha_mean:.2f}."
+        ]
+    agreement = ref.label_agreement
+    if agreement.low <= 0.5 <= agreement.high:
+        lines.append(
+            f"{label} prefers the chosen answer on {agreement.text()} of pairs: not distinguishable from chance on "
+            "this data, so whatever it adds is mostly noise."
+        )
+    elif agreement.high < 0.5:
+        lines.append(
+            f"{label} prefers the *rejected* answer on most pairs ({1 - agreement.value:.0%}): it contradicts your "
+            "labels (or your labels are reversed)."
+        )
+    return lines
+
+
+def _suspects_sentence(audit: SplitAudit) -> str:
+    external = sum("external" in s.flagged_by for s in audit.suspects)
+    everyone = sum("all" in s.flagged_by for s in audit.suspects)
+    scope = (
+        f"{external} by the external references, {everyone} by all references"
+        if len(audit.references) > 1
+        else f"{everyone} by the initialising reference"
+    )
+    return (
+        f"{len(audit.suspects)} of {audit.pairs} pairs ({len(audit.suspects) / max(audit.pairs, 1):.0%}) have a "
+        f"label the references confidently contradict ({scope}): candidates for label noise, listed in "
+        "suspect_pairs.jsonl."
+    )
 
 
 def _near_identical(audit: SplitAudit, first: str, second: str) -> dict[str, Any] | None:

@@ -63,6 +63,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from mrpo.errors import ConfigError
     from mrpo.evaluation import format_table
     from mrpo.pipeline import evaluation_checkpoints, run_evaluate
 
@@ -74,6 +75,13 @@ def _evaluate(args: argparse.Namespace) -> int:
             label, _, path = checkpoint.rpartition("=") if "=" in checkpoint else ("", "", checkpoint)
             requested[label or Path(path).name] = path
     checkpoints = evaluation_checkpoints(config, requested)
+    if args.no_start:
+        checkpoints.pop("start", None)
+        if not checkpoints:
+            raise ConfigError(
+                f"--no-start leaves nothing to evaluate: {config.training.output_dir} has no final model yet; "
+                "train first or give --checkpoint DIR"
+            )
     if args.lm_eval_tasks:  # fail on a missing package or an unknown task before the held-out evaluation runs
         from mrpo.lm_eval_bridge import check_task_names, import_lm_eval
 

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mrpo.errors import CollatorError
-from mrpo.logprobs import pack_sequences, pad_batch, padded_length
+from mrpo.logprobs import longest_first_groups, pack_sequences, pad_batch, padded_length
 from mrpo.tokenization import TokenizedPair, TokenizedSequence
 
 REQUIRED_FIELDS = (
@@ -203,18 +203,10 @@ def token_budget_groups(
     """
     if budget < 1:
         raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-max(lengths[i]), i))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        candidate = [*current, index]
-        cost = forward_tokens(
-            [lengths[i] for i in candidate], padded=padded, pad_to_multiple_of=pad_to_multiple_of
+
+    def cost(group: list[int]) -> int:
+        return forward_tokens(
+            [lengths[i] for i in group], padded=padded, pad_to_multiple_of=pad_to_multiple_of
         )
-        if current and cost > budget:
-            groups.append(current)
-            candidate = [index]
-        current = candidate
-    if current:
-        groups.append(current)
-    return groups
+
+    return longest_first_groups([max(pair) for pair in lengths], budget, cost)

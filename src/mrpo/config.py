@@ -192,7 +192,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The MRPO loss (shared/mrpo-spec.md): how the K references combine into one virtual reference."""
+    """The MRPO loss (docs/method.md): how the K references combine into one virtual reference."""
 
     SECTION: typing.ClassVar[str] = "loss"
     """The section's own name in error keys (``loss.<field>``)."""

@@ -1,4 +1,4 @@
-"""Held-out metrics (spec §5) for any model against the cached references, side by side and fairly comparable.
+"""Held-out metrics (docs/method.md §5) for any model against the cached references, side by side and fairly comparable.
 
 Three accuracies answer three different questions:
 
@@ -84,7 +84,7 @@ def compute_metrics(
     reference_rejected_logps: torch.Tensor,
     loss: LossConfig,
 ) -> dict[str, float]:
-    """The held-out metrics of spec §5 from sequence log-probs.
+    """The held-out metrics of method.md §5 from sequence log-probs.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``(N,)`` the evaluated model's sequence log-probs.
@@ -140,7 +140,7 @@ def evaluate_model(
     logps, tokens = score_split(
         model, prepared, label, batch_tokens=batch_tokens, show_progress=show_progress
     )
-    return split_metrics(label, model_source, prepared, config, logps, tokens)
+    return split_metrics(label, model_source, prepared, config.loss, logps, tokens)
 
 
 def score_split(
@@ -158,15 +158,28 @@ def score_split(
 
 
 def split_metrics(
-    label: str, model_source: str, prepared, config: MRPOConfig, logps: torch.Tensor, tokens: torch.Tensor
+    label: str,
+    model_source: str,
+    prepared,
+    loss: LossConfig,
+    logps: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    reference_rows: Sequence[int] | None = None,
 ) -> HeldOutMetrics:
-    """The held-out metrics of a split from a model's log-probs on it (``score_split``), overall and by kind."""
+    """The held-out metrics of a split from a model's log-probs on it (``score_split``), overall and by kind.
+
+    ``reference_rows`` picks which of the split's cached reference columns the metrics are measured against (all,
+    by default), so one scored split serves runs with different references.
+    """
     dataset = prepared.dataset
-    reference_chosen, reference_rejected = dataset.reference_chosen_logps, dataset.reference_rejected_logps
+    rows = list(range(dataset.num_references)) if reference_rows is None else list(reference_rows)
+    reference_chosen = dataset.reference_chosen_logps[rows]
+    reference_rejected = dataset.reference_rejected_logps[rows]
     arguments = (logps[:, 0], logps[:, 1], tokens[:, 0], tokens[:, 1], reference_chosen, reference_rejected)
-    metrics = compute_metrics(*arguments, config.loss)
+    metrics = compute_metrics(*arguments, loss)
     by_kind: dict[str, dict[str, float]] = {}
-    kinds = _kinds(prepared)
+    kinds = split_kinds(prepared)
     if kinds is not None:
         for kind in sorted(set(kinds)):
             index = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
@@ -174,7 +187,7 @@ def split_metrics(
                 *(a[index] for a in arguments[:4]),
                 reference_chosen[:, index],
                 reference_rejected[:, index],
-                config.loss,
+                loss,
             )
             by_kind[kind]["pairs"] = len(index)
     return HeldOutMetrics(
@@ -182,12 +195,13 @@ def split_metrics(
         model=model_source,
         pairs=len(dataset),
         metrics=metrics,
-        label_aware=is_label_aware(config.loss, dataset.num_references),
+        label_aware=is_label_aware(loss, len(rows)),
         by_kind=by_kind,
     )
 
 
-def _kinds(prepared) -> list[str] | None:
+def split_kinds(prepared) -> list[str] | None:
+    """The `kind` metadata of each pair of a prepared split, in its order; None when some pair has none."""
     by_id = {pair.pair_id: pair.metadata.get("kind") for pair in prepared.pairs}
     kinds = [by_id.get(pair_id) for pair_id in prepared.tokenization.pair_ids]
     return None if any(kind is None for kind in kinds) else [str(kind) for kind in kinds]

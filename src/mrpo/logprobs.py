@@ -64,6 +64,29 @@ def padded_length(length: int, pad_to_multiple_of: int | None) -> int:
     return -(-length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else length
 
 
+def longest_first_groups(
+    sizes: Sequence[int], budget: int, cost: Callable[[list[int]], int]
+) -> list[list[int]]:
+    """The one grouping rule of batches under a token budget (precompute batches, training micro-batches).
+
+    Items are taken longest first (``sizes``; ties in input order) and a group is closed when adding the next item
+    would make ``cost(group)`` exceed ``budget``, so items are padded only to items of similar length. An item
+    that alone exceeds the budget is a group of its own. Returns indices into ``sizes``, every index exactly once.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        candidate = [*current, index]
+        if current and cost(candidate) > budget:
+            groups.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups
+
+
 def pad_batch(
     sequences: Sequence[TokenizedSequence],
     *,

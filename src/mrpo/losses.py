@@ -1,11 +1,11 @@
-"""The MRPO loss and its building blocks: pure tensor maths of shared/mrpo-spec.md (torch only).
+"""The MRPO loss and its building blocks: pure tensor maths of docs/method.md (torch only).
 
 Naming grid, used everywhere: ``policy_/reference_ x chosen_/rejected_ x logps``. Policy tensors are ``(B,)``;
 reference tensors are ``(K, B)`` with row 0 the *initialising* reference (the model the policy starts from) and
 rows 1.. the *external* references. Every log-prob is a sequence log-probability: the sum over the completion's
 tokens, computed by each model on its own tokenization of the same text.
 
-The file follows the spec section by section:
+The file follows docs/method.md section by section:
 
 - §1 ``reference_weights``       -- alpha, adaptive (ARWC) or fixed;
 - §2 ``trust_region_eps``        -- the CTRO band half-width per pair and response;
@@ -32,7 +32,7 @@ Aggregation = Literal["harmonic", "geometric", "mdpo"]
 Align = Literal["none", "pair"]
 
 WEIGHT_FLOOR = 1e-6
-"""Added to every |d_k| in ARWC so that a pair no reference separates gets uniform weights (spec §1)."""
+"""Added to every |d_k| in ARWC so that a pair no reference separates gets uniform weights (method.md §1)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def trust_region_eps(
 def clip_to_trust_region(
     reference_logps: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp external references into ``[(1 + eps) l_1, (1 - eps) l_1]`` around the initialising one (spec §2).
+    """Clamp external references into ``[(1 + eps) l_1, (1 - eps) l_1]`` around the initialising one (method.md §2).
 
     Args:
         reference_logps: ``(K, B)`` log-probs of one response (chosen or rejected), row 0 the initialising one.
@@ -148,7 +148,7 @@ def align_levels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift each external reference so its mean over the pair's two responses equals the initialising one's.
 
-    Spec §2b (a research variant, not in the paper): s_k = ((l_1(y_w) + l_1(y_l)) - (l_k(y_w) + l_k(y_l))) / 2,
+    method.md §2b (a research variant, not in the paper): s_k = ((l_1(y_w) + l_1(y_l)) - (l_k(y_w) + l_k(y_l))) / 2,
     l_k(y) <- l_k(y) + s_k for k >= 2. The margin d_k, and so alpha, is unchanged; the shift only removes the
     systematic level difference between model families that otherwise makes CTRO clip nearly everything.
     """
@@ -235,7 +235,7 @@ class MRPOOutput:
         return moved / (2 * (self.num_references - 1))
 
     def pair_statistics(self) -> dict[str, torch.Tensor]:
-        """The quantities of spec §5 as detached ``(B,)`` tensors; their mean over pairs is the logged value.
+        """The quantities of method.md §5 as detached ``(B,)`` tensors; their mean over pairs is the logged value.
 
         Per-pair values (rather than batch means) let a trainer gather them across processes and accumulation
         steps and average exactly. Names follow TRL where the concept matches, so dashboards carry over.
@@ -272,7 +272,7 @@ def mrpo_loss(
     align: Align = "none",
     check_finite: bool = True,
 ) -> MRPOOutput:
-    """Multi-Reference Preference Optimization loss (spec §4); DPO's sigmoid loss when K = 1.
+    """Multi-Reference Preference Optimization loss (method.md §4); DPO's sigmoid loss when K = 1.
 
     Args:
         policy_chosen_logps: ``(B,)`` policy log-probs of the chosen responses (with gradient).

@@ -238,9 +238,10 @@ def run_inspect(
     """
     from tqdm.auto import tqdm
 
-    from mrpo.audit import SUSPECT_THRESHOLD, audit_split
-    from mrpo.references import model_fingerprint, open_cache
+    from mrpo.audit import SUSPECT_THRESHOLD
+    from mrpo.references import model_fingerprint
 
+    threshold = SUSPECT_THRESHOLD if suspect_threshold is None else suspect_threshold
     splits = ["train", *(["eval"] if config.data.eval is not None else [])]
     audits, suspect_rows = [], []
     with (
@@ -254,43 +255,9 @@ def run_inspect(
         hashing.result()
         bar.update()
         for split in splits:
-            tokenized = tokenize_split(config, split, views)
-            pair_ids = tokenized.tokenization.pair_ids
-            cache = open_cache(
-                tokenized.references,
-                views.references,
-                pair_ids,
-                config.cache_dir,
-                overflow=config.data.overflow,
-                config_path=config_path,
-            )
-            columns = cache.columns(pair_ids)
-            audit = audit_split(
-                split,
-                cache.names,
-                pair_ids,
-                columns["reference_chosen_logps"],
-                columns["reference_rejected_logps"],
-                columns["reference_chosen_tokens"],
-                columns["reference_rejected_tokens"],
-                config.loss,
-                suspect_threshold=SUSPECT_THRESHOLD if suspect_threshold is None else suspect_threshold,
-            )
+            audit, rows = _inspect_split(config, split, views, threshold, config_path)
             audits.append(audit)
-            by_id = {pair.pair_id: pair for pair in tokenized.pairs.pairs}
-            for rank, suspect in enumerate(audit.suspects, start=1):
-                pair = by_id[suspect.pair_id]
-                suspect_rows.append(
-                    {
-                        "split": split,
-                        "rank": rank,
-                        **dataclasses.asdict(suspect),
-                        "prompt": pair.prompt,
-                        "chosen": pair.chosen,
-                        "rejected": pair.rejected,
-                        **({"metadata": pair.metadata} if pair.metadata else {}),
-                    }
-                )
+            suspect_rows += rows
             bar.update()
     directory = Path(output) if output is not None else Path(config.training.output_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -303,6 +270,51 @@ def run_inspect(
         for row in suspect_rows:
             handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     return InspectResult(audits, directory, inspect_file, suspects_file)
+
+
+def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: float, config_path: str | None):
+    """The audit of one split from the cached columns, and its suspect pairs as rows with their text."""
+    from mrpo.audit import audit_split
+    from mrpo.references import open_cache
+
+    tokenized = tokenize_split(config, split, views)
+    pair_ids = tokenized.tokenization.pair_ids
+    cache = open_cache(
+        tokenized.references,
+        views.references,
+        pair_ids,
+        config.cache_dir,
+        overflow=config.data.overflow,
+        config_path=config_path,
+    )
+    columns = cache.columns(pair_ids)
+    audit = audit_split(
+        split,
+        cache.names,
+        pair_ids,
+        columns["reference_chosen_logps"],
+        columns["reference_rejected_logps"],
+        columns["reference_chosen_tokens"],
+        columns["reference_rejected_tokens"],
+        config.loss,
+        suspect_threshold=threshold,
+    )
+    by_id = {pair.pair_id: pair for pair in tokenized.pairs.pairs}
+    rows = []
+    for rank, suspect in enumerate(audit.suspects, start=1):
+        pair = by_id[suspect.pair_id]
+        rows.append(
+            {
+                "split": split,
+                "rank": rank,
+                **dataclasses.asdict(suspect),
+                "prompt": pair.prompt,
+                "chosen": pair.chosen,
+                "rejected": pair.rejected,
+                **({"metadata": pair.metadata} if pair.metadata else {}),
+            }
+        )
+    return audit, rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 
 from mrpo.config import ReferenceConfig
 from mrpo.errors import CacheError
-from mrpo.logprobs import LOGPROB_CODE_VERSION, pad_batch, sequence_logps
+from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
 from mrpo.tokenization import ModelView, TokenizedPair
 
@@ -237,18 +237,9 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list
 
     A sequence longer than the budget gets a batch of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) + 1) * longest > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+    return longest_first_groups(
+        lengths, batch_tokens, lambda group: len(group) * max(lengths[i] for i in group)
+    )
 
 
 @torch.inference_mode()

@@ -14,13 +14,13 @@ exactly like DPO. The report says so when a run's mean clip rate is above ``CLIP
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mrpo.errors import ReportError
+from mrpo.plots import curve_plots, plot_curves, plot_held_out
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
@@ -44,148 +44,6 @@ def _unique_names(runs: list[Run]) -> None:
             if sum("/".join(other[-depth:]) == name for other in parts) == 1:
                 break
         run.name = name
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Curve:
-    """One logged metric drawn in a panel: its key, line style and legend text."""
-
-    key: str
-    style: str
-    label: str
-
-
-@dataclass
-class Panel:
-    title: str
-    ylabel: str
-    curves: list[Curve]
-    unit_interval: bool = False
-    """Values are rates in [0, 1]."""
-
-
-def _figure(panels: int):
-    """A matplotlib Figure on the Agg canvas (no pyplot: no global backend state, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5.2 * panels, 3.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
-
-
-def plot_curves(runs: Sequence[Run], panels: Sequence[Panel], path: Path, title: str) -> bool:
-    """Draw each panel's curves for every run (colour = run, line style = curve); False if nothing was logged."""
-    panels = [panel for panel in panels if any(run.has(curve.key) for run in runs for curve in panel.curves)]
-    if not panels:
-        return False
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axes = _figure(len(panels))
-    figure.suptitle(title)
-    for ax, panel in zip(axes, panels, strict=True):
-        for index, run in enumerate(runs):
-            for curve in panel.curves:
-                steps, values = run.series(curve.key)
-                if not steps:
-                    continue
-                label = curve.label if len(runs) == 1 else f"{run.name}: {curve.label}"
-                marker = "o" if len(steps) <= 25 else None
-                ax.plot(
-                    steps,
-                    values,
-                    curve.style,
-                    color=f"C{index % 10}",
-                    marker=marker,
-                    markersize=3,
-                    label=label,
-                )
-        for index, run in enumerate(runs):  # each live warning where it fired
-            for diagnostic in run.diagnostics:
-                step = diagnostic.get("step")
-                if isinstance(step, int) and step > 0:
-                    ax.axvline(step, color=f"C{index % 10}", linestyle=":", linewidth=1, alpha=0.8)
-                    ax.annotate(
-                        str(diagnostic.get("condition", "?")).split("/")[0],
-                        (step, 1),
-                        xycoords=("data", "axes fraction"),
-                        rotation=90,
-                        va="top",
-                        ha="right",
-                        fontsize="x-small",
-                        color=f"C{index % 10}",
-                    )
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(panel.ylabel)
-        if panel.unit_interval:
-            ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    figure.savefig(path, dpi=100)
-    return True
-
-
-def _curve_plots(runs: Sequence[Run]) -> dict[str, tuple[str, list[Panel]]]:
-    """File name -> (title, panels) of every line plot."""
-    max_references = max(len(run.alpha_keys()) for run in runs)
-    alpha_panels = []
-    for k in range(1, max_references + 1):
-        names = {run.reference_name(k) for run in runs} - {None}
-        name = f" ({names.pop()})" if len(names) == 1 else ""
-        curves = [Curve(f"alpha/ref{k}", "-", "train"), Curve(f"eval_alpha/ref{k}", "--", "eval")]
-        alpha_panels.append(Panel(f"reference {k}{name}", "alpha", curves, unit_interval=True))
-    return {
-        "loss.png": (
-            "Training loss",
-            [Panel("loss", "loss", [Curve("loss", "-", "train"), Curve("eval_loss", "--", "eval")])],
-        ),
-        "rewards.png": (
-            "Implicit rewards (vs the virtual reference)",
-            [
-                Panel(
-                    "reward accuracy",
-                    "accuracy",
-                    [
-                        Curve("rewards/accuracies", "-", "train"),
-                        Curve("eval_rewards/accuracies", "--", "eval"),
-                    ],
-                    unit_interval=True,
-                ),
-                Panel(
-                    "reward margin",
-                    "margin",
-                    [Curve("rewards/margins", "-", "train"), Curve("eval_rewards/margins", "--", "eval")],
-                ),
-            ],
-        ),
-        "alpha.png": ("Reference weights alpha", alpha_panels),
-        "ctro.png": (
-            "CTRO trust region",
-            [
-                Panel(
-                    "eps",
-                    "eps (relative half-width of the band)",
-                    [
-                        Curve("ctro/eps_chosen", "-", "eps chosen"),
-                        Curve("ctro/eps_rejected", ":", "eps rejected"),
-                    ],
-                ),
-                Panel(
-                    "clip rate",
-                    "share of external log-probs clipped",
-                    [Curve("ctro/clip_rate", "-", "train"), Curve("eval_ctro/clip_rate", "--", "eval")],
-                    unit_interval=True,
-                ),
-            ],
-        ),
-    }
 
 
 @dataclass
@@ -220,57 +78,6 @@ def _same_result(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(key) == b.get(key) for key in keys)
 
 
-def plot_held_out(models: Sequence[HeldOutModel], path: Path) -> bool:
-    """Side-by-side bars of the held-out metrics: rates on the left, margins (nats) on the right."""
-    if not models:
-        return False
-    from mrpo.evaluation import LABEL_AWARE_METRIC, LABEL_AWARE_NOTE, METRICS
-
-    rates = [key for key, metric in METRICS.items() if metric.kind == "rate"]
-    margins = [key for key, metric in METRICS.items() if metric.kind == "margin"]
-    figure, axes = _figure(2)
-    figure.set_size_inches(max(11.0, 1.1 * len(models) * 4), 4.8)
-    figure.suptitle("Held-out metrics")
-    any_label_aware = any(model.result.get("label_aware") for model in models)
-    width = 0.8 / len(models)
-    for ax, keys, ylabel in ((axes[0], rates, "rate"), (axes[1], margins, "nats")):
-        for index, model in enumerate(models):
-            values = [_number_or_nan(model.result["metrics"].get(key)) for key in keys]
-            positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(keys))]
-            bars = ax.bar(positions, values, width, color=f"C{index % 10}", label=model.name)
-            if model.result.get("label_aware") and LABEL_AWARE_METRIC in keys:
-                bars[keys.index(LABEL_AWARE_METRIC)].set_hatch("//")
-        ticks = [
-            METRICS[key].label + ("*" if key == LABEL_AWARE_METRIC and any_label_aware else "")
-            for key in keys
-        ]
-        ax.set_xticks(range(len(keys)), [_wrap(tick) for tick in ticks], fontsize="small")
-        ax.set_ylabel(ylabel)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small")
-    axes[0].set_ylim(0, 1.05)
-    if any_label_aware:
-        figure.text(0.01, 0.005, "* hatched: " + LABEL_AWARE_NOTE, fontsize="small")
-    figure.savefig(path, dpi=100)
-    return True
-
-
-def _wrap(text: str, width: int = 16) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join([*lines, line])
-
-
-def _number_or_nan(value: Any) -> float:
-    return float(value) if is_number(value) else math.nan
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The markdown summary
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,7 +95,7 @@ def _plain(value: Any) -> str:
     return f"{float(value):.4g}" if is_number(value) else "—"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(escape(cell) for cell in header) + " |"]
     lines.append("|" + "|".join(["---"] * len(header)) + "|")
@@ -353,7 +160,7 @@ def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[s
                 "several nats). Compare it with a plain DPO run before crediting the extra references; consider "
                 "`loss.align=pair`, a wider `loss.eps` or `loss.clip=off`."
             )
-    lines += _table(
+    lines += markdown_table(
         ["run", "references (K)", "clip", "mean clip rate", "last (train)", "last (eval)", "held-out"], rows
     )
     if warnings_text:
@@ -389,7 +196,7 @@ def _audit_section(runs: Sequence[Run]) -> list[str]:
                         _plain(ref.get("alpha_mean")),
                     ]
                 )
-            lines += _table(
+            lines += markdown_table(
                 ["reference", "agrees with labels [95% CI]", "mean margin", "level gap (nats)", "clip forecast",
                  "mean alpha"],
                 rows,
@@ -413,7 +220,7 @@ def _diagnostics_section(runs: Sequence[Run]) -> list[str]:
     if not rows:
         return lines + ["No warning fired during training (or the runs predate live diagnostics).", ""]
     lines += ["Each warning fired once, at the step shown; the curves mark it with a dotted line.", ""]
-    return lines + _table(["run", "step", "condition", "what and what to do"], rows) + [""]
+    return lines + markdown_table(["run", "step", "condition", "what and what to do"], rows) + [""]
 
 
 def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str]:
@@ -435,7 +242,7 @@ def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str
                 text += "*"
             cells.append(text)
         rows.append([metric.label, *cells])
-    lines += _table(["metric", *(model.name for model in models)], rows)
+    lines += markdown_table(["metric", *(model.name for model in models)], rows)
     if any_label_aware:
         lines += ["", f"\\* {LABEL_AWARE_NOTE} It is not comparable between runs."]
     kinds = sorted({kind for model in models for kind in (model.result.get("by_kind") or {})})
@@ -451,7 +258,7 @@ def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str
             ]
             for kind in kinds
         ]
-        lines += _table(["kind", *(model.name for model in models)], kind_rows)
+        lines += markdown_table(["kind", *(model.name for model in models)], kind_rows)
     sources = sorted({f"`{model.name}`: {model.result.get('model', '?')}" for model in models})
     lines += ["", "Models: " + "; ".join(sources) + "."]
     if plotted:
@@ -509,7 +316,7 @@ def _run_section(run: Run) -> list[str]:
         eval_final, eval_best = _final_and_best(run, f"eval_{key}", better, fmt)
         if {train_final, eval_final} != {"—"}:
             rows.append([label, train_final, train_best, eval_final, eval_best])
-    lines += _table(["metric", "train final", "train best", "eval final", "eval best"], rows)
+    lines += markdown_table(["metric", "train final", "train best", "eval final", "eval best"], rows)
     lines += [""] + _data_lines(run) + [""] + _config_lines(run)
     return lines + [""]
 
@@ -532,7 +339,7 @@ def _data_lines(run: Run) -> list[str]:
                 _counts(summary.get("dropped_by_tokenization")),
             ]
         )
-    return ["Data:", ""] + _table(
+    return ["Data:", ""] + markdown_table(
         [
             "split",
             "source",
@@ -616,7 +423,7 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path | None =
         )
         plotted_held_out = False
     else:
-        for file_name, (title, panels) in _curve_plots(runs).items():
+        for file_name, (title, panels) in curve_plots(runs).items():
             if plot_curves(runs, panels, output_dir / file_name, title):
                 images.append((title, file_name))
             else:

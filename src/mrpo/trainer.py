@@ -2,8 +2,10 @@
 
 A step is one policy forward over the batch's chosen and rejected sequences (through ``logprobs.sequence_logps``,
 the same function that built the reference cache) and ``losses.mrpo_loss`` against the K cached reference columns
-the collator delivers. Whatever K is, no reference model is in memory. The loss maths lives in ``losses.py``; this
-file only wires it in and accumulates the spec's §5 statistics between logging steps.
+the collator delivers; a batch the collator split under ``policy.micro_batch_tokens`` is a forward and backward per
+micro-batch. Whatever K is, no reference model is in memory. The loss maths lives in ``losses.py``; this file wires
+it in, accumulates method.md §5's statistics between logging steps, writes them to ``metrics.jsonl``, and watches
+them for degenerate training (``TrainingWatcher``: clip saturation, alpha collapse, divergence).
 """
 
 from __future__ import annotations
@@ -330,87 +332,101 @@ class TrainingWatcher:
 
     def observe(self, step: int, logs: dict[str, float]) -> list[Diagnostic]:
         """Feed one train log line; returns the warnings it fires."""
+        found = self._non_finite(step, logs)
+        if "loss" not in logs:
+            return found
+        self.history.append({k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
+        if len(self.history) < self.settings.window:
+            return found
+        for check in (
+            self._clip_saturation,
+            self._alpha_collapse,
+            self._loss_divergence,
+            self._margin_collapse,
+        ):
+            found += check(step)
+        return found
+
+    def _window_mean(self, key: str) -> float | None:
+        """The mean of ``key`` over the last window of train logs, when every one of them logged it."""
+        recent = self.history[-self.settings.window :]
+        values = [row[key] for row in recent if key in row and math.isfinite(row[key])]
+        return sum(values) / len(values) if len(values) == len(recent) else None
+
+    def _non_finite(self, step: int, logs: dict[str, float]) -> list[Diagnostic]:
         found = []
         for key, value in logs.items():
             if isinstance(value, float) and not math.isfinite(value):
                 found += self._fire(
-                    "non_finite",
-                    step,
-                    value,
-                    f"the logged {key} is {value}.",
+                    "non_finite", step, value, f"the logged {key} is {value}.",
                     "Lower training.learning_rate or keep training.max_grad_norm above 0; train in float32 or "
                     "bfloat16 rather than float16.",
-                )
-        if "loss" not in logs:
-            return found
-        self.history.append({k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
-        window = self.settings.window
-        if len(self.history) < window:
-            return found
-        recent = self.history[-window:]
+                )  # fmt: skip
+        return found
 
-        def mean(key: str) -> float | None:
-            values = [row[key] for row in recent if key in row and math.isfinite(row[key])]
-            return sum(values) / len(values) if len(values) == window else None
+    def _clip_saturation(self, step: int) -> list[Diagnostic]:
+        clip = self._window_mean("ctro/clip_rate")
+        if clip is None or clip <= self.settings.clip_saturation or len(self.reference_names) == 1:
+            return []
+        return self._fire(
+            "clip_saturation", step, clip,
+            f"the external references were clipped on {clip:.0%} of their log-probs over the last "
+            f"{self.settings.window} logs: the trust region holds them at the initialising reference, so this run "
+            "trains as DPO.",
+            "Run `mrpo inspect` for the clip rate at other settings; widen loss.eps, set loss.align=pair, or "
+            "loss.clip=off.",
+        )  # fmt: skip
 
-        clip = mean("ctro/clip_rate")
-        if clip is not None and clip > self.settings.clip_saturation and len(self.reference_names) != 1:
+    def _alpha_collapse(self, step: int) -> list[Diagnostic]:
+        if len(self.reference_names) == 1:  # with one reference alpha is 1 by construction
+            return []
+        found = []
+        for key in sorted(k for k in self.history[-1] if k.startswith("alpha/ref")):
+            alpha = self._window_mean(key)
+            if alpha is None or alpha <= self.settings.alpha_collapse:
+                continue
+            k = int(key.rsplit("ref", 1)[1])
+            name = self.reference_names[k - 1] if k <= len(self.reference_names) else key
             found += self._fire(
-                "clip_saturation",
-                step,
-                clip,
-                f"the external references were clipped on {clip:.0%} of their log-probs over the last {window} "
-                "logs: the trust region holds them at the initialising reference, so this run trains as DPO.",
-                "Run `mrpo inspect` for the clip rate at other settings; widen loss.eps, set loss.align=pair, or "
-                "loss.clip=off.",
-            )
-        # With one reference alpha is 1 by construction: nothing can collapse.
-        alpha_keys = (
-            sorted(k for k in recent[-1] if k.startswith("alpha/ref"))
-            if len(self.reference_names) != 1
-            else []
-        )
-        for key in alpha_keys:
-            alpha = mean(key)
-            if alpha is not None and alpha > self.settings.alpha_collapse:
-                k = int(key.rsplit("ref", 1)[1])
-                name = self.reference_names[k - 1] if k <= len(self.reference_names) else key
-                found += self._fire(
-                    f"alpha_collapse/ref{k}",
-                    step,
-                    alpha,
-                    f"reference {k} ({name!r}) holds a mean weight alpha of {alpha:.2f} over the last {window} "
-                    "logs: the virtual reference is that one reference.",
-                    "Fixed loss.weights spread the weight; a reference whose margins dwarf the others' may be "
-                    "miscalibrated (see `mrpo inspect`).",
-                )
-        loss = mean("loss")
+                f"alpha_collapse/ref{k}", step, alpha,
+                f"reference {k} ({name!r}) holds a mean weight alpha of {alpha:.2f} over the last "
+                f"{self.settings.window} logs: the virtual reference is that one reference.",
+                "Fixed loss.weights spread the weight; a reference whose margins dwarf the others' may be "
+                "miscalibrated (see `mrpo inspect`).",
+            )  # fmt: skip
+        return found
+
+    def _loss_divergence(self, step: int) -> list[Diagnostic]:
+        loss = self._window_mean("loss")
         if self.first_window_loss is None:
             self.first_window_loss = loss
-        elif loss is not None:
-            tolerance = max(DIVERGENCE_TOLERANCE, 0.1 * abs(self.first_window_loss))
-            if loss > self.first_window_loss + tolerance:
-                found += self._fire(
-                    "loss_divergence",
-                    step,
-                    loss,
-                    f"the mean loss over the last {window} logs ({loss:.3f}) is above the first {window} logs' "
-                    f"({self.first_window_loss:.3f}): training is diverging.",
-                    "Lower training.learning_rate; with external references, keep the trust region on (loss.clip).",
-                )
-        margin = mean("rewards/margins")
-        if margin is not None:
-            if margin < 0 and self.margin_peak > MARGIN_PEAK:
-                found += self._fire(
-                    "margin_collapse",
-                    step,
-                    margin,
-                    f"the mean reward margin fell to {margin:+.3f} over the last {window} logs after reaching "
-                    f"{self.margin_peak:+.3f}: the policy now prefers the rejected answers against its reference.",
-                    "Lower training.learning_rate or loss.beta, or check the labels (`mrpo inspect` lists suspect "
-                    "pairs).",
-                )
-            self.margin_peak = max(self.margin_peak, margin)
+            return []
+        tolerance = max(DIVERGENCE_TOLERANCE, 0.1 * abs(self.first_window_loss))
+        if loss is None or loss <= self.first_window_loss + tolerance:
+            return []
+        window = self.settings.window
+        return self._fire(
+            "loss_divergence", step, loss,
+            f"the mean loss over the last {window} logs ({loss:.3f}) is above the first {window} logs' "
+            f"({self.first_window_loss:.3f}): training is diverging.",
+            "Lower training.learning_rate; with external references, keep the trust region on (loss.clip).",
+        )  # fmt: skip
+
+    def _margin_collapse(self, step: int) -> list[Diagnostic]:
+        margin = self._window_mean("rewards/margins")
+        if margin is None:
+            return []
+        found = []
+        if margin < 0 and self.margin_peak > MARGIN_PEAK:
+            found = self._fire(
+                "margin_collapse", step, margin,
+                f"the mean reward margin fell to {margin:+.3f} over the last {self.settings.window} logs after "
+                f"reaching {self.margin_peak:+.3f}: the policy now prefers the rejected answers against its "
+                "reference.",
+                "Lower training.learning_rate or loss.beta, or check the labels (`mrpo inspect` lists suspect "
+                "pairs).",
+            )  # fmt: skip
+        self.margin_peak = max(self.margin_peak, margin)
         return found
 
     def _fire(self, condition: str, step: int, value: float, message: str, remedy: str) -> list[Diagnostic]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.config import MRPOConfig
+from mrpo.demo.config import run_config
 
 
 @dataclass(frozen=True)
@@ -45,38 +46,31 @@ class DemoSettings:
 
 
 def demo_config(
-    settings: DemoSettings, name: str, policy: str, references: list[dict[str, Any]], cache: Path
+    settings: DemoSettings, name: str, policy: str, references: dict[str, str], cache: Path
 ) -> MRPOConfig:
+    """One of the demo's two runs: ``references`` maps names to models, the initialising one first."""
     data_dir = Path(settings.output_dir) / "data"
-    return MRPOConfig.from_dict(
-        {
-            "policy": {"model": policy, "dtype": "float32"},
-            "references": references,
-            "data": {
-                "train": str(data_dir / "train.jsonl"),
-                "eval": str(data_dir / "test.jsonl"),
-                "max_length": settings.max_length,
-                "seed": settings.seed,
-            },
-            "loss": {"beta": settings.beta},
-            "lora": {"enabled": True, "r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0},
-            "training": {
-                "output_dir": str(Path(settings.output_dir) / name),
-                "per_device_train_batch_size": settings.batch_size,
-                "per_device_eval_batch_size": 8,
-                "num_train_epochs": settings.epochs,
-                "learning_rate": settings.learning_rate,
-                "lr_scheduler_type": "constant",
-                "logging_steps": 2,
-                "eval_strategy": "no",
-                "save_strategy": "epoch",
-                "save_total_limit": 1,
-                "seed": settings.seed,
-                "use_cpu": True,
-                "disable_tqdm": False,
-            },
-            "cache_dir": str(cache / "references"),
-        }
+    return run_config(
+        policy=policy,
+        references=references,
+        train=data_dir / "train.jsonl",
+        eval=data_dir / "test.jsonl",
+        output_dir=Path(settings.output_dir) / name,
+        cache_dir=cache / "references",
+        data={"max_length": settings.max_length, "seed": settings.seed},
+        loss={"beta": settings.beta},
+        lora={"enabled": True, "r": settings.lora_r, "alpha": 2 * settings.lora_r, "dropout": 0.0},
+        training={
+            "per_device_train_batch_size": settings.batch_size,
+            "per_device_eval_batch_size": 8,
+            "num_train_epochs": settings.epochs,
+            "learning_rate": settings.learning_rate,
+            "logging_steps": 2,
+            "save_strategy": "epoch",
+            "save_total_limit": 1,
+            "seed": settings.seed,
+            "disable_tqdm": False,
+        },
     )
 
 
@@ -103,12 +97,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     _say(f"    {train_path} ({settings.train_pairs} pairs), {test_path} ({settings.test_pairs} pairs)")
 
-    initialising = {"name": "init", "model": policy}
     configs = {
-        "dpo": demo_config(settings, "dpo", policy, [initialising], cache),
-        "mrpo": demo_config(
-            settings, "mrpo", policy, [initialising, {"name": "external", "model": external}], cache
-        ),
+        "dpo": demo_config(settings, "dpo", policy, {"init": policy}, cache),
+        "mrpo": demo_config(settings, "mrpo", policy, {"init": policy, "external": external}, cache),
     }
     timings = {}
     for step, (name, config) in enumerate(configs.items(), start=3):

@@ -1,7 +1,8 @@
 """The data of the lm-eval tasks mrpo ships (``mrpo_arithmetic``, ``mrpo_facts``), generated deterministically.
 
-The rows depend on nothing but this file, so every machine -- offline ones included -- evaluates on the same
-questions. ``lm_eval_bridge.prepare_task_dir`` writes them as JSONL next to the task YAMLs at run time.
+The rows depend on nothing but this file and the fact tables of ``mrpo.demo.pairs`` (one source for the facts), so
+every machine -- offline ones included -- evaluates on the same questions. ``lm_eval_bridge.prepare_task_dir``
+writes them as JSONL next to the task YAMLs at run time.
 """
 
 from __future__ import annotations
@@ -9,69 +10,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from mrpo.demo import pairs as demo_pairs
+
 ARITHMETIC_TEST_ROWS = 200
 ARITHMETIC_FEWSHOT_ROWS = 10
 
-CAPITALS = {
-    "France": "Paris",
-    "Italy": "Rome",
-    "Spain": "Madrid",
-    "Germany": "Berlin",
-    "Portugal": "Lisbon",
-    "Japan": "Tokyo",
-    "Egypt": "Cairo",
-    "Canada": "Ottawa",
-    "Australia": "Canberra",
-    "Brazil": "Brasilia",
-    "Argentina": "Buenos Aires",
-    "Kenya": "Nairobi",
-    "Norway": "Oslo",
-    "Sweden": "Stockholm",
-    "Finland": "Helsinki",
-    "Poland": "Warsaw",
-    "Greece": "Athens",
-    "Turkey": "Ankara",
-    "Russia": "Moscow",
-    "China": "Beijing",
-    "India": "New Delhi",
-    "Mexico": "Mexico City",
-    "Peru": "Lima",
-    "Ireland": "Dublin",
-    "Austria": "Vienna",
-    "Hungary": "Budapest",
-    "Thailand": "Bangkok",
-    "South Korea": "Seoul",
-    "Chile": "Santiago",
-    "Morocco": "Rabat",
-}
+# One source for the facts: the tables the demo's preference pairs are built from.
+CAPITALS = {country: capital for country, capital, _, _ in demo_pairs.CAPITALS}
 """Country -> capital."""
 
-CHEMICAL_SYMBOLS = {
-    "hydrogen": "H",
-    "helium": "He",
-    "carbon": "C",
-    "nitrogen": "N",
-    "oxygen": "O",
-    "sodium": "Na",
-    "magnesium": "Mg",
-    "aluminium": "Al",
-    "silicon": "Si",
-    "sulfur": "S",
-    "chlorine": "Cl",
-    "potassium": "K",
-    "calcium": "Ca",
-    "iron": "Fe",
-    "copper": "Cu",
-    "zinc": "Zn",
-    "silver": "Ag",
-    "tin": "Sn",
-    "gold": "Au",
-    "mercury": "Hg",
-    "lead": "Pb",
-    "uranium": "U",
-    "neon": "Ne",
-    "phosphorus": "P",
-}
+CHEMICAL_SYMBOLS = dict(demo_pairs.ELEMENTS)
 """Element -> chemical symbol."""
 
 

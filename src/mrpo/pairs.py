@@ -1,0 +1,460 @@
+"""A preference pair, a validated set of them, and the rules that turn one data row into one pair.
+
+Three row formats are accepted, as in TRL:
+
+* standard: ``prompt``, ``chosen`` and ``rejected`` are strings;
+* conversational: ``prompt`` is a list of ``{"role", "content"}`` messages and ``chosen``/``rejected`` are
+  lists of messages (assistant turns) or plain strings, which become one assistant message;
+* implicit prompt: no ``prompt`` column; ``chosen``/``rejected`` are whole conversations sharing a prefix of
+  messages. The shared prefix becomes the prompt and the remainders become the completions.
+
+Every row is either kept as a :class:`PreferencePair` or, with ``on_error="drop"``, counted under a short reason
+in :attr:`PairSet.dropped`; with ``on_error="raise"`` the first bad row raises a :class:`DataError` naming the
+source, the row and the field. Each pair carries a content hash (``pair_id``) so caches keyed by it survive
+reordering and subsampling of the data. Reading files and datasets is ``data.py``'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+from mrpo.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "drop"]
+Format = Literal["auto", "standard", "conversational", "implicit"]
+Text = str | list[dict]
+Rows = Iterator[tuple[str, Any]]
+"""(row label, row): the label says where the row is, for error messages ("line 7", "row index 3 (0-based)")."""
+
+MESSAGE_ROLES = frozenset({"system", "user", "assistant", "tool"})
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+_DROP_IDENTICAL_REASON = "identical chosen and rejected"
+
+
+def compute_pair_id(prompt: Text, chosen: Text, rejected: Text) -> str:
+    """Content hash of a pair: first 16 hex digits of sha256 over the canonical JSON of its three texts."""
+    canonical = json.dumps(
+        {"prompt": prompt, "chosen": chosen, "rejected": rejected},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference pair: a prompt, a preferred (chosen) and a dispreferred (rejected) completion."""
+
+    pair_id: str
+    """Content hash of prompt/chosen/rejected (see :func:`compute_pair_id`); same text, same id."""
+    prompt: Text
+    """A string (standard) or a list of {"role", "content"} messages (conversational)."""
+    chosen: Text
+    """A string, or a list of messages starting with an assistant message."""
+    rejected: Text
+    metadata: dict = field(default_factory=dict, compare=False)
+    """The row's other columns, kept as read; not part of the id."""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    # Prompt and completions may be lists, so the generated field hash would fail; the id is a content hash.
+    def __hash__(self) -> int:
+        return hash(self.pair_id)
+
+    @classmethod
+    def build(
+        cls, prompt: Text, chosen: Text, rejected: Text, metadata: dict | None = None
+    ) -> PreferencePair:
+        """A pair with its id computed from the texts (no validation: use :func:`pairs_from_records` for that)."""
+        return cls(compute_pair_id(prompt, chosen, rejected), prompt, chosen, rejected, dict(metadata or {}))
+
+
+@dataclass
+class PairSet:
+    """The pairs read from one source, with an account of every row: ``rows_read == len(pairs) + sum(dropped)``."""
+
+    pairs: list[PreferencePair]
+    source: str
+    """What was read: a path, or a hub id / saved dataset with its split."""
+    rows_read: int
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    """Short reason -> number of rows dropped for it (invalid rows, identical pairs, subsampling, overflow)."""
+    identical: int = 0
+    """Rows whose chosen equals their rejected (no preference signal); counted whether kept or dropped."""
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the ordered pair ids: changes when any kept pair's text or the order changes."""
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            digest.update(pair.pair_id.encode("ascii"))
+            digest.update(b"\n")
+        return digest.hexdigest()
+
+    @property
+    def duplicates(self) -> int:
+        """Kept pairs whose text repeats an earlier pair's (same pair_id)."""
+        return len(self.pairs) - len({pair.pair_id for pair in self.pairs})
+
+    def summary(self) -> str:
+        """One readable paragraph: what was read, what was kept, and why anything else was dropped."""
+        kind = ("conversational " if self.pairs[0].conversational else "standard ") if self.pairs else ""
+        text = f"Read {self.rows_read} rows from {self.source}; kept {len(self.pairs)} {kind}pairs"
+        total_dropped = sum(self.dropped.values())
+        if total_dropped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
+            text += f"; dropped {total_dropped} ({reasons})"
+        else:
+            text += "; dropped 0"
+        if self.identical:
+            fate = "dropped" if self.dropped.get(_DROP_IDENTICAL_REASON) else "kept"
+            text += f". {self.identical} rows have chosen == rejected ({fate})"
+        if self.duplicates:
+            text += f". {self.duplicates} kept pairs repeat an earlier pair's text"
+        return text + "."
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        return iter(self.pairs)
+
+    @overload
+    def __getitem__(self, index: int) -> PreferencePair: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[PreferencePair]: ...
+    def __getitem__(self, index: int | slice) -> PreferencePair | list[PreferencePair]:
+        return self.pairs[index]
+
+
+def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
+    """Keep ``max_pairs`` pairs chosen by ``seed``, nested across sizes, in their original order.
+
+    Pairs are ranked by ``sha256(seed, pair_id)`` and the top ``max_pairs`` are kept, so for one seed the
+    32-pair subsample is contained in the 128-pair one (data-scarcity curves compare like with like) and the
+    choice does not depend on row order. The rows left out are counted in ``dropped``.
+    """
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
+    if max_pairs >= len(pairs.pairs):
+        return PairSet(
+            list(pairs.pairs),
+            pairs.source,
+            pairs.rows_read,
+            collections.Counter(pairs.dropped),
+            pairs.identical,
+        )
+
+    def rank(indexed: tuple[int, PreferencePair]) -> tuple[str, int]:
+        index, pair = indexed
+        return hashlib.sha256(f"{seed}\0{pair.pair_id}".encode()).hexdigest(), index
+
+    chosen_indices = sorted(index for index, _ in sorted(enumerate(pairs.pairs), key=rank)[:max_pairs])
+    dropped = collections.Counter(pairs.dropped)
+    dropped[f"not in subsample (max_pairs={max_pairs}, seed={seed})"] += len(pairs.pairs) - max_pairs
+    return PairSet(
+        [pairs.pairs[index] for index in chosen_indices],
+        pairs.source,
+        pairs.rows_read,
+        dropped,
+        pairs.identical,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Row validation
+
+
+class RowError(Exception):
+    """A bad row: ``reason`` is the short drop reason, ``detail`` the sentence a user reads."""
+
+    def __init__(self, reason: str, field_name: str | None, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.field_name = field_name
+        self.detail = detail
+
+
+def build_pair_set(
+    rows: Rows,
+    label: str,
+    *,
+    max_pairs: int | None,
+    seed: int,
+    on_error: OnError,
+    fmt: Format,
+    drop_identical: bool,
+) -> PairSet:
+    pairs: list[PreferencePair] = []
+    dropped: collections.Counter = collections.Counter()
+    identical_rows: list[str] = []
+    rows_read = 0
+    detected: str | None = None if fmt == "auto" else fmt
+    detected_at = ""
+    for where, row in rows:
+        rows_read += 1
+        try:
+            if isinstance(row, RowError):
+                raise row
+            row_format = _row_format(row, detected, detected_at)
+            pair = _parse_row(row, row_format)
+        except RowError as error:
+            if on_error == "raise":
+                raise _to_data_error(error, label, where) from None
+            dropped[error.reason] += 1
+            continue
+        if detected is None:
+            detected, detected_at = row_format, where
+        if pair.chosen == pair.rejected:
+            identical_rows.append(where)
+            if drop_identical:
+                dropped[_DROP_IDENTICAL_REASON] += 1
+                continue
+        pairs.append(pair)
+    if rows_read == 0:
+        raise DataError(
+            f"{label}: no rows. The source is empty; expected rows with prompt/chosen/rejected.", source=label
+        )
+    pair_set = PairSet(pairs, label, rows_read, dropped, len(identical_rows))
+    if identical_rows:
+        warnings.warn(
+            f"{label}: {len(identical_rows)} rows have chosen == rejected (first: {identical_rows[0]}); "
+            "they carry no preference signal. "
+            + (
+                "Dropped (drop_identical=True)."
+                if drop_identical
+                else "Pass drop_identical=True to drop them."
+            ),
+            UserWarning,
+            stacklevel=3,
+        )
+    if not pairs:
+        raise DataError(
+            f"{label}: no valid rows left: {pair_set.summary()} Fix the rows or check the format.",
+            source=label,
+        )
+    if max_pairs is not None:
+        pair_set = subsample(pair_set, max_pairs, seed)
+    logger.info(pair_set.summary())
+    return pair_set
+
+
+def _to_data_error(error: RowError, label: str, where: str) -> DataError:
+    field_part = f", field {error.field_name!r}" if error.field_name else ""
+    return DataError(
+        f"{label}, {where}{field_part}: {error.detail}. Fix or remove the row, or pass "
+        "on_error='drop' to skip such rows (they are counted).",
+        source=label,
+        row=where,
+        field=error.field_name,
+        reason=error.reason,
+    )
+
+
+def _row_format(row: Any, expected: str | None, expected_at: str) -> str:
+    """The row's format, checked against the one fixed by ``fmt`` or detected from an earlier row."""
+    if not isinstance(row, dict):
+        raise RowError(
+            "not an object",
+            None,
+            f"expected a JSON object with prompt/chosen/rejected, found {type(row).__name__}",
+        )
+    for name in ("chosen", "rejected"):
+        if row.get(name) is None:
+            raise RowError(
+                f"missing field {name!r}",
+                name,
+                f"missing field {name!r} (every row needs chosen and rejected)",
+            )
+    prompt = row.get("prompt")
+    if prompt is None:
+        found = "implicit"
+    elif isinstance(prompt, str):
+        found = "standard"
+    elif isinstance(prompt, list):
+        found = "conversational"
+    else:
+        raise RowError(
+            "wrong type", "prompt", f"expected a string or a list of messages, found {type(prompt).__name__}"
+        )
+    if expected is None or found == expected:
+        return found
+    if found == "implicit":
+        raise RowError(
+            "missing field 'prompt'",
+            "prompt",
+            f"missing field 'prompt' (the data is {expected}"
+            + (f", as detected from {expected_at}" if expected_at else "")
+            + ")",
+        )
+    source_of_format = f"detected from {expected_at}" if expected_at else "set by fmt"
+    raise RowError(
+        "format mismatch",
+        "prompt",
+        f"this row is {found} but the data is {expected} ({source_of_format}); make all rows one format",
+    )
+
+
+def _parse_row(row: dict, row_format: str) -> PreferencePair:
+    metadata = {key: value for key, value in row.items() if key not in PAIR_FIELDS}
+    if row_format == "implicit":
+        prompt, chosen, rejected = _split_implicit(row["chosen"], row["rejected"])
+    elif row_format == "standard":
+        prompt = _require_text(row["prompt"], "prompt", empty_reason="empty prompt")
+        chosen, rejected = (_standard_completion(row[name], name) for name in ("chosen", "rejected"))
+    else:
+        prompt = _require_messages(row["prompt"], "prompt")
+        if _blank(prompt):
+            raise RowError("empty prompt", "prompt", "the prompt has no content")
+        chosen, rejected = (_conversational_completion(row[name], name) for name in ("chosen", "rejected"))
+    return PreferencePair.build(prompt, chosen, rejected, metadata)
+
+
+def _require_text(value: Any, name: str, *, empty_reason: str) -> str:
+    if not isinstance(value, str):
+        raise RowError("wrong type", name, f"expected a string, found {type(value).__name__}")
+    if not value.strip():
+        raise RowError(empty_reason, name, f"{name} is empty (or only whitespace)")
+    return value
+
+
+def _standard_completion(value: Any, name: str) -> str:
+    if isinstance(value, list):
+        raise RowError(
+            "mixed types",
+            name,
+            f"{name} is a message list but prompt is a string; give the prompt as "
+            "messages too (conversational) or the completion as a string (standard)",
+        )
+    return _require_text(value, name, empty_reason="empty completion")
+
+
+def _conversational_completion(value: Any, name: str) -> list[dict]:
+    # A plain-string completion under a conversational prompt is one assistant message (as in TRL).
+    if isinstance(value, str):
+        messages = [{"role": "assistant", "content": value}]
+    else:
+        messages = _require_messages(value, name, empty_reason="empty completion")
+    _check_completion(messages, name)
+    return messages
+
+
+def _check_completion(messages: list[dict], name: str) -> None:
+    if messages[0]["role"] != "assistant":
+        raise RowError(
+            "completion not from assistant",
+            name,
+            f"{name} must start with an assistant message, found role {messages[0]['role']!r}",
+        )
+    if messages[-1]["role"] != "assistant":
+        # Every token of a completion is trained on as the model's own: a trailing user (or tool, or system) turn
+        # would teach the policy to write the other side's text.
+        raise RowError(
+            "completion not ending with assistant",
+            name,
+            f"{name} ends with a {messages[-1]['role']!r} message (message {len(messages) - 1}); a completion is "
+            "trained on as the model's own text and must end with the assistant's turn",
+        )
+    if _blank(messages):
+        raise RowError("empty completion", name, f"{name} is empty (its messages have no content)")
+
+
+def _require_messages(value: Any, name: str, *, empty_reason: str = "empty prompt") -> list[dict]:
+    """Validated copy of a message list; None-valued extra keys are removed (see below)."""
+    if not isinstance(value, list):
+        raise RowError(
+            "malformed message", name, f"expected a list of messages, found {type(value).__name__}"
+        )
+    if not value:
+        raise RowError(empty_reason, name, f"{name} is an empty message list")
+    return [_require_message(message, name, index) for index, message in enumerate(value)]
+
+
+def _require_message(message: Any, name: str, index: int) -> dict:
+    where = f"message {index} of {name}"
+    if not isinstance(message, dict):
+        raise RowError(
+            "malformed message",
+            name,
+            f"{where} is a {type(message).__name__}, not an object with role and content",
+        )
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str) or role not in MESSAGE_ROLES:
+        found = "no role" if role is None else f"role {role!r}"
+        raise RowError(
+            "malformed message", name, f"{where} has {found}; role must be one of {sorted(MESSAGE_ROLES)}"
+        )
+    if not isinstance(content, str):
+        raise RowError(
+            "malformed message",
+            name,
+            f"{where} has content of type {type(content).__name__}; content must be a string",
+        )
+    # Arrow-backed sources (Parquet, datasets) give every message every key seen in the column, set to None
+    # where absent; dropping None-valued extras keeps the pair id the same whichever file type held the rows.
+    return {key: item for key, item in message.items() if item is not None}
+
+
+def _blank(messages: list[dict]) -> bool:
+    return not any(message["content"].strip() for message in messages)
+
+
+def _split_implicit(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """Split two whole conversations into (shared prompt, chosen remainder, rejected remainder)."""
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        raise RowError(
+            "missing field 'prompt'",
+            "prompt",
+            "no 'prompt' field and chosen/rejected are strings: "
+            "implicit prompts need chosen/rejected as message lists (a shared string prefix is "
+            "ambiguous); add a 'prompt' column",
+        )
+    chosen = _require_messages(chosen, "chosen", empty_reason="empty completion")
+    rejected = _require_messages(rejected, "rejected", empty_reason="empty completion")
+    if chosen == rejected:
+        # Identical conversations share every message; the prompt is what precedes the final assistant turns.
+        shared = len(chosen)
+        while shared > 0 and chosen[shared - 1]["role"] == "assistant":
+            shared -= 1
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+    if shared == 0:
+        raise RowError(
+            "no shared prompt",
+            "chosen",
+            "no 'prompt' field, and chosen and rejected share no "
+            "leading message, so no prompt can be inferred; add a 'prompt' column or start both "
+            "conversations with the same prompt messages",
+        )
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if shared == len(conversation):
+            raise RowError(
+                "empty completion",
+                name,
+                f"{name} ends where the shared prompt ends (message "
+                f"{shared - 1}), so its completion is empty",
+            )
+        if conversation[shared]["role"] != "assistant":
+            raise RowError(
+                "completion not from assistant",
+                name,
+                f"chosen and rejected diverge at message "
+                f"{shared}, a {conversation[shared]['role']!r} message in {name}; the part after the "
+                "shared prompt must start with an assistant message",
+            )
+        _check_completion(conversation[shared:], name)
+    return chosen[:shared], chosen[shared:], rejected[shared:]
