@@ -35,6 +35,7 @@ def test_worked_example_of_the_docstring():
         "reference_chosen_logps": [[-1.0], [-2.0]],
         "reference_rejected_logps": [[-3.0], [-4.0]],
         "pair_ids": ["a"],
+        "num_tokens": 7,  # 3 + 4 real tokens, the padding not counted
     }
     assert all(batch[name].dtype == torch.long for name in ("input_ids", "attention_mask", "completion_mask"))
     assert batch["reference_chosen_logps"].dtype == torch.float32
@@ -57,6 +58,7 @@ def test_two_pairs_left_padding_chosen_rows_first():
         "reference_chosen_logps": [[-1.0, -5.0], [-2.0, -6.0]],  # (K, B)
         "reference_rejected_logps": [[-3.0, -7.0], [-4.0, -8.0]],
         "pair_ids": ["a", "b"],
+        "num_tokens": 12,  # 3 + 2 + 4 + 3
     }
 
 

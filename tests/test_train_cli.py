@@ -265,6 +265,10 @@ def test_resume_after_a_crash_keeps_one_metric_line_per_step_and_the_true_mean_l
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # no step twice
     for before, after in zip(uninterrupted, resumed, strict=True):
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+        # TRL's num_tokens: real tokens seen so far, carried through the resume by the saved trainer state.
+        assert after["num_tokens"] == before["num_tokens"]
+    counts = [r["num_tokens"] for r in uninterrupted]
+    assert counts == sorted(counts) and len(set(counts)) == 4 and counts[0] > 0
     summaries = [r for r in read_metrics(run_dir) if "train_runtime" in r]
     assert len(summaries) == 1  # the interrupted run's end line is gone
     # The Trainer's own train_loss covers only steps 3-4; the report averages all four.
@@ -278,7 +282,7 @@ def test_resume_skips_checkpoints_cut_while_saving_and_keeps_them(run_setup, cap
     assert main(["train", str(config)]) == 0
     (run_dir / "checkpoint-6").mkdir()  # killed right after creating the directory
     (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # killed before the state file, written last
-    with caplog.at_level(logging.WARNING, logger="mrpo.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.preflight"):
         assert main(["train", str(config), "training.max_steps=6", "--resume"]) == 0
     assert "Skipping " + str(run_dir / "checkpoint-6") + ": no trainer_state.json" in caplog.text
     assert "Skipping " + str(run_dir / "checkpoint-4") in caplog.text
@@ -346,3 +350,107 @@ def test_a_mistyped_policy_with_explicit_lora_targets_is_one_line(run_setup, cap
     )  # fmt: skip
     line = one_line_error(capsys, ["train", str(config)])
     assert "policy: cannot load the model config" in line and "no-such-model" in line
+
+
+def test_a_second_fresh_run_into_the_same_directory_is_refused_or_overwritten(run_setup, capsys):
+    config = write_config(run_setup, "twice", training={"max_steps": 4, "save_steps": 2})
+    run_dir = run_setup["root"] / "twice"
+    assert main(["train", str(config)]) == 0
+    before = (run_dir / "metrics.jsonl").read_text()
+    line = one_line_error(capsys, ["train", str(config), "training.max_steps=2"])
+    assert (
+        f"{run_dir} already holds a run (mrpo_config.yaml, metrics.jsonl, final, checkpoint-2, checkpoint-4)"
+        in line
+    )
+    assert "--resume" in line and "--overwrite" in line
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing was touched
+    (run_dir / "notes.txt").write_text("mine")
+    assert main(["train", str(config), "training.max_steps=2", "--overwrite"]) == 0
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == [1, 2]  # one run in the file, not three
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == [
+        "checkpoint-2"
+    ]  # the old checkpoint-4 is gone
+    assert (run_dir / "notes.txt").read_text() == "mine"  # what the run did not write stays
+
+
+def test_resume_refuses_a_change_to_the_maths(run_setup, capsys):
+    config = write_config(run_setup, "maths", training={"max_steps": 2, "save_steps": 2})
+    assert main(["train", str(config)]) == 0
+    line = one_line_error(capsys, ["train", str(config), "--resume", "loss.beta=0.5", "training.max_steps=4"])
+    assert (
+        "--resume: these settings differ from the run being resumed" in line
+        and "loss.beta: 0.1 -> 0.5" in line
+    )
+    line = one_line_error(capsys, ["train", str(config), "--resume", "training.learning_rate=0.2"])
+    assert "training.learning_rate: 0.1 -> 0.2" in line
+    assert main(["train", str(config), "--resume", "training.max_steps=4"]) == 0  # the length may change
+
+
+def test_a_missing_tracker_fails_at_once_with_the_extra_to_install(run_setup, capsys, monkeypatch):
+    import mrpo.pipeline
+
+    monkeypatch.setattr(mrpo.pipeline, "load_views", lambda *a, **k: pytest.fail("must fail before loading"))
+    config = write_config(run_setup, "tracker", training={"max_steps": 1, "report_to": "tensorboard"})
+    line = one_line_error(capsys, ["train", str(config)])
+    assert "training.report_to='tensorboard' needs the tensorboard package" in line
+    assert "pip install 'mrpo[tensorboard]'" in line
+
+
+def test_ctrl_c_says_the_step_and_how_to_resume(run_setup, capsys, monkeypatch):
+    from mrpo.trainer import MRPOTrainer
+
+    original = MRPOTrainer.training_step
+
+    def interrupted_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MRPOTrainer, "training_step", interrupted_at_step_3)
+    config = write_config(run_setup, "ctrl-c", training={"max_steps": 4, "save_steps": 2})
+    assert main(["train", str(config)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (
+        f"mrpo train: error: interrupted at step 2 (the last complete checkpoint is checkpoint-2); resume with "
+        f"`mrpo train {config} --resume`" in err
+    )
+
+
+def test_saved_config_reruns_from_anywhere_and_records_the_effective_learning_rate(
+    run_setup, monkeypatch, tmp_path
+):
+    import os
+
+    relative = os.path.relpath(run_setup["train"], run_setup["root"])
+    monkeypatch.chdir(run_setup["root"])
+    config = write_config(
+        run_setup, "portable", data={"train": relative, "eval": None}, training={"max_steps": 1}
+    )
+    raw = yaml.safe_load(config.read_text())
+    del raw["training"]["learning_rate"]  # the default
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(config)]) == 0
+    saved = yaml.safe_load((run_setup["root"] / "portable" / "mrpo_config.yaml").read_text())
+    assert saved["data"]["train"] == str(run_setup["train"].resolve())
+    assert saved["training"]["learning_rate"] == 1e-6  # the effective value, written down
+    assert saved["training"]["lr_scheduler_type"] == "linear" and saved["training"]["optim"] == "sgd"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved file reruns as it is
+    assert main(["train", str(run_setup["root"] / "portable" / "mrpo_config.yaml"), "--overwrite"]) == 0
+
+
+def test_the_adapter_loads_from_the_run_directory_and_has_a_model_card(run_setup):
+    from peft import AutoPeftModelForCausalLM
+
+    config = write_config(
+        run_setup, "peft-dir", lora={"enabled": True, "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        training={"max_steps": 2, "save_steps": 2},
+    )  # fmt: skip
+    assert main(["train", str(config)]) == 0
+    run_dir = run_setup["root"] / "peft-dir"
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir)
+    assert model.peft_config["default"].r == 2
+    card = (run_dir / "README.md").read_text()
+    assert "MRPO with K = 2 references" in card and "`gemma`" in card and "Mean training loss" in card
+    assert "library_name: peft" in card and f'from_pretrained("{run_dir}")' in card

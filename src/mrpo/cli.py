@@ -24,17 +24,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_HELP = (
+    "YAML config file. `mrpo defaults` prints every key with its default and meaning; docs/config.md is the "
+    "reference"
+)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("config", nargs="?", help=CONFIG_HELP)
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. loss.beta=0.2"
+        "--config", dest="config_option", metavar="CONFIG", help="the same, as an option (TRL style)"
     )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config values, e.g. loss.beta=0.2 (or TRL style: --beta 0.2, --learning_rate 1e-6)",
+    )
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    from mrpo.errors import ConfigError
+
+    if args.config_option and args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(
+            0, args.config
+        )  # `--config x.yaml loss.beta=0.2`: the first positional is an override
+        args.config = None
+    if args.config and args.config_option:
+        raise ConfigError(f"two configs given ({args.config} and --config {args.config_option}); give one")
+    path = args.config or args.config_option
+    if path is None:
+        raise ConfigError(
+            f"a config file is needed: mrpo {args.command} CONFIG.yaml [KEY=VALUE ...] (or --config CONFIG.yaml); "
+            "`mrpo defaults > my.yaml` writes one to start from"
+        )
+    return path
 
 
 def _load(args: argparse.Namespace, *, check_training: bool = True):
     from mrpo.config import load_config
 
-    return load_config(args.config, args.overrides, check_training=check_training)
+    return load_config(_config_path(args), args.overrides, check_training=check_training)
+
+
+def flags_to_overrides(command_options: set[str], argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """TRL-style ``--beta 0.2`` / ``--loss.beta=0.2`` / ``--learning_rate 1e-6`` flags in ``argv`` as dotted
+    ``key=value`` overrides; returns the rewritten arguments and one note per rewritten flag.
+
+    Flags the command itself knows (``command_options``) are left alone. A name several sections share
+    (``--seed``) or that no section has is a ConfigError naming the choices.
+    """
+    from mrpo.config import all_key_names, keys_named
+    from mrpo.errors import ConfigError
+    from mrpo.typecheck import did_you_mean
+
+    rewritten, notes, index = [], [], 0
+    while index < len(argv):
+        token = argv[index]
+        name, has_value, value = token[2:].partition("=")
+        if not token.startswith("--") or token.split("=")[0] in command_options or not name:
+            rewritten.append(token)
+            index += 1
+            continue
+        if not has_value:
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is not None and not following.startswith("--"):
+                value, index = following, index + 1
+            else:
+                value = "true"
+        keys = keys_named(name.replace("-", "_"))
+        if len(keys) != 1:
+            where = (
+                f"it could be {' or '.join(keys)}: write the one you mean as KEY=VALUE"
+                if keys
+                else f"no config key is called {name!r}{did_you_mean(name, all_key_names())}"
+            )
+            raise ConfigError(f"option --{name}: {where}", key=name)
+        rewritten.append(f"{keys[0]}={value}")
+        notes.append(f"--{name} {value} read as {keys[0]}={value}")
+        index += 1
+    return rewritten, notes
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -47,11 +117,19 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mrpo.errors import TrainingInterrupted
     from mrpo.pipeline import run_train
     from mrpo.rundir import CONFIG_FILE
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume loss.beta=0.5`: an override, not a checkpoint path
+        args.resume = True
     config = _load(args)
-    result = run_train(config, resume=args.resume)
+    try:
+        result = run_train(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        again = f"mrpo train {_config_path(args)} --resume"
+        raise TrainingInterrupted(f"{stop}; resume with `{again}`", step=stop.step) from None
     print(f"run directory:   {result.output_dir}")
     print(f"resolved config: {result.output_dir / CONFIG_FILE}")
     print(f"metrics:         {result.metrics_file}")
@@ -197,7 +275,7 @@ def _inspect(args: argparse.Namespace) -> int:
         _load(args, check_training=False),  # inspect never trains: no need to import the training stack
         output=args.output,
         suspect_threshold=args.suspect_threshold,
-        config_path=args.config,
+        config_path=_config_path(args),
     )
     for audit in result.audits:
         print(format_audit(audit) + "\n")
@@ -245,7 +323,12 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         const=True,
         default=None,
         metavar="CHECKPOINT",
-        help="resume from the latest checkpoint in the output directory, or from CHECKPOINT",
+        help="resume from the newest complete checkpoint in the output directory, or from CHECKPOINT",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an output directory that holds a run, removing what that run wrote",
     )
     parser.set_defaults(run=_train)
 
@@ -279,6 +362,25 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_report)
 
 
+def _defaults(args: argparse.Namespace) -> int:
+    from mrpo.config_reference import defaults_yaml, reference_markdown
+
+    print(reference_markdown() if args.markdown else defaults_yaml(), end="")
+    return 0
+
+
+def _register_defaults(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "defaults",
+        help="print a complete config with every default and what each key means",
+        description="Print a YAML config holding every key with its default and a comment saying what it does "
+        "(`mrpo defaults > my.yaml`, then edit policy.model and data.train). --markdown prints the reference "
+        "table of docs/config.md instead.",
+    )
+    parser.add_argument("--markdown", action="store_true", help="the config reference as markdown")
+    parser.set_defaults(run=_defaults)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_precompute,
     _register_inspect,
@@ -286,22 +388,77 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_evaluate,
     _register_demo,
     _register_report,
+    _register_defaults,
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
     from mrpo.errors import MRPOError
 
+    command = argv[0] if argv else None
     try:
+        subparser = _subparser(parser, command)
+        if subparser is not None and "overrides" in {action.dest for action in subparser._actions}:
+            argv[1:], notes = flags_to_overrides(set(subparser._option_string_actions), argv[1:])
+            argv[1:] = overrides_after_config(subparser, argv[1:])
+            for note in notes:
+                print(f"mrpo {command}: {note}", file=sys.stderr)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         return args.run(args)
     except MRPOError as error:
-        print(f"mrpo {args.command}: error: {error}", file=sys.stderr)
+        print(f"mrpo {command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:
+        print(f"mrpo {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _is_override(token: str) -> bool:
+    return "=" in token and not token.startswith("-") and not Path(token).exists()
+
+
+def overrides_after_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with every ``key=value`` override moved right after the config path (to the front when the config
+    comes as ``--config``), so overrides may stand anywhere: argparse takes positionals only where they begin, and
+    an optional-value option (``--resume``) would swallow the override after it."""
+    arranged: list[tuple[str, str]] = []  # (token, "option" | "value" | "positional")
+    overrides, index = [], 0
+    while index < len(argv):
+        token = argv[index]
+        action = parser._option_string_actions.get(token.split("=")[0]) if token.startswith("-") else None
+        if action is None:
+            if _is_override(token):
+                overrides.append(token)
+            else:
+                arranged.append((token, "option" if token.startswith("-") else "positional"))
+            index += 1
+            continue
+        arranged.append((token, "option"))
+        index += 1
+        if "=" in token or action.nargs == 0:
+            continue
+        wanted = 1 if action.nargs in (None, "?") else len(argv)  # "+", "*": every value that follows
+        while (
+            wanted and index < len(argv) and not argv[index].startswith("-") and not _is_override(argv[index])
+        ):
+            if action.nargs is None or not _is_override(argv[index]):
+                arranged.append((argv[index], "value"))
+            index, wanted = index + 1, wanted - 1
+    first = next((i for i, (_, kind) in enumerate(arranged) if kind == "positional"), -1)
+    tokens = [token for token, _ in arranged]
+    return tokens[: first + 1] + overrides + tokens[first + 1 :]
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Worked example (pad id 0, right padding, K = 2)::
     batch["reference_chosen_logps"]   == [[-1.0], [-2.0]]         # (K, B)
     batch["reference_rejected_logps"] == [[-3.0], [-4.0]]
     batch["pair_ids"]                 == ["a"]                    # for error messages
+    batch["num_tokens"]               == 7                        # real tokens (TRL's num_tokens metric)
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ class PreferenceCollator:
                 pad_to_multiple_of=self.pad_to_multiple_of,
             )
         batch["pair_ids"] = [str(e.get("pair_id", position)) for position, e in enumerate(examples)]
+        batch["num_tokens"] = sum(
+            len(sequence.input_ids) for sequence in sequences
+        )  # real tokens, no padding
         num_references = {len(e["reference_chosen_logps"]) for e in examples}
         num_references |= {len(e["reference_rejected_logps"]) for e in examples}
         if len(num_references) != 1:

@@ -29,7 +29,7 @@ import yaml
 
 from mrpo.errors import ConfigError
 from mrpo.overrides import INITIALISING_REFERENCE_NAME, apply_override, parse_override, parse_yaml, source_of
-from mrpo.training_section import TrainingConfig
+from mrpo.training_section import TrainingConfig, training_argument_names
 from mrpo.typecheck import (
     check_field_types,
     did_you_mean,
@@ -482,11 +482,72 @@ class MRPOConfig:
             "cache_dir": self.cache_dir,
         }
 
-    def save(self, path: str | Path) -> None:
-        """Write the resolved config as YAML; ``load_config(path)`` reads back an equal config."""
+    def save(self, path: str | Path, *, training: Mapping[str, Any] | None = None) -> None:
+        """Write the resolved config as YAML; ``load_config(path)`` reads back an equal config.
+
+        ``training`` adds keys to the training section as written (``mrpo train`` records the effective training
+        arguments, defaults included, so the file says what the run used and reruns it exactly).
+        """
+        content = self.to_dict()
+        content["training"] = {**content["training"], **(training or {})}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        path.write_text(yaml.safe_dump(content, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    def with_absolute_paths(self) -> "MRPOConfig":
+        """The same config with every local path (data, models, tokenizers, cache, output) made absolute, so a saved
+        copy reruns from any directory. Hub ids and dataset ids (no such local path) are left as written."""
+
+        def local(value: str | None) -> str | None:
+            return str(Path(value).resolve()) if value is not None and Path(value).exists() else value
+
+        data = dataclasses.replace(self.data, train=local(self.data.train), eval=local(self.data.eval))
+        policy = dataclasses.replace(
+            self.policy, model=local(self.policy.model), tokenizer=local(self.policy.tokenizer)
+        )
+        references = [
+            dataclasses.replace(reference, model=local(reference.model), tokenizer=local(reference.tokenizer))
+            for reference in self.references  # type: ignore[union-attr]
+        ]
+        training = self.training.to_dict()
+        training["output_dir"] = str(Path(training["output_dir"]).resolve())
+        return dataclasses.replace(
+            self,
+            data=data,
+            policy=policy,
+            references=references,
+            training=TrainingConfig.unchecked(training),
+            cache_dir=str(Path(self.cache_dir).resolve()),
+        )
+
+
+def keys_named(name: str) -> list[str]:
+    """The dotted keys a bare option name can mean (``beta`` -> ``["loss.beta"]``; ``seed`` -> data and
+    training), for command-line flags written TRL-style (``--beta 0.2``). A name with a dot is a key already."""
+    if "." in name:
+        return [name]
+    sections = {
+        "policy": PolicyConfig,
+        "data": DataConfig,
+        "loss": LossConfig,
+        "lora": LoraConfig,
+        "diagnostics": DiagnosticsConfig,
+    }
+    found = [f"{section}.{name}" for section, cls in sections.items() if name in field_docs(cls)]
+    found += [f"references.0.{name}"] if name in field_docs(ReferenceConfig) and name != "name" else []
+    if name == "cache_dir":
+        found.append(name)
+    if name in training_argument_names():
+        found.append(f"training.{name}")
+    return found
+
+
+def all_key_names() -> list[str]:
+    """Every bare option name ``keys_named`` knows, for did-you-mean suggestions."""
+    names = {"cache_dir", *training_argument_names()}
+    for cls in (PolicyConfig, DataConfig, LossConfig, LoraConfig, DiagnosticsConfig, ReferenceConfig):
+        names.update(field_docs(cls))
+    return sorted(names)
 
 
 def _reject_unknown_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str) -> None:

@@ -11,6 +11,7 @@ those.
     ├── ModelSourceError      a model or tokenizer that does not load from where the config points
     ├── CollatorError         a batch lacks what the trainer needs
     ├── TrainingError         training cannot go on (names the step and the pair); exit code 1
+    │   └── TrainingInterrupted   Ctrl-C during training (says how to resume); exit code 130
     ├── LMEvalError           an lm-eval request that cannot run as asked
     │   └── LMEvalNotInstalledError
     ├── ReportError           a run directory that cannot be reported on
@@ -73,6 +74,16 @@ class TrainingError(MRPOError, RuntimeError):
     """Training (or evaluation inside the Trainer) cannot go on; the message names the step, the pair and a remedy."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(TrainingError):
+    """Training was interrupted (Ctrl-C); the message says at which step and how to resume."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, *, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 class LMEvalError(MRPOError):

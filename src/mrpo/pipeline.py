@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import ConfigError, MRPOConfig, ReferenceConfig, padding_free_enabled
+from mrpo.config import MRPOConfig, ReferenceConfig, padding_free_enabled
 from mrpo.data import DataError, PairSet, load_pairs
+from mrpo.errors import TrainingInterrupted
 from mrpo.models import check_lora_before_precompute, load_policy, load_tokenizer, model_position_limit
+from mrpo.preflight import check_resumable, check_trackers, claim_output_dir, resume_checkpoint
 from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
     CONFIG_FILE,
@@ -33,8 +35,8 @@ from mrpo.rundir import (
     MERGED_DIR,
     METRICS_FILE,
     SUSPECTS_FILE,
-    checkpoint_problem,
     latest_checkpoint,
+    write_model_card,
 )
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
@@ -322,33 +324,6 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resume_checkpoint(output_dir: Path, resume: str | bool | None) -> str | None:
-    """The checkpoint to resume from: ``resume=True`` takes the newest complete one in ``output_dir`` (saying which
-    incomplete ones it skipped, and leaving them in place), a path must be a complete checkpoint."""
-    if not resume:
-        return None
-    if resume is True:
-        checkpoint, skipped = latest_checkpoint(output_dir)
-        for directory, problem in skipped:
-            logger.warning("Skipping %s: %s; it is left in place.", directory, problem)
-        if checkpoint is None:
-            found = f" (incomplete: {', '.join(d.name for d, _ in skipped)})" if skipped else ""
-            raise ConfigError(
-                f"--resume: {output_dir} holds no complete checkpoint-N directory{found}; train without --resume to "
-                "start over, or give a checkpoint directory (--resume DIR)",
-                key="training.resume_from_checkpoint",
-            )
-    else:
-        checkpoint = Path(resume)
-        problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a directory"
-        if problem:
-            raise ConfigError(
-                f"--resume {resume}: cannot resume from it: {problem}", key="training.resume_from_checkpoint"
-            )
-    logger.warning("Resuming from %s.", checkpoint)
-    return str(checkpoint)
-
-
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -360,17 +335,33 @@ class TrainResult:
 
 
 def run_train(
-    config: MRPOConfig, *, resume: str | bool | None = None, show_progress: bool = True
+    config: MRPOConfig,
+    *,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
 ) -> TrainResult:
-    """Train the policy; write the resolved config, the metrics and the final model under training.output_dir."""
-    from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
+    """Train the policy; write the resolved config, the metrics and the final model under training.output_dir.
 
+    A fresh run refuses a directory that holds another run unless ``overwrite`` (which clears what that run wrote);
+    a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
+    """
+    from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
+    from mrpo.training_section import effective_training_arguments
+
+    config = config.with_absolute_paths()
     args = config.training.to_training_arguments()
     output_dir = Path(args.output_dir)
     resume = resume if resume is not None else config.training.resume_from_checkpoint
     checkpoint = resume_checkpoint(output_dir, resume)  # before minutes of loading: a bad --resume fails now
+    effective = effective_training_arguments(args)
+    if checkpoint is not None:
+        check_resumable(output_dir / CONFIG_FILE, config, effective)
+    else:
+        claim_output_dir(output_dir, overwrite=overwrite)
+    check_trackers(config)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / CONFIG_FILE)
+    config.save(output_dir / CONFIG_FILE, training=effective)
 
     check_lora_before_precompute(config)
     views = load_views(config)
@@ -414,17 +405,35 @@ def run_train(
         loss=config.loss,
         callbacks=callbacks,
     )
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        saved, _ = latest_checkpoint(output_dir)
+        where = f"the last complete checkpoint is {saved.name}" if saved else "no checkpoint was saved yet"
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.state.global_step} ({where})", step=trainer.state.global_step
+        ) from None
     eval_metrics = trainer.evaluate() if eval_split is not None else None
+    final_dir, merged_dir = save_final_model(trainer, config, views, output_dir)
+    if trainer.is_world_process_zero():
+        summary = json.loads((output_dir / DATA_SUMMARY_FILE).read_text(encoding="utf-8"))
+        write_model_card(output_dir, config.to_dict(), summary)
+    return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
 
+
+def save_final_model(trainer, config: MRPOConfig, views: Views, output_dir: Path) -> tuple[Path, Path | None]:
+    """The trained model into ``final/``; a LoRA adapter also at the top of the run directory (small), so
+    ``AutoPeftModelForCausalLM.from_pretrained(output_dir)`` loads it as it loads a TRL run; optionally merged."""
     final_dir = output_dir / FINAL_DIR
     trainer.save_model(str(final_dir))
+    if config.lora.enabled:
+        trainer.save_model(str(output_dir))
     merged_dir = None
     if config.lora.enabled and config.lora.save_merged and trainer.is_world_process_zero():
         merged_dir = output_dir / MERGED_DIR
         trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(merged_dir)
         views.policy.tokenizer.save_pretrained(merged_dir)
-    return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
+    return final_dir, merged_dir
 
 
 def _data_summary(train: PreparedSplit, eval_split: PreparedSplit | None) -> dict[str, Any]:

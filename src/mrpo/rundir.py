@@ -37,6 +37,32 @@ FINAL_DIR = "final"
 MERGED_DIR = "merged"
 REPORT_FILE = "report.md"
 
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    DIAGNOSTICS_FILE,
+    DATA_SUMMARY_FILE,
+    EVAL_RESULTS_FILE,
+    REPORT_FILE,
+    "README.md",  # the model card
+    "loss.png",
+    "rewards.png",
+    "alpha.png",
+    "ctro.png",
+    "heldout.png",
+    # the LoRA adapter and tokenizer saved at the top, so the directory loads like a TRL output directory
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""The files a run writes at the top of its directory (besides checkpoint-N/, final/ and merged/). ``inspect.json``
+and ``suspect_pairs.jsonl`` belong to ``mrpo inspect``, not to a run."""
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, FINAL_DIR)
+"""Any of these (or a checkpoint-N directory) means the directory holds a run."""
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_FILE = "trainer_state.json"
 
@@ -247,3 +273,95 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def previous_run(output_dir: Path) -> list[str]:
+    """What in ``output_dir`` shows that a run already wrote there (names, for the message); empty when none."""
+    if not output_dir.is_dir():
+        return []
+    found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    found += sorted(p.name for p in output_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir())
+    return found
+
+
+def clear_run(output_dir: Path) -> list[str]:
+    """Remove what a run wrote into ``output_dir`` (``RUN_FILES``, checkpoints, final/, merged/); returns the
+    names removed. Anything else in the directory is left alone."""
+    import shutil
+
+    removed = []
+    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
+        ours = (
+            path.name in RUN_FILES
+            or path.name in (FINAL_DIR, MERGED_DIR)
+            or CHECKPOINT_PATTERN.match(path.name)
+        )
+        if not ours:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def write_model_card(output_dir: Path, config: dict[str, Any], data_summary: dict[str, Any] | None) -> Path:
+    """``README.md`` in the run directory: what was trained (method, references, data, settings) and what it
+    measured (from the run's own metrics and evaluation), with Hub metadata; read by anyone who loads the model."""
+    run = load_run(output_dir) if (output_dir / METRICS_FILE).is_file() else None
+    references = config.get("references") or []
+    policy, lora, loss = config["policy"], config.get("lora") or {}, config.get("loss") or {}
+    training = config.get("training") or {}
+    method = "DPO (one reference)" if len(references) == 1 else f"MRPO with K = {len(references)} references"
+    lines = [
+        "---",
+        f"library_name: {'peft' if lora.get('enabled') else 'transformers'}",
+        f"base_model: {policy['model']}",
+        "tags: [mrpo, preference-optimization, dpo]",
+        "---",
+        "",
+        f"# {output_dir.name}",
+        "",
+        f"Trained with [mrpo](https://arxiv.org/abs/2405.16388) (Multi-Reference Preference Optimization): {method}.",
+        "",
+        f"- Policy: `{policy['model']}`, "
+        + (
+            f"LoRA r {lora.get('r')}, alpha {lora.get('alpha')}, on {lora.get('target_modules')}"
+            if lora.get("enabled")
+            else "full fine-tuning"
+        ),
+        "- References: " + ", ".join(f"`{r['name']}` ({r['model']})" for r in references),
+        "- Loss: " + ", ".join(f"{key} {value}" for key, value in loss.items()),
+        f"- Training: learning rate {training.get('learning_rate')}, {training.get('num_train_epochs')} epochs, "
+        f"batch {training.get('per_device_train_batch_size')} per device x "
+        f"{training.get('gradient_accumulation_steps', 1)} accumulation",
+    ]
+    for split, summary in (data_summary or {}).items():
+        lines.append(f"- Data ({split}): `{summary.get('source')}`, {summary.get('pairs_used')} pairs used")
+    if run is not None:
+        mean_loss = run.mean_train_loss()
+        if mean_loss is not None:
+            lines.append(f"- Mean training loss: {mean_loss:.4f} over {run.train[-1]['step']} steps")
+        clip = run.mean_clip_rate()
+        if clip is not None and len(references) > 1:
+            lines.append(f"- Mean CTRO clip rate ({clip[1]}): {clip[0]:.1%}")
+    if run is not None and run.eval:
+        last = run.eval[-1]
+        shown = {k: v for k, v in last.items() if k.startswith("eval_") and is_number(v)}
+        lines.append(
+            "- Held-out (end of training): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
+        )
+    if lora.get("enabled"):
+        lines += [
+            "",
+            "Load it:",
+            "",
+            "```python",
+            "from peft import AutoPeftModelForCausalLM",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{output_dir}")',
+            "```",
+        ]
+    path = output_dir / "README.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

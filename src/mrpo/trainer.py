@@ -82,6 +82,7 @@ class MRPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
+        self._tokens_since_log = 0
         self._refuse_unsupported_micro_batches()
 
     def _refuse_unsupported_micro_batches(self) -> None:
@@ -130,8 +131,10 @@ class MRPOTrainer(Trainer):
         return sum(count(batch) for batch in inputs.get("micro_batches", [inputs]))
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Count the batch's real (non-padding) tokens, chosen and rejected, from the collator's count: no device
+        work here; the processes' counts are summed once per log line (``num_tokens``, as TRL logs it)."""
         for batch in inputs.get("micro_batches", [inputs]):
-            super()._track_num_input_tokens(batch)
+            self._tokens_since_log += int(batch.get("num_tokens", 0))
 
     def compute_loss(
         self,
@@ -224,6 +227,13 @@ class MRPOTrainer(Trainer):
             lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
         )
         logs.update({f"{prefix}{name}": value for name, value in means.items()})
+        if split == "train" and "loss" in logs:
+            counted = torch.tensor(self._tokens_since_log, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += int(self.accelerator.reduce(counted, reduction="sum"))
+            self._tokens_since_log = 0
+            logs["num_tokens"] = float(
+                self.state.num_input_tokens_seen
+            )  # saved with the state: survives a resume
         super().log(logs, start_time)
 
 

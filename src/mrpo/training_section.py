@@ -58,6 +58,9 @@ class TrainingConfig(Mapping[str, Any]):
     DEFAULTS: typing.ClassVar[Mapping[str, Any]] = types.MappingProxyType(
         {
             "output_dir": "runs/mrpo",
+            # TRL's DPOConfig default, what a preference-optimisation user expects (transformers' own 5e-5 is 50x
+            # larger). LoRA runs usually want more: the shipped recipes set their own.
+            "learning_rate": 1e-6,
             "report_to": "none",
             "logging_steps": 10,
             "remove_unused_columns": False,  # the MRPO collator needs the pair columns
@@ -162,3 +165,45 @@ class TrainingConfig(Mapping[str, Any]):
             raise ConfigError(
                 f"transformers.TrainingArguments rejected the 'training' section: {error}"
             ) from None
+
+
+RECORDED_TRAINING_ARGUMENTS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "seed",
+    "bf16",
+    "fp16",
+)
+"""The training arguments that decide what a run computes: recorded with their effective values (defaults
+included) in the saved config, and compared when a run is resumed."""
+
+
+def effective_training_arguments(arguments: Any) -> dict[str, Any]:
+    """The values ``RECORDED_TRAINING_ARGUMENTS`` actually have in a built ``TrainingArguments`` (plain YAML types)."""
+    effective = {}
+    for name in RECORDED_TRAINING_ARGUMENTS:
+        if hasattr(arguments, name):
+            value = getattr(arguments, name)
+            effective[name] = getattr(value, "value", value)  # enums (scheduler, optimizer) as their strings
+    return effective
+
+
+def training_argument_names() -> list[str]:
+    """Every key the training section takes (the installed TrainingArguments' fields, either name of a renamed
+    one)."""
+    names = set(_training_argument_types()) | {"resume_from_checkpoint"}
+    for old, new in _RENAMED_TRAINING_ARGUMENTS.items():
+        if old in names or new in names:
+            names |= {old, new}
+    return sorted(names)
