@@ -518,3 +518,26 @@ def test_a_completion_may_hold_tool_turns_but_must_end_with_the_assistant(tmp_pa
     assert len(pairs_from_records([record(calling)])) == 1
     with pytest.raises(DataError, match="chosen ends with a 'tool' message"):
         pairs_from_records([record(calling[:2])])
+
+
+def test_json_errors_and_hints_read_well(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q2", "chosen": "unterminated\n'
+    )
+    with pytest.raises(DataError) as raised:
+        load_pairs(path)
+    message = str(raised.value)
+    assert "line 2: invalid JSON at column 41: Invalid control character at;" in message
+    assert "at at" not in message
+    assert "set data.on_error=drop to skip such rows" in message  # the key as a user writes it
+
+
+def test_a_missing_split_names_the_config_key(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(STANDARD_RECORDS)}).save_to_disk(
+        tmp_path / "saved"
+    )
+    with pytest.raises(
+        DataError, match=r"no split 'test'; available splits: \['train'\]\. Set data.train_split"
+    ):
+        load_pairs(tmp_path / "saved", split="test")

@@ -72,7 +72,7 @@ def test_prepared_task_dir_points_lm_eval_at_absolute_data_files(tmp_path):
             assert path.startswith(str(directory)) and json.loads(open(path).readline())
 
 
-def test_shipped_tasks_on_a_model_dir_and_a_lora_adapter(model_dirs, tmp_path, monkeypatch):
+def test_shipped_tasks_on_a_model_dir_and_a_lora_adapter(model_dirs, tmp_path, monkeypatch, caplog):
     base, adapter = model_dirs
     config = _config(base, tmp_path / "cache")
     loaded = []
@@ -84,7 +84,11 @@ def test_shipped_tasks_on_a_model_dir_and_a_lora_adapter(model_dirs, tmp_path, m
 
     monkeypatch.setattr(mrpo.models, "load_for_evaluation", recording_loader)
 
-    start = run_lm_eval(config, None, TASKS, limit=4)
+    with caplog.at_level("WARNING", logger="lm_eval"):
+        start = run_lm_eval(config, None, TASKS, limit=4)
+    assert (
+        "is not of type `str`" not in caplog.text and "already-initialized" not in caplog.text
+    )  # noise, dropped
     tuned = run_lm_eval(config, str(adapter), TASKS, label="mrpo", limit=4)
 
     from peft import PeftModel
@@ -156,3 +160,16 @@ def test_builtin_tasks_pass_through_unchanged(tmp_path, model_dirs, fake_harness
     assert managers[0].include_defaults
     assert (tmp_path / "lm_eval_tasks").resolve() in Path(managers[0].include_path).parents
     assert result.metrics == {"hellaswag": {"acc": 0.25}}
+
+
+def test_the_shipped_tasks_run_with_plain_lm_eval_include_path(tmp_path, capsys):
+    from lm_eval.tasks import TaskManager
+
+    from mrpo.cli import main
+
+    assert main(["lm-eval-tasks", str(tmp_path / "tasks")]) == 0
+    captured = capsys.readouterr()
+    directory = captured.out.strip()
+    assert f"--include_path {directory} --tasks mrpo_arithmetic,mrpo_facts" in captured.err
+    manager = TaskManager(include_path=directory, include_defaults=False)
+    assert {"mrpo_arithmetic", "mrpo_facts"} <= set(manager.all_tasks)

@@ -603,8 +603,8 @@ def test_cli_precompute_prints_summary_and_second_run_computes_nothing(
 def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(tmp_path):
     from mrpo.references import ReferenceCache, ReferenceStore, StoreKey
 
-    key = StoreKey("m", "fp", "tok", None, "drop", "torch.float32")
-    store = ReferenceStore.open(tmp_path, "ext", key)
+    key = StoreKey("fp", "tok", None, "drop", "torch.float32")
+    store = ReferenceStore.open(tmp_path, key)
     store.write_shard(
         ["a", "b"], torch.tensor([[-1.0, -2.0], [float("-inf"), -3.0]]), torch.tensor([[1, 1], [1, 1]])
     )
@@ -635,3 +635,15 @@ def test_large_weights_are_sampled_with_a_log_line_and_full_hashing_sees_every_b
         references.model_fingerprint(str(weights.parent), "full")
     assert "sampled" not in caplog.text
     assert sampled != full  # the two modes never share a store
+
+
+def test_the_same_model_under_another_name_or_path_reuses_the_store(tmp_path, model_dirs):
+    import shutil
+
+    copy_dir = tmp_path / "same-weights-elsewhere"
+    shutil.copytree(model_dirs["llama"], copy_dir)
+    first, _ = run_precompute(pair_set(), [spec("init", model_dirs["llama"])], tmp_path / "cache")
+    assert first.reports[0].computed == len(pair_set())
+    again, _ = run_precompute(pair_set(), [spec("teacher", copy_dir)], tmp_path / "cache")
+    assert again.reports[0].computed == 0 and again.reports[0].reused == len(pair_set())
+    assert again.stores[0].directory == first.stores[0].directory

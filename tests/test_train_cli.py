@@ -454,3 +454,18 @@ def test_the_adapter_loads_from_the_run_directory_and_has_a_model_card(run_setup
     card = (run_dir / "README.md").read_text()
     assert "MRPO with K = 2 references" in card and "`gemma`" in card and "Mean training loss" in card
     assert "library_name: peft" in card and f'from_pretrained("{run_dir}")' in card
+
+
+def test_precompute_shows_once_how_a_reference_without_chat_template_reads_a_pair(
+    run_setup, caplog, monkeypatch
+):
+    import mrpo.pipeline
+
+    monkeypatch.setattr(mrpo.pipeline, "_RENDERINGS_SHOWN", set())
+    config = write_config(run_setup, "rendering")
+    with caplog.at_level(logging.WARNING, logger="mrpo.pipeline"):
+        assert main(["precompute", str(config)]) == 0
+    shown = [r.getMessage() for r in caplog.records if "has no chat template" in r.getMessage()]
+    assert len(shown) == 1  # the train and eval splits: said once
+    assert shown[0].startswith("Reference 'gemma' has no chat template: it reads each pair as plain text")
+    assert "'User: Capital of Spain?\\n\\nAssistant: Madrid." in shown[0]

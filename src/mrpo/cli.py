@@ -362,6 +362,32 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_report)
 
 
+def _lm_eval_tasks(args: argparse.Namespace) -> int:
+    from mrpo.lm_eval_bridge import prepare_task_dir
+    from mrpo.lm_eval_tasks import SHIPPED_TASKS
+
+    directory = prepare_task_dir(args.directory)
+    print(directory)
+    print(
+        "\nRun them with plain lm-eval, e.g.:\n"
+        f"  lm_eval --model hf --model_args pretrained=MODEL[,peft=ADAPTER_DIR] --include_path {directory} "
+        f"--tasks {','.join(SHIPPED_TASKS)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _register_lm_eval_tasks(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "lm-eval-tasks",
+        help="write mrpo's offline lm-eval tasks into a directory, for plain `lm_eval --include_path`",
+        description="Write the tasks mrpo ships (mrpo_arithmetic, mrpo_facts: data and YAMLs) under DIRECTORY and "
+        "print the folder to give lm-eval as --include_path. `mrpo evaluate --lm-eval-tasks` does this itself.",
+    )
+    parser.add_argument("directory", nargs="?", default=".", help="where to write them (default: .)")
+    parser.set_defaults(run=_lm_eval_tasks)
+
+
 def _defaults(args: argparse.Namespace) -> int:
     from mrpo.config_reference import defaults_yaml, reference_markdown
 
@@ -389,6 +415,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_demo,
     _register_report,
     _register_defaults,
+    _register_lm_eval_tasks,
 ]
 
 

@@ -172,7 +172,7 @@ def _jsonl_rows(path: Path, label: str) -> Rows:
                     RowError(
                         "invalid JSON",
                         None,
-                        f"invalid JSON ({error.msg} at column {error.colno}); "
+                        f"invalid JSON at column {error.colno}: {error.msg}; "
                         "each line must hold one JSON object",
                     ),
                 )
@@ -241,7 +241,8 @@ def _open_saved_dataset(path: Path, split: str) -> tuple[str, Rows]:
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(
-                f"{path}: no split {split!r}; available splits: {sorted(loaded)}. Pass split=...",
+                f"{path}: no split {split!r}; available splits: {sorted(loaded)}. Set data.train_split (or "
+                "data.eval_split) to one of them",
                 source=label,
             )
         loaded, label = loaded[split], f"{path} (split {split})"

@@ -16,9 +16,11 @@ Any other name (``hellaswag``, ``arc_easy``, ...) is passed to lm-eval unchanged
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -216,7 +218,9 @@ def run_lm_eval(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_for_evaluation(config, checkpoint, device)
     tokenizer = load_tokenizer(config.policy.model, config.policy.tokenizer)
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # lm-eval warns that a model object (not a path) was passed: that is how this bridge works, not a problem.
+    with _quiet(logging.getLogger("lm_eval.models.huggingface"), _HANDED_A_MODEL_OBJECT):
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     raw = lm_eval.simple_evaluate(
         model=wrapped, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=False
     )
@@ -236,6 +240,26 @@ def run_lm_eval(
         },
         raw=raw,
     )
+
+
+_HANDED_A_MODEL_OBJECT = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger, prefixes: Sequence[str]):
+    """Drop the log records of ``logger`` that start with one of ``prefixes`` (and only those)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(tuple(prefixes))
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _task_metrics(values: dict[str, Any]) -> dict[str, float]:

@@ -254,8 +254,8 @@ def build_pair_set(
 def _to_data_error(error: RowError, label: str, where: str) -> DataError:
     field_part = f", field {error.field_name!r}" if error.field_name else ""
     return DataError(
-        f"{label}, {where}{field_part}: {error.detail}. Fix or remove the row, or pass "
-        "on_error='drop' to skip such rows (they are counted).",
+        f"{label}, {where}{field_part}: {error.detail}. Fix or remove the row, or set data.on_error=drop to skip "
+        "such rows (they are counted).",
         source=label,
         row=where,
         field=error.field_name,

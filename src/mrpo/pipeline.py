@@ -174,12 +174,36 @@ def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> l
     return limits
 
 
+_RENDERINGS_SHOWN: set[str] = set()
+
+
+def _show_plain_renderings(views: Views, tokenized: TokenizedSplit) -> None:
+    """Once per tokenizer and process: how a reference without a chat template reads a pair (plain text, roles
+    spelled out), so nobody has to read a docstring to see what it scores."""
+    if not tokenized.pairs.pairs:
+        return
+    first = next(p for p in tokenized.pairs.pairs if p.pair_id == tokenized.tokenization.pair_ids[0])
+    for view in views.references:
+        if view.has_chat_template or view.fingerprint in _RENDERINGS_SHOWN:
+            continue
+        _RENDERINGS_SHOWN.add(view.fingerprint)
+        _, chosen, _ = view.render(first)
+        logger.warning(
+            "Reference %r has no chat template: it reads each pair as plain text (a conversation as 'User: ...', "
+            "'Assistant: ...' turns), its own BOS/EOS added as its tokenizer does. The first pair's chosen answer "
+            "as it scores it: %r",
+            view.name,
+            chosen if len(chosen) <= 300 else chosen[:297] + "...",
+        )
+
+
 def prepare_split(
     config: MRPOConfig, split: str, views: Views | None = None, *, show_progress: bool = True
 ) -> PreparedSplit:
     """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
     views = views or load_views(config)
     tokenized = tokenize_split(config, split, views)
+    _show_plain_renderings(views, tokenized)
     cache = precompute(
         tokenized.references,
         views.references,

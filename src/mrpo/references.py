@@ -122,9 +122,9 @@ def _file_digest(file: Path, size: int, mtime_ns: int, whole: bool) -> str:
 
 @dataclass(frozen=True)
 class StoreKey:
-    """Everything except the text that changes a reference's log-probs."""
+    """Everything except the text that changes a reference's log-probs. Content only: the same weights under
+    another path or another reference name share one store (the name is a label in reports)."""
 
-    model: str
     model_fingerprint: str
     tokenizer_fingerprint: str
     max_length: int | None
@@ -147,8 +147,8 @@ class ReferenceStore:
     discarded_shards: int = 0
 
     @classmethod
-    def open(cls, root: Path, name: str, key: StoreKey) -> ReferenceStore:
-        directory = root / f"{name}-{key.digest}"
+    def open(cls, root: Path, key: StoreKey) -> ReferenceStore:
+        directory = store_directory(root, key)
         directory.mkdir(parents=True, exist_ok=True)
         key_file = directory / "key.json"
         if not key_file.exists():
@@ -219,6 +219,11 @@ class ReferenceStore:
 
     def missing(self, pair_ids: Iterable[str]) -> list[str]:
         return [pair_id for pair_id in pair_ids if pair_id not in self.entries]
+
+
+def store_directory(root: Path, key: StoreKey) -> Path:
+    """Where the store of ``key`` lives under the cache root."""
+    return root / f"store-{key.digest}"
 
 
 def _atomic_write_bytes(path: Path, content: bytes) -> None:
@@ -356,7 +361,6 @@ class ReferenceCache:
 
 def store_key(spec: ReferenceConfig, view: ModelView, overflow: str, device: torch.device) -> StoreKey:
     return StoreKey(
-        model=spec.model,
         model_fingerprint=model_fingerprint(spec.model, spec.hash_weights),
         tokenizer_fingerprint=view.fingerprint,
         # With overflow="drop" a pair is either scored whole or not at all, so max_length does not change any
@@ -396,7 +400,7 @@ def precompute(
     for spec, view, pairs in zip(specs, views, tokenized, strict=True):
         start = time.perf_counter()
         key = store_key(spec, view, overflow, device)
-        store = ReferenceStore.open(root, spec.name, key)
+        store = ReferenceStore.open(root, key)
         # Every process must see the same store before any of them writes to it: a process that opened it after
         # another had written shards would find fewer pairs missing, split them differently, and pairs would be
         # scored twice or by nobody.
@@ -450,7 +454,7 @@ def open_cache(
     stores = []
     for k, (spec, view) in enumerate(zip(specs, views, strict=True)):
         key = store_key(spec, view, overflow, device)
-        directory = root / f"{spec.name}-{key.digest}"
+        directory = store_directory(root, key)
         if not (directory / "key.json").is_file():
             raise CacheError(
                 f"reference {k + 1} ({spec.name!r}, {spec.model}) has no store under {root} for this model, "
