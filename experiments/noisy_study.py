@@ -31,18 +31,19 @@ import math
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import reworded_facts
 import stats
+from grid import RESULT_FILE, read_jsonl, run_grid, write_json_atomic
 
+from mrpo.demo.pairs import write_jsonl
 from mrpo.report import markdown_table
 
 DECISION_RULE = (
@@ -212,57 +213,9 @@ def expand_grid(settings: Settings) -> list[RunSpec]:
     return runs
 
 
-RESULT_FILE = "result.json"
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def run_grid(
-    runs: Sequence[RunSpec],
-    output_dir: Path,
-    runner: Callable[[RunSpec, Path], dict],
-    log: Callable[[str], None],
-) -> list[dict[str, Any]]:
-    """Run every unfinished run (a directory without result.json is cleared and redone); return all results."""
-    results = []
-    for index, run in enumerate(runs, start=1):
-        run_dir = output_dir / run.name
-        if not (run_dir / RESULT_FILE).exists():
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            log(f"[{index}/{len(runs)}] {run.name}: running")
-            begin = time.perf_counter()
-            result = {**dataclasses.asdict(run), **runner(run, run_dir)}
-            result["seconds"] = round(time.perf_counter() - begin, 1)
-            write_json_atomic(run_dir / RESULT_FILE, result)
-            log(f"    done in {result['seconds']:.0f} s")
-        results.append(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
-    return results
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------------------
-
-
-def write_jsonl(path: Path, records: Sequence[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def seed_data(settings: Settings, data_dir: Path, seed: int) -> dict[str, Path]:
@@ -935,7 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.report_only:
         runs = [run for run in runs if (output_dir / run.name / RESULT_FILE).exists()]
-    results = run_grid(runs, output_dir, runner, log)
+    results = run_grid(runs, output_dir, runner, log=log)
     runtime = time.perf_counter() - started
     command = " ".join(
         [".venv/bin/python experiments/noisy_study.py", *(argv if argv is not None else sys.argv[1:])]

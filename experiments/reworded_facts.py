@@ -15,12 +15,13 @@ The fact tables are the demo's (``mrpo.demo.pairs``); only the wordings are adde
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mrpo.demo.pairs import CAPITALS, ELEMENTS, OPPOSITES, UNIT_CONVERSIONS, WORDS
+from mrpo.demo.pairs import CAPITALS, ELEMENTS, OPPOSITES, WORDS, arithmetic_problems, unit_problems
 
 WORDINGS = 3
 
@@ -168,54 +169,35 @@ def _letters(rng: random.Random) -> list[Fact]:
 
 
 def _units(rng: random.Random, count: int) -> list[Fact]:
-    questions = [(conversion, amount) for conversion in UNIT_CONVERSIONS for amount in range(2, 16)]
-    facts = []
-    for (source, target, factor, wrong_factors), amount in rng.sample(questions, count):
-        wrong = amount * rng.choice(wrong_factors)
-        facts.append(
-            Fact(
-                "units",
-                f"units:{amount} {source}->{target}",
-                str(amount * factor),
-                str(wrong),
+    return [
+        Fact(
+            "units",
+            f"units:{amount} {source}->{target}",
+            str(right),
+            str(wrong),
+            (
                 (
-                    (
-                        f"How many {target} are in {amount} {source}?",
-                        lambda x, a=amount, s=source, t=target: f"{a} {s} is {x} {t}.",
-                    ),
-                    (
-                        f"Convert {amount} {source} to {target}.",
-                        lambda x, a=amount, s=source, t=target: f"{a} {s} equals {x} {t}.",
-                    ),
-                    (
-                        f"{amount} {source} make how many {target}?",
-                        lambda x, a=amount, s=source, t=target: f"In {t}, {a} {s} make {x}.",
-                    ),
+                    f"How many {target} are in {amount} {source}?",
+                    lambda x, a=amount, s=source, t=target: f"{a} {s} is {x} {t}.",
                 ),
-            )
+                (
+                    f"Convert {amount} {source} to {target}.",
+                    lambda x, a=amount, s=source, t=target: f"{a} {s} equals {x} {t}.",
+                ),
+                (
+                    f"{amount} {source} make how many {target}?",
+                    lambda x, a=amount, s=source, t=target: f"In {t}, {a} {s} make {x}.",
+                ),
+            ),
         )
-    return facts
+        for source, target, amount, right, wrong in unit_problems(rng, count)
+    ]
 
 
 def _arithmetic(rng: random.Random, count: int) -> list[Fact]:
     facts: list[Fact] = []
-    seen: set[str] = set()
-    while len(facts) < count:
-        operator = rng.choice("+-×")
-        if operator == "+":
-            a, b = rng.randint(2, 99), rng.randint(2, 99)
-            result = a + b
-        elif operator == "-":
-            a = rng.randint(10, 99)
-            b = rng.randint(1, a - 1)
-            result = a - b
-        else:
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
-            result = a * b
+    for a, operator, b, result in itertools.islice(arithmetic_problems(rng), count):
         expression = f"{a} {operator} {b}"
-        if expression in seen:
-            continue
-        seen.add(expression)
         wrong = rng.choice(sorted({result + 1, result - 1, result + 10, result - 10} - {result, 0}))
         facts.append(
             Fact(

@@ -38,11 +38,12 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from grid import is_finished, run_grid, write_json_atomic
 from stats import loss_statistics, mean_ci
 
 from mrpo.report import markdown_table
@@ -189,49 +190,6 @@ def expand_grid(settings: StudySettings, available_train_pairs: int) -> list[Run
         RunSpec("stability", method, stability_size, settings.seeds[0]) for method in settings.stability
     )
     return runs
-
-
-RESULT_FILE = "result.json"
-
-
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / RESULT_FILE).exists()
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
-class Runner(Protocol):
-    """Trains and evaluates one run; the real one uses the models, tests use a fake."""
-
-    def __call__(self, run: RunSpec, run_dir: Path) -> dict[str, Any]: ...
-
-
-def run_grid(
-    runs: Sequence[RunSpec], output_dir: Path, runner: Runner, *, log: Callable[[str], None] = print
-) -> list[dict[str, Any]]:
-    """Run every unfinished run (a directory without ``result.json`` is cleared and redone); return all results."""
-    results = []
-    for index, run in enumerate(runs, start=1):
-        run_dir = output_dir / run.name
-        if is_finished(run_dir):
-            log(f"[{index}/{len(runs)}] {run.name}: finished, skipped")
-        else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # an interrupted run: its partial outputs would mix with the new ones
-            run_dir.mkdir(parents=True)
-            log(f"[{index}/{len(runs)}] {run.name}: running")
-            begin = time.perf_counter()
-            result = runner(run, run_dir)
-            result = {**dataclasses.asdict(run), **result, "seconds": round(time.perf_counter() - begin, 1)}
-            write_json_atomic(run_dir / RESULT_FILE, result)
-            log(f"    done in {result['seconds']:.0f} s")
-        results.append(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
-    return results
 
 
 # ------------------------------------------------------------------------------------------------------------

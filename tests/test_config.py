@@ -108,6 +108,7 @@ def test_defaults_give_plain_dpo_against_the_policy():
     assert config.lora.enabled is False
     assert dict(config.training) == {
         "output_dir": "runs/mrpo",
+        "learning_rate": 1e-6,  # TRL's DPO default, not transformers' 5e-5
         "report_to": "none",
         "logging_steps": 10,
         "remove_unused_columns": False,

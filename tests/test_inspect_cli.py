@@ -4,63 +4,22 @@ files it writes, and the forecast clip rate equal to what training then logs ove
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mrpo.cli import main
-from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-import trainer_worker as setup  # noqa: E402
+from test_train_cli import write_config
 
 
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("inspect")
-    train = root / "pairs.jsonl"
-    train.write_text(
-        "".join(json.dumps(row) + "\n" for row in setup.conversational_records()), encoding="utf-8"
-    )
-    return {
-        "root": root,
-        "train": train,
-        "llama": save_model_dir(tiny_llama(), bpe_tokenizer(), root / "llama"),
-        "gemma": save_model_dir(tiny_gemma3(), char_tokenizer(), root / "gemma"),
-    }
+def inspect_config(paths: dict[str, Path], name: str, **loss) -> Path:
+    """The CLI tests' two-family run, one epoch of two batches of two pairs."""
+    training = {"max_steps": -1, "num_train_epochs": 1, "save_strategy": "no"}
+    return write_config(paths, name, loss={"beta": 0.1, **loss}, training=training)
 
 
-def write_config(paths: dict[str, Path], name: str, **loss) -> Path:
-    config = {
-        "policy": {"model": str(paths["llama"]), "dtype": "float32"},
-        "references": [
-            {"name": "init", "model": str(paths["llama"]), "dtype": "float32"},
-            {"name": "gemma", "model": str(paths["gemma"]), "dtype": "float32"},
-        ],
-        "data": {"train": str(paths["train"]), "eval": str(paths["train"])},
-        "loss": {"beta": 0.1, **loss},
-        "training": {
-            "output_dir": str(paths["root"] / name),
-            "per_device_train_batch_size": 2,
-            "num_train_epochs": 1,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "learning_rate": 0.1,
-            "optim": "sgd",
-            "use_cpu": True,
-            "disable_tqdm": True,
-        },
-        "cache_dir": str(paths["root"] / "cache"),
-    }
-    path = paths["root"] / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
-
-
-def test_a_missing_cache_is_one_line_naming_the_reference_and_the_command(paths, capsys):
-    config = write_config(paths, "no-cache")
+def test_a_missing_cache_is_one_line_naming_the_reference_and_the_command(run_setup, capsys):
+    config = inspect_config(run_setup, "no-cache")
     assert main(["inspect", str(config)]) == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("mrpo ")]
@@ -69,11 +28,11 @@ def test_a_missing_cache_is_one_line_naming_the_reference_and_the_command(paths,
     assert f"run `mrpo precompute {config}` first" in lines[0]
 
 
-def test_inspect_writes_the_audit_and_the_suspects(paths, capsys):
-    config = write_config(paths, "audited")
+def test_inspect_writes_the_audit_and_the_suspects(run_setup, capsys):
+    config = inspect_config(run_setup, "audited")
     assert main(["precompute", str(config)]) == 0
     capsys.readouterr()
-    output = paths["root"] / "audit-out"
+    output = run_setup["root"] / "audit-out"
     assert main(["inspect", str(config), "--output", str(output), "--suspect-threshold", "0"]) == 0
     printed = capsys.readouterr().out
     assert "[train] 4 pairs" in printed and "[eval] 4 pairs" in printed and "verdict:" in printed
@@ -96,12 +55,12 @@ def test_inspect_writes_the_audit_and_the_suspects(paths, capsys):
         assert set(row["margins"]) == {"init", "gemma"}
 
 
-def test_forecast_clip_rate_is_what_the_first_epoch_logs(paths, capsys):
+def test_forecast_clip_rate_is_what_the_first_epoch_logs(run_setup, capsys):
     from mrpo.audit import audit_split
     from mrpo.config import LossConfig, load_config
     from mrpo.pipeline import prepare_split
 
-    base = load_config(write_config(paths, "forecast"))
+    base = load_config(inspect_config(run_setup, "forecast"))
     columns = prepare_split(base, "train", show_progress=False).dataset
     # An eps at which the clamp moves some log-probs but not all, so the comparison is not 0 == 0 or 1 == 1.
     for eps in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
@@ -115,10 +74,11 @@ def test_forecast_clip_rate_is_what_the_first_epoch_logs(paths, capsys):
             break
     else:
         pytest.fail("no eps gives a partial clip rate on these pairs")
-    config = write_config(paths, "forecast", eps=eps)
+    config = inspect_config(run_setup, "forecast", eps=eps)
     assert main(["train", str(config)]) == 0
     logged = [
-        json.loads(line) for line in (paths["root"] / "forecast" / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)
+        for line in (run_setup["root"] / "forecast" / "metrics.jsonl").read_text().splitlines()
     ]
     steps = [row["ctro/clip_rate"] for row in logged if "loss" in row]
     assert (
@@ -126,5 +86,5 @@ def test_forecast_clip_rate_is_what_the_first_epoch_logs(paths, capsys):
     )  # one epoch of two batches of two pairs: the mean of the step means is the epoch mean
     assert sum(steps) / len(steps) == pytest.approx(forecast, abs=1e-6)
     capsys.readouterr()
-    assert main(["inspect", str(config), "--output", str(paths["root"] / "forecast-audit")]) == 0
+    assert main(["inspect", str(config), "--output", str(run_setup["root"] / "forecast-audit")]) == 0
     assert f"forecast ctro/clip_rate {forecast:.1%}" in capsys.readouterr().out

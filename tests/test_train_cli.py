@@ -17,25 +17,10 @@ from mrpo.cli import main
 from mrpo.config import ConfigError, DataConfig, LoraConfig, MRPOConfig, PolicyConfig, load_config
 from mrpo.models import load_policy
 from mrpo.references import CacheError, ReferenceCache
-from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
+from tiny_models import bpe_tokenizer, save_model_dir
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import trainer_worker as setup  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def run_setup(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cli")
-    train = root / "pairs.jsonl"
-    train.write_text(
-        "".join(json.dumps(row) + "\n" for row in setup.conversational_records()), encoding="utf-8"
-    )
-    return {
-        "root": root,
-        "train": train,
-        "llama": save_model_dir(tiny_llama(), bpe_tokenizer(), root / "llama"),
-        "gemma": save_model_dir(tiny_gemma3(), char_tokenizer(), root / "gemma"),
-    }
 
 
 def write_config(paths: dict[str, Path], name: str, **sections) -> Path:
@@ -233,8 +218,7 @@ def test_runs_are_reproducible_whatever_ran_before_in_the_process(run_setup):
     assert main(["train", str(config)]) == 0
     first = [r["loss"] for r in read_metrics(run_setup["root"] / "seeded") if "loss" in r]
     torch.rand(1000)  # consume the global RNG, as a model conversion or an earlier run would
-    (run_setup["root"] / "seeded" / "metrics.jsonl").unlink()
-    assert main(["train", str(config)]) == 0
+    assert main(["train", str(config), "--overwrite"]) == 0
     second = [r["loss"] for r in read_metrics(run_setup["root"] / "seeded") if "loss" in r]
     assert second == first
 

@@ -602,7 +602,7 @@ def test_cli_prints_a_training_error_on_one_line(monkeypatch, tmp_path, capsys):
     from mrpo.cli import main
     from mrpo.trainer import TrainingError
 
-    def diverge(config, resume=None):
+    def diverge(config, resume=None, overwrite=False):
         raise TrainingError("training step 7: the policy's log-prob of pair 'p1' is not finite")
 
     monkeypatch.setattr(mrpo.pipeline, "run_train", diverge)

@@ -224,3 +224,18 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, d
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def two_family_run_setup(root: Path, records: list[dict]) -> dict[str, Path]:
+    """A CLI run's inputs under ``root``: ``records`` as ``pairs.jsonl``, and a policy of one family (``llama``,
+    BPE + ChatML) and a reference of another (``gemma``, characters, no chat template) saved as model dirs."""
+    import json
+
+    train = root / "pairs.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in records), encoding="utf-8")
+    return {
+        "root": root,
+        "train": train,
+        "llama": save_model_dir(tiny_llama(), bpe_tokenizer(), root / "llama"),
+        "gemma": save_model_dir(tiny_gemma3(), char_tokenizer(), root / "gemma"),
+    }

@@ -23,10 +23,12 @@ them in ``PreferencePair.metadata``. Everything is deterministic given the seed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -36,8 +38,11 @@ __all__ = [
     "OPPOSITES",
     "UNIT_CONVERSIONS",
     "WORDS",
+    "arithmetic_problems",
     "generate_pairs",
     "train_test_split",
+    "unit_problems",
+    "write_jsonl",
     "write_demo_data",
 ]
 
@@ -305,22 +310,31 @@ def write_demo_data(
     directory.mkdir(parents=True, exist_ok=True)
     paths = (directory / "train.jsonl", directory / "test.jsonl")
     for path, records in zip(paths, (train, test), strict=True):
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with temporary.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
+        write_jsonl(path, records)
     return paths
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """One JSON object per line, written to a temporary name and renamed (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The kinds
 
 
-def _arithmetic(rng: random.Random, count: int) -> list[dict]:
-    records: list[dict] = []
-    seen: set[str] = set()
-    while len(records) < count:
+def arithmetic_problems(rng: random.Random) -> Iterator[tuple[int, str, int, int]]:
+    """Endless distinct problems ``(a, operator, b, result)``: sums and differences below 100, products of small
+    factors. Drawn lazily, so a caller may draw from ``rng`` between two problems."""
+    seen: set[tuple[int, str, int]] = set()
+    while True:
         operator = rng.choice("+-×")
         if operator == "+":
             a, b = rng.randint(2, 99), rng.randint(2, 99)
@@ -332,15 +346,28 @@ def _arithmetic(rng: random.Random, count: int) -> list[dict]:
         else:
             a, b = rng.randint(2, 12), rng.randint(2, 12)
             result = a * b
-        question = f"What is {a} {operator} {b}?"
-        if question in seen:
+        if (a, operator, b) in seen:
             continue
-        seen.add(question)
+        seen.add((a, operator, b))
+        yield a, operator, b, result
+
+
+def unit_problems(rng: random.Random, count: int) -> Iterator[tuple[str, str, int, int, int]]:
+    """``count`` distinct conversions ``(source unit, target unit, amount, right result, wrong result)``; the wrong
+    one uses a factor a hurried answer might."""
+    questions = [(conversion, amount) for conversion in UNIT_CONVERSIONS for amount in range(2, 16)]
+    for (source, target, factor, wrong_factors), amount in rng.sample(questions, count):
+        yield source, target, amount, amount * factor, amount * rng.choice(wrong_factors)
+
+
+def _arithmetic(rng: random.Random, count: int) -> list[dict]:
+    records: list[dict] = []
+    for a, operator, b, result in itertools.islice(arithmetic_problems(rng), count):
         wrong = rng.choice(_wrong_results(a, b, operator, result))
         records.append(
             _record(
                 "arithmetic",
-                question,
+                f"What is {a} {operator} {b}?",
                 f"{a} {operator} {b} = {result}.",
                 f"{a} {operator} {b} = {wrong}.",
                 str(result),
@@ -361,20 +388,16 @@ def _wrong_results(a: int, b: int, operator: str, result: int) -> list[int]:
 
 
 def _units(rng: random.Random, count: int) -> list[dict]:
-    questions = [(conversion, amount) for conversion in UNIT_CONVERSIONS for amount in range(2, 16)]
-    records = []
-    for (source, target, factor, wrong_factors), amount in rng.sample(questions, count):
-        wrong = amount * rng.choice(wrong_factors)
-        records.append(
-            _record(
-                "units",
-                f"How many {target} are in {amount} {source}?",
-                f"{amount} {source} is {amount * factor} {target}.",
-                f"{amount} {source} is {wrong} {target}.",
-                str(amount * factor),
-            )
+    return [
+        _record(
+            "units",
+            f"How many {target} are in {amount} {source}?",
+            f"{amount} {source} is {right} {target}.",
+            f"{amount} {source} is {wrong} {target}.",
+            str(right),
         )
-    return records
+        for source, target, amount, right, wrong in unit_problems(rng, count)
+    ]
 
 
 def _capitals(rng: random.Random) -> list[dict]:
