@@ -310,8 +310,8 @@ def test_two_processes_match_one_process(llama_dir, workdir, micro_batch_tokens)
     )  # fmt: skip
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     double, double_parameters = _launch_worker(
-        [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+        [*accelerate, "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"), "--num_processes", "2",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
          worker, str(llama_dir), str(workdir / "cache-2p"), str(double_out),
          "--per-device-batch", "2", "--max-steps", "4", "--world-size", "2", *budget],
         double_out,
@@ -611,3 +611,76 @@ def test_cli_prints_a_training_error_on_one_line(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "mrpo train: error: training step 7: the policy's log-prob of pair 'p1' is not finite"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5b. FSDP (version 2, accelerate) with two CPU processes over gloo == one process; a kill -9 and a resume change
+#     nothing
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+# The shipped FSDP config as it is, sized down to the test: 2 processes, no mixed precision (CPU float32 parity).
+FSDP2 = ["--config_file", str(ACCELERATE_CONFIGS / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+         "--dynamo_backend", "no"]  # fmt: skip
+
+
+def _launch_fsdp(worker: str, llama_dir, cache: Path, out: Path, *extra: str, expect_exit: int = 0) -> None:
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    port = ["--main_process_port", str(29000 + (os.getpid() + len(str(out))) % 900)]
+    command = [*accelerate, *FSDP2, *port, worker, str(llama_dir), str(cache), str(out),
+               "--per-device-batch", "2", "--max-steps", "4", "--world-size", "2", *extra]  # fmt: skip
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == expect_exit or (expect_exit and result.returncode != 0), result.stderr[-3000:]
+
+
+def test_fsdp2_on_two_processes_matches_one_process_and_resumes_bit_exactly_after_a_kill(llama_dir, workdir):
+    worker = str(SCRIPTS / "trainer_worker.py")
+    single_out, fsdp_out, killed_out = workdir / "fsdp-1p", workdir / "fsdp-2p", workdir / "fsdp-killed"
+    _, single = _launch_worker(
+        [sys.executable, worker, str(llama_dir), str(workdir / "cache-f1"), str(single_out),
+         "--per-device-batch", "4", "--max-steps", "4"],
+        single_out,
+    )  # fmt: skip
+    _launch_fsdp(worker, llama_dir, workdir / "cache-f2", fsdp_out)
+    fsdp = torch.load(fsdp_out / "parameters.pt", weights_only=True)
+    for name, value in fsdp.items():  # the full (gathered) weights after 4 SGD steps of lr 0.5
+        torch.testing.assert_close(value, single[name], rtol=1e-5, atol=1e-6, msg=name)
+    # kill -9 of both processes before step 3, after checkpoint-2; then --resume: the same weights, bit for bit.
+    _launch_fsdp(worker, llama_dir, workdir / "cache-f3", killed_out, "--save-steps", "2", "--die-at-step", "3",
+                 expect_exit=137)  # fmt: skip
+    assert not (killed_out / "parameters.pt").exists() and (killed_out / "run" / "checkpoint-2").is_dir()
+    _launch_fsdp(worker, llama_dir, workdir / "cache-f3", killed_out, "--save-steps", "2", "--resume")
+    resumed = torch.load(killed_out / "parameters.pt", weights_only=True)
+    for name, value in resumed.items():
+        assert torch.equal(value, fsdp[name]), name
+
+
+def test_fsdp2_lora_on_two_processes_matches_one_process(llama_dir, workdir):
+    worker = str(SCRIPTS / "trainer_worker.py")
+    single_out, fsdp_out = workdir / "fsdp-lora-1p", workdir / "fsdp-lora-2p"
+    _, single = _launch_worker(
+        [sys.executable, worker, str(llama_dir), str(workdir / "cache-l1"), str(single_out),
+         "--per-device-batch", "4", "--max-steps", "4", "--lora", "4"],
+        single_out,
+    )  # fmt: skip
+    _launch_fsdp(worker, llama_dir, workdir / "cache-l2", fsdp_out, "--lora", "4")
+    fsdp = torch.load(fsdp_out / "parameters.pt", weights_only=True)
+    adapters = [name for name in single if "lora_" in name]
+    assert adapters and any(
+        (single[name] != 0).any() for name in adapters if "lora_B" in name
+    )  # they trained
+    for name, value in fsdp.items():
+        torch.testing.assert_close(value, single[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml"])
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / name))
+    assert config.num_processes == 8 and config.mixed_precision == "bf16"
+    if name == "fsdp.yaml":
+        assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    else:
+        assert config.distributed_type == "MULTI_GPU"

@@ -125,6 +125,11 @@ def _train(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.resume)  # `--resume loss.beta=0.5`: an override, not a checkpoint path
         args.resume = True
     config = _load(args)
+    if args.dry_run:
+        from mrpo.plan import plan_training
+
+        print(plan_training(config, processes=args.processes, fsdp=args.fsdp).text())
+        return 0
     try:
         result = run_train(config, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
@@ -330,6 +335,14 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start afresh in an output directory that holds a run, removing what that run wrote",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, build the policy on the meta device (no weights) and print the plan: pairs and "
+        "tokens per step, trainable parameters, an estimate of the memory per device",
+    )
+    parser.add_argument("--processes", type=int, default=1, help="with --dry-run: plan for this many devices")
+    parser.add_argument("--fsdp", action="store_true", help="with --dry-run: plan with FSDP full sharding")
     parser.set_defaults(run=_train)
 
 

@@ -27,7 +27,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset  # noqa: E402
 from mrpo.config import LossConfig, ReferenceConfig  # noqa: E402
@@ -187,6 +187,17 @@ def load_policy_model(model_dir: str | os.PathLike) -> torch.nn.Module:
     return model.train()
 
 
+class DieAtStep(TrainerCallback):
+    """Ends every process abruptly (no cleanup, like kill -9) when step ``step`` is about to begin."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os._exit(137)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_dir")
@@ -198,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--micro-batch-tokens", type=int, default=None, help="split each batch under this token budget"
     )
+    parser.add_argument("--save-steps", type=int, default=None, help="save a checkpoint every N steps")
+    parser.add_argument(
+        "--die-at-step", type=int, default=None, help="os._exit(137) before step N (a kill -9)"
+    )
+    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
+    parser.add_argument("--lora", type=int, default=None, help="train LoRA adapters of this rank on q/v")
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -205,17 +222,30 @@ def main(argv: list[str] | None = None) -> int:
         load_records(standard_records()), [initialising_reference(options.model_dir)], options.cache_dir
     )
     out_dir = Path(options.out_dir)
+    saving = {"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}
     args = training_arguments(
         out_dir / "run",
         per_device_train_batch_size=options.per_device_batch,
         max_steps=options.max_steps,
+        **saving,
     )
     if args.world_size != options.world_size:
         raise SystemExit(f"expected {options.world_size} processes, the launcher started {args.world_size}")
+    model = load_policy_model(options.model_dir)
+    if options.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)  # the same adapter initialisation in every process and every run
+        model = get_peft_model(model, LoraConfig(r=options.lora, lora_alpha=2 * options.lora, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
     trainer = make_trainer(
-        load_policy_model(options.model_dir), dataset, args, micro_batch_tokens=options.micro_batch_tokens
+        model,
+        dataset,
+        args,
+        micro_batch_tokens=options.micro_batch_tokens,
+        callbacks=[DieAtStep(options.die_at_step)] if options.die_at_step else None,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if options.resume else None)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
         torch.save(
