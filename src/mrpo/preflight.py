@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,13 @@ def claim_output_dir(output_dir: Path, *, overwrite: bool) -> None:
 
 
 MATHS_SECTIONS = ("policy", "references", "data", "loss", "lora")
-"""Sections a resumed run must keep as they were: changing any of them changes what the run computes."""
+"""Sections a resumed run must keep as they were: changing them changes what the run computes..."""
+HOW_NOT_WHAT = re.compile(
+    r"^(policy\.(attn_implementation|padding_free|pad_to_multiple_of|compile|micro_batch_tokens)"
+    r"|references\.\d+\.(batch_tokens|hash_weights)"
+    r"|data\.(eval|eval_split|max_eval_pairs))$"
+)
+"""...except these keys, which change how it is computed or what is evaluated, not what is trained."""
 
 
 def check_resumable(saved_file: Path, config: MRPOConfig, effective: dict[str, Any]) -> None:
@@ -78,7 +85,7 @@ def check_resumable(saved_file: Path, config: MRPOConfig, effective: dict[str, A
     for section in MATHS_SECTIONS:
         before, after = _flatten(saved.get(section), section), _flatten(current.get(section), section)
         changes += [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
-                    if before.get(key) != after.get(key)]  # fmt: skip
+                    if before.get(key) != after.get(key) and not HOW_NOT_WHAT.match(key)]  # fmt: skip
     saved_training = saved.get("training") or {}
     changes += [
         f"training.{key}: {saved_training[key]!r} -> {value!r}"
