@@ -583,6 +583,45 @@ def filter_quality(cells, noise: float, beta: float, arm: str, train_facts: int)
     return f"dropped {dropped / len(runs):.1f} pairs per seed; precision {precision}, recall {recall}"
 
 
+def by_label(result: dict[str, Any], group: str) -> float:
+    """Reworded accuracy on the facts whose training label is flipped at 30% noise ("flipped_facts"), or on the
+    others ("clean_facts")."""
+    return result["eval"]["reworded"].get("by_label", {}).get(group, {}).get("policy_accuracy", math.nan)
+
+
+def flipped_fact_lines(cells, noise: float, beta: float) -> list[str]:
+    """Where the difference lives: reworded accuracy on the facts trained with a flipped label and on the rest."""
+    baseline = cells.get((noise, beta, "dpo"), {})
+    rows = []
+    for arm, spec in ARMS.items():
+        runs = cells.get((noise, beta, arm))
+        if not runs:
+            continue
+        row = [f"({spec.letter}) {arm}"]
+        for group in ("flipped_facts", "clean_facts"):
+            row.append(
+                stats.interval_text(
+                    *stats.mean_ci([by_label(r, group) for r in runs.values()])[:2], signed=False
+                )
+            )
+            if arm != "dpo":
+                differences = stats.paired(
+                    {s: by_label(r, group) for s, r in runs.items()},
+                    {s: by_label(r, group) for s, r in baseline.items()},
+                )
+                row.append(stats.interval_text(*stats.mean_ci(list(differences.values()))[:2]))
+            else:
+                row.append("baseline")
+        rows.append(row)
+    header = ["arm", "facts trained flipped", "Δ vs DPO", "facts trained clean", "Δ vs DPO"]
+    return [
+        "Reworded accuracy split by the facts' training labels (the 19 facts whose label is flipped, and the 45 "
+        "others; the untrained start is in the setting above):",
+        "",
+        *markdown_table(header, rows),
+    ]
+
+
 def arm_rows(cells, noise: float, beta: float, settings: Settings) -> list[list[str]]:
     rows = []
     for arm, spec in ARMS.items():
@@ -643,6 +682,12 @@ def render_markdown(
         "",
     ]
     if starts:
+        for group in ("flipped_facts", "clean_facts"):
+            mean, half, n = stats.mean_ci([by_label(r, group) for r in starts.values()])
+            lines.append(
+                f"Untrained start, reworded, {group.replace('_', ' ')}: "
+                f"{stats.interval_text(mean, half, signed=False)} % ({n} seeds).  "
+            )
         for family in FAMILIES:
             mean, half, n = stats.mean_ci([accuracy(r, family) for r in starts.values()])
             lines.append(
@@ -682,6 +727,8 @@ def render_markdown(
             ],
             arm_rows(cells, noise, beta, settings),
         )
+        if noise > 0:
+            lines += ["", *flipped_fact_lines(cells, noise, beta)]
         quality = [
             f"- ({ARMS[arm].letter}) {arm}: {filter_quality(cells, noise, beta, arm, settings.train_facts)}"
             for arm in ("dpo_external_agrees", "dpo_not_flagged")
