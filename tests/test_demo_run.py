@@ -46,6 +46,12 @@ def test_demo_pipeline_trains_dpo_and_mrpo_and_reports(tiny_dirs, tmp_path, caps
     report = tmp_path / "demo" / "report"
     assert (report / "report.md").exists() and (report / "heldout.png").stat().st_size > 1000
 
+    # `make demo` twice: the second run replaces the demo's own runs instead of refusing them or mixing two runs.
+    steps = len((tmp_path / "demo" / "mrpo" / "metrics.jsonl").read_text().splitlines())
+    again = run_demo(settings)
+    assert set(again["metrics"]) == {"start", "dpo", "mrpo"}
+    assert len((tmp_path / "demo" / "mrpo" / "metrics.jsonl").read_text().splitlines()) == steps
+
 
 def test_demo_fetch_failure_explains_how_to_use_other_models(tmp_path, monkeypatch, capsys):
     import subprocess
