@@ -45,7 +45,9 @@ TRAIN_STEPS = 20
 # -- the data and the model ---------------------------------------------------------------------------------------
 
 
-def write_pairs(path: Path, n: int, words: int, prompt_words: tuple[int, int], completion_words: tuple[int, int]):
+def write_pairs(
+    path: Path, n: int, words: int, prompt_words: tuple[int, int], completion_words: tuple[int, int]
+):
     """N standard pairs of random words, one JSON object a line (written in blocks: the generator holds a block)."""
     import numpy as np
 
@@ -61,8 +63,12 @@ def write_pairs(path: Path, n: int, words: int, prompt_words: tuple[int, int], c
                     rng.integers(*completion_words, endpoint=True),
                     rng.integers(*completion_words, endpoint=True),
                 )
-                prompt, chosen, rejected = (" ".join(vocabulary[rng.integers(0, words, size)]) for size in lengths)
-                lines.append(json.dumps({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}))
+                prompt, chosen, rejected = (
+                    " ".join(vocabulary[rng.integers(0, words, size)]) for size in lengths
+                )
+                lines.append(
+                    json.dumps({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
+                )
             out.write("\n".join(lines) + "\n")
 
 
@@ -77,7 +83,11 @@ def save_tiny_model(directory: Path, words: int) -> None:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>", unk_token="<unk>", padding_side="right"
+        tokenizer_object=backend,
+        eos_token="<eos>",
+        pad_token="<eos>",
+        unk_token="<unk>",
+        padding_side="right",
     )
     config = LlamaConfig(
         vocab_size=len(vocab),
@@ -133,7 +143,7 @@ def run_stage(stage: str, config_path: str) -> dict:
     logging.disable(logging.WARNING)
     from mrpo.config import load_config
     from mrpo.pipeline import effective_limits, load_views, read_split, resolved_references, run_precompute
-    from mrpo.tokenization import tokenize_for_models
+    from mrpo.tokenization import sequence_lengths, tokenize_for_models
 
     config = load_config(config_path)
     result: dict = {"stage": stage, "rss_after_imports_gib": peak_rss_gib()}
@@ -145,9 +155,7 @@ def run_stage(stage: str, config_path: str) -> dict:
         limits = effective_limits(config, resolved_references(config))
         tokenized = tokenize_for_models(pairs, [views.policy, *views.references], max_length=limits)
         result["pairs"] = len(tokenized.pair_ids)
-        result["tokens"] = sum(
-            len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in tokenized.per_view[0]
-        )
+        result["tokens"] = sum(sequence_lengths(tokenized.per_view[0]))
     elif stage == "precompute":
         run_precompute(config)
     elif stage == "train":
@@ -228,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
                 capture_output=True, text=True, check=True,
             ).stdout
         )  # fmt: skip
-        print(f"process after imports: {floor:.2f} GiB; skipping sizes projected above {limit:.1f} GiB", flush=True)
+        print(
+            f"process after imports: {floor:.2f} GiB; skipping sizes projected above {limit:.1f} GiB",
+            flush=True,
+        )
         history: dict[str, list[tuple[int, float]]] = {stage: [(0, floor)] for stage in args.stages}
         results = []
         for n in args.pairs:
@@ -247,7 +258,11 @@ def main(argv: list[str] | None = None) -> None:
                 write_pairs(data, n, args.words, tuple(args.prompt_words), tuple(args.completion_words))
             config = work / "config.yaml"
             write_config(config, model, data, work)
-            row = {"pairs": n, "data_mib": data.stat().st_size / 2**20, "write_s": time.perf_counter() - started}
+            row = {
+                "pairs": n,
+                "data_mib": data.stat().st_size / 2**20,
+                "write_s": time.perf_counter() - started,
+            }
             for stage in args.stages:
                 measured = child(stage, config)
                 row[stage] = measured

@@ -5,7 +5,16 @@ import copy
 import pytest
 
 from mrpo.logprobs import pad_batch
-from mrpo.tokenization import ModelView, RenderError, TokenizedSequence, tokenize_for_models
+from mrpo.tokenization import (
+    ModelView,
+    RenderError,
+    TokenizedPairs,
+    TokenizedSequence,
+    pair_ids_of,
+    sequence_at,
+    sequence_lengths,
+    tokenize_for_models,
+)
 from tiny_models import (
     GEMMA_LIKE_TEMPLATE,
     Pair,
@@ -152,6 +161,28 @@ def test_views_stay_aligned_and_keep_everything_without_limit():
         assert [t.pair_id for t in per_view] == result.pair_ids
     assert not result.dropped
     assert result.summary() == "kept 3 of 3 pairs for bpe, char"
+
+
+def test_tokenized_pairs_store_flat_and_read_back_the_same_pairs():
+    view = ModelView(bpe_tokenizer(), name="bpe")
+    pairs = [view.tokenize(p) for p in standard_pairs()]
+    result = tokenize_for_models(standard_pairs(), [view], max_length=None)
+    compact = result.per_view[0]
+    assert isinstance(compact, TokenizedPairs)
+    assert list(compact) == pairs and compact == pairs and compact == TokenizedPairs(pairs)
+    assert compact[-1] == pairs[-1] and compact[1:] == pairs[1:]
+    assert type(compact[0].chosen.input_ids) is tuple  # what the collator and pad_batch read, as before
+    with pytest.raises(IndexError, match="out of range"):
+        compact[len(pairs)]
+    # Lengths, ids and single sequences without building pairs, in the order score_pairs batches them.
+    assert sequence_lengths(compact) == sequence_lengths(pairs)
+    assert sequence_lengths(pairs) == [len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected)]
+    assert pair_ids_of(compact) == pair_ids_of(pairs) == result.pair_ids
+    for j in range(2 * len(pairs)):
+        assert sequence_at(compact, j) == sequence_at(pairs, j)
+    # 4 bytes a token (plus two small arrays per sequence), not a tuple of Python ints.
+    tokens = sum(sequence_lengths(pairs))
+    assert compact.nbytes == 4 * tokens + (8 + 4) * 2 * len(pairs)
 
 
 def test_pair_too_long_for_one_view_is_dropped_for_all():

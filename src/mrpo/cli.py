@@ -246,7 +246,9 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
         "held-out pairs, and write a report. About five minutes on 2 CPU cores the first time, less when cached.",
     )
     parser.add_argument(
-        "--output-dir", default="runs/demo", help="where the runs, results and report go (a rerun replaces its dpo/ and mrpo/ runs)"
+        "--output-dir",
+        default="runs/demo",
+        help="where the runs, results and report go (a rerun replaces its dpo/ and mrpo/ runs)",
     )
     parser.add_argument(
         "--cache-dir", help="models and reference cache (default $MRPO_CACHE or ~/.cache/mrpo)"

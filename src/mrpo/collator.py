@@ -67,7 +67,8 @@ class PreferenceDataset(Dataset):
                 f"reference columns {tuple(reference_chosen_logps.shape)} / {tuple(reference_rejected_logps.shape)} "
                 f"do not match {len(pairs)} pairs: expected (K, {len(pairs)}) each"
             )
-        self.pairs = list(pairs)
+        # Kept as given: a ``TokenizedPairs`` stays compact and builds each pair when it is read.
+        self.pairs = pairs if isinstance(pairs, Sequence) else list(pairs)
         self.reference_chosen_logps = reference_chosen_logps.float()
         self.reference_rejected_logps = reference_rejected_logps.float()
 

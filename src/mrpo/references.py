@@ -38,7 +38,7 @@ from mrpo.config import ReferenceConfig
 from mrpo.errors import CacheError
 from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
-from mrpo.tokenization import ModelView, TokenizedPair
+from mrpo.tokenization import ModelView, TokenizedPair, pair_ids_of, sequence_at, sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -252,15 +252,17 @@ def score_pairs(
     model, view: ModelView, pairs: Sequence[TokenizedPair], batch_tokens: int, progress: Callable[[int], None]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (N, 2) float32 and token counts (N, 2) of chosen/rejected for ``pairs`` under ``model``."""
-    sequences = [seq for pair in pairs for seq in (pair.chosen, pair.rejected)]
-    lengths = [len(seq.input_ids) for seq in sequences]
-    logps = torch.empty(len(sequences), dtype=torch.float32)
-    counts = torch.empty(len(sequences), dtype=torch.int64)
+    # Sequences are read batch by batch: compact ``TokenizedPairs`` are never expanded into tuples all at once.
+    lengths = sequence_lengths(pairs)
+    logps = torch.empty(len(lengths), dtype=torch.float32)
+    counts = torch.empty(len(lengths), dtype=torch.int64)
     device = next(model.parameters()).device
     done_sequences = 0
     for batch in token_budget_batches(lengths, batch_tokens):
         tensors = pad_batch(
-            [sequences[i] for i in batch], pad_token_id=view.pad_token_id, padding_side=view.padding_side
+            [sequence_at(pairs, j) for j in batch],
+            pad_token_id=view.pad_token_id,
+            padding_side=view.padding_side,
         )
         result = sequence_logps(
             model,
@@ -405,14 +407,13 @@ def precompute(
         # another had written shards would find fewer pairs missing, split them differently, and pairs would be
         # scored twice or by nobody.
         state.wait_for_everyone()
-        pair_ids = [pair.pair_id for pair in pairs]
+        pair_ids = pair_ids_of(pairs)
         missing = store.missing(pair_ids)
         missing_ids = set(missing)  # built once: a set per pair made this quadratic in the number of pairs
-        todo = list(
-            {pair.pair_id: pair for pair in pairs if pair.pair_id in missing_ids}.values()
-        )  # dedup rows
+        # Indices, not pairs: one index per distinct missing pair id (a duplicated row is scored once).
+        todo = list({pair_id: i for i, pair_id in enumerate(pair_ids) if pair_id in missing_ids}.values())
         if todo:
-            _compute_missing(spec, view, todo, store, device, state, show_progress)
+            _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
         state.wait_for_everyone()
         store.reload()
         stores.append(store)
@@ -479,12 +480,14 @@ def _default_device() -> torch.device:
 def _compute_missing(
     spec: ReferenceConfig,
     view: ModelView,
-    todo: list[TokenizedPair],
+    pairs: Sequence[TokenizedPair],
+    todo: list[int],
     store: ReferenceStore,
     device: torch.device,
     state,
     show_progress: bool,
 ) -> None:
+    """Score ``pairs[i]`` for i in ``todo`` into shards of the store; each process takes every n-th shard."""
     from tqdm.auto import tqdm
 
     shards = [todo[i : i + SHARD_PAIRS] for i in range(0, len(todo), SHARD_PAIRS)]
@@ -501,7 +504,8 @@ def _compute_missing(
         dynamic_ncols=True,
     )
     try:
-        for shard in mine:
+        for indices in mine:
+            shard = [pairs[i] for i in indices]  # one shard's pairs in memory at a time
             values, tokens = score_pairs(model, view, shard, spec.batch_tokens, bar.update)
             store.write_shard([pair.pair_id for pair in shard], values, tokens)
     finally:
