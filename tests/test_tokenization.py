@@ -185,6 +185,32 @@ def test_tokenized_pairs_store_flat_and_read_back_the_same_pairs():
     assert compact.nbytes == 4 * tokens + (8 + 4) * 2 * len(pairs)
 
 
+def test_views_with_one_tokenizer_tokenize_each_pair_once_and_share_storage(monkeypatch):
+    calls = []
+    original = ModelView.tokenize
+
+    def counting(self, pair):
+        calls.append(self.name)
+        return original(self, pair)
+
+    monkeypatch.setattr(ModelView, "tokenize", counting)
+    policy, init, char = (
+        ModelView(bpe_tokenizer(), name="policy"),
+        ModelView(bpe_tokenizer(), name="init"),
+        ModelView(char_tokenizer(), name="char"),
+    )
+    pairs = standard_pairs()
+    result = tokenize_for_models(pairs, [policy, init, char], max_length=None)
+    assert calls == ["policy", "char"] * len(pairs)
+    assert result.per_view[0] is result.per_view[1] and result.per_view[2] is not result.per_view[0]
+    assert list(result.per_view[1]) == [init.tokenize(p) for p in pairs]
+    # A smaller limit on the second view drops the pair for all and is counted under that view's name.
+    longest = max(max(len(t.chosen.input_ids), len(t.rejected.input_ids)) for t in result.per_view[0])
+    limited = tokenize_for_models(pairs, [policy, init], max_length=[None, longest - 1])
+    assert limited.dropped == {f"longer than {longest - 1} tokens for init": 1}
+    assert limited.per_view[0] is limited.per_view[1] and len(limited.per_view[0]) == len(pairs) - 1
+
+
 def test_pair_too_long_for_one_view_is_dropped_for_all():
     views = two_views()
     pairs = standard_pairs()

@@ -397,7 +397,8 @@ def sequence_at(pairs: Sequence[TokenizedPair], j: int) -> TokenizedSequence:
 class TokenizationResult:
     """The pairs kept for every view, tokenized per view; ``per_view[k][i]`` is pair ``pair_ids[i]`` for view k.
 
-    Each view's pairs are a ``TokenizedPairs``: int32 arrays, 4 bytes a token.
+    Each view's pairs are a ``TokenizedPairs``: int32 arrays, 4 bytes a token. Views that share a tokenizer
+    fingerprint share one ``TokenizedPairs`` object.
     """
 
     view_names: list[str]
@@ -443,17 +444,27 @@ def tokenize_for_models(
     elif overflow != "drop":
         raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
 
+    # Views with one tokenizer fingerprint produce the same ids (the policy and its initialising reference, usually):
+    # each pair is tokenized once per fingerprint, and those views share one storage. Their kept pairs are the same,
+    # since a limit only drops a pair for all views (or truncates at the common limit).
+    first_view: dict[str, int] = {}
+    owner = [first_view.setdefault(view.fingerprint, k) for k, view in enumerate(views)]
+    storage = {k: TokenizedPairs() for k in sorted(set(owner))}
     result = TokenizationResult(
-        view_names=[v.name for v in views], per_view=[TokenizedPairs() for _ in views], pair_ids=[]
+        view_names=[v.name for v in views],
+        per_view=[storage[owner[k]] for k in range(len(views))],
+        pair_ids=[],
     )
     for pair in pairs:
         tokenized = []
-        for view, limit in zip(views, limits, strict=True):
+        raw: dict[int, TokenizedPair] = {}
+        for k, (view, limit) in enumerate(zip(views, limits, strict=True)):
             try:
-                one = view.tokenize(pair)
+                one = raw[owner[k]] if owner[k] in raw else view.tokenize(pair)
             except RenderError as error:
                 result.dropped[f"{error.reason} for {view.name}"] += 1
                 break
+            raw[owner[k]] = one
             if limit is not None:
                 one = _apply_limit(one, limit, overflow)
                 if one is None:
@@ -468,7 +479,8 @@ def tokenize_for_models(
         else:
             result.pair_ids.append(pair.pair_id)
             for k, one in enumerate(tokenized):
-                result.per_view[k].append(one)
+                if owner[k] == k:
+                    result.per_view[k].append(one)
     return result
 
 
