@@ -62,6 +62,29 @@ def test_boundary_merge_keeps_the_completion_tokens_exactly(prompt, completion):
     assert completion_ids(tokenized.chosen) == encode(tok, completion) + [tok.eos_token_id]
 
 
+@pytest.mark.parametrize("tokenizer", [bpe_tokenizer, char_tokenizer], ids=["bpe-chatml", "char-plain"])
+def test_tokenize_many_in_one_batch_equals_one_pair_at_a_time(tokenizer):
+    view = ModelView(tokenizer())
+    pairs = [
+        *standard_pairs(),
+        *conversational_pairs(),
+        Pair("merge", "Question: What colour is the sky?\n", "\nThe sky is blue.", "\nGreen."),
+        Pair("no-prompt", "", " a", " b"),  # no tokens to condition on where the tokenizer adds no BOS
+        Pair("mixed", "a string prompt", [{"role": "assistant", "content": "x"}], " y"),
+    ]
+    batched = view.tokenize_many([p for p in pairs if p.pair_id != "mixed"])
+    singly = []
+    for pair in pairs[:-1]:
+        try:
+            singly.append(view.tokenize(pair))
+        except RenderError as error:
+            singly.append(str(error))
+    assert [str(b) if isinstance(b, RenderError) else b for b in batched] == singly
+    assert any(isinstance(b, RenderError) for b in batched) == (tokenizer is bpe_tokenizer)
+    with pytest.raises(TypeError, match="mixed"):  # a malformed pair is a bug upstream, not a counted drop
+        view.tokenize_many(pairs[-1:])
+
+
 def test_standard_pair_with_bos_tokenizer_gets_one_bos_and_one_eos():
     tok = char_tokenizer()
     tokenized = ModelView(tok).tokenize(Pair("p", "Hi", " there", " you"))
@@ -187,13 +210,13 @@ def test_tokenized_pairs_store_flat_and_read_back_the_same_pairs():
 
 def test_views_with_one_tokenizer_tokenize_each_pair_once_and_share_storage(monkeypatch):
     calls = []
-    original = ModelView.tokenize
+    original = ModelView.tokenize_many
 
-    def counting(self, pair):
-        calls.append(self.name)
-        return original(self, pair)
+    def counting(self, pairs):
+        calls.extend([self.name] * len(pairs))
+        return original(self, pairs)
 
-    monkeypatch.setattr(ModelView, "tokenize", counting)
+    monkeypatch.setattr(ModelView, "tokenize_many", counting)
     policy, init, char = (
         ModelView(bpe_tokenizer(), name="policy"),
         ModelView(bpe_tokenizer(), name="init"),
@@ -201,7 +224,7 @@ def test_views_with_one_tokenizer_tokenize_each_pair_once_and_share_storage(monk
     )
     pairs = standard_pairs()
     result = tokenize_for_models(pairs, [policy, init, char], max_length=None)
-    assert calls == ["policy", "char"] * len(pairs)
+    assert calls == ["policy"] * len(pairs) + ["char"] * len(pairs)
     assert result.per_view[0] is result.per_view[1] and result.per_view[2] is not result.per_view[0]
     assert list(result.per_view[1]) == [init.tokenize(p) for p in pairs]
     # A smaller limit on the second view drops the pair for all and is counted under that view's name.

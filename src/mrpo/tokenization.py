@@ -48,6 +48,7 @@ models, and is therefore allowed only when all views share one tokenizer fingerp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from array import array
 from collections import Counter
@@ -226,20 +227,53 @@ class ModelView:
 
         Raises ``RenderError`` when the pair cannot be tokenized for this model (see the module docstring).
         """
-        prompt_text, chosen, rejected = self._render(pair)
-        prompt_ids = self._encode_with_leading_specials(prompt_text)
-        if not prompt_ids:
-            raise RenderError("prompt renders to no tokens", f"pair {pair.pair_id}: nothing to condition on")
-        return TokenizedPair(
-            pair_id=pair.pair_id,
-            chosen=self._tokenize_sequence(pair.pair_id, prompt_text, prompt_ids, chosen),
-            rejected=self._tokenize_sequence(pair.pair_id, prompt_text, prompt_ids, rejected),
-        )
+        (result,) = self.tokenize_many([pair])
+        if isinstance(result, RenderError):
+            raise result
+        return result
+
+    def tokenize_many(self, pairs: Sequence[PairLike]) -> list[TokenizedPair | RenderError]:
+        """``tokenize`` for many pairs with one batched tokenizer call (a fast tokenizer encodes a batch in
+        parallel, and the per-call overhead is paid once); a pair that cannot be tokenized gets its
+        ``RenderError`` in its place. The ids are those ``tokenize`` gives pair by pair."""
+        rendered: list[tuple[str, str, _RenderedCompletion, _RenderedCompletion, int] | RenderError] = []
+        texts: list[str] = []
+        for pair in pairs:
+            try:
+                prompt_text, chosen, rejected = self._render(pair)
+            except RenderError as error:
+                rendered.append(error)
+                continue
+            rendered.append((pair.pair_id, prompt_text, chosen, rejected, len(texts)))
+            texts += [prompt_text, prompt_text + chosen.text, prompt_text + rejected.text]
+        encoded = self._encode_batch(texts)
+        results: list[TokenizedPair | RenderError] = []
+        for item in rendered:
+            if isinstance(item, RenderError):
+                results.append(item)
+                continue
+            pair_id, prompt_text, chosen, rejected, at = item
+            prompt_ids = self._with_leading_specials(encoded[at])
+            try:
+                if not prompt_ids:
+                    raise RenderError(
+                        "prompt renders to no tokens", f"pair {pair_id}: nothing to condition on"
+                    )
+                results.append(
+                    TokenizedPair(
+                        pair_id=pair_id,
+                        chosen=self._tokenize_sequence(pair_id, prompt_ids, encoded[at + 1], chosen),
+                        rejected=self._tokenize_sequence(pair_id, prompt_ids, encoded[at + 2], rejected),
+                    )
+                )
+            except RenderError as error:
+                results.append(error)
+        return results
 
     def _tokenize_sequence(
-        self, pair_id: str, prompt_text: str, prompt_ids: list[int], completion: _RenderedCompletion
+        self, pair_id: str, prompt_ids: list[int], full_encoded: list[int], completion: _RenderedCompletion
     ) -> TokenizedSequence:
-        full_ids = self._encode_with_leading_specials(prompt_text + completion.text)
+        full_ids = self._with_leading_specials(full_encoded)
         if full_ids[: len(prompt_ids)] == prompt_ids:
             ids = full_ids
         else:
@@ -254,8 +288,12 @@ class ModelView:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _encode_with_leading_specials(self, text: str) -> list[int]:
-        ids = self._encode(text)
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _with_leading_specials(self, ids: list[int]) -> list[int]:
         lead = list(self._leading_special_ids)
         if lead and ids[: len(lead)] != lead:
             ids = lead + ids
@@ -455,33 +493,52 @@ def tokenize_for_models(
         per_view=[storage[owner[k]] for k in range(len(views))],
         pair_ids=[],
     )
-    for pair in pairs:
-        tokenized = []
-        raw: dict[int, TokenizedPair] = {}
-        for k, (view, limit) in enumerate(zip(views, limits, strict=True)):
-            try:
-                one = raw[owner[k]] if owner[k] in raw else view.tokenize(pair)
-            except RenderError as error:
-                result.dropped[f"{error.reason} for {view.name}"] += 1
-                break
-            raw[owner[k]] = one
-            if limit is not None:
-                one = _apply_limit(one, limit, overflow)
-                if one is None:
-                    reason = (
-                        f"prompt reaches {limit} tokens"
-                        if overflow == "truncate"
-                        else f"longer than {limit} tokens"
-                    )
-                    result.dropped[f"{reason} for {view.name}"] += 1
-                    break
-            tokenized.append(one)
-        else:
+    for block in _blocks(pairs, TOKENIZE_BLOCK):
+        encoded = {k: views[k].tokenize_many(block) for k in storage}
+        for i, pair in enumerate(block):
+            kept = _within_limits([encoded[owner[k]][i] for k in range(len(views))], views, limits, overflow)
+            if isinstance(kept, str):
+                result.dropped[kept] += 1
+                continue
             result.pair_ids.append(pair.pair_id)
-            for k, one in enumerate(tokenized):
+            for k, one in enumerate(kept):
                 if owner[k] == k:
                     result.per_view[k].append(one)
     return result
+
+
+TOKENIZE_BLOCK = 256
+"""Pairs per batched tokenizer call (per view): enough to amortise the call, few enough to hold in memory."""
+
+
+def _blocks(pairs: Iterable[PairLike], size: int) -> Iterator[list[PairLike]]:
+    iterator = iter(pairs)
+    while block := list(itertools.islice(iterator, size)):
+        yield block
+
+
+def _within_limits(
+    tokenized: list[TokenizedPair | RenderError],
+    views: Sequence[ModelView],
+    limits: list[int | None],
+    overflow: str,
+) -> list[TokenizedPair] | str:
+    """One pair as every view keeps it, or the reason it is dropped (from the first view, in order, that cannot)."""
+    kept = []
+    for one, view, limit in zip(tokenized, views, limits, strict=True):
+        if isinstance(one, RenderError):
+            return f"{one.reason} for {view.name}"
+        if limit is not None:
+            one = _apply_limit(one, limit, overflow)
+            if one is None:
+                reason = (
+                    f"prompt reaches {limit} tokens"
+                    if overflow == "truncate"
+                    else f"longer than {limit} tokens"
+                )
+                return f"{reason} for {view.name}"
+        kept.append(one)
+    return kept
 
 
 def _per_view_limits(max_length: int | Sequence[int | None] | None, n_views: int) -> list[int | None]:
