@@ -528,6 +528,10 @@ def test_ranks_split_missing_pairs_disjointly(tmp_path, model_dirs, monkeypatch)
     assert sorted(written[0] + written[1]) == sorted(all_ids)
     ids = [pair.pair_id for pair in pairs]
     assert torch.equal(values(caches[0], ids), values(caches[1], ids))
+    # The merged cache equals one process scoring everything (the same shards, so the same batches).
+    local.state = FakeState(0, 1, threading.Barrier(1))
+    alone, _ = run_precompute(pairs, specs, tmp_path / "one-process")
+    assert torch.equal(values(alone, ids), values(caches[0], ids))
 
 
 # ---------------------------------------------------------------------------------------------------------------
