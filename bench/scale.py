@@ -75,22 +75,12 @@ def write_pairs(
 def save_tiny_model(directory: Path, words: int) -> None:
     """A 2-layer Llama (hidden 64) and its word-level tokenizer (EOS = PAD, no BOS, no chat template)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from precompute_vs_forward import build_tokenizer  # bench/ is on sys.path: this script runs from it
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<pad>", "<eos>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(words)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<eos>",
-        pad_token="<eos>",
-        unk_token="<unk>",
-        padding_side="right",
-    )
+    tokenizer = build_tokenizer(words)
     config = LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -208,7 +208,7 @@ def test_tokenized_pairs_store_flat_and_read_back_the_same_pairs():
     assert compact.nbytes == 4 * tokens + (8 + 4) * 2 * len(pairs)
 
 
-def test_views_with_one_tokenizer_tokenize_each_pair_once_and_share_storage(monkeypatch):
+def test_views_of_one_tokenizer_object_tokenize_each_pair_once_and_share_storage(monkeypatch):
     calls = []
     original = ModelView.tokenize_many
 
@@ -217,9 +217,10 @@ def test_views_with_one_tokenizer_tokenize_each_pair_once_and_share_storage(monk
         return original(self, pairs)
 
     monkeypatch.setattr(ModelView, "tokenize_many", counting)
+    shared = bpe_tokenizer()  # load_views loads a tokenizer named twice once
     policy, init, char = (
-        ModelView(bpe_tokenizer(), name="policy"),
-        ModelView(bpe_tokenizer(), name="init"),
+        ModelView(shared, name="policy"),
+        ModelView(shared, name="init"),
         ModelView(char_tokenizer(), name="char"),
     )
     pairs = standard_pairs()

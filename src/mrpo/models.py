@@ -117,25 +117,31 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None):
     )
     model.train()
     if config.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-
-        linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-        check_lora_targets(config.lora, linear_names)
-        target = config.lora.target_modules
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=config.lora.r,
-                lora_alpha=config.lora.alpha,
-                lora_dropout=config.lora.dropout,
-                target_modules=target if isinstance(target, str) else list(target),
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = add_lora(model, config.lora)
     if config.policy.compile:
         compile_decoder_layers(model)
     return model
+
+
+def add_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+    """``model`` wrapped with the LoRA adapters of the config's ``lora`` section (targets checked against its
+    linear layers first, so a mistyped target is a ConfigError naming the layers there are)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    check_lora_targets(lora, linear_names)
+    target = lora.target_modules
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=target if isinstance(target, str) else list(target),
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:

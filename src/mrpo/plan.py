@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mrpo.config import MRPOConfig, check_lora_targets, resolve_dtype
+from mrpo.config import MRPOConfig, resolve_dtype
 
 ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
 """Bytes of saved activations per token, hidden unit and layer in 16-bit training (Korthikanti et al.)."""
@@ -133,19 +133,7 @@ def plan_training(config: MRPOConfig, *, processes: int = 1, fsdp: bool = False)
 
 def _lora_parameters(config: MRPOConfig, skeleton: torch.nn.Module) -> int:
     """Parameters of the LoRA adapters the config puts on the model: r x (in + out) per targeted linear layer."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from mrpo.models import add_lora
 
-    linear_names = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
-    check_lora_targets(config.lora, linear_names)
-    target = config.lora.target_modules
-    adapted = get_peft_model(
-        skeleton,
-        PeftLoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            target_modules=target if isinstance(target, str) else list(target),
-            task_type="CAUSAL_LM",
-        ),
-    )
+    adapted = add_lora(skeleton, config.lora)
     return sum(p.numel() for p in adapted.parameters() if p.requires_grad)

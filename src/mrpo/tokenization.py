@@ -435,8 +435,8 @@ def sequence_at(pairs: Sequence[TokenizedPair], j: int) -> TokenizedSequence:
 class TokenizationResult:
     """The pairs kept for every view, tokenized per view; ``per_view[k][i]`` is pair ``pair_ids[i]`` for view k.
 
-    Each view's pairs are a ``TokenizedPairs``: int32 arrays, 4 bytes a token. Views that share a tokenizer
-    fingerprint share one ``TokenizedPairs`` object.
+    Each view's pairs are a ``TokenizedPairs``: int32 arrays, 4 bytes a token. Views that share a tokenizer object
+    share one ``TokenizedPairs`` object.
     """
 
     view_names: list[str]
@@ -482,11 +482,12 @@ def tokenize_for_models(
     elif overflow != "drop":
         raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
 
-    # Views with one tokenizer fingerprint produce the same ids (the policy and its initialising reference, usually):
-    # each pair is tokenized once per fingerprint, and those views share one storage. Their kept pairs are the same,
-    # since a limit only drops a pair for all views (or truncates at the common limit).
-    first_view: dict[str, int] = {}
-    owner = [first_view.setdefault(view.fingerprint, k) for k, view in enumerate(views)]
+    # Views that share one tokenizer object produce the same ids (the policy and its initialising reference, as
+    # ``pipeline.load_views`` loads a tokenizer named twice once): each pair is tokenized once for them, and they
+    # share one storage. Their kept pairs are the same, since a limit only drops a pair for all views (or truncates
+    # at the common limit). Identity, not the fingerprint, which would serialise every vocabulary once more.
+    first_view: dict[int, int] = {}
+    owner = [first_view.setdefault(id(view.tokenizer), k) for k, view in enumerate(views)]
     storage = {k: TokenizedPairs() for k in sorted(set(owner))}
     result = TokenizationResult(
         view_names=[v.name for v in views],
