@@ -2,14 +2,15 @@
 
 For each N (default 10k, 100k, 1M pairs) it writes synthetic standard pairs at UltraFeedback-like lengths (by
 default prompts of 100-300 words, completions of 300-900, so ~1,400 tokens a pair), saves a tiny random-init Llama
-with a word-level tokenizer (one word = one token), and runs three stages, each in a fresh process started through
+with a word-level tokenizer (one word = one token), and runs four stages, each in a fresh process started through
 the same code the CLI runs, so that its peak resident memory (``ru_maxrss``) is that stage's alone:
 
 | stage | what runs | what is reported |
 |---|---|---|
-| `tokenize` | ``read_split`` then ``tokenize_for_models`` for the policy and its one reference | wall s, pairs/s tokenized (reading excluded), peak RSS |
-| `precompute` | ``run_precompute`` into an empty cache (reads and tokenizes again, then scores) | wall s, peak RSS |
-| `train` | ``run_train`` with ``max_steps`` 20 on the filled cache: start-up until the first step, then 20 steps | s to the first step, s for 20 steps, peak RSS |
+| `tokenize` | ``tokenize_split`` with no tokenized entry in the cache: the data streamed, tokenized for the policy and its one reference, written to disk | wall s, pairs/s (read + tokenize), peak RSS |
+| `cached` | ``tokenize_split`` again: the entry found and opened | wall s, peak RSS |
+| `precompute` | ``run_precompute`` into an empty reference cache (the tokenized entry found, then every pair scored) | wall s, peak RSS |
+| `train` | ``run_train`` with ``max_steps`` 20 on the filled caches: a cached re-run, start-up until the first step, then 20 steps | s to the first step, s for 20 steps, peak RSS |
 
 The first line of the table is the process after its imports (torch, transformers), the floor every stage stands on.
 Before an N, the peak RSS of each stage is projected linearly from the two previous sizes (from the floor and the
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = ("tokenize", "precompute", "train")
+STAGES = ("tokenize", "cached", "precompute", "train")
 TRAIN_STEPS = 20
 
 
@@ -132,20 +134,19 @@ def run_stage(stage: str, config_path: str) -> dict:
 
     logging.disable(logging.WARNING)
     from mrpo.config import load_config
-    from mrpo.pipeline import effective_limits, load_views, read_split, resolved_references, run_precompute
-    from mrpo.tokenization import sequence_lengths, tokenize_for_models
+    from mrpo.pipeline import load_views, run_precompute, tokenize_split
+    from mrpo.tokenization import sequence_lengths
 
     config = load_config(config_path)
     result: dict = {"stage": stage, "rss_after_imports_gib": peak_rss_gib()}
     start = time.perf_counter()
-    if stage == "tokenize":
+    if stage in ("tokenize", "cached"):
         views = load_views(config)
-        pairs = read_split(config, "train")
-        result["load_s"] = time.perf_counter() - start
-        limits = effective_limits(config, resolved_references(config))
-        tokenized = tokenize_for_models(pairs, [views.policy, *views.references], max_length=limits)
-        result["pairs"] = len(tokenized.pair_ids)
-        result["tokens"] = sum(sequence_lengths(tokenized.per_view[0]))
+        result["load_s"] = time.perf_counter() - start  # the tokenizers
+        tokenized = tokenize_split(config, "train", views)
+        result["pairs"] = len(tokenized.tokenization.pair_ids)
+        result["tokens"] = int(sum(sequence_lengths(tokenized.tokenization.per_view[0])))
+        result["stored"] = tokenized.pairs is None
     elif stage == "precompute":
         run_precompute(config)
     elif stage == "train":
@@ -254,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
                 "write_s": time.perf_counter() - started,
             }
             for stage in args.stages:
+                # Each stage starts from what it measures: no tokenized entry before `tokenize`, no reference
+                # store before `precompute` (a reused --work-dir keeps both).
+                emptied = {"tokenize": "tokenized-*", "precompute": "store-*"}.get(stage)
+                for entry in (work / "cache").glob(emptied or "-"):
+                    shutil.rmtree(entry)
                 measured = child(stage, config)
                 row[stage] = measured
                 history[stage].append((n, measured["peak_rss_gib"]))

@@ -450,7 +450,7 @@ class Runner:
         if not noisy.exists():
             return {}
         flipped = {record["fact"] for record in read_jsonl(noisy) if record["flipped"]}
-        fact_of = {pair.pair_id: pair.metadata.get("fact") for pair in prepared.pairs}
+        fact_of = {pair.pair_id: pair.metadata.get("fact") for pair in prepared.text_pairs()}
         correct = (logps[:, 0] > logps[:, 1]).tolist()
         groups: dict[str, list[bool]] = {"flipped_facts": [], "clean_facts": []}
         for pair_id, right in zip(prepared.tokenization.pair_ids, correct, strict=True):

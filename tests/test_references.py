@@ -449,7 +449,7 @@ def test_columns_for_other_data_raise_cache_error(tmp_path, model_dirs):
     with pytest.raises(CacheError, match=r"'init'.*pair id " + other + r".*other data"):
         cache.columns([*result.pair_ids, other])
     # A store that lacks pairs for the second reference only names the second reference.
-    cache.stores[1].entries.pop(result.pair_ids[1])
+    cache.stores[1].entries.discard(result.pair_ids[1])
     with pytest.raises(CacheError, match=r"reference 2 \('gemma'.*pair id " + result.pair_ids[1]):
         cache.columns(result.pair_ids)
     assert cache.columns([])["reference_chosen_logps"].shape == (2, 0)

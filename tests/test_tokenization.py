@@ -198,7 +198,7 @@ def test_tokenized_pairs_store_flat_and_read_back_the_same_pairs():
     with pytest.raises(IndexError, match="out of range"):
         compact[len(pairs)]
     # Lengths, ids and single sequences without building pairs, in the order score_pairs batches them.
-    assert sequence_lengths(compact) == sequence_lengths(pairs)
+    assert list(sequence_lengths(compact)) == sequence_lengths(pairs)
     assert sequence_lengths(pairs) == [len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected)]
     assert pair_ids_of(compact) == pair_ids_of(pairs) == result.pair_ids
     for j in range(2 * len(pairs)):

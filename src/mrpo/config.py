@@ -181,6 +181,8 @@ class DataConfig:
     """A malformed row: stop with an error naming file, row and field ("raise"), or skip it and count it ("drop")."""
     drop_identical: bool = False
     """Drop pairs whose chosen and rejected completions are identical (they carry no preference)."""
+    cache_tokenized: bool = True
+    """Keep the tokenized pairs on disk under cache_dir, read pair by pair (memory does not grow with the data) and reused by the next run on the same file, tokenizers and settings; false = read and tokenize in memory on every run. Applies to local files and directories without max_pairs / max_eval_pairs."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")

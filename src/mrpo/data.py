@@ -20,6 +20,7 @@ from mrpo.pairs import (
     Format,
     OnError,
     PairSet,
+    PairStream,
     PreferencePair,
     RowError,
     Rows,
@@ -35,6 +36,8 @@ __all__ = [
     "compute_pair_id",
     "load_pairs",
     "pairs_from_records",
+    "source_identity",
+    "stream_pairs",
     "subsample",
 ]
 
@@ -80,6 +83,47 @@ def load_pairs(
     return build_pair_set(
         rows, label, max_pairs=max_pairs, seed=seed, on_error=on_error, fmt=fmt, drop_identical=drop_identical
     )
+
+
+def stream_pairs(
+    source: str | os.PathLike,
+    *,
+    split: str = "train",
+    on_error: OnError = "raise",
+    fmt: Format = "auto",
+    drop_identical: bool = False,
+) -> PairStream:
+    """The pairs of ``source`` one at a time, by the rules of :func:`load_pairs` (without subsampling), for data
+    that should not be held in memory whole; the stream's ``counts()`` is the account ``load_pairs`` gives."""
+    _check_options(on_error, fmt)
+    label, rows = _open_source(source, split)
+    return PairStream(rows, label, on_error=on_error, fmt=fmt, drop_identical=drop_identical)
+
+
+def source_identity(source: str | os.PathLike, split: str = "train") -> dict[str, Any] | None:
+    """What identifies a local source's content cheaply: its path and each file's size and modification time
+    (as ``make`` judges a file changed); None for a hub dataset, whose files are not ours to watch.
+
+    Reading every byte would be exact, and costs seconds per GB on every run; an edit that keeps a file's size and
+    modification time is the case this misses.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    return {
+        "path": str(path.resolve()),
+        "split": split if path.is_dir() else None,
+        "files": [[str(f.relative_to(path)) if path.is_dir() else f.name, *_stat(f)] for f in files],
+    }
+
+
+def _stat(file: Path) -> tuple[int, int]:
+    status = file.stat()
+    return status.st_size, status.st_mtime_ns
 
 
 def pairs_from_records(

@@ -202,7 +202,7 @@ def split_metrics(
 
 def split_kinds(prepared) -> list[str] | None:
     """The `kind` metadata of each pair of a prepared split, in its order; None when some pair has none."""
-    by_id = {pair.pair_id: pair.metadata.get("kind") for pair in prepared.pairs}
+    by_id = {pair.pair_id: pair.metadata.get("kind") for pair in prepared.text_pairs()}
     kinds = [by_id.get(pair_id) for pair_id in prepared.tokenization.pair_ids]
     return None if any(kind is None for kind in kinds) else [str(kind) for kind in kinds]
 

@@ -21,8 +21,9 @@ import hashlib
 import json
 import logging
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
 
 from mrpo.errors import DataError
@@ -108,22 +109,20 @@ class PairSet:
         """Kept pairs whose text repeats an earlier pair's (same pair_id)."""
         return len(self.pairs) - len({pair.pair_id for pair in self.pairs})
 
+    def counts(self) -> PairCounts:
+        return PairCounts(
+            source=self.source,
+            rows_read=self.rows_read,
+            kept=len(self.pairs),
+            dropped=collections.Counter(self.dropped),
+            identical=self.identical,
+            duplicates=self.duplicates,
+            conversational=self.pairs[0].conversational if self.pairs else None,
+        )
+
     def summary(self) -> str:
         """One readable paragraph: what was read, what was kept, and why anything else was dropped."""
-        kind = ("conversational " if self.pairs[0].conversational else "standard ") if self.pairs else ""
-        text = f"Read {self.rows_read} rows from {self.source}; kept {len(self.pairs)} {kind}pairs"
-        total_dropped = sum(self.dropped.values())
-        if total_dropped:
-            reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.most_common())
-            text += f"; dropped {total_dropped} ({reasons})"
-        else:
-            text += "; dropped 0"
-        if self.identical:
-            fate = "dropped" if self.dropped.get(_DROP_IDENTICAL_REASON) else "kept"
-            text += f". {self.identical} rows have chosen == rejected ({fate})"
-        if self.duplicates:
-            text += f". {self.duplicates} kept pairs repeat an earlier pair's text"
-        return text + "."
+        return self.counts().summary()
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -137,6 +136,87 @@ class PairSet:
     def __getitem__(self, index: slice) -> list[PreferencePair]: ...
     def __getitem__(self, index: int | slice) -> PreferencePair | list[PreferencePair]:
         return self.pairs[index]
+
+
+@dataclass
+class PairCounts:
+    """The account of one read without the pairs themselves: what a streamed read leaves behind."""
+
+    source: str
+    rows_read: int
+    kept: int
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    identical: int = 0
+    duplicates: int = 0
+    conversational: bool | None = None
+
+    def summary(self) -> str:
+        """One readable paragraph: what was read, what was kept, and why anything else was dropped."""
+        kind = {True: "conversational ", False: "standard ", None: ""}[self.conversational]
+        text = f"Read {self.rows_read} rows from {self.source}; kept {self.kept} {kind}pairs"
+        total_dropped = sum(self.dropped.values())
+        if total_dropped:
+            # Most frequent first, ties by name: the same text whichever order the reasons were met in.
+            ordered = sorted(self.dropped.items(), key=lambda item: (-item[1], item[0]))
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in ordered)
+            text += f"; dropped {total_dropped} ({reasons})"
+        else:
+            text += "; dropped 0"
+        if self.identical:
+            fate = "dropped" if self.dropped.get(_DROP_IDENTICAL_REASON) else "kept"
+            text += f". {self.identical} rows have chosen == rejected ({fate})"
+        if self.duplicates:
+            text += f". {self.duplicates} kept pairs repeat an earlier pair's text"
+        return text + "."
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> PairCounts:
+        return cls(**{**content, "dropped": collections.Counter(content["dropped"])})
+
+
+class PairStream:
+    """The pairs of a source read one row at a time, validated by the same rules as :func:`build_pair_set`, never
+    held together: for data sets larger than memory. Iterate once; then :meth:`counts` gives the account (and
+    raises the errors a read that kept nothing raises). Duplicates are counted from 8 bytes a pair."""
+
+    def __init__(self, rows: Rows, label: str, *, on_error: OnError, fmt: Format, drop_identical: bool):
+        self._rows, self._label = rows, label
+        self._options = {"on_error": on_error, "fmt": fmt, "drop_identical": drop_identical}
+        self._tally: _Tally | None = None
+        self._id_prefixes = array("Q")
+        self._conversational: bool | None = None
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        if self._tally is not None:
+            raise RuntimeError(f"{self._label}: a PairStream is read once")
+        self._tally = _Tally()
+        for pair in _valid_pairs(self._rows, self._label, self._tally, **self._options):
+            if self._conversational is None:
+                self._conversational = pair.conversational
+            self._id_prefixes.append(_id_number(pair.pair_id))
+            yield pair
+
+    def counts(self) -> PairCounts:
+        if self._tally is None:
+            raise RuntimeError(f"{self._label}: read the stream before asking for its counts")
+        import numpy as np
+
+        tally, kept = self._tally, len(self._id_prefixes)
+        distinct = len(np.unique(np.frombuffer(self._id_prefixes, dtype=np.uint64))) if kept else 0
+        counts = PairCounts(
+            self._label, tally.rows_read, kept, collections.Counter(tally.dropped), tally.identical,
+            kept - distinct, self._conversational,
+        )  # fmt: skip
+        _check_read(tally, self._label, kept, self._options["drop_identical"], counts.summary, stacklevel=2)
+        return counts
+
+
+def _id_number(pair_id: str) -> int:
+    """A pair id (16 hex digits, from :func:`compute_pair_id`) as the 64-bit number it spells."""
+    return int(pair_id, 16)
 
 
 def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
@@ -197,14 +277,32 @@ def build_pair_set(
     fmt: Format,
     drop_identical: bool,
 ) -> PairSet:
-    pairs: list[PreferencePair] = []
-    dropped: collections.Counter = collections.Counter()
-    identical_rows: list[str] = []
-    rows_read = 0
+    tally = _Tally()
+    pairs = list(_valid_pairs(rows, label, tally, on_error=on_error, fmt=fmt, drop_identical=drop_identical))
+    pair_set = PairSet(pairs, label, tally.rows_read, tally.dropped, tally.identical)
+    _check_read(tally, label, len(pairs), drop_identical, pair_set.summary, stacklevel=4)
+    if max_pairs is not None:
+        pair_set = subsample(pair_set, max_pairs, seed)
+    logger.info(pair_set.summary())
+    return pair_set
+
+
+@dataclass
+class _Tally:
+    rows_read: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    identical: int = 0
+    first_identical: str = ""
+
+
+def _valid_pairs(
+    rows: Rows, label: str, tally: _Tally, *, on_error: OnError, fmt: Format, drop_identical: bool
+) -> Iterator[PreferencePair]:
+    """The row rules, one row at a time: each row becomes a pair, a counted drop, or (on_error="raise") an error."""
     detected: str | None = None if fmt == "auto" else fmt
     detected_at = ""
     for where, row in rows:
-        rows_read += 1
+        tally.rows_read += 1
         try:
             if isinstance(row, RowError):
                 raise row
@@ -213,24 +311,30 @@ def build_pair_set(
         except RowError as error:
             if on_error == "raise":
                 raise _to_data_error(error, label, where) from None
-            dropped[error.reason] += 1
+            tally.dropped[error.reason] += 1
             continue
         if detected is None:
             detected, detected_at = row_format, where
         if pair.chosen == pair.rejected:
-            identical_rows.append(where)
+            tally.identical += 1
+            tally.first_identical = tally.first_identical or where
             if drop_identical:
-                dropped[_DROP_IDENTICAL_REASON] += 1
+                tally.dropped[_DROP_IDENTICAL_REASON] += 1
                 continue
-        pairs.append(pair)
-    if rows_read == 0:
+        yield pair
+
+
+def _check_read(
+    tally: _Tally, label: str, kept: int, drop_identical: bool, summary: Callable[[], str], *, stacklevel: int
+) -> None:
+    """What every read ends with: no rows is an error, identical pairs are warned about, nothing kept is an error."""
+    if tally.rows_read == 0:
         raise DataError(
             f"{label}: no rows. The source is empty; expected rows with prompt/chosen/rejected.", source=label
         )
-    pair_set = PairSet(pairs, label, rows_read, dropped, len(identical_rows))
-    if identical_rows:
+    if tally.identical:
         warnings.warn(
-            f"{label}: {len(identical_rows)} rows have chosen == rejected (first: {identical_rows[0]}); "
+            f"{label}: {tally.identical} rows have chosen == rejected (first: {tally.first_identical}); "
             "they carry no preference signal. "
             + (
                 "Dropped (drop_identical=True)."
@@ -238,17 +342,12 @@ def build_pair_set(
                 else "Pass drop_identical=True to drop them."
             ),
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
-    if not pairs:
+    if not kept:
         raise DataError(
-            f"{label}: no valid rows left: {pair_set.summary()} Fix the rows or check the format.",
-            source=label,
+            f"{label}: no valid rows left: {summary()} Fix the rows or check the format.", source=label
         )
-    if max_pairs is not None:
-        pair_set = subsample(pair_set, max_pairs, seed)
-    logger.info(pair_set.summary())
-    return pair_set
 
 
 def _to_data_error(error: RowError, label: str, where: str) -> DataError:

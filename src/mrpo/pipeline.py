@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import MRPOConfig, ReferenceConfig, padding_free_enabled
-from mrpo.data import DataError, PairSet, load_pairs
+from mrpo.data import DataError, PairSet, load_pairs, source_identity, stream_pairs
 from mrpo.errors import TrainingInterrupted
 from mrpo.models import check_lora_before_precompute, load_policy, load_tokenizer, model_position_limit
+from mrpo.pairs import PairCounts, PairStream, PreferencePair
 from mrpo.preflight import check_resumable, check_trackers, claim_output_dir, resume_checkpoint
 from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
@@ -39,6 +41,7 @@ from mrpo.rundir import (
     write_model_card,
 )
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
+from mrpo.tokenized_cache import CachedSplit, open_or_tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +60,25 @@ class Views:
 class PreparedSplit:
     """One split, ready to train or evaluate on."""
 
-    pairs: PairSet
+    counts: PairCounts
     tokenization: TokenizationResult
     cache: ReferenceCache
     dataset: PreferenceDataset
     views: Views
+    split: str
+    pairs: PairSet | None = None
+    """The pairs in memory, or None when the split's tokens came from the disk cache (see ``TokenizedSplit``)."""
+    read_again: Callable[[], Iterable[PreferencePair]] | None = None
+
+    def text_pairs(self) -> Iterable[PreferencePair]:
+        """Every pair of the split with its text and metadata: from memory, or read again from the source."""
+        if self.pairs is not None:
+            return self.pairs
+        assert self.read_again is not None
+        return self.read_again()
 
     def summary(self) -> str:
-        return "\n".join([self.pairs.summary(), self.tokenization.summary(), self.cache.summary()])
+        return "\n".join([self.counts.summary(), self.tokenization.summary(), self.cache.summary()])
 
 
 def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
@@ -98,14 +112,20 @@ def load_views(config: MRPOConfig) -> Views:
     return Views(policy, references)
 
 
-def read_split(config: MRPOConfig, split: str) -> PairSet:
+def split_source(config: MRPOConfig, split: str) -> tuple[str, str, int | None]:
+    """The split's source, the name of the split to read in it, and its subsample size."""
     data = config.data
     if split == "train":
-        source, name, max_pairs = data.train, data.train_split, data.max_pairs
-    else:
-        if data.eval is None:
-            raise DataError("data.eval is not set: there is no held-out split to read (set data.eval=PATH)")
-        source, name, max_pairs = data.eval, data.eval_split, data.max_eval_pairs
+        return data.train, data.train_split, data.max_pairs
+    if data.eval is None:
+        raise DataError("data.eval is not set: there is no held-out split to read (set data.eval=PATH)")
+    return data.eval, data.eval_split, data.max_eval_pairs
+
+
+def read_split(config: MRPOConfig, split: str) -> PairSet:
+    """One split's pairs, in memory."""
+    source, name, max_pairs = split_source(config, split)
+    data = config.data
     return load_pairs(
         source,
         split=name,
@@ -117,19 +137,47 @@ def read_split(config: MRPOConfig, split: str) -> PairSet:
     )
 
 
+def stream_split(config: MRPOConfig, split: str) -> PairStream:
+    """One split's pairs read as they come (no subsampling), for data larger than memory."""
+    source, name, _ = split_source(config, split)
+    data = config.data
+    return stream_pairs(
+        source, split=name, on_error=data.on_error, fmt=data.format, drop_identical=data.drop_identical
+    )
+
+
+def find_pairs(
+    config: MRPOConfig, split: str, tokenized: TokenizedSplit, pair_ids: set[str]
+) -> dict[str, PreferencePair]:
+    """The pairs of one split with these ids: from memory, or read again from the source (until all are found;
+    iterating a stream repeats none of the first read's warnings)."""
+    pairs = tokenized.pairs if tokenized.pairs is not None else stream_split(config, split)
+    found: dict[str, PreferencePair] = {}
+    for pair in pairs:
+        if pair.pair_id in pair_ids:
+            found[pair.pair_id] = pair
+            if len(found) == len(pair_ids):
+                break
+    return found
+
+
 @dataclass
 class TokenizedSplit:
     """One split read and tokenized for the policy and every reference, before any reference is scored."""
 
-    pairs: PairSet
+    counts: PairCounts
+    """The account of the read (rows, kept, dropped by reason)."""
     tokenization: TokenizationResult
     references: list[ReferenceConfig]
     """The references with the max_length their stores are keyed by."""
+    pairs: PairSet | None = None
+    """The pairs in memory, when the split was read into memory; None when its tokens came from the disk cache
+    (``find_pairs`` reads any pair's text again)."""
 
 
 def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSplit:
-    """Read one split and tokenize it jointly (a pair too long for any model is dropped for all)."""
-    pairs = read_split(config, split)
+    """Read one split and tokenize it jointly (a pair too long for any model is dropped for all): from the
+    tokenized cache when it can be (``data.cache_tokenized``), else in memory."""
     references = resolved_references(config)
     all_views = [views.policy, *views.references]
     limits = effective_limits(config, references)
@@ -137,16 +185,60 @@ def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSpl
         # Truncation cuts every model at the smallest limit (one shared tokenizer), so that limit is what the
         # reference stores must be keyed by.
         references = [dataclasses.replace(reference, max_length=min(limits)) for reference in references]
-    tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
+    cached = _tokenize_to_cache(config, split, all_views, limits)
+    if cached is not None:
+        pairs, counts, tokenization = None, cached.counts, cached.tokenization
+        how = "found" if cached.found else "stored"
+        logger.info("%s split: %s Tokenized pairs %s in %s.", split, counts.summary(), how, cached.directory)
+    else:
+        pairs = read_split(config, split)
+        counts = pairs.counts()
+        tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
     if not tokenization.pair_ids:
         raise DataError(
             f"no {split} pair is left after tokenization ({tokenization.summary()}); raise data.max_length or "
             "check the data",
-            source=pairs.source,
+            source=counts.source,
         )
     if tokenization.dropped:
         logger.warning("%s split: %s", split, tokenization.summary())
-    return TokenizedSplit(pairs, tokenization, references)
+    return TokenizedSplit(counts, tokenization, references, pairs)
+
+
+def _tokenize_to_cache(
+    config: MRPOConfig, split: str, views: list[ModelView], limits: list[int]
+) -> CachedSplit | None:
+    """The split's tokens from (or into) ``cache_dir``; None where the cache does not apply: turned off, a
+    subsample (``max_pairs``), or a source whose content cannot be identified cheaply (a hub dataset)."""
+    source, name, max_pairs = split_source(config, split)
+    if not config.data.cache_tokenized or max_pairs is not None:
+        return None
+    identity = source_identity(source, name)
+    if identity is None:
+        return None
+    owners = [next(j for j, other in enumerate(views) if other.tokenizer is view.tokenizer) for view in views]
+    content = {
+        "source": identity,
+        "format": config.data.format,
+        "on_error": config.data.on_error,
+        "drop_identical": config.data.drop_identical,
+        "tokenizers": {k: views[k].fingerprint for k in sorted(set(owners))},
+        "owners": owners,
+        "limits": limits,
+        "overflow": config.data.overflow,
+    }
+    from accelerate import PartialState
+
+    # Under accelerate launch the main process tokenizes and stores; the others then find the entry.
+    with PartialState().main_process_first():
+        return open_or_tokenize(
+            Path(config.cache_dir),
+            content,
+            views,
+            lambda: stream_split(config, split),
+            max_length=limits,
+            overflow=config.data.overflow,
+        )
 
 
 def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> list[int]:
@@ -177,15 +269,18 @@ def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> l
 _RENDERINGS_SHOWN: set[str] = set()
 
 
-def _show_plain_renderings(views: Views, tokenized: TokenizedSplit) -> None:
+def _show_plain_renderings(config: MRPOConfig, split: str, views: Views, tokenized: TokenizedSplit) -> None:
     """Once per tokenizer and process: how a reference without a chat template reads a pair (plain text, roles
     spelled out), so nobody has to read a docstring to see what it scores."""
-    if not tokenized.pairs.pairs:
+    unseen = [
+        view for view in views.references
+        if not view.has_chat_template and view.fingerprint not in _RENDERINGS_SHOWN
+    ]  # fmt: skip
+    if not unseen:
         return
-    first = next(p for p in tokenized.pairs.pairs if p.pair_id == tokenized.tokenization.pair_ids[0])
-    for view in views.references:
-        if view.has_chat_template or view.fingerprint in _RENDERINGS_SHOWN:
-            continue
+    first_id = tokenized.tokenization.pair_ids[0]
+    first = find_pairs(config, split, tokenized, {first_id})[first_id]
+    for view in unseen:
         _RENDERINGS_SHOWN.add(view.fingerprint)
         _, chosen, _ = view.render(first)
         logger.warning(
@@ -203,7 +298,7 @@ def prepare_split(
     """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
     views = views or load_views(config)
     tokenized = tokenize_split(config, split, views)
-    _show_plain_renderings(views, tokenized)
+    _show_plain_renderings(config, split, views, tokenized)
     cache = precompute(
         tokenized.references,
         views.references,
@@ -218,7 +313,16 @@ def prepare_split(
         columns["reference_chosen_logps"],
         columns["reference_rejected_logps"],
     )
-    return PreparedSplit(tokenized.pairs, tokenized.tokenization, cache, dataset, views)
+    return PreparedSplit(
+        tokenized.counts,
+        tokenized.tokenization,
+        cache,
+        dataset,
+        views,
+        split,
+        tokenized.pairs,
+        lambda: stream_split(config, split),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +429,7 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         config.loss,
         suspect_threshold=threshold,
     )
-    by_id = {pair.pair_id: pair for pair in tokenized.pairs.pairs}
+    by_id = find_pairs(config, split, tokenized, {suspect.pair_id for suspect in audit.suspects})
     rows = []
     for rank, suspect in enumerate(audit.suspects, start=1):
         pair = by_id[suspect.pair_id]
@@ -466,11 +570,11 @@ def _data_summary(train: PreparedSplit, eval_split: PreparedSplit | None) -> dic
         if split is None:
             continue
         summary[name] = {
-            "source": split.pairs.source,
-            "rows_read": split.pairs.rows_read,
-            "pairs_loaded": len(split.pairs),
+            "source": split.counts.source,
+            "rows_read": split.counts.rows_read,
+            "pairs_loaded": split.counts.kept,
             "pairs_used": len(split.tokenization.pair_ids),
-            "dropped_on_load": dict(split.pairs.dropped),
+            "dropped_on_load": dict(split.counts.dropped),
             "dropped_by_tokenization": dict(split.tokenization.dropped),
             "references": [dataclasses.asdict(report) for report in split.cache.reports],
         }

@@ -28,19 +28,24 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mrpo.config import ReferenceConfig
 from mrpo.errors import CacheError
 from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
+from mrpo.pair_table import PairTable, pair_numbers
 from mrpo.tokenization import ModelView, TokenizedPair, pair_ids_of, sequence_at, sequence_lengths
 
 logger = logging.getLogger(__name__)
+
+ENTRY_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+ENTRY_WIDTH = len(ENTRY_COLUMNS)
 
 SHARD_PAIRS = 512
 """Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
@@ -139,11 +144,12 @@ class StoreKey:
 
 @dataclass
 class ReferenceStore:
-    """One reference's entries ``pair_id -> (chosen, rejected log-prob, chosen, rejected token count)``."""
+    """One reference's entries ``pair_id -> (chosen, rejected log-prob, chosen, rejected token count)``, held as a
+    ``PairTable`` (32 bytes of numbers and 8 of key an entry)."""
 
     directory: Path
     key: StoreKey
-    entries: dict[str, tuple[float, float, int, int]] = field(default_factory=dict)
+    entries: PairTable = field(default_factory=lambda: PairTable(ENTRY_WIDTH))
     discarded_shards: int = 0
 
     @classmethod
@@ -174,23 +180,16 @@ class ReferenceStore:
                 self._discard(shard, "it was written for another model, tokenizer or setting")
                 continue
             try:
-                rows = list(
-                    zip(
-                        payload["pair_ids"],
-                        payload["chosen_logps"].tolist(),
-                        payload["rejected_logps"].tolist(),
-                        payload["chosen_tokens"].tolist(),
-                        payload["rejected_tokens"].tolist(),
-                        strict=True,
-                    )
-                )
+                pair_ids = list(payload["pair_ids"])
+                columns = [payload[name].double().numpy() for name in ENTRY_COLUMNS]
+                if any(column.shape != (len(pair_ids),) for column in columns):
+                    raise ValueError(f"{len(pair_ids)} pair ids but columns of {[c.shape for c in columns]}")
             except Exception as error:  # noqa: BLE001 - missing fields or ragged columns: not a shard we can use
                 self._discard(
                     shard, f"its content is not a well-formed shard ({type(error).__name__}: {error})"
                 )
                 continue
-            for pair_id, *values in rows:
-                self.entries[pair_id] = tuple(values)
+            self.entries.add(pair_ids, np.stack(columns, axis=1))
 
     def _discard(self, shard: Path, why: str) -> None:
         logger.warning("Recomputing %s: %s.", shard, why)
@@ -213,12 +212,11 @@ class ReferenceStore:
         checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
         final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
         os.replace(temporary, final)
-        for pair_id, (c, r), (tc, tr) in zip(pair_ids, values.tolist(), tokens.tolist(), strict=True):
-            self.entries[pair_id] = (c, r, tc, tr)
+        self.entries.add(list(pair_ids), torch.cat([values.double(), tokens.double()], dim=1).numpy())
         return final
 
-    def missing(self, pair_ids: Iterable[str]) -> list[str]:
-        return [pair_id for pair_id in pair_ids if pair_id not in self.entries]
+    def missing(self, pair_ids: Sequence[str]) -> list[str]:
+        return self.entries.missing(pair_ids)
 
 
 def store_directory(root: Path, key: StoreKey) -> Path:
@@ -321,16 +319,17 @@ class ReferenceCache:
         rejected = torch.empty_like(chosen)
         chosen_tokens = torch.empty(len(self.stores), len(pair_ids), dtype=torch.int64)
         rejected_tokens = torch.empty_like(chosen_tokens)
+        numbers = pair_numbers(pair_ids)
         for k, (name, store) in enumerate(zip(self.names, self.stores, strict=True)):
-            missing = store.missing(pair_ids)
-            if missing:
+            positions = store.entries.positions(numbers)
+            absent = np.flatnonzero(positions < 0)
+            if len(absent):
                 raise CacheError(
-                    f"reference {k + 1} ({name!r}, store {store.directory}) has no log-probs for {len(missing)} of "
-                    f"{len(pair_ids)} pairs (first: pair id {missing[0]}): the cache was built for other data. "
-                    "Run `mrpo precompute` with this config (or let `mrpo train` do it)."
+                    f"reference {k + 1} ({name!r}, store {store.directory}) has no log-probs for {len(absent)} of "
+                    f"{len(pair_ids)} pairs (first: pair id {pair_ids[absent[0]]}): the cache was built for other "
+                    "data. Run `mrpo precompute` with this config (or let `mrpo train` do it)."
                 )
-            values = [store.entries[pair_id] for pair_id in pair_ids]
-            table = torch.tensor(values, dtype=torch.float64) if values else torch.empty(0, 4)
+            table = torch.from_numpy(store.entries.rows(positions))
             not_finite = (~torch.isfinite(table[:, :2])).any(dim=1).nonzero().flatten().tolist()
             if not_finite:
                 first = pair_ids[not_finite[0]]
@@ -408,10 +407,11 @@ def precompute(
         # scored twice or by nobody.
         state.wait_for_everyone()
         pair_ids = pair_ids_of(pairs)
-        missing = store.missing(pair_ids)
-        missing_ids = set(missing)  # built once: a set per pair made this quadratic in the number of pairs
-        # Indices, not pairs: one index per distinct missing pair id (a duplicated row is scored once).
-        todo = list({pair_id: i for i, pair_id in enumerate(pair_ids) if pair_id in missing_ids}.values())
+        numbers = pair_numbers(pair_ids)
+        absent = np.flatnonzero(store.entries.positions(numbers) < 0)
+        # Indices, not pairs: the first index of each distinct missing pair id (a duplicated row is scored once).
+        _, first = np.unique(numbers[absent], return_index=True)
+        todo = sorted(absent[first].tolist())
         if todo:
             _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
         state.wait_for_everyone()
@@ -422,9 +422,9 @@ def precompute(
             _report(
                 spec,
                 store,
-                pair_ids,
+                numbers,
                 computed=len(todo),
-                reused=len(pair_ids) - len(missing),
+                reused=len(pair_ids) - len(absent),
                 seconds=seconds,
             )
         )
@@ -519,14 +519,15 @@ def _compute_missing(
 def _report(
     spec: ReferenceConfig,
     store: ReferenceStore,
-    pair_ids: Sequence[str],
+    pair_ids: np.ndarray,
     computed: int,
     reused: int,
     seconds: float,
 ) -> ReferenceReport:
-    values = [store.entries[pair_id] for pair_id in pair_ids if pair_id in store.entries]
+    positions = store.entries.positions(pair_ids)
+    values = store.entries.rows(positions[positions >= 0])
     n = len(values)
-    agree = sum(1 for c, r, *_ in values if c > r)
+    agree = int((values[:, 0] > values[:, 1]).sum())
     return ReferenceReport(
         name=spec.name,
         store=str(store.directory),
@@ -536,6 +537,6 @@ def _report(
         discarded_shards=store.discarded_shards,
         seconds=seconds,
         label_agreement=agree / n if n else math.nan,
-        mean_chosen_logp=sum(v[0] for v in values) / n if n else math.nan,
-        mean_rejected_logp=sum(v[1] for v in values) / n if n else math.nan,
+        mean_chosen_logp=float(values[:, 0].mean()) if n else math.nan,
+        mean_rejected_logp=float(values[:, 1].mean()) if n else math.nan,
     )

@@ -50,12 +50,37 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol
+
+from mrpo.token_store import (
+    PairWriter,
+    StoredPairs,
+    TokenizedPair,
+    TokenizedPairs,
+    TokenizedSequence,
+    pair_ids_of,
+    sequence_at,
+    sequence_lengths,
+)
+
+__all__ = [
+    "ModelView",
+    "PairWriter",
+    "RenderError",
+    "StoredPairs",
+    "TokenizationResult",
+    "TokenizedPair",
+    "TokenizedPairs",
+    "TokenizedSequence",
+    "pair_ids_of",
+    "sequence_at",
+    "sequence_lengths",
+    "tokenize_for_models",
+]
 
 PLAIN_RENDERING_VERSION = 1
 """Version of the plain-text rendering of messages for tokenizers without a chat template."""
@@ -73,28 +98,6 @@ class PairLike(Protocol):
     prompt: str | Messages
     chosen: str | Messages
     rejected: str | Messages
-
-
-@dataclass(frozen=True)
-class TokenizedSequence:
-    """Token ids of prompt + completion for one model; the tokens at positions >= ``prompt_length`` are the
-    completion, whose log-probs are summed."""
-
-    input_ids: tuple[int, ...]
-    prompt_length: int
-
-    @property
-    def completion_length(self) -> int:
-        return len(self.input_ids) - self.prompt_length
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    """The chosen and rejected sequences of one pair, tokenized for one model."""
-
-    pair_id: str
-    chosen: TokenizedSequence
-    rejected: TokenizedSequence
 
 
 class RenderError(ValueError):
@@ -331,103 +334,6 @@ def _plain_continuation(messages: Messages) -> str:
     return text
 
 
-# -- compact storage --------------------------------------------------------------------------------------------
-
-
-class TokenizedPairs(Sequence[TokenizedPair]):
-    """Pairs tokenized for one model, stored flat: every sequence's ids in one int32 array, with offsets.
-
-    A token costs 4 bytes here; in a tuple of Python ints it costs about 36 (a pointer and, above 256, an int object),
-    which at real data sizes is gigabytes per model view. ``TokenizedPair`` objects are built when an item is read
-    and not kept. Sequence ``2 i`` is pair i's chosen answer, ``2 i + 1`` its rejected one.
-    """
-
-    def __init__(self, pairs: Iterable[TokenizedPair] = ()):
-        self._ids = array("i")
-        self._ends = array("q")
-        self._prompt_lengths = array("i")
-        self._pair_ids: list[str] = []
-        for pair in pairs:
-            self.append(pair)
-
-    def append(self, pair: TokenizedPair) -> None:
-        for sequence in (pair.chosen, pair.rejected):
-            self._ids.extend(sequence.input_ids)
-            self._ends.append(len(self._ids))
-            self._prompt_lengths.append(sequence.prompt_length)
-        self._pair_ids.append(pair.pair_id)
-
-    @property
-    def pair_ids(self) -> list[str]:
-        return self._pair_ids
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the token arrays (the pair ids not counted)."""
-        return sum(a.itemsize * len(a) for a in (self._ids, self._ends, self._prompt_lengths))
-
-    def sequence_lengths(self) -> list[int]:
-        """Lengths of all 2N sequences (chosen, rejected, chosen, ...), without building any pair."""
-        ends = self._ends
-        return [ends[j] - (ends[j - 1] if j else 0) for j in range(len(ends))]
-
-    def sequence(self, j: int) -> TokenizedSequence:
-        start = self._ends[j - 1] if j else 0
-        return TokenizedSequence(tuple(self._ids[start : self._ends[j]]), self._prompt_lengths[j])
-
-    def __len__(self) -> int:
-        return len(self._pair_ids)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"pair index {index} out of range for {len(self)} pairs")
-        return TokenizedPair(self._pair_ids[index], self.sequence(2 * index), self.sequence(2 * index + 1))
-
-    def __iter__(self) -> Iterator[TokenizedPair]:
-        for index in range(len(self)):
-            yield self[index]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, TokenizedPairs):
-            return (self._pair_ids, self._ids, self._ends, self._prompt_lengths) == (
-                other._pair_ids, other._ids, other._ends, other._prompt_lengths
-            )  # fmt: skip
-        if isinstance(other, Sequence):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"TokenizedPairs({len(self)} pairs, {len(self._ids)} tokens)"
-
-
-def sequence_lengths(pairs: Sequence[TokenizedPair]) -> list[int]:
-    """Lengths of the 2N sequences of ``pairs`` (chosen, rejected, chosen, ...)."""
-    if isinstance(pairs, TokenizedPairs):
-        return pairs.sequence_lengths()
-    return [len(s.input_ids) for pair in pairs for s in (pair.chosen, pair.rejected)]
-
-
-def pair_ids_of(pairs: Sequence[TokenizedPair]) -> list[str]:
-    """The pair ids of ``pairs``, in order, without building any pair."""
-    if isinstance(pairs, TokenizedPairs):
-        return list(pairs.pair_ids)
-    return [pair.pair_id for pair in pairs]
-
-
-def sequence_at(pairs: Sequence[TokenizedPair], j: int) -> TokenizedSequence:
-    """Sequence j of ``pairs`` in the order of ``sequence_lengths`` (pair j // 2; chosen when j is even)."""
-    if isinstance(pairs, TokenizedPairs):
-        return pairs.sequence(j)
-    pair = pairs[j // 2]
-    return pair.rejected if j % 2 else pair.chosen
-
-
 # -- several models at once -------------------------------------------------------------------------------------
 
 
@@ -435,20 +341,27 @@ def sequence_at(pairs: Sequence[TokenizedPair], j: int) -> TokenizedSequence:
 class TokenizationResult:
     """The pairs kept for every view, tokenized per view; ``per_view[k][i]`` is pair ``pair_ids[i]`` for view k.
 
-    Each view's pairs are a ``TokenizedPairs``: int32 arrays, 4 bytes a token. Views that share a tokenizer object
-    share one ``TokenizedPairs`` object.
+    Each view's pairs are a ``TokenizedPairs`` (in memory) or ``StoredPairs`` (on disk): int32 arrays, 4 bytes a
+    token. Views that share a tokenizer object share one storage (``owners[k]`` is the view whose storage view k
+    reads).
     """
 
     view_names: list[str]
-    per_view: list[TokenizedPairs]
-    pair_ids: list[str]
+    per_view: list[TokenizedPairs | StoredPairs]
     dropped: Counter[str] = field(default_factory=Counter)
+    owners: list[int] = field(default_factory=list)
+
+    @property
+    def pair_ids(self) -> Sequence[str]:
+        """The kept pairs' ids, in order (every view keeps the same pairs)."""
+        return self.per_view[0].pair_ids
 
     def summary(self) -> str:
         total = len(self.pair_ids) + sum(self.dropped.values())
         line = f"kept {len(self.pair_ids)} of {total} pairs for {', '.join(self.view_names)}"
         if self.dropped:
-            line += "; dropped: " + "; ".join(f"{n} {reason}" for reason, n in self.dropped.most_common())
+            ordered = sorted(self.dropped.items(), key=lambda item: (-item[1], item[0]))  # ties by name
+            line += "; dropped: " + "; ".join(f"{n} {reason}" for reason, n in ordered)
         return line
 
 
@@ -458,6 +371,7 @@ def tokenize_for_models(
     *,
     max_length: int | Sequence[int | None] | None,
     overflow: Literal["drop", "truncate"] = "drop",
+    storage: Callable[[int], TokenizedPairs | PairWriter] | None = None,
 ) -> TokenizationResult:
     """Tokenize every pair for every view, keeping only the pairs that every view can score.
 
@@ -466,6 +380,9 @@ def tokenize_for_models(
     all views. ``overflow="truncate"`` needs all views to share one tokenizer fingerprint; it cuts the completions'
     ends to the smallest limit (the prompt is kept whole; a pair whose prompt alone reaches the limit is dropped).
     A pair a view cannot render is dropped for all views too. Drops are counted by reason in ``dropped``.
+
+    ``storage(k)`` makes the storage of view k's pairs: ``TokenizedPairs`` in memory by default, or a
+    ``PairWriter`` that streams them to disk (``pairs`` is then read as it comes and never held whole).
     """
     if not views:
         raise ValueError("tokenize_for_models needs at least one view")
@@ -487,25 +404,26 @@ def tokenize_for_models(
     # share one storage. Their kept pairs are the same, since a limit only drops a pair for all views (or truncates
     # at the common limit). Identity, not the fingerprint, which would serialise every vocabulary once more.
     first_view: dict[int, int] = {}
-    owner = [first_view.setdefault(id(view.tokenizer), k) for k, view in enumerate(views)]
-    storage = {k: TokenizedPairs() for k in sorted(set(owner))}
-    result = TokenizationResult(
-        view_names=[v.name for v in views],
-        per_view=[storage[owner[k]] for k in range(len(views))],
-        pair_ids=[],
-    )
+    owners = [first_view.setdefault(id(view.tokenizer), k) for k, view in enumerate(views)]
+    make = storage or (lambda k: TokenizedPairs())
+    sinks = {k: make(k) for k in sorted(set(owners))}
+    dropped: Counter[str] = Counter()
     for block in _blocks(pairs, TOKENIZE_BLOCK):
-        encoded = {k: views[k].tokenize_many(block) for k in storage}
-        for i, pair in enumerate(block):
-            kept = _within_limits([encoded[owner[k]][i] for k in range(len(views))], views, limits, overflow)
+        encoded = {k: views[k].tokenize_many(block) for k in sinks}
+        for i in range(len(block)):
+            kept = _within_limits([encoded[owners[k]][i] for k in range(len(views))], views, limits, overflow)
             if isinstance(kept, str):
-                result.dropped[kept] += 1
+                dropped[kept] += 1
                 continue
-            result.pair_ids.append(pair.pair_id)
-            for k, one in enumerate(kept):
-                if owner[k] == k:
-                    result.per_view[k].append(one)
-    return result
+            for k, sink in sinks.items():
+                sink.append(kept[k])
+    finished = {k: sink.finish() for k, sink in sinks.items()}
+    return TokenizationResult(
+        view_names=[v.name for v in views],
+        per_view=[finished[owners[k]] for k in range(len(views))],
+        dropped=dropped,
+        owners=owners,
+    )
 
 
 TOKENIZE_BLOCK = 256

@@ -1,0 +1,99 @@
+"""A table of numbers keyed by pair id, held as numpy arrays: what a reference store keeps in memory.
+
+A pair id (``pairs.compute_pair_id``) is 16 hex digits, i.e. one 64-bit number; the table keeps the numbers sorted
+with one row of values each, so an entry costs 8 bytes of key plus its values (32 bytes for a reference store's
+chosen/rejected log-prob and token counts) instead of ~300 for a Python dict of string keys and tuples, and a
+million lookups are one ``searchsorted``. Ids of another form (hand-made ids in tests and scripts) are mapped to
+64 bits by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def pair_numbers(pair_ids: Sequence[str]) -> np.ndarray:
+    """The pair ids as uint64 numbers, in order."""
+    numbers = np.empty(len(pair_ids), dtype=np.uint64)
+    for i, pair_id in enumerate(pair_ids):
+        numbers[i] = _number(pair_id)
+    return numbers
+
+
+def _number(pair_id: str) -> int:
+    if len(pair_id) == 16 and _HEX.issuperset(pair_id):
+        return int(pair_id, 16)
+    return int.from_bytes(hashlib.sha256(pair_id.encode()).digest()[:8], "big")
+
+
+class PairTable:
+    """Rows of ``width`` float64-representable numbers keyed by pair id; a key added again replaces its row.
+
+    Rows are added in chunks (``add``) and merged into the sorted arrays on the next lookup.
+    """
+
+    def __init__(self, width: int, dtype: np.dtype | str = np.float64):
+        self.width, self.dtype = width, np.dtype(dtype)
+        self._keys = np.empty(0, dtype=np.uint64)
+        self._rows = np.empty((0, width), dtype=self.dtype)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, pair_ids: Sequence[str], rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=self.dtype).reshape(len(pair_ids), self.width)
+        self._pending.append((pair_numbers(pair_ids), rows))
+
+    def clear(self) -> None:
+        self.__init__(self.width, self.dtype)
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        keys = np.concatenate([self._keys, *(k for k, _ in self._pending)])
+        rows = np.concatenate([self._rows, *(r for _, r in self._pending)])
+        self._pending = []
+        # The last row written for a key wins: unique over the reversed arrays keeps each key's last occurrence.
+        unique, last = np.unique(keys[::-1], return_index=True)
+        self._keys, self._rows = unique, rows[::-1][last]
+
+    def positions(self, pair_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Each id's row index, -1 where the table has no row for it."""
+        self._merge()
+        numbers = pair_ids if isinstance(pair_ids, np.ndarray) else pair_numbers(pair_ids)
+        at = np.searchsorted(self._keys, numbers)
+        found = at < len(self._keys)
+        found[found] = self._keys[at[found]] == numbers[found]
+        return np.where(found, at, -1)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at ``positions`` (all of them present)."""
+        self._merge()
+        return self._rows[positions]
+
+    def missing(self, pair_ids: Sequence[str]) -> list[str]:
+        """The ids without a row, in order."""
+        absent = np.flatnonzero(self.positions(pair_ids) < 0)
+        return [pair_ids[i] for i in absent]
+
+    def discard(self, pair_id: str) -> None:
+        """Remove one id's row (for tests that damage a store)."""
+        self._merge()
+        keep = self._keys != _number(pair_id)
+        self._keys, self._rows = self._keys[keep], self._rows[keep]
+
+    def __contains__(self, pair_id: str) -> bool:
+        return bool(self.positions([pair_id])[0] >= 0)
+
+    def __getitem__(self, pair_id: str) -> tuple:
+        (at,) = self.positions([pair_id])
+        if at < 0:
+            raise KeyError(pair_id)
+        return tuple(self._rows[at].tolist())
+
+    def __len__(self) -> int:
+        self._merge()
+        return len(self._keys)
