@@ -38,7 +38,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 STAGES = ("tokenize", "cached", "precompute", "train")
 TRAIN_STEPS = 20
@@ -134,7 +133,8 @@ def run_stage(stage: str, config_path: str) -> dict:
 
     logging.disable(logging.WARNING)
     from mrpo.config import load_config
-    from mrpo.pipeline import load_views, run_precompute, tokenize_split
+    from mrpo.pipeline import run_precompute
+    from mrpo.splits import load_views, tokenize_split
     from mrpo.tokenization import sequence_lengths
 
     config = load_config(config_path)

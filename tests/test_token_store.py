@@ -84,9 +84,30 @@ def test_pair_ids_of_different_widths_and_an_empty_store(tmp_path):
 
 def test_a_store_whose_files_disagree_is_refused(tmp_path):
     write(tmp_path / "store", random_pairs(4))
+    ids = tmp_path / "store" / "ids.i32"
+    ids.write_bytes(ids.read_bytes()[:-4])  # truncated: one token short
+    with pytest.raises(ValueError, match="ids.i32 holds .* bytes, its offsets describe"):
+        StoredPairs(tmp_path / "store")
+    ids.unlink()
+    with pytest.raises(FileNotFoundError):
+        StoredPairs(tmp_path / "store")
     (tmp_path / "store" / "pair_ids.txt").write_text("only-one\n")
     with pytest.raises(ValueError, match="do not describe one set of pairs"):
         StoredPairs(tmp_path / "store")
+
+
+def test_stored_pair_ids_convert_to_numbers_as_the_table_keys_them(tmp_path):
+    from mrpo.pair_table import _number, pair_numbers
+    from mrpo.pairs import compute_pair_id
+
+    pairs = [
+        TokenizedPair(compute_pair_id(f"p{i}", "c", "r"), p.chosen, p.rejected)
+        for i, p in enumerate(random_pairs(50))
+    ]
+    ids = write(tmp_path / "store", pairs).pair_ids
+    assert ids.numbers().tolist() == [_number(p.pair_id) for p in pairs] == pair_numbers(list(ids)).tolist()
+    odd = write(tmp_path / "odd", random_pairs(3, id_width=5)).pair_ids
+    assert odd.numbers() is None and len(pair_numbers(odd)) == 3
 
 
 @pytest.mark.parametrize("make_pairs", [standard_pairs, conversational_pairs])

@@ -1,4 +1,4 @@
-"""Tests of the tokenized-split cache (mrpo.tokenized_cache, through pipeline.tokenize_split): found again on the
+"""Tests of the tokenized-split cache (mrpo.tokenized_cache, through splits.tokenize_split): found again on the
 same data and settings, rebuilt when either changes, never half-written, and the same pairs as in memory."""
 
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import mrpo.pipeline as pipeline
+import mrpo.splits as splits
 from mrpo.config import load_config
 from mrpo.errors import DataError
-from mrpo.pipeline import load_views, tokenize_split
+from mrpo.splits import load_views, tokenize_split
 from mrpo.token_store import StoredPairs, TokenizedPairs
 
 
@@ -61,7 +61,7 @@ def test_a_second_run_finds_the_pairs_the_first_stored_without_reading_the_data(
     def no_read(*args, **kwargs):
         raise AssertionError("the data was read again")
 
-    monkeypatch.setattr(pipeline, "stream_split", no_read)
+    monkeypatch.setattr(splits, "stream_split", no_read)
     second = tokenize(config)
     assert list(second.tokenization.pair_ids) == list(first.tokenization.pair_ids)
     for a, b in zip(second.tokenization.per_view, first.tokenization.per_view, strict=True):
@@ -120,6 +120,10 @@ def test_the_account_of_drops_identical_and_duplicate_rows_matches_the_in_memory
     assert streamed.counts.duplicates == 1 and streamed.counts.identical == 1
     assert sum(streamed.counts.dropped.values()) == 2
     assert streamed.counts.summary() == memory.pairs.summary()
+    # Found in the cache, the split still says so (as a read of the file does on every run).
+    with pytest.warns(UserWarning, match=r"1 rows have chosen == rejected \(first: line 6\)"):
+        again = tokenize(streamed_config)
+    assert again.counts == streamed.counts
 
 
 def test_a_bad_row_stops_the_read_and_leaves_no_entry(tmp_path, run_setup, data_file):
@@ -142,3 +146,70 @@ def test_an_entry_with_a_file_missing_is_rebuilt(tmp_path, run_setup, data_file,
         again = tokenize(config)
     assert "does not open" in caplog.text
     assert list(again.tokenization.per_view[2]) == expected
+
+
+def _tokenize_in_process(config_path: str, out: str) -> None:
+    import json as _json
+
+    from mrpo.config import load_config as _load
+
+    split = tokenize(_load(config_path))
+    Path(out).write_text(_json.dumps([list(split.tokenization.pair_ids), split.tokenization.summary()]))
+
+
+def test_two_processes_building_one_entry_at_once_both_get_it_and_leave_one(tmp_path, run_setup, data_file):
+    import multiprocessing
+
+    config = write_config(tmp_path, run_setup, data_file)
+    context = multiprocessing.get_context("spawn")
+    outputs = [tmp_path / f"out-{i}.json" for i in range(2)]
+    processes = [
+        context.Process(target=_tokenize_in_process, args=(str(tmp_path / "config.yaml"), str(out)))
+        for out in outputs
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    first, second = (json.loads(out.read_text()) for out in outputs)
+    assert first == second
+    assert entries(config) == [p for p in entries(config) if p.startswith("tokenized-")]  # no temporary left
+    assert len(entries(config)) == 1
+
+
+def test_a_build_that_loses_the_race_uses_the_entry_stored_first(tmp_path, run_setup, data_file, monkeypatch):
+    import mrpo.tokenized_cache as tokenized_cache
+
+    config = write_config(tmp_path, run_setup, data_file)
+    rename = os.rename
+
+    def other_process_first(source, target):
+        # Another process finishes the same entry just before this one renames its own.
+        monkeypatch.setattr(tokenized_cache.os, "rename", rename)
+        other = tokenize(config)
+        assert Path(target).is_dir() and len(other.tokenization.pair_ids) > 0
+        rename(source, target)  # fails: the target exists and is not empty
+
+    monkeypatch.setattr(tokenized_cache.os, "rename", other_process_first)
+    split = tokenize(config)
+    assert len(entries(config)) == 1 and not list((tmp_path / "cache").glob(".tokenized-*"))
+    assert list(split.tokenization.pair_ids) == list(tokenize(config).tokenization.pair_ids)
+
+
+def test_the_leftovers_of_a_killed_build_are_removed_by_the_next(tmp_path, run_setup, data_file):
+    import subprocess
+    import sys
+
+    from mrpo.tokenized_cache import _HOST
+
+    config = write_config(tmp_path, run_setup, data_file)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / "cache" / f".tokenized-{'0' * 32}-{_HOST}-{int(dead.stdout)}-abc123"
+    (leftover / "view-0").mkdir(parents=True)
+    alive = tmp_path / "cache" / f".tokenized-{'1' * 32}-{_HOST}-{os.getpid()}-abc123"
+    alive.mkdir()
+    tokenize(config)
+    assert not leftover.exists() and alive.exists()  # a live build is left alone

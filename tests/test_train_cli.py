@@ -317,7 +317,7 @@ def test_a_reference_with_fewer_positions_drops_longer_pairs_by_name_instead_of_
                     {"name": "gpt2", "model": str(gpt2_dir), "dtype": "float32"}],
         data={"train": str(data), "eval": None}, training={"max_steps": 1},
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="mrpo.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.splits"):
         assert main(["precompute", str(config)]) == 0
     assert (
         f"references.1 (gpt2) ({gpt2_dir}) has 40 positions, fewer than references.1.max_length = 1024"
@@ -368,9 +368,10 @@ def test_resume_refuses_a_change_to_the_maths(run_setup, capsys):
     )
     line = one_line_error(capsys, ["train", str(config), "--resume", "training.learning_rate=0.2"])
     assert "training.learning_rate: 0.1 -> 0.2" in line
-    # The length may change, and so may how a step is computed (a token budget) or what is evaluated.
+    # The length may change, and so may how a step is computed (a token budget), what is evaluated, or whether
+    # the tokens are kept on disk.
     assert main(["train", str(config), "--resume", "training.max_steps=4", "policy.micro_batch_tokens=64",
-                 "data.max_eval_pairs=2"]) == 0  # fmt: skip
+                 "data.max_eval_pairs=2", "data.cache_tokenized=false"]) == 0  # fmt: skip
 
 
 def test_a_missing_tracker_fails_at_once_with_the_extra_to_install(run_setup, capsys, monkeypatch):
@@ -445,11 +446,11 @@ def test_the_adapter_loads_from_the_run_directory_and_has_a_model_card(run_setup
 def test_precompute_shows_once_how_a_reference_without_chat_template_reads_a_pair(
     run_setup, caplog, monkeypatch
 ):
-    import mrpo.pipeline
+    import mrpo.splits
 
-    monkeypatch.setattr(mrpo.pipeline, "_RENDERINGS_SHOWN", set())
+    monkeypatch.setattr(mrpo.splits, "_RENDERINGS_SHOWN", set())
     config = write_config(run_setup, "rendering")
-    with caplog.at_level(logging.WARNING, logger="mrpo.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.splits"):
         assert main(["precompute", str(config)]) == 0
     shown = [r.getMessage() for r in caplog.records if "has no chat template" in r.getMessage()]
     assert len(shown) == 1  # the train and eval splits: said once

@@ -18,7 +18,10 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def pair_numbers(pair_ids: Sequence[str]) -> np.ndarray:
-    """The pair ids as uint64 numbers, in order."""
+    """The pair ids as uint64 numbers, in order (without a Python loop for stored ids, ``PairIds.numbers``)."""
+    fast = pair_ids.numbers() if hasattr(pair_ids, "numbers") else None
+    if fast is not None:
+        return fast
     numbers = np.empty(len(pair_ids), dtype=np.uint64)
     for i, pair_id in enumerate(pair_ids):
         numbers[i] = _number(pair_id)
@@ -64,6 +67,8 @@ class PairTable:
         """Each id's row index, -1 where the table has no row for it."""
         self._merge()
         numbers = pair_ids if isinstance(pair_ids, np.ndarray) else pair_numbers(pair_ids)
+        if numbers.dtype != np.uint64:
+            raise TypeError(f"pair numbers must be uint64 (from pair_numbers), got {numbers.dtype}")
         at = np.searchsorted(self._keys, numbers)
         found = at < len(self._keys)
         found[found] = self._keys[at[found]] == numbers[found]

@@ -1,4 +1,5 @@
-"""A preference pair, a validated set of them, and the rules that turn one data row into one pair.
+"""A preference pair, a validated set of them (``PairSet``, in memory) or a validated stream of them
+(``PairStream``, one row at a time, leaving ``PairCounts``); the rules for one row are ``row_rules.py``'s.
 
 Three row formats are accepted, as in TRL:
 
@@ -27,17 +28,25 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
 
 from mrpo.errors import DataError
+from mrpo.row_rules import RowError, Text, parse_row, row_format
+
+__all__ = [
+    "PairCounts",
+    "PairSet",
+    "PairStream",
+    "PreferencePair",
+    "RowError",
+    "build_pair_set",
+    "compute_pair_id",
+]
 
 logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "drop"]
 Format = Literal["auto", "standard", "conversational", "implicit"]
-Text = str | list[dict]
 Rows = Iterator[tuple[str, Any]]
 """(row label, row): the label says where the row is, for error messages ("line 7", "row index 3 (0-based)")."""
 
-MESSAGE_ROLES = frozenset({"system", "user", "assistant", "tool"})
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 _DROP_IDENTICAL_REASON = "identical chosen and rejected"
 
 
@@ -149,6 +158,8 @@ class PairCounts:
     identical: int = 0
     duplicates: int = 0
     conversational: bool | None = None
+    first_identical: str = field(default="", compare=False)
+    """Where the first row with chosen == rejected is (a streamed read knows; a PairSet does not keep it)."""
 
     def summary(self) -> str:
         """One readable paragraph: what was read, what was kept, and why anything else was dropped."""
@@ -208,7 +219,7 @@ class PairStream:
         distinct = len(np.unique(np.frombuffer(self._id_prefixes, dtype=np.uint64))) if kept else 0
         counts = PairCounts(
             self._label, tally.rows_read, kept, collections.Counter(tally.dropped), tally.identical,
-            kept - distinct, self._conversational,
+            kept - distinct, self._conversational, tally.first_identical,
         )  # fmt: skip
         _check_read(tally, self._label, kept, self._options["drop_identical"], counts.summary, stacklevel=2)
         return counts
@@ -253,20 +264,6 @@ def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Row validation
-
-
-class RowError(Exception):
-    """A bad row: ``reason`` is the short drop reason, ``detail`` the sentence a user reads."""
-
-    def __init__(self, reason: str, field_name: str | None, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.field_name = field_name
-        self.detail = detail
-
-
 def build_pair_set(
     rows: Rows,
     label: str,
@@ -280,7 +277,7 @@ def build_pair_set(
     tally = _Tally()
     pairs = list(_valid_pairs(rows, label, tally, on_error=on_error, fmt=fmt, drop_identical=drop_identical))
     pair_set = PairSet(pairs, label, tally.rows_read, tally.dropped, tally.identical)
-    _check_read(tally, label, len(pairs), drop_identical, pair_set.summary, stacklevel=4)
+    _check_read(tally, label, len(pairs), drop_identical, pair_set.summary, stacklevel=3)
     if max_pairs is not None:
         pair_set = subsample(pair_set, max_pairs, seed)
     logger.info(pair_set.summary())
@@ -306,15 +303,15 @@ def _valid_pairs(
         try:
             if isinstance(row, RowError):
                 raise row
-            row_format = _row_format(row, detected, detected_at)
-            pair = _parse_row(row, row_format)
+            found_format = row_format(row, detected, detected_at)
+            pair = PreferencePair.build(*parse_row(row, found_format))
         except RowError as error:
             if on_error == "raise":
                 raise _to_data_error(error, label, where) from None
             tally.dropped[error.reason] += 1
             continue
         if detected is None:
-            detected, detected_at = row_format, where
+            detected, detected_at = found_format, where
         if pair.chosen == pair.rejected:
             tally.identical += 1
             tally.first_identical = tally.first_identical or where
@@ -322,6 +319,16 @@ def _valid_pairs(
                 tally.dropped[_DROP_IDENTICAL_REASON] += 1
                 continue
         yield pair
+
+
+def warn_identical(label: str, identical: int, first: str, drop_identical: bool, *, stacklevel: int) -> None:
+    """The warning every read of rows whose chosen equals their rejected gives (also when read from a cache)."""
+    warnings.warn(
+        f"{label}: {identical} rows have chosen == rejected (first: {first}); they carry no preference signal. "
+        + ("Dropped (drop_identical=True)." if drop_identical else "Pass drop_identical=True to drop them."),
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _check_read(
@@ -333,16 +340,8 @@ def _check_read(
             f"{label}: no rows. The source is empty; expected rows with prompt/chosen/rejected.", source=label
         )
     if tally.identical:
-        warnings.warn(
-            f"{label}: {tally.identical} rows have chosen == rejected (first: {tally.first_identical}); "
-            "they carry no preference signal. "
-            + (
-                "Dropped (drop_identical=True)."
-                if drop_identical
-                else "Pass drop_identical=True to drop them."
-            ),
-            UserWarning,
-            stacklevel=stacklevel + 1,
+        warn_identical(
+            label, tally.identical, tally.first_identical, drop_identical, stacklevel=stacklevel + 1
         )
     if not kept:
         raise DataError(
@@ -360,200 +359,3 @@ def _to_data_error(error: RowError, label: str, where: str) -> DataError:
         field=error.field_name,
         reason=error.reason,
     )
-
-
-def _row_format(row: Any, expected: str | None, expected_at: str) -> str:
-    """The row's format, checked against the one fixed by ``fmt`` or detected from an earlier row."""
-    if not isinstance(row, dict):
-        raise RowError(
-            "not an object",
-            None,
-            f"expected a JSON object with prompt/chosen/rejected, found {type(row).__name__}",
-        )
-    for name in ("chosen", "rejected"):
-        if row.get(name) is None:
-            raise RowError(
-                f"missing field {name!r}",
-                name,
-                f"missing field {name!r} (every row needs chosen and rejected)",
-            )
-    prompt = row.get("prompt")
-    if prompt is None:
-        found = "implicit"
-    elif isinstance(prompt, str):
-        found = "standard"
-    elif isinstance(prompt, list):
-        found = "conversational"
-    else:
-        raise RowError(
-            "wrong type", "prompt", f"expected a string or a list of messages, found {type(prompt).__name__}"
-        )
-    if expected is None or found == expected:
-        return found
-    if found == "implicit":
-        raise RowError(
-            "missing field 'prompt'",
-            "prompt",
-            f"missing field 'prompt' (the data is {expected}"
-            + (f", as detected from {expected_at}" if expected_at else "")
-            + ")",
-        )
-    source_of_format = f"detected from {expected_at}" if expected_at else "set by fmt"
-    raise RowError(
-        "format mismatch",
-        "prompt",
-        f"this row is {found} but the data is {expected} ({source_of_format}); make all rows one format",
-    )
-
-
-def _parse_row(row: dict, row_format: str) -> PreferencePair:
-    metadata = {key: value for key, value in row.items() if key not in PAIR_FIELDS}
-    if row_format == "implicit":
-        prompt, chosen, rejected = _split_implicit(row["chosen"], row["rejected"])
-    elif row_format == "standard":
-        prompt = _require_text(row["prompt"], "prompt", empty_reason="empty prompt")
-        chosen, rejected = (_standard_completion(row[name], name) for name in ("chosen", "rejected"))
-    else:
-        prompt = _require_messages(row["prompt"], "prompt")
-        if _blank(prompt):
-            raise RowError("empty prompt", "prompt", "the prompt has no content")
-        chosen, rejected = (_conversational_completion(row[name], name) for name in ("chosen", "rejected"))
-    return PreferencePair.build(prompt, chosen, rejected, metadata)
-
-
-def _require_text(value: Any, name: str, *, empty_reason: str) -> str:
-    if not isinstance(value, str):
-        raise RowError("wrong type", name, f"expected a string, found {type(value).__name__}")
-    if not value.strip():
-        raise RowError(empty_reason, name, f"{name} is empty (or only whitespace)")
-    return value
-
-
-def _standard_completion(value: Any, name: str) -> str:
-    if isinstance(value, list):
-        raise RowError(
-            "mixed types",
-            name,
-            f"{name} is a message list but prompt is a string; give the prompt as "
-            "messages too (conversational) or the completion as a string (standard)",
-        )
-    return _require_text(value, name, empty_reason="empty completion")
-
-
-def _conversational_completion(value: Any, name: str) -> list[dict]:
-    # A plain-string completion under a conversational prompt is one assistant message (as in TRL).
-    if isinstance(value, str):
-        messages = [{"role": "assistant", "content": value}]
-    else:
-        messages = _require_messages(value, name, empty_reason="empty completion")
-    _check_completion(messages, name)
-    return messages
-
-
-def _check_completion(messages: list[dict], name: str) -> None:
-    if messages[0]["role"] != "assistant":
-        raise RowError(
-            "completion not from assistant",
-            name,
-            f"{name} must start with an assistant message, found role {messages[0]['role']!r}",
-        )
-    if messages[-1]["role"] != "assistant":
-        # Every token of a completion is trained on as the model's own: a trailing user (or tool, or system) turn
-        # would teach the policy to write the other side's text.
-        raise RowError(
-            "completion not ending with assistant",
-            name,
-            f"{name} ends with a {messages[-1]['role']!r} message (message {len(messages) - 1}); a completion is "
-            "trained on as the model's own text and must end with the assistant's turn",
-        )
-    if _blank(messages):
-        raise RowError("empty completion", name, f"{name} is empty (its messages have no content)")
-
-
-def _require_messages(value: Any, name: str, *, empty_reason: str = "empty prompt") -> list[dict]:
-    """Validated copy of a message list; None-valued extra keys are removed (see below)."""
-    if not isinstance(value, list):
-        raise RowError(
-            "malformed message", name, f"expected a list of messages, found {type(value).__name__}"
-        )
-    if not value:
-        raise RowError(empty_reason, name, f"{name} is an empty message list")
-    return [_require_message(message, name, index) for index, message in enumerate(value)]
-
-
-def _require_message(message: Any, name: str, index: int) -> dict:
-    where = f"message {index} of {name}"
-    if not isinstance(message, dict):
-        raise RowError(
-            "malformed message",
-            name,
-            f"{where} is a {type(message).__name__}, not an object with role and content",
-        )
-    role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or role not in MESSAGE_ROLES:
-        found = "no role" if role is None else f"role {role!r}"
-        raise RowError(
-            "malformed message", name, f"{where} has {found}; role must be one of {sorted(MESSAGE_ROLES)}"
-        )
-    if not isinstance(content, str):
-        raise RowError(
-            "malformed message",
-            name,
-            f"{where} has content of type {type(content).__name__}; content must be a string",
-        )
-    # Arrow-backed sources (Parquet, datasets) give every message every key seen in the column, set to None
-    # where absent; dropping None-valued extras keeps the pair id the same whichever file type held the rows.
-    return {key: item for key, item in message.items() if item is not None}
-
-
-def _blank(messages: list[dict]) -> bool:
-    return not any(message["content"].strip() for message in messages)
-
-
-def _split_implicit(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict], list[dict]]:
-    """Split two whole conversations into (shared prompt, chosen remainder, rejected remainder)."""
-    if isinstance(chosen, str) or isinstance(rejected, str):
-        raise RowError(
-            "missing field 'prompt'",
-            "prompt",
-            "no 'prompt' field and chosen/rejected are strings: "
-            "implicit prompts need chosen/rejected as message lists (a shared string prefix is "
-            "ambiguous); add a 'prompt' column",
-        )
-    chosen = _require_messages(chosen, "chosen", empty_reason="empty completion")
-    rejected = _require_messages(rejected, "rejected", empty_reason="empty completion")
-    if chosen == rejected:
-        # Identical conversations share every message; the prompt is what precedes the final assistant turns.
-        shared = len(chosen)
-        while shared > 0 and chosen[shared - 1]["role"] == "assistant":
-            shared -= 1
-    else:
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
-    if shared == 0:
-        raise RowError(
-            "no shared prompt",
-            "chosen",
-            "no 'prompt' field, and chosen and rejected share no "
-            "leading message, so no prompt can be inferred; add a 'prompt' column or start both "
-            "conversations with the same prompt messages",
-        )
-    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
-        if shared == len(conversation):
-            raise RowError(
-                "empty completion",
-                name,
-                f"{name} ends where the shared prompt ends (message "
-                f"{shared - 1}), so its completion is empty",
-            )
-        if conversation[shared]["role"] != "assistant":
-            raise RowError(
-                "completion not from assistant",
-                name,
-                f"chosen and rejected diverge at message "
-                f"{shared}, a {conversation[shared]['role']!r} message in {name}; the part after the "
-                "shared prompt must start with an assistant message",
-            )
-        _check_completion(conversation[shared:], name)
-    return chosen[:shared], chosen[shared:], rejected[shared:]

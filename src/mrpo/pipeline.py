@@ -1,9 +1,9 @@
 """Pipeline steps behind the CLI: precompute the reference cache, build training data, train.
 
-Each step takes a validated ``MRPOConfig``. The data path is the same for every step: read pairs (``data.py``),
-tokenize them for the policy and every reference jointly (``tokenization.py``: a pair too long for any model is
-dropped for all), make sure every reference's cache holds them (``references.py``), and attach the K cached
-columns to the policy's tokens (``collator.py``).
+Each step takes a validated ``MRPOConfig``. The data path is the same for every step: read the pairs and tokenize
+them for the policy and every reference jointly (``splits.py``: a pair too long for any model is dropped for all;
+the tokens kept on disk by ``tokenized_cache.py``), make sure every reference's cache holds them
+(``references.py``), and attach the K cached columns to the policy's tokens (``collator.py``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import MRPOConfig, ReferenceConfig, padding_free_enabled
-from mrpo.data import DataError, PairSet, load_pairs, source_identity, stream_pairs
+from mrpo.config import MRPOConfig, padding_free_enabled
+from mrpo.data import DataError, PairSet
 from mrpo.errors import TrainingInterrupted
-from mrpo.models import check_lora_before_precompute, load_policy, load_tokenizer, model_position_limit
-from mrpo.pairs import PairCounts, PairStream, PreferencePair
+from mrpo.models import check_lora_before_precompute, load_policy
+from mrpo.pairs import PairCounts, PreferencePair
 from mrpo.preflight import check_resumable, check_trackers, claim_output_dir, resume_checkpoint
 from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
@@ -40,20 +40,17 @@ from mrpo.rundir import (
     latest_checkpoint,
     write_model_card,
 )
-from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
-from mrpo.tokenized_cache import CachedSplit, open_or_tokenize
+from mrpo.splits import (
+    Views,
+    find_pairs,
+    load_views,
+    show_plain_renderings,
+    stream_split,
+    tokenize_split,
+)
+from mrpo.tokenization import TokenizationResult
 
 logger = logging.getLogger(__name__)
-
-POLICY_VIEW = "policy"
-
-
-@dataclass
-class Views:
-    """How the policy and each reference read text."""
-
-    policy: ModelView
-    references: list[ModelView]
 
 
 @dataclass
@@ -81,224 +78,13 @@ class PreparedSplit:
         return "\n".join([self.counts.summary(), self.tokenization.summary(), self.cache.summary()])
 
 
-def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
-    """The references with their effective max_length filled in."""
-    return [
-        dataclasses.replace(reference, max_length=config.reference_max_length(reference))
-        for reference in config.references
-    ]
-
-
-def load_views(config: MRPOConfig) -> Views:
-    """The policy's and every reference's view; a tokenizer named twice (the policy and its initialising
-    reference, usually) is loaded once."""
-    loaded: dict[tuple[str, str | None], Any] = {}
-
-    def tokenizer_for(role: str, model: str, tokenizer: str | None):
-        if (model, tokenizer) not in loaded:
-            loaded[model, tokenizer] = load_tokenizer(model, tokenizer, role=role)
-        return loaded[model, tokenizer]
-
-    policy = ModelView(
-        tokenizer_for("policy", config.policy.model, config.policy.tokenizer), name=POLICY_VIEW
-    )
-    references = [
-        ModelView(
-            tokenizer_for(f"references.{index} ({reference.name})", reference.model, reference.tokenizer),
-            name=reference.name,
-        )
-        for index, reference in enumerate(config.references)
-    ]
-    return Views(policy, references)
-
-
-def split_source(config: MRPOConfig, split: str) -> tuple[str, str, int | None]:
-    """The split's source, the name of the split to read in it, and its subsample size."""
-    data = config.data
-    if split == "train":
-        return data.train, data.train_split, data.max_pairs
-    if data.eval is None:
-        raise DataError("data.eval is not set: there is no held-out split to read (set data.eval=PATH)")
-    return data.eval, data.eval_split, data.max_eval_pairs
-
-
-def read_split(config: MRPOConfig, split: str) -> PairSet:
-    """One split's pairs, in memory."""
-    source, name, max_pairs = split_source(config, split)
-    data = config.data
-    return load_pairs(
-        source,
-        split=name,
-        max_pairs=max_pairs,
-        seed=data.seed,
-        on_error=data.on_error,
-        fmt=data.format,
-        drop_identical=data.drop_identical,
-    )
-
-
-def stream_split(config: MRPOConfig, split: str) -> PairStream:
-    """One split's pairs read as they come (no subsampling), for data larger than memory."""
-    source, name, _ = split_source(config, split)
-    data = config.data
-    return stream_pairs(
-        source, split=name, on_error=data.on_error, fmt=data.format, drop_identical=data.drop_identical
-    )
-
-
-def find_pairs(
-    config: MRPOConfig, split: str, tokenized: TokenizedSplit, pair_ids: set[str]
-) -> dict[str, PreferencePair]:
-    """The pairs of one split with these ids: from memory, or read again from the source (until all are found;
-    iterating a stream repeats none of the first read's warnings)."""
-    pairs = tokenized.pairs if tokenized.pairs is not None else stream_split(config, split)
-    found: dict[str, PreferencePair] = {}
-    for pair in pairs:
-        if pair.pair_id in pair_ids:
-            found[pair.pair_id] = pair
-            if len(found) == len(pair_ids):
-                break
-    return found
-
-
-@dataclass
-class TokenizedSplit:
-    """One split read and tokenized for the policy and every reference, before any reference is scored."""
-
-    counts: PairCounts
-    """The account of the read (rows, kept, dropped by reason)."""
-    tokenization: TokenizationResult
-    references: list[ReferenceConfig]
-    """The references with the max_length their stores are keyed by."""
-    pairs: PairSet | None = None
-    """The pairs in memory, when the split was read into memory; None when its tokens came from the disk cache
-    (``find_pairs`` reads any pair's text again)."""
-
-
-def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSplit:
-    """Read one split and tokenize it jointly (a pair too long for any model is dropped for all): from the
-    tokenized cache when it can be (``data.cache_tokenized``), else in memory."""
-    references = resolved_references(config)
-    all_views = [views.policy, *views.references]
-    limits = effective_limits(config, references)
-    if config.data.overflow == "truncate":
-        # Truncation cuts every model at the smallest limit (one shared tokenizer), so that limit is what the
-        # reference stores must be keyed by.
-        references = [dataclasses.replace(reference, max_length=min(limits)) for reference in references]
-    cached = _tokenize_to_cache(config, split, all_views, limits)
-    if cached is not None:
-        pairs, counts, tokenization = None, cached.counts, cached.tokenization
-        how = "found" if cached.found else "stored"
-        logger.info("%s split: %s Tokenized pairs %s in %s.", split, counts.summary(), how, cached.directory)
-    else:
-        pairs = read_split(config, split)
-        counts = pairs.counts()
-        tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
-    if not tokenization.pair_ids:
-        raise DataError(
-            f"no {split} pair is left after tokenization ({tokenization.summary()}); raise data.max_length or "
-            "check the data",
-            source=counts.source,
-        )
-    if tokenization.dropped:
-        logger.warning("%s split: %s", split, tokenization.summary())
-    return TokenizedSplit(counts, tokenization, references, pairs)
-
-
-def _tokenize_to_cache(
-    config: MRPOConfig, split: str, views: list[ModelView], limits: list[int]
-) -> CachedSplit | None:
-    """The split's tokens from (or into) ``cache_dir``; None where the cache does not apply: turned off, a
-    subsample (``max_pairs``), or a source whose content cannot be identified cheaply (a hub dataset)."""
-    source, name, max_pairs = split_source(config, split)
-    if not config.data.cache_tokenized or max_pairs is not None:
-        return None
-    identity = source_identity(source, name)
-    if identity is None:
-        return None
-    owners = [next(j for j, other in enumerate(views) if other.tokenizer is view.tokenizer) for view in views]
-    content = {
-        "source": identity,
-        "format": config.data.format,
-        "on_error": config.data.on_error,
-        "drop_identical": config.data.drop_identical,
-        "tokenizers": {k: views[k].fingerprint for k in sorted(set(owners))},
-        "owners": owners,
-        "limits": limits,
-        "overflow": config.data.overflow,
-    }
-    from accelerate import PartialState
-
-    # Under accelerate launch the main process tokenizes and stores; the others then find the entry.
-    with PartialState().main_process_first():
-        return open_or_tokenize(
-            Path(config.cache_dir),
-            content,
-            views,
-            lambda: stream_split(config, split),
-            max_length=limits,
-            overflow=config.data.overflow,
-        )
-
-
-def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> list[int]:
-    """Per model (the policy, then each reference): its max_length, capped at the positions the model was built for.
-
-    A learned position table indexes out of range past its size; a rotary model would score past the context it
-    was trained on. Pairs beyond a model's limit are dropped for all models and counted under that model's name.
-    """
-    models = [("policy", config.policy.model, config.data.max_length, "data.max_length")]
-    models += [
-        (f"references.{index} ({reference.name})", reference.model, reference.max_length,
-         f"references.{index}.max_length")
-        for index, reference in enumerate(references)
-    ]  # fmt: skip
-    limits = []
-    for role, model, limit, key in models:
-        positions = model_position_limit(model)
-        if positions is not None and positions < limit:
-            logger.warning(
-                "%s (%s) has %d positions, fewer than %s = %d: pairs longer than %d tokens for it are dropped.",
-                role, model, positions, key, limit, positions,
-            )  # fmt: skip
-            limit = positions
-        limits.append(limit)
-    return limits
-
-
-_RENDERINGS_SHOWN: set[str] = set()
-
-
-def _show_plain_renderings(config: MRPOConfig, split: str, views: Views, tokenized: TokenizedSplit) -> None:
-    """Once per tokenizer and process: how a reference without a chat template reads a pair (plain text, roles
-    spelled out), so nobody has to read a docstring to see what it scores."""
-    unseen = [
-        view for view in views.references
-        if not view.has_chat_template and view.fingerprint not in _RENDERINGS_SHOWN
-    ]  # fmt: skip
-    if not unseen:
-        return
-    first_id = tokenized.tokenization.pair_ids[0]
-    first = find_pairs(config, split, tokenized, {first_id})[first_id]
-    for view in unseen:
-        _RENDERINGS_SHOWN.add(view.fingerprint)
-        _, chosen, _ = view.render(first)
-        logger.warning(
-            "Reference %r has no chat template: it reads each pair as plain text (a conversation as 'User: ...', "
-            "'Assistant: ...' turns), its own BOS/EOS added as its tokenizer does. The first pair's chosen answer "
-            "as it scores it: %r",
-            view.name,
-            chosen if len(chosen) <= 300 else chosen[:297] + "...",
-        )
-
-
 def prepare_split(
     config: MRPOConfig, split: str, views: Views | None = None, *, show_progress: bool = True
 ) -> PreparedSplit:
     """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
     views = views or load_views(config)
     tokenized = tokenize_split(config, split, views)
-    _show_plain_renderings(config, split, views, tokenized)
+    show_plain_renderings(config, split, views, tokenized)
     cache = precompute(
         tokenized.references,
         views.references,

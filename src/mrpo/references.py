@@ -411,8 +411,8 @@ def precompute(
         absent = np.flatnonzero(store.entries.positions(numbers) < 0)
         # Indices, not pairs: the first index of each distinct missing pair id (a duplicated row is scored once).
         _, first = np.unique(numbers[absent], return_index=True)
-        todo = sorted(absent[first].tolist())
-        if todo:
+        todo = np.sort(absent[first])
+        if len(todo):
             _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
         state.wait_for_everyone()
         store.reload()
@@ -481,7 +481,7 @@ def _compute_missing(
     spec: ReferenceConfig,
     view: ModelView,
     pairs: Sequence[TokenizedPair],
-    todo: list[int],
+    todo: np.ndarray,
     store: ReferenceStore,
     device: torch.device,
     state,
@@ -490,7 +490,7 @@ def _compute_missing(
     """Score ``pairs[i]`` for i in ``todo`` into shards of the store; each process takes every n-th shard."""
     from tqdm.auto import tqdm
 
-    shards = [todo[i : i + SHARD_PAIRS] for i in range(0, len(todo), SHARD_PAIRS)]
+    shards = [todo[i : i + SHARD_PAIRS] for i in range(0, len(todo), SHARD_PAIRS)]  # views, not copies
     mine = shards[state.process_index :: state.num_processes]
     if not mine:
         return

@@ -162,6 +162,16 @@ class PairIds(Sequence[str]):
         for item in self._ids:
             yield item.decode("ascii")
 
+    def numbers(self) -> np.ndarray | None:
+        """The ids as uint64 numbers when all are 16 hex digits (the ids ``compute_pair_id`` makes), else None."""
+        if self._ids.dtype != np.dtype("S16") or not len(self._ids):
+            return None
+        try:
+            raw = bytes.fromhex(self._ids.tobytes().decode("ascii"))
+        except ValueError:
+            return None
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
@@ -186,21 +196,33 @@ class StoredPairs(_FlatPairs):
                 f"{self.directory}: {len(self._ends)} sequence ends, {len(self._prompt_lengths)} prompt lengths and "
                 f"{len(self._pair_ids)} pair ids do not describe one set of pairs"
             )
-        self._file = None
+        tokens = int(self._ends[-1]) if len(self._ends) else 0
+        size = (self.directory / IDS_FILE).stat().st_size  # a missing file raises here, not at the first read
+        if size != 4 * tokens or (len(self._ends) and (np.diff(self._ends, prepend=0) < 0).any()):
+            raise ValueError(
+                f"{self.directory}: {IDS_FILE} holds {size} bytes, its offsets describe {4 * tokens}"
+            )
+        self._file = os.open(self.directory / IDS_FILE, os.O_RDONLY)
 
     @property
     def pair_ids(self) -> PairIds:
         return self._pair_ids
 
     def _ids_between(self, start: int, end: int) -> tuple[int, ...]:
-        if self._file is None:
-            self._file = os.open(self.directory / IDS_FILE, os.O_RDONLY)
         data = os.pread(self._file, 4 * (end - start), 4 * start)
+        if len(data) != 4 * (end - start):
+            raise OSError(
+                f"{self.directory / IDS_FILE}: short read at token {start} (the file changed underneath)"
+            )
         return tuple(np.frombuffer(data, dtype=np.int32).tolist())
 
     def __getstate__(self) -> dict:
         # A data loader worker gets its own descriptor: an open file does not travel to another process.
         return {**self.__dict__, "_file": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._file = os.open(self.directory / IDS_FILE, os.O_RDONLY)
 
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
@@ -263,8 +285,13 @@ class PairWriter:
         for handle in (*self._files.values(), self._pair_ids):
             handle.flush()
             os.fsync(handle.fileno())
-            handle.close()
+        self.close()
         return StoredPairs(self.directory)
+
+    def close(self) -> None:
+        """Close the files (``finish`` does; call it when giving up on a store half written)."""
+        for handle in (*self._files.values(), self._pair_ids):
+            handle.close()
 
 
 def sequence_lengths(pairs: Sequence[TokenizedPair]) -> Sequence[int]:

@@ -47,6 +47,8 @@ models, and is therefore allowed only when all views share one tokenizer fingerp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import itertools
 import json
@@ -400,7 +402,7 @@ def tokenize_for_models(
         raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
 
     # Views that share one tokenizer object produce the same ids (the policy and its initialising reference, as
-    # ``pipeline.load_views`` loads a tokenizer named twice once): each pair is tokenized once for them, and they
+    # ``splits.load_views`` loads a tokenizer named twice once): each pair is tokenized once for them, and they
     # share one storage. Their kept pairs are the same, since a limit only drops a pair for all views (or truncates
     # at the common limit). Identity, not the fingerprint, which would serialise every vocabulary once more.
     first_view: dict[int, int] = {}
@@ -408,15 +410,25 @@ def tokenize_for_models(
     make = storage or (lambda k: TokenizedPairs())
     sinks = {k: make(k) for k in sorted(set(owners))}
     dropped: Counter[str] = Counter()
-    for block in _blocks(pairs, TOKENIZE_BLOCK):
-        encoded = {k: views[k].tokenize_many(block) for k in sinks}
-        for i in range(len(block)):
-            kept = _within_limits([encoded[owners[k]][i] for k in range(len(views))], views, limits, overflow)
-            if isinstance(kept, str):
-                dropped[kept] += 1
-                continue
-            for k, sink in sinks.items():
-                sink.append(kept[k])
+    try:
+        for block in _blocks(pairs, TOKENIZE_BLOCK):
+            encoded = {k: views[k].tokenize_many(block) for k in sinks}
+            for i in range(len(block)):
+                kept = _within_limits(
+                    [encoded[owners[k]][i] for k in range(len(views))], views, limits, overflow
+                )
+                if isinstance(kept, str):
+                    dropped[kept] += 1
+                    continue
+                for k, sink in sinks.items():
+                    sink.append(kept[k])
+            if storage is not None:
+                _return_freed_memory()
+    except BaseException:
+        for sink in sinks.values():
+            if isinstance(sink, PairWriter):
+                sink.close()
+        raise
     finished = {k: sink.finish() for k, sink in sinks.items()}
     return TokenizationResult(
         view_names=[v.name for v in views],
@@ -428,6 +440,26 @@ def tokenize_for_models(
 
 TOKENIZE_BLOCK = 256
 """Pairs per batched tokenizer call (per view): enough to amortise the call, few enough to hold in memory."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed by a block back to the system (glibc's ``malloc_trim``).
+
+    A fast tokenizer encodes a batch on several threads, and glibc gives each thread its own heap; the blocks freed
+    there stay in the process, fragmented, so a stream of a million pairs crept up by ~35 MB per 100k pairs
+    (measured on this project's scale benchmark). Trimming after each block keeps the streamed tokenization flat.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _blocks(pairs: Iterable[PairLike], size: int) -> Iterator[list[PairLike]]:

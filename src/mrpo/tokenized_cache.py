@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -70,7 +71,8 @@ def open_or_tokenize(
             logger.warning("Tokenizing again: %s does not open (%s).", directory, error)
             shutil.rmtree(directory, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=root))
+    _sweep_abandoned_builds(root)
+    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}-{_HOST}-{os.getpid()}-", dir=root))
     try:
         pairs = stream()
         result = tokenize_for_models(
@@ -89,15 +91,40 @@ def open_or_tokenize(
             "read": counts.to_dict(),
         }
         (building / SPLIT_FILE).write_text(json.dumps(account, indent=2, sort_keys=True), encoding="utf-8")
+        building.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users of a shared cache out
         try:
             os.rename(building, directory)
         except OSError:
+            if not (directory / SPLIT_FILE).is_file():
+                raise
             # Another process stored the same entry first (it has the same content): use that one.
             shutil.rmtree(building, ignore_errors=True)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return _open(directory, views, found=False)
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sweep_abandoned_builds(root: Path) -> None:
+    """Remove the temporary directories of builds on this host whose process is gone (killed, out of memory)."""
+    for path in root.glob(f".tokenized-*-{_HOST}-*-*"):
+        try:
+            pid = int(path.name.split("-")[3])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.warning("Removing %s: the build that wrote it was stopped before it finished.", path)
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue  # not a name we wrote, or another user's live process
 
 
 def _open(directory: Path, views: Sequence[ModelView], *, found: bool) -> CachedSplit:

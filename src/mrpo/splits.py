@@ -1,0 +1,254 @@
+"""One split of the data read and tokenized for the policy and every reference: the views (how each model reads
+text), the split's source, its pairs read into memory or streamed, and its tokens from the tokenized cache
+(``tokenized_cache.py``) or made in memory. Everything before a reference scores anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mrpo.config import MRPOConfig, ReferenceConfig
+from mrpo.data import DataError, PairSet, load_pairs, source_identity, stream_pairs
+from mrpo.models import load_tokenizer, model_position_limit
+from mrpo.pairs import PairCounts, PairStream, PreferencePair, warn_identical
+from mrpo.row_rules import ROW_RULES_VERSION
+from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
+from mrpo.tokenized_cache import CachedSplit, open_or_tokenize
+
+logger = logging.getLogger(__name__)
+
+POLICY_VIEW = "policy"
+
+
+@dataclass
+class Views:
+    """How the policy and each reference read text."""
+
+    policy: ModelView
+    references: list[ModelView]
+
+
+def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
+    """The references with their effective max_length filled in."""
+    return [
+        dataclasses.replace(reference, max_length=config.reference_max_length(reference))
+        for reference in config.references
+    ]
+
+
+def load_views(config: MRPOConfig) -> Views:
+    """The policy's and every reference's view; a tokenizer named twice (the policy and its initialising
+    reference, usually) is loaded once."""
+    loaded: dict[tuple[str, str | None], Any] = {}
+
+    def tokenizer_for(role: str, model: str, tokenizer: str | None):
+        if (model, tokenizer) not in loaded:
+            loaded[model, tokenizer] = load_tokenizer(model, tokenizer, role=role)
+        return loaded[model, tokenizer]
+
+    policy = ModelView(
+        tokenizer_for("policy", config.policy.model, config.policy.tokenizer), name=POLICY_VIEW
+    )
+    references = [
+        ModelView(
+            tokenizer_for(f"references.{index} ({reference.name})", reference.model, reference.tokenizer),
+            name=reference.name,
+        )
+        for index, reference in enumerate(config.references)
+    ]
+    return Views(policy, references)
+
+
+def split_source(config: MRPOConfig, split: str) -> tuple[str, str, int | None]:
+    """The split's source, the name of the split to read in it, and its subsample size."""
+    data = config.data
+    if split == "train":
+        return data.train, data.train_split, data.max_pairs
+    if data.eval is None:
+        raise DataError("data.eval is not set: there is no held-out split to read (set data.eval=PATH)")
+    return data.eval, data.eval_split, data.max_eval_pairs
+
+
+def read_split(config: MRPOConfig, split: str) -> PairSet:
+    """One split's pairs, in memory."""
+    source, name, max_pairs = split_source(config, split)
+    data = config.data
+    return load_pairs(
+        source,
+        split=name,
+        max_pairs=max_pairs,
+        seed=data.seed,
+        on_error=data.on_error,
+        fmt=data.format,
+        drop_identical=data.drop_identical,
+    )
+
+
+def stream_split(config: MRPOConfig, split: str) -> PairStream:
+    """One split's pairs read as they come (no subsampling), for data larger than memory."""
+    source, name, _ = split_source(config, split)
+    data = config.data
+    return stream_pairs(
+        source, split=name, on_error=data.on_error, fmt=data.format, drop_identical=data.drop_identical
+    )
+
+
+def find_pairs(
+    config: MRPOConfig, split: str, tokenized: TokenizedSplit, pair_ids: set[str]
+) -> dict[str, PreferencePair]:
+    """The pairs of one split with these ids: from memory, or read again from the source (until all are found;
+    iterating a stream repeats none of the first read's warnings)."""
+    pairs = tokenized.pairs if tokenized.pairs is not None else stream_split(config, split)
+    found: dict[str, PreferencePair] = {}
+    for pair in pairs:
+        if pair.pair_id in pair_ids:
+            found[pair.pair_id] = pair
+            if len(found) == len(pair_ids):
+                break
+    return found
+
+
+@dataclass
+class TokenizedSplit:
+    """One split read and tokenized for the policy and every reference, before any reference is scored."""
+
+    counts: PairCounts
+    """The account of the read (rows, kept, dropped by reason)."""
+    tokenization: TokenizationResult
+    references: list[ReferenceConfig]
+    """The references with the max_length their stores are keyed by."""
+    pairs: PairSet | None = None
+    """The pairs in memory, when the split was read into memory; None when its tokens came from the disk cache
+    (``find_pairs`` reads any pair's text again)."""
+
+
+def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSplit:
+    """Read one split and tokenize it jointly (a pair too long for any model is dropped for all): from the
+    tokenized cache when it can be (``data.cache_tokenized``), else in memory."""
+    references = resolved_references(config)
+    all_views = [views.policy, *views.references]
+    limits = effective_limits(config, references)
+    if config.data.overflow == "truncate":
+        # Truncation cuts every model at the smallest limit (one shared tokenizer), so that limit is what the
+        # reference stores must be keyed by.
+        references = [dataclasses.replace(reference, max_length=min(limits)) for reference in references]
+    cached = _tokenize_to_cache(config, split, all_views, limits)
+    if cached is not None:
+        pairs, counts, tokenization = None, cached.counts, cached.tokenization
+        if cached.found and counts.identical:  # a read from the data warned when it built the entry
+            warn_identical(
+                counts.source,
+                counts.identical,
+                counts.first_identical,
+                config.data.drop_identical,
+                stacklevel=2,
+            )
+        how = "found" if cached.found else "stored"
+        logger.info("%s split: %s Tokenized pairs %s in %s.", split, counts.summary(), how, cached.directory)
+    else:
+        pairs = read_split(config, split)
+        counts = pairs.counts()
+        tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
+    if not tokenization.pair_ids:
+        raise DataError(
+            f"no {split} pair is left after tokenization ({tokenization.summary()}); raise data.max_length or "
+            "check the data",
+            source=counts.source,
+        )
+    if tokenization.dropped:
+        logger.warning("%s split: %s", split, tokenization.summary())
+    return TokenizedSplit(counts, tokenization, references, pairs)
+
+
+def _tokenize_to_cache(
+    config: MRPOConfig, split: str, views: list[ModelView], limits: list[int]
+) -> CachedSplit | None:
+    """The split's tokens from (or into) ``cache_dir``; None where the cache does not apply: turned off, a
+    subsample (``max_pairs``), or a source whose content cannot be identified cheaply (a hub dataset)."""
+    source, name, max_pairs = split_source(config, split)
+    if not config.data.cache_tokenized or max_pairs is not None:
+        return None
+    identity = source_identity(source, name)
+    if identity is None:
+        return None
+    owners = [next(j for j, other in enumerate(views) if other.tokenizer is view.tokenizer) for view in views]
+    content = {
+        "source": identity,
+        "format": config.data.format,
+        "on_error": config.data.on_error,
+        "drop_identical": config.data.drop_identical,
+        "row_rules_version": ROW_RULES_VERSION,
+        "view_names": [view.name for view in views],  # the drop reasons stored with the entry name them
+        "tokenizers": {k: views[k].fingerprint for k in sorted(set(owners))},
+        "owners": owners,
+        "limits": limits,
+        "overflow": config.data.overflow,
+    }
+    from accelerate import PartialState
+
+    # Under accelerate launch the first process of each machine tokenizes and stores; the others then find the
+    # entry (on a cache shared between machines, two first processes may both build: the second rename is dropped).
+    with PartialState().local_main_process_first():
+        return open_or_tokenize(
+            Path(config.cache_dir),
+            content,
+            views,
+            lambda: stream_split(config, split),
+            max_length=limits,
+            overflow=config.data.overflow,
+        )
+
+
+def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> list[int]:
+    """Per model (the policy, then each reference): its max_length, capped at the positions the model was built for.
+
+    A learned position table indexes out of range past its size; a rotary model would score past the context it
+    was trained on. Pairs beyond a model's limit are dropped for all models and counted under that model's name.
+    """
+    models = [("policy", config.policy.model, config.data.max_length, "data.max_length")]
+    models += [
+        (f"references.{index} ({reference.name})", reference.model, reference.max_length,
+         f"references.{index}.max_length")
+        for index, reference in enumerate(references)
+    ]  # fmt: skip
+    limits = []
+    for role, model, limit, key in models:
+        positions = model_position_limit(model)
+        if positions is not None and positions < limit:
+            logger.warning(
+                "%s (%s) has %d positions, fewer than %s = %d: pairs longer than %d tokens for it are dropped.",
+                role, model, positions, key, limit, positions,
+            )  # fmt: skip
+            limit = positions
+        limits.append(limit)
+    return limits
+
+
+_RENDERINGS_SHOWN: set[str] = set()
+
+
+def show_plain_renderings(config: MRPOConfig, split: str, views: Views, tokenized: TokenizedSplit) -> None:
+    """Once per tokenizer and process: how a reference without a chat template reads a pair (plain text, roles
+    spelled out), so nobody has to read a docstring to see what it scores."""
+    unseen = [
+        view for view in views.references
+        if not view.has_chat_template and view.fingerprint not in _RENDERINGS_SHOWN
+    ]  # fmt: skip
+    if not unseen:
+        return
+    first_id = tokenized.tokenization.pair_ids[0]
+    first = find_pairs(config, split, tokenized, {first_id})[first_id]
+    for view in unseen:
+        _RENDERINGS_SHOWN.add(view.fingerprint)
+        _, chosen, _ = view.render(first)
+        logger.warning(
+            "Reference %r has no chat template: it reads each pair as plain text (a conversation as 'User: ...', "
+            "'Assistant: ...' turns), its own BOS/EOS added as its tokenizer does. The first pair's chosen answer "
+            "as it scores it: %r",
+            view.name,
+            chosen if len(chosen) <= 300 else chosen[:297] + "...",
+        )
