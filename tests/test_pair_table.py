@@ -40,3 +40,17 @@ def test_ids_of_other_forms_are_keyed_by_their_hash():
     assert table.missing(["c", "a"]) == ["c"]
     assert pair_numbers(["0123456789abcdef"]).tolist() == [0x0123456789ABCDEF]
     assert len(PairTable(2)) == 0 and PairTable(2).positions([]).shape == (0,)
+
+
+def test_the_fast_conversion_of_ids_agrees_with_one_by_one():
+    from mrpo.pair_table import _number
+
+    for ids in (
+        ["0123456789abcdef", "ffffffffffffffff", "0000000000000001"],
+        ["0123456789abcdeZ"],  # not hex
+        ["0123456789ABCDEF"],  # uppercase: not an id compute_pair_id makes, hashed
+        ["01234567 9abcdef", "0123456789abcdef"],  # bytes.fromhex would skip the space
+        ["a", "b" * 31],  # 32 characters in all, not 16 each
+        [],
+    ):
+        assert pair_numbers(ids).tolist() == [_number(pair_id) for pair_id in ids], ids

@@ -1,8 +1,8 @@
 """A table of numbers keyed by pair id, held as numpy arrays: what a reference store keeps in memory.
 
 A pair id (``pairs.compute_pair_id``) is 16 hex digits, i.e. one 64-bit number; the table keeps the numbers sorted
-with one row of values each, so an entry costs 8 bytes of key plus its values (32 bytes for a reference store's
-chosen/rejected log-prob and token counts) instead of ~300 for a Python dict of string keys and tuples, and a
+with one row of values each, so an entry costs 8 bytes of key plus its values (16 bytes for a reference store's
+chosen/rejected log-prob and token counts in float32) instead of ~300 for a Python dict of string keys and tuples, and a
 million lookups are one ``searchsorted``. Ids of another form (hand-made ids in tests and scripts) are mapped to
 64 bits by sha256.
 """
@@ -22,6 +22,14 @@ def pair_numbers(pair_ids: Sequence[str]) -> np.ndarray:
     fast = pair_ids.numbers() if hasattr(pair_ids, "numbers") else None
     if fast is not None:
         return fast
+    joined = "".join(pair_ids)
+    if joined == joined.lower() and all(len(pair_id) == 16 for pair_id in pair_ids):
+        try:  # all 16 lowercase hex digits (the usual case): one conversion for all
+            raw = bytes.fromhex(joined)
+        except ValueError:
+            raw = b""
+        if len(raw) == 8 * len(pair_ids):  # fromhex skips whitespace: a shorter result is not ids
+            return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     numbers = np.empty(len(pair_ids), dtype=np.uint64)
     for i, pair_id in enumerate(pair_ids):
         numbers[i] = _number(pair_id)
@@ -35,7 +43,7 @@ def _number(pair_id: str) -> int:
 
 
 class PairTable:
-    """Rows of ``width`` float64-representable numbers keyed by pair id; a key added again replaces its row.
+    """Rows of ``width`` numbers of one ``dtype`` keyed by pair id; a key added again replaces its row.
 
     Rows are added in chunks (``add``) and merged into the sorted arrays on the next lookup.
     """

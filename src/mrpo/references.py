@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 ENTRY_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
 ENTRY_WIDTH = len(ENTRY_COLUMNS)
+"""An entry is four float32 numbers (16 bytes): the log-probs are float32 when computed, and a token count is exact
+in float32 below 2**24 tokens a sequence."""
 
 SHARD_PAIRS = 512
 """Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
@@ -145,11 +147,11 @@ class StoreKey:
 @dataclass
 class ReferenceStore:
     """One reference's entries ``pair_id -> (chosen, rejected log-prob, chosen, rejected token count)``, held as a
-    ``PairTable`` (32 bytes of numbers and 8 of key an entry)."""
+    ``PairTable`` (16 bytes of numbers and 8 of key an entry)."""
 
     directory: Path
     key: StoreKey
-    entries: PairTable = field(default_factory=lambda: PairTable(ENTRY_WIDTH))
+    entries: PairTable = field(default_factory=lambda: PairTable(ENTRY_WIDTH, np.float32))
     discarded_shards: int = 0
 
     @classmethod
@@ -181,7 +183,7 @@ class ReferenceStore:
                 continue
             try:
                 pair_ids = list(payload["pair_ids"])
-                columns = [payload[name].double().numpy() for name in ENTRY_COLUMNS]
+                columns = [payload[name].float().numpy() for name in ENTRY_COLUMNS]
                 if any(column.shape != (len(pair_ids),) for column in columns):
                     raise ValueError(f"{len(pair_ids)} pair ids but columns of {[c.shape for c in columns]}")
             except Exception as error:  # noqa: BLE001 - missing fields or ragged columns: not a shard we can use
@@ -212,7 +214,7 @@ class ReferenceStore:
         checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
         final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
         os.replace(temporary, final)
-        self.entries.add(list(pair_ids), torch.cat([values.double(), tokens.double()], dim=1).numpy())
+        self.entries.add(list(pair_ids), torch.cat([values.float(), tokens.float()], dim=1).numpy())
         return final
 
     def missing(self, pair_ids: Sequence[str]) -> list[str]:
@@ -414,8 +416,9 @@ def precompute(
         todo = np.sort(absent[first])
         if len(todo):
             _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
-        state.wait_for_everyone()
-        store.reload()
+            # Every process computed the same todo from the same store: all of them read the others' shards.
+            state.wait_for_everyone()
+            store.reload()
         stores.append(store)
         seconds = time.perf_counter() - start
         reports.append(
@@ -537,6 +540,6 @@ def _report(
         discarded_shards=store.discarded_shards,
         seconds=seconds,
         label_agreement=agree / n if n else math.nan,
-        mean_chosen_logp=float(values[:, 0].mean()) if n else math.nan,
-        mean_rejected_logp=float(values[:, 1].mean()) if n else math.nan,
+        mean_chosen_logp=float(values[:, 0].mean(dtype=np.float64)) if n else math.nan,
+        mean_rejected_logp=float(values[:, 1].mean(dtype=np.float64)) if n else math.nan,
     )
