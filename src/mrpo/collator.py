@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from mrpo.errors import CollatorError
 from mrpo.logprobs import longest_first_groups, pack_sequences, pad_batch, padded_length
-from mrpo.tokenization import TokenizedPair, TokenizedSequence
+from mrpo.token_store import TokenizedPair, TokenizedSequence
 
 REQUIRED_FIELDS = (
     "chosen_input_ids",

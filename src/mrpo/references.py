@@ -40,7 +40,8 @@ from mrpo.errors import CacheError
 from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
 from mrpo.pair_table import PairTable, pair_numbers
-from mrpo.tokenization import ModelView, TokenizedPair, pair_ids_of, sequence_at, sequence_lengths
+from mrpo.token_store import TokenizedPair, pair_ids_of, sequence_at, sequence_lengths
+from mrpo.tokenization import ModelView
 
 logger = logging.getLogger(__name__)
 

@@ -198,7 +198,8 @@ class StoredPairs(_FlatPairs):
             )
         tokens = int(self._ends[-1]) if len(self._ends) else 0
         size = (self.directory / IDS_FILE).stat().st_size  # a missing file raises here, not at the first read
-        if size != 4 * tokens or (len(self._ends) and (np.diff(self._ends, prepend=0) < 0).any()):
+        decreasing = len(self._ends) and (self._ends[0] < 0 or (self._ends[1:] < self._ends[:-1]).any())
+        if size != 4 * tokens or decreasing:
             raise ValueError(
                 f"{self.directory}: {IDS_FILE} holds {size} bytes, its offsets describe {4 * tokens}"
             )
