@@ -1,8 +1,8 @@
-"""Facts asked in three wordings, for a study whose test set can tell what preference training did.
+"""Facts asked in five wordings, for a study whose test set can tell what preference training did.
 
 Each *fact* has a right and a wrong answer (a plausible slip: a famous non-capital city, a naive element symbol, a
-synonym for an antonym, a count off by one, a wrong conversion factor, an arithmetic slip) and three wordings of the
-same question and answer. Training uses wording 0; the *reworded* test asks the same facts in wordings 1 and 2 with
+synonym for an antonym, a count off by one, a wrong conversion factor, an arithmetic slip) and five wordings of the
+same question and answer (three for the students and their tests, two more for the teachers of round three). Training uses wording 0; the *reworded* test asks the same facts in wordings 1 and 2 with
 the same right and wrong answers, so whatever training taught about a fact -- including a wrong answer from a
 flipped label -- shows up there. The *disjoint* test asks other facts in wording 0, as the first study did.
 
@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from mrpo.demo.pairs import CAPITALS, ELEMENTS, OPPOSITES, WORDS, arithmetic_problems, unit_problems
 
 WORDINGS = 3
+"""Wordings 0..2: training (0) and the reworded test (1, 2)."""
+TEACHER_WORDINGS = (3, 4)
+"""Wordings no student trains on and no test asks: the teachers of round three (``teacher_study.py``) learn from them."""
 
 Template = tuple[str, Callable[[str], str]]
 """A question and the answer sentence built around an answer (the right or the wrong one)."""
@@ -79,6 +82,14 @@ def _capitals(rng: random.Random) -> list[Fact]:
                         f"Name the capital city of {country}.",
                         lambda x, c=country: f"The capital city of {c} is called {x}.",
                     ),
+                    (
+                        f"Where does the government of {country} sit?",
+                        lambda x, c=country: f"The government of {c} sits in {x}.",
+                    ),
+                    (
+                        f"{country}'s capital: which city is it?",
+                        lambda x, c=country: f"It is {x}, the capital of {c}.",
+                    ),
                 ),
             )
         )
@@ -110,6 +121,14 @@ def _elements() -> list[Fact]:
                         f"How is the element {name} abbreviated?",
                         lambda x, n=name: f"The element {n} is abbreviated as {x}.",
                     ),
+                    (
+                        f"Write the element symbol of {name}.",
+                        lambda x, n=name: f"{x} is the element symbol of {n}.",
+                    ),
+                    (
+                        f"Chemists write {name} as which symbol?",
+                        lambda x, n=name: f"Chemists write {n} as {x}.",
+                    ),
                 ),
             )
         )
@@ -132,6 +151,14 @@ def _opposites() -> list[Fact]:
                 (
                     f'Which word means the reverse of "{word}"?',
                     lambda x, w=word: f'"{x}" means the reverse of "{w}".',
+                ),
+                (
+                    f'What word is contrary to "{word}"?',
+                    lambda x, w=word: f'The word contrary to "{w}" is "{x}".',
+                ),
+                (
+                    f'"{word}" is the opposite of which word?',
+                    lambda x, w=word: f'"{w}" is the opposite of "{x}".',
                 ),
             ),
         )
@@ -162,6 +189,14 @@ def _letters(rng: random.Random) -> list[Fact]:
                         f'What is the length of the word "{word}" in letters?',
                         lambda x, w=word: f'The length of "{w}" is {x} letters.',
                     ),
+                    (
+                        f'Spell out "{word}": how many letters does that take?',
+                        lambda x, w=word: f'Spelling "{w}" takes {x} letters.',
+                    ),
+                    (
+                        f'Give the letter count of "{word}".',
+                        lambda x, w=word: f'The letter count of "{w}" is {x}.',
+                    ),
                 ),
             )
         )
@@ -188,6 +223,14 @@ def _units(rng: random.Random, count: int) -> list[Fact]:
                     f"{amount} {source} make how many {target}?",
                     lambda x, a=amount, s=source, t=target: f"In {t}, {a} {s} make {x}.",
                 ),
+                (
+                    f"Express {amount} {source} in {target}.",
+                    lambda x, a=amount, s=source, t=target: f"Expressed in {t}, {a} {s} is {x}.",
+                ),
+                (
+                    f"If I have {amount} {source}, how many {target} is that?",
+                    lambda x, a=amount, s=source, t=target: f"That is {x} {t}.",
+                ),
             ),
         )
         for source, target, amount, right, wrong in unit_problems(rng, count)
@@ -209,6 +252,8 @@ def _arithmetic(rng: random.Random, count: int) -> list[Fact]:
                     (f"What is {expression}?", lambda x, e=expression: f"{e} = {x}."),
                     (f"Compute {expression}.", lambda x, e=expression: f"The result of {e} is {x}."),
                     (f"Calculate {expression} for me.", lambda x, e=expression: f"{e} equals {x}."),
+                    (f"Work out {expression}.", lambda x, e=expression: f"Working it out, {e} gives {x}."),
+                    (f"{expression} is what number?", lambda x, e=expression: f"{e} is the number {x}."),
                 ),
             )
         )
