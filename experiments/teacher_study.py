@@ -114,7 +114,7 @@ class Settings:
     """bf16 autocast (fp32 master weights) for training and held-out scoring, as on a GPU."""
     max_length: int = 512
     known_fraction: float = 0.5
-    """Share of the pool facts (stratified by kind) the teachers are trained on."""
+    """Share of the pool facts (drawn round-robin over the kinds) the teachers are trained on."""
     teacher_epochs: float = 3.0
     teacher_learning_rate: float = 1e-3
     teacher_lora_r: int = 16
@@ -174,7 +174,7 @@ def expand_grid(settings: Settings) -> list[RunSpec]:
 
 
 def known_facts(settings: Settings) -> set[str]:
-    """The keys of the pool facts the teachers learn (stratified by kind, fixed for the whole study)."""
+    """The keys of the pool facts the teachers learn (drawn round-robin over the kinds, fixed for the whole study)."""
     pool, _ = reworded_facts.split_facts(reworded_facts.all_facts())
     count = round(settings.known_fraction * len(pool))
     return {

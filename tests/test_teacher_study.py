@@ -1,0 +1,208 @@
+"""experiments/teacher_study.py and teacher_report.py: the data's guarantees (no teacher pair is ever a student or
+test pair), the probe's statistics, the decision rule and the report on fake results (no models)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(EXPERIMENTS))
+    names = ("teacher_study", "teacher_report")
+    loaded = [_load(name) for name in names]
+    yield loaded[0]
+    for name in (*names, "noisy_study"):
+        sys.modules.pop(name, None)
+    sys.path.remove(str(EXPERIMENTS))
+
+
+@pytest.fixture(scope="module")
+def report(study):
+    return sys.modules["teacher_report"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _question_answer(record: dict) -> tuple[str, str, str]:
+    return record["prompt"][0]["content"], record["chosen"][0]["content"], record["rejected"][0]["content"]
+
+
+def test_teacher_pairs_are_never_student_or_test_pairs(study, tmp_path):
+    settings = study.Settings(seeds=(0, 1), secondary_seeds=(2,))
+    paths = study.write_study_data(settings, tmp_path)
+    teacher = _rows(paths["teacher"])
+    student_and_test = [_rows(paths["probe"]), _rows(paths["disjoint"])]
+    for seed in (0, 1, 2):
+        student_and_test += [
+            _rows(tmp_path / f"s{seed}" / name) for name in ("train.jsonl", "reworded.jsonl")
+        ]
+    taught = {_question_answer(r) for r in teacher}
+    seen = {_question_answer(r) for rows in student_and_test for r in rows}
+    assert not taught & seen
+    taught_questions = {r["prompt"][0]["content"] for r in teacher}
+    assert not taught_questions & {r["prompt"][0]["content"] for rows in student_and_test for r in rows}
+    # Clean labels, the teacher wordings only, the known facts only, each in both teacher wordings.
+    assert all(not r["flipped"] and r["teacher_known"] for r in teacher)
+    assert {r["wording"] for r in teacher} == set(study.reworded_facts.TEACHER_WORDINGS)
+    assert Counter(Counter(r["fact"] for r in teacher).values()) == {2: len(teacher) // 2}
+
+
+def test_known_facts_are_half_the_pool_round_robin_over_kinds_and_none_disjoint(study, tmp_path):
+    settings = study.Settings(seeds=(0,), secondary_seeds=())
+    known = study.known_facts(settings)
+    pool, disjoint = study.reworded_facts.split_facts(study.reworded_facts.all_facts())
+    assert len(known) == round(0.5 * len(pool))
+    assert not known & {f.key for f in disjoint}
+    pool_kinds = Counter(f.kind for f in pool)
+    known_kinds = Counter(f.kind for f in pool if f.key in known)
+    # Drawn round-robin over the kinds: every kind not exhausted has the same count, within one.
+    open_counts = [known_kinds[kind] for kind, n in pool_kinds.items() if known_kinds[kind] < n]
+    assert max(open_counts) - min(open_counts) <= 1
+
+
+def test_reworded_pairs_carry_true_labels_and_the_training_flip(study, tmp_path):
+    settings = study.Settings(seeds=(0,), secondary_seeds=())
+    study.write_study_data(settings, tmp_path)
+    train = _rows(tmp_path / "s0" / "train.jsonl")
+    assert len(train) == 64 and sum(r["flipped"] for r in train) == 19
+    clean = _rows(tmp_path / "s0" / "train-clean.jsonl")
+    assert len(clean) == 45 and not any(r["flipped"] for r in clean)
+    flipped = {r["fact"] for r in train if r["flipped"]}
+    reworded = _rows(tmp_path / "s0" / "reworded.jsonl")
+    assert len(reworded) == 128
+    facts = {f.key: f for f in study.reworded_facts.all_facts()}
+    for record in reworded:
+        assert record["trained_flipped"] == (record["fact"] in flipped)
+        assert record["wording"] in (1, 2) and not record["flipped"]
+        fact = facts[record["fact"]]
+        assert record["chosen"][0]["content"] == fact.templates[record["wording"]][1](fact.right)
+
+
+def test_knowledge_measures_agreement_against_the_start_by_known_facts(study):
+    # Start: right on the first 6 of 8 pairs. Teacher: right on all known pairs (0-3) with larger margins, and
+    # identical to the start on the unknown ones.
+    start = torch.tensor([2.0, 2.0, 1.0, 1.0, 1.0, 1.0, -1.0, -1.0])
+    teacher = torch.tensor([5.0, 5.0, 5.0, 5.0, 1.0, 1.0, -1.0, -1.0])
+    start[2:4] = -1.0  # the start is wrong on known pairs 2 and 3
+    known = [True] * 4 + [False] * 4
+    result = study.knowledge(("init", "t1"), torch.stack([start, teacher]), known)
+    t1 = result["t1"]
+    assert t1["known"]["agreement"] == 1.0 and result["init"]["known"]["agreement"] == 0.5
+    assert t1["known"]["vs_start"]["difference"] == pytest.approx(0.5)
+    assert t1["known"]["beyond_start"] == 1.0  # on the label's side and above the start's margin everywhere
+    assert t1["unknown"]["vs_start"]["difference"] == 0.0
+    assert t1["unknown"]["beyond_start"] == 0.0
+    assert t1["all"]["less_confident"] == 0.0
+
+
+def test_paired_interval_covers_the_difference_and_is_zero_width_when_identical(study):
+    same = study.paired_rate_difference([True, False, True], [True, False, True])
+    assert same["difference"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
+    better = study.paired_rate_difference([True] * 30, [True] * 15 + [False] * 15)
+    assert better["difference"] == 0.5 and 0.3 < better["low"] < 0.5 < better["high"]
+
+
+def _result(arm: str, seed: int, accuracy: float) -> dict:
+    family = {
+        "policy_accuracy": accuracy,
+        "by_group": {"known_flipped": {"policy_accuracy": accuracy, "pairs": 18}},
+        "paper_metric_step0": {"reward_accuracy_own_virtual": 0.3, "reward_accuracy_start": 0.0},
+        "paper_metric_trained": {"reward_accuracy_own_virtual": 0.7, "reward_accuracy_start": 0.7},
+        "chosen_longer": 0.5,
+    }
+    return {
+        "group": "main",
+        "arm": arm,
+        "seed": seed,
+        "train": {"last_epoch_loss": 0.4, "clip_rate": 0.5},
+        "eval": {"reworded": family, "disjoint": family},
+    }
+
+
+def _probe(beats: bool) -> dict:
+    low = 0.05 if beats else -0.02
+    entry = {"known": {"vs_start": {"difference": 0.1, "low": low, "high": 0.2}}}
+    return {"group": "probe", "arm": "probe", "probe": {"t1": entry}}
+
+
+def _grid(arms: dict[str, float], seeds: int = 10) -> list[dict]:
+    # Each arm's accuracy on seed s is its level plus a seed effect shared by every arm, plus a little noise, so
+    # paired differences are tight.
+    return [
+        _result(arm, seed, level + 0.01 * seed + 0.002 * ((seed * 7 + len(arm)) % 3))
+        for arm, level in arms.items()
+        for seed in range(seeds)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("levels", "beats", "expected"),
+    [
+        ({"dpo": 0.70, "mrpo_t1": 0.76, "mrpo_random": 0.70}, True, "a teacher helps through MRPO"),
+        # Beats DPO but not the random control: self-sharpening, not the teacher.
+        ({"dpo": 0.70, "mrpo_t1": 0.76, "mrpo_random": 0.76}, True, "null"),
+        (
+            {"dpo": 0.70, "mrpo_t1": 0.70, "mrpo_random": 0.70, "dpo_ref_t1": 0.76},
+            True,
+            "only a better single",
+        ),
+        ({"dpo": 0.70, "mrpo_t1": 0.71, "mrpo_random": 0.70}, True, "null"),
+        ({"dpo": 0.70, "mrpo_t1": 0.76, "mrpo_random": 0.70}, False, "not judged"),
+    ],
+)
+def test_decision_rule(report, levels, beats, expected):
+    results = _grid(levels)
+    verdict = report.judge(report.cells_of(results), _probe(beats), "t1")
+    assert expected in verdict
+
+
+def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
+    settings = study.Settings(seeds=tuple(range(3)), teachers=("t1",))
+    results = _grid({"dpo": 0.7, "mrpo_t1": 0.72, "mrpo_random": 0.7}, seeds=3)
+    results.append(
+        {"group": "teacher", "arm": "t1", "base": "init", "pairs": 192, "seconds_train": 60.0,
+         "train": {"last_epoch_loss": 0.2}}
+    )  # fmt: skip
+    probe = _probe(True)
+    probe["probe"]["t1"]["known"].update(agreement=0.9, mean_abs_margin=6.0, beyond_start=0.6)
+    probe["probe"]["t1"]["all"] = {"less_confident": 0.2, "agreement": 0.85}
+    probe["disjoint"] = {"t1": {"all": {"agreement": 0.7}}}
+    results.append(probe)
+    docs = tmp_path / "docs" / "results-teacher-study.md"
+    docs.parent.mkdir()
+    report.write_report(results, settings, tmp_path, docs, machine="test")
+    text = docs.read_text(encoding="utf-8")
+    for heading in (
+        "## Decision rule",
+        "## Verdict",
+        "## The teachers",
+        "## Students",
+        "## The paper's metric",
+    ):
+        assert heading in text
+    assert "(b) mrpo_t1" in text and "+2.0" in text  # the paired difference in points
+    summary = json.loads((docs.parent / "teacher-study" / "summary.json").read_text(encoding="utf-8"))
+    assert len(summary["results"]) == len(results)
+    assert (docs.parent / "teacher-study" / "paired.png").exists()
+    assert not math.isnan(summary["settings"]["learning_rate"])
