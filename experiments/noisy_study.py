@@ -11,7 +11,7 @@ trains on the same facts, flips, LoRA initialisation and training seed. Two held
 Arms (issue 12's letters): (a) DPO; (b) MRPO defaults; (c) MRPO without CTRO; (d) DPO on the pairs the external
 reference agrees with; (e) DPO on the truly clean pairs (the oracle of any reweighting); (f) DPO on the pairs
 ``mrpo inspect`` does not flag; (g) MRPO with align=pair; (h) fixed alpha (external weight 0.25 / 0.5 / 0.75,
-clipping off, against (c)'s adaptive alpha). A divergence arm trains on 200+-token answers against a random
+clipping off, against (c)'s adaptive alpha). A divergence arm trains on 125-187-token answers against a random
 reference thousands of nats away, with and without CTRO; the lm-eval bridge scores start, DPO and MRPO.
 
     .venv/bin/python experiments/noisy_study.py --quick           # 1 seed, 6 runs, no divergence/lm-eval (~15 min)
@@ -748,6 +748,10 @@ def render_markdown(
         f"{len(settings.seeds)} seeds, sized to stay near 2.5 h on 2 CPU cores. Cut from it: (d) and (f) at beta 0.5. "
         f"Run on {len(settings.extra_seeds)} seeds only, after it: 0% flipped ((a)-(c)), (g) align=pair and (h) "
         "fixed alpha, all at beta 0.1.",
+        "- Disclosed after the fact (issue 22): the learning rate 1e-3 was chosen after a seed-0 pilot (the oracle "
+        "gap was 1.6 points at 5e-4 and 9.4 at 1e-3; commit c2b961c), not fixed before any result. The disjoint "
+        "family is the same 95 pairs on every seed, so its interval covers training noise only, not the choice of "
+        "test facts.",
         f"- Command: {command}",
         f"- Machine: {machine}",
         f"- Wall time of the runs in the summary: {sum(r.get('seconds', 0) for r in results) / 3600:.2f} h "
@@ -763,9 +767,15 @@ def divergence_section(results, plots) -> list[str]:
     lines = [
         "## Divergence arm: can the loss blow up without CTRO?",
         "",
-        "32 pairs whose answers are lists of 26-32 capitals (200+ tokens), the rejected list with four wrong "
-        "capitals and four lines more or fewer; the external reference is a 2-layer random-init model with "
-        "SmolLM2's tokenizer. Beta 0.1, the same LoRA settings.",
+        "32 pairs whose answers are lists of 26-32 capitals (125-187 tokens of answer text under SmolLM2's "
+        "tokenizer), the rejected list with four wrong capitals and four lines more or fewer; the external "
+        "reference is a 2-layer random-init model with SmolLM2's tokenizer. Beta 0.1, the same LoRA settings.",
+        "",
+        "Without CTRO the loss starts high (9-11: the random reference's margin, unclipped, sits far from the "
+        "start's) and decays; it cannot become infinite by construction: every input is a finite float32 sum of "
+        "log-softmax values (`mrpo_loss` refuses a non-finite one with an error), and the loss is softplus(-z) of "
+        "a finite z, at most |z| + log 2. A reported infinity needs a non-finite input, such as a half-precision "
+        "overflow, which we refuse.",
         "",
     ]
     rows = [
@@ -790,7 +800,9 @@ def lm_eval_section(results) -> list[str]:
         "## General ability (lm-eval bridge, offline tasks)",
         "",
         "`mrpo_arithmetic` (generate the result, exact match) and `mrpo_facts` (capitals and chemical symbols, four "
-        "choices): seed 0, 30% flipped labels, beta 0.1. `mrpo_facts` overlaps the training facts' topics.",
+        "choices): seed 0, 30% flipped labels, beta 0.1. These are two home-made tasks on one seed, and 22 of "
+        "mrpo_facts' 84 questions ask a fact of seed 0's training set: the table says nothing about general "
+        "ability (docs/results-teacher-study.md adds TruthfulQA-MC1).",
         "",
     ]
     rows = []
