@@ -125,10 +125,12 @@ class ReferenceConfig:
     """Hub id, local directory or .gguf file of the reference model."""
     tokenizer: str | None = None
     """Tokenizer (hub id or local directory) if not the model's own; each reference reads the text with its own."""
+    tokens: Literal["own", "policy"] = "own"
+    """Which token ids the reference scores: "own" = the text as its own tokenizer and chat template render it (the method; see docs/method.md). "policy" is a reproduction of the authors' released code (arXiv 2405.16388), never needed for training: the reference scores the policy's token ids (the policy's rendering, chat template and prompt/completion boundary). Allowed only when the reference's embedding rows (its config's vocab_size) cover every id the policy's tokenizer can produce; that makes the ids valid indices, not the vocabularies the same, so a reference of another family scores garbage text whose log-prob grows with its length. Part of the reference store's key."""
     dtype: Dtype = "auto"
     """Dtype of the forward passes: "auto" is bfloat16 on CUDA and float32 on CPU (log-probs are summed in float32)."""
     max_length: int | None = None
-    """Longest prompt + completion in this reference's tokens; null = data.max_length."""
+    """Longest prompt + completion in this reference's tokens (with tokens: policy, in the policy's tokens); null = data.max_length."""
     batch_tokens: int = 16384
     """Token budget of one precompute batch (padding included); lower it if the precompute runs out of memory."""
     hash_weights: Literal["auto", "full"] = "auto"
@@ -148,6 +150,13 @@ class ReferenceConfig:
             require_text(self, "reference", name)
         require_at_least(self, "reference", "max_length", 1)
         require_at_least(self, "reference", "batch_tokens", 1)
+        if self.tokens == "policy" and self.tokenizer is not None:
+            fail(
+                "reference",
+                "tokenizer",
+                self.tokenizer,
+                "is not read with tokens: policy (the reference scores the policy's token ids); leave it out",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/<name>-<key>/`` where ``key`` hashes
 everything that changes the numbers except the text: the model's identity and weights, the tokenizer and chat
-template (the view's fingerprint), the overflow policy and ``max_length`` when it truncates (with the default
-``overflow="drop"`` a pair is scored whole or not at all, so the limit changes no stored number), the dtype and
-``LOGPROB_CODE_VERSION``.
+template (the view's fingerprint), whose token ids it scores (its own, or the policy's: ``references[].tokens``),
+the overflow policy and ``max_length`` when it truncates (with the default ``overflow="drop"`` a pair is scored
+whole or not at all, so the limit changes no stored number), the dtype and ``LOGPROB_CODE_VERSION``.
 The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an entry ``pair_id ->
 log-probs`` can never be served for other text. A store is therefore shared by every data set, subsample and run
 that uses the same reference: adding pairs computes only the missing ones.
@@ -139,10 +139,15 @@ class StoreKey:
     overflow: str
     dtype: str
     code_version: int = LOGPROB_CODE_VERSION
+    tokens: str = "own"  # whose token ids were scored: its own or the policy's (references[].tokens)
+
+    def content(self) -> dict:
+        """What the digest hashes: ``tokens`` only when not "own", so stores older than the option keep their keys."""
+        return {name: value for name, value in asdict(self).items() if name != "tokens" or value != "own"}
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -161,7 +166,7 @@ class ReferenceStore:
         directory.mkdir(parents=True, exist_ok=True)
         key_file = directory / "key.json"
         if not key_file.exists():
-            _atomic_write_bytes(key_file, json.dumps(asdict(key), indent=2, sort_keys=True).encode())
+            _atomic_write_bytes(key_file, json.dumps(key.content(), indent=2, sort_keys=True).encode())
         store = cls(directory, key)
         store.reload()
         return store
@@ -372,6 +377,7 @@ def store_key(spec: ReferenceConfig, view: ModelView, overflow: str, device: tor
         max_length=spec.max_length if overflow == "truncate" else None,
         overflow=overflow,
         dtype=str(torch_dtype(spec.dtype, device)),
+        tokens=spec.tokens,
     )
 
 
@@ -403,6 +409,12 @@ def precompute(
     stores, reports = [], []
     for spec, view, pairs in zip(specs, views, tokenized, strict=True):
         start = time.perf_counter()
+        if spec.tokens == "policy" and state.is_main_process:
+            logger.warning(
+                "reference %r scores the policy's token ids (reproduction of the authors' code): its log-probs are "
+                "not of the text",
+                spec.name,
+            )
         key = store_key(spec, view, overflow, device)
         store = ReferenceStore.open(root, key)
         # Every process must see the same store before any of them writes to it: a process that opened it after

@@ -13,7 +13,8 @@ from typing import Any
 
 from mrpo.config import MRPOConfig, ReferenceConfig
 from mrpo.data import DataError, PairSet, load_pairs, source_identity, stream_pairs
-from mrpo.models import load_tokenizer, model_position_limit
+from mrpo.errors import ConfigError
+from mrpo.models import load_model_config, load_tokenizer, model_position_limit
 from mrpo.pairs import PairCounts, PairStream, PreferencePair, warn_identical
 from mrpo.row_rules import ROW_RULES_VERSION
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
@@ -42,7 +43,8 @@ def resolved_references(config: MRPOConfig) -> list[ReferenceConfig]:
 
 def load_views(config: MRPOConfig) -> Views:
     """The policy's and every reference's view; a tokenizer named twice (the policy and its initialising
-    reference, usually) is loaded once."""
+    reference, usually) is loaded once. A reference with ``tokens: policy`` gets a view of the policy's tokenizer
+    (so it shares the policy's tokens), once its vocabulary is checked to cover the policy's ids."""
     loaded: dict[tuple[str, str | None], Any] = {}
 
     def tokenizer_for(role: str, model: str, tokenizer: str | None):
@@ -50,17 +52,42 @@ def load_views(config: MRPOConfig) -> Views:
             loaded[model, tokenizer] = load_tokenizer(model, tokenizer, role=role)
         return loaded[model, tokenizer]
 
-    policy = ModelView(
-        tokenizer_for("policy", config.policy.model, config.policy.tokenizer), name=POLICY_VIEW
-    )
-    references = [
-        ModelView(
-            tokenizer_for(f"references.{index} ({reference.name})", reference.model, reference.tokenizer),
-            name=reference.name,
-        )
-        for index, reference in enumerate(config.references)
-    ]
+    policy_tokenizer = tokenizer_for("policy", config.policy.model, config.policy.tokenizer)
+    policy = ModelView(policy_tokenizer, name=POLICY_VIEW)
+    references = []
+    for index, reference in enumerate(config.references):
+        role = f"references.{index} ({reference.name})"
+        if reference.tokens == "policy":
+            check_vocabulary_covers_policy(index, reference, policy_tokenizer)
+            tokenizer = policy_tokenizer
+        else:
+            tokenizer = tokenizer_for(role, reference.model, reference.tokenizer)
+        references.append(ModelView(tokenizer, name=reference.name))
     return Views(policy, references)
+
+
+def check_vocabulary_covers_policy(index: int, reference: ReferenceConfig, policy_tokenizer: Any) -> None:
+    """Refuse ``tokens: policy`` unless every id the policy's tokenizer can produce is a row of the reference's
+    embedding table (an id past it is an index error deep in torch, or on CUDA a device assert). Whether the ids
+    mean the same in both vocabularies is not checked: scoring them regardless is what the switch reproduces."""
+    key = f"references.{index}.tokens"
+    model_config = load_model_config(reference.model, role=f"references.{index} ({reference.name})")
+    model_config = getattr(model_config, "text_config", None) or model_config
+    rows = getattr(model_config, "vocab_size", None)
+    policy_max_id = max(len(policy_tokenizer) - 1, max(policy_tokenizer.get_vocab().values(), default=-1))
+    if not isinstance(rows, int):
+        raise ConfigError(
+            f"'{key}' = 'policy': reference {reference.name!r} ({reference.model}) does not say its vocab_size, so "
+            "whether it can read the policy's token ids cannot be checked; use tokens: own",
+            key=key,
+        )
+    if rows <= policy_max_id:
+        raise ConfigError(
+            f"'{key}' = 'policy': reference {reference.name!r} ({reference.model}) has {rows} embedding rows but "
+            f"the policy's tokenizer produces ids up to {policy_max_id}; it cannot score the policy's token ids "
+            "(use tokens: own)",
+            key=key,
+        )
 
 
 def split_source(config: MRPOConfig, split: str) -> tuple[str, str, int | None]:
