@@ -20,6 +20,7 @@ import mrpo.models  # noqa: E402
 from mrpo.lm_eval_bridge import (  # noqa: E402
     LMEvalError,
     LMEvalNotInstalledError,
+    LMEvalResult,
     prepare_task_dir,
     resolve_lm_eval_tasks,
     run_lm_eval,
@@ -258,3 +259,34 @@ def test_truthfulqa_runs_with_plain_lm_eval_include_path(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith(f"mrpo lm-eval-tasks: error: TruthfulQA file {missing}: not found")
     assert error.count("\n") == 1
+
+
+def test_evaluate_with_truthfulqa_checks_the_file_first_then_runs_the_task(tmp_path, monkeypatch, capsys):
+    import mrpo.evaluation
+    import mrpo.lm_eval_bridge
+    import mrpo.pipeline
+    from mrpo.cli import main
+
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        f"policy: {{model: unused-model}}\ndata: {{train: unused.jsonl}}\ncache_dir: {tmp_path}\n"
+    )
+    held_out, lm_eval_calls = [], []
+    monkeypatch.setattr(mrpo.pipeline, "run_evaluate", lambda *a, **k: held_out.append(k) or ([], "out.json"))
+    monkeypatch.setattr(mrpo.evaluation, "format_table", lambda results: "held-out table")
+    monkeypatch.setattr(
+        mrpo.lm_eval_bridge,
+        "run_lm_eval",
+        lambda *a, **k: lm_eval_calls.append((a, k)) or LMEvalResult("s", "m", [], {}),
+    )
+    bad = tmp_path / "task_mc.json"
+    bad.write_text("[]")
+    assert main(["evaluate", str(config_path), "--truthfulqa", str(bad)]) == 2
+    assert f"TruthfulQA file {bad}: a JSON list, not an object" in capsys.readouterr().err
+    assert not held_out  # the file is checked before the held-out evaluation
+
+    assert main(["evaluate", str(config_path), "--truthfulqa", str(TRUTHFULQA_FIXTURE)]) == 0
+    (_, checkpoint, tasks), options = lm_eval_calls[0]
+    assert (
+        checkpoint is None and tasks == [TRUTHFULQA_TASK] and options["truthfulqa"] == str(TRUTHFULQA_FIXTURE)
+    )
