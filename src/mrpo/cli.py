@@ -145,6 +145,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUTHFULQA_HELP = (
+    "BIG-bench's truthful_qa/task_mc.json (read, never shipped): add the task mrpo_truthfulqa_mc1 (TruthfulQA "
+    "MC1, log-likelihood accuracy) on its questions"
+)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from mrpo.errors import ConfigError
     from mrpo.evaluation import format_table
@@ -165,22 +171,30 @@ def _evaluate(args: argparse.Namespace) -> int:
                 f"--no-start leaves nothing to evaluate: {config.training.output_dir} has no final model yet; "
                 "train first or give --checkpoint DIR"
             )
-    if args.lm_eval_tasks:  # fail on a missing package or an unknown task before the held-out evaluation runs
-        from mrpo.lm_eval_bridge import check_task_names, import_lm_eval
+    lm_eval_tasks = args.lm_eval_tasks or []
+    # Fail on a missing package, an unknown task or a bad TruthfulQA file before the held-out evaluation runs.
+    if lm_eval_tasks or args.truthfulqa:
+        from mrpo.lm_eval_bridge import check_task_names, import_lm_eval, resolve_lm_eval_tasks
 
         import_lm_eval()
-        if all(task.startswith("mrpo_") for task in args.lm_eval_tasks):
-            check_task_names(args.lm_eval_tasks, None)
+        lm_eval_tasks = resolve_lm_eval_tasks(lm_eval_tasks, args.truthfulqa)
+        if all(task.startswith("mrpo_") for task in lm_eval_tasks):
+            check_task_names(lm_eval_tasks, None)
     results, output = run_evaluate(config, checkpoints=checkpoints, output=args.output)
     print(format_table(results))
     print(f"\nresults: {output}")
-    if args.lm_eval_tasks:
+    if lm_eval_tasks:
         from mrpo.lm_eval_bridge import run_lm_eval
 
         for label, checkpoint in checkpoints.items():
             print(
                 run_lm_eval(
-                    config, checkpoint, args.lm_eval_tasks, label=label, limit=args.lm_eval_limit
+                    config,
+                    checkpoint,
+                    lm_eval_tasks,
+                    label=label,
+                    limit=args.lm_eval_limit,
+                    truthfulqa=args.truthfulqa,
                 ).table
             )
     return 0
@@ -218,6 +232,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="evaluate at most this many examples per lm-eval task",
     )
+    parser.add_argument("--truthfulqa", metavar="FILE", help=TRUTHFULQA_HELP + " and run it")
     parser.set_defaults(run=_evaluate)
 
 
@@ -380,15 +395,15 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _lm_eval_tasks(args: argparse.Namespace) -> int:
-    from mrpo.lm_eval_bridge import prepare_task_dir
+    from mrpo.lm_eval_bridge import prepare_task_dir, resolve_lm_eval_tasks
     from mrpo.lm_eval_tasks import SHIPPED_TASKS
 
-    directory = prepare_task_dir(args.directory)
+    directory = prepare_task_dir(args.directory, truthfulqa=args.truthfulqa)
     print(directory)
     print(
         "\nRun them with plain lm-eval, e.g.:\n"
         f"  lm_eval --model hf --model_args pretrained=MODEL[,peft=ADAPTER_DIR] --include_path {directory} "
-        f"--tasks {','.join(SHIPPED_TASKS)}",
+        f"--tasks {','.join(resolve_lm_eval_tasks(SHIPPED_TASKS, args.truthfulqa))}",
         file=sys.stderr,
     )
     return 0
@@ -402,6 +417,7 @@ def _register_lm_eval_tasks(subparsers: argparse._SubParsersAction) -> None:
         "print the folder to give lm-eval as --include_path. `mrpo evaluate --lm-eval-tasks` does this itself.",
     )
     parser.add_argument("directory", nargs="?", default=".", help="where to write them (default: .)")
+    parser.add_argument("--truthfulqa", metavar="FILE", help=TRUTHFULQA_HELP + ", written under DIRECTORY")
     parser.set_defaults(run=_lm_eval_tasks)
 
 
