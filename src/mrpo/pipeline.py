@@ -401,12 +401,21 @@ def run_evaluate(
     checkpoints: dict[str, str | None] | None = None,
     output: str | Path | None = None,
     show_progress: bool = True,
+    baseline: str | None = None,
 ):
     """Held-out metrics of each model in ``checkpoints`` (label -> checkpoint dir; None = the starting model).
 
-    By default: the starting model and, when the run has one, its final model. Writes ``eval_results.json``.
+    By default: the starting model and, when the run has one, its final model. All are scored on the same pairs, so
+    with two trained models or more each gets the paired difference of its policy preference accuracy from
+    ``baseline`` (default: "dpo" if evaluated, else the first trained model). Writes ``eval_results.json``.
     """
-    from mrpo.evaluation import evaluate_model, results_to_json
+    from mrpo.evaluation import (
+        add_paired_differences,
+        policy_correct,
+        results_to_json,
+        score_split,
+        split_metrics,
+    )
     from mrpo.models import load_for_evaluation
 
     if config.data.eval is None:
@@ -414,12 +423,40 @@ def run_evaluate(
     checkpoints = evaluation_checkpoints(config, checkpoints)
     prepared = prepare_split(config, "eval", show_progress=show_progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
+    results, correct = [], {}
     for label, checkpoint in checkpoints.items():
         model = load_for_evaluation(config, checkpoint, device)
-        source = checkpoint or config.policy.model
-        results.append(evaluate_model(model, label, source, prepared, config, show_progress=show_progress))
+        logps, tokens = score_split(model, prepared, label, show_progress=show_progress)
         del model
+        result = split_metrics(label, checkpoint or config.policy.model, prepared, config.loss, logps, tokens)
+        result.trained_pairs, result.trained_drops = trained_pair_count(checkpoint)
+        results.append(result)
+        correct[label] = policy_correct(logps)
+    trained = [label for label, checkpoint in checkpoints.items() if checkpoint is not None]
+    add_paired_differences(results, correct, trained, baseline)
     output = Path(output) if output else Path(config.training.output_dir) / EVAL_RESULTS_FILE
     results_to_json(results, config, output)
     return results, output
+
+
+def trained_pair_count(checkpoint: str | None) -> tuple[int | None, dict[str, int]]:
+    """How many pairs a checkpoint was trained on, and its train split's drops by reason, from its run's
+    ``data_summary.json`` (in the checkpoint directory or the run directory above it: final/, checkpoint-N/);
+    ``(None, {})`` for the starting model or when no readable summary is found (the count is only a note)."""
+    if checkpoint is None:
+        return None, {}
+    for directory in (Path(checkpoint), Path(checkpoint).parent):
+        path = directory / DATA_SUMMARY_FILE
+        if not path.is_file():
+            continue
+        try:
+            train = json.loads(path.read_text(encoding="utf-8"))["train"]
+            drops: dict[str, int] = {}
+            for reasons in (train.get("dropped_on_load") or {}, train.get("dropped_by_tokenization") or {}):
+                for reason, count in reasons.items():
+                    drops[reason] = drops.get(reason, 0) + int(count)
+            pairs = train["pairs_used"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, {}
+        return (pairs if isinstance(pairs, int) else None), drops
+    return None, {}
