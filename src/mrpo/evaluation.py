@@ -324,7 +324,9 @@ def format_table(results: Sequence[HeldOutMetrics]) -> str:
             )
         )
     for key, metric in METRICS.items():
-        rows.append((metric.label, [_cell(result, key, metric) for result in results]))
+        rows.append(
+            (metric.label, [metric_cell(key, r.metrics, r.intervals, r.label_aware) for r in results])
+        )
     paired = [r.paired for r in results if r.paired]
     if paired:
         baseline = paired[0]["baseline"]
@@ -340,14 +342,23 @@ def format_table(results: Sequence[HeldOutMetrics]) -> str:
     return "\n".join(lines)
 
 
-def _cell(result: HeldOutMetrics, key: str, metric: Metric) -> str:
-    text = metric.format(result.metrics[key])
-    interval = result.intervals.get(key)
-    if interval:
+def metric_cell(
+    key: str, metrics: dict[str, Any], intervals: dict[str, Any] | None, label_aware: bool
+) -> str:
+    """One metric of one model as shown: ``67.5% [62.1, 72.4]`` (a rate with its 95% interval, in %), ``+0.805``,
+    with the asterisk of the label-aware metric."""
+    metric = METRICS[key]
+    text = metric.format(metrics.get(key))
+    interval = (intervals or {}).get(key)
+    if isinstance(interval, list | tuple) and len(interval) == 2 and all(_finite(x) for x in interval):
         text += f" [{interval[0] * 100:.1f}, {interval[1] * 100:.1f}]"
-    if key == LABEL_AWARE_METRIC and result.label_aware:
+    if key == LABEL_AWARE_METRIC and label_aware:
         text += "*"
     return text
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def paired_text(paired: dict[str, Any] | None) -> str:
@@ -396,12 +407,13 @@ def paired_sentence(label: str, paired: dict[str, Any]) -> str:
 
 
 def different_pair_counts(
-    counts: Sequence[tuple[str, int | None, dict[str, int]]], done: str = "trained"
+    counts: Sequence[tuple[str, Any, dict[str, int] | None]], done: str = "trained"
 ) -> str | None:
     """A sentence when models were trained (or evaluated) on different numbers of pairs, with the drops that
     explain it: for each smaller one, the reasons that dropped more of its pairs than of the largest's.
 
-    ``counts``: (name, pairs, drops by reason); unknown counts (None) are left out. None when all agree.
+    ``counts``: (name, pairs, drops by reason, or None when not known: then no reason is given); counts that are
+    not integers are left out. None when all agree.
     """
     known = sorted(((name, n, drops) for name, n, drops in counts if isinstance(n, int)), key=lambda e: e[1])
     if len({n for _, n, _ in known}) < 2:
@@ -409,6 +421,8 @@ def different_pair_counts(
     (first, first_n, _), *rest = known
     text = f"{first} {done} on {first_n} pairs, " + ", ".join(f"{name} on {n}" for name, n, _ in rest)
     largest_n, largest_drops = known[-1][1], known[-1][2]
+    if any(drops is None for _, _, drops in known):
+        return text
     reasons = []
     for name, n, drops in known:
         if n == largest_n:
@@ -417,3 +431,14 @@ def different_pair_counts(
         why = "; ".join(f"{r}: {c}" for r, c in extra.items()) or "no counted drop explains it: other data?"
         reasons.append(f"{name} has {largest_n - n} fewer ({why})")
     return f"{text}: {'; '.join(reasons)}"
+
+
+def summary_drops(split_summary: dict[str, Any]) -> dict[str, int]:
+    """A split's drops by reason, on load and by tokenization, from a run's ``data_summary.json`` entry."""
+    drops: dict[str, int] = {}
+    for key in ("dropped_on_load", "dropped_by_tokenization"):
+        reasons = split_summary.get(key)
+        for reason, count in reasons.items() if isinstance(reasons, dict) else ():
+            if isinstance(count, int):  # a hand-edited summary's odd entry is left out, not a crash
+                drops[reason] = drops.get(reason, 0) + count
+    return drops

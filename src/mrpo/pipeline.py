@@ -443,6 +443,8 @@ def trained_pair_count(checkpoint: str | None) -> tuple[int | None, dict[str, in
     """How many pairs a checkpoint was trained on, and its train split's drops by reason, from its run's
     ``data_summary.json`` (in the checkpoint directory or the run directory above it: final/, checkpoint-N/);
     ``(None, {})`` for the starting model or when no readable summary is found (the count is only a note)."""
+    from mrpo.evaluation import summary_drops
+
     if checkpoint is None:
         return None, {}
     for directory in (Path(checkpoint), Path(checkpoint).parent):
@@ -451,10 +453,7 @@ def trained_pair_count(checkpoint: str | None) -> tuple[int | None, dict[str, in
             continue
         try:
             train = json.loads(path.read_text(encoding="utf-8"))["train"]
-            drops: dict[str, int] = {}
-            for reasons in (train.get("dropped_on_load") or {}, train.get("dropped_by_tokenization") or {}):
-                for reason, count in reasons.items():
-                    drops[reason] = drops.get(reason, 0) + int(count)
+            drops = summary_drops(train)
             pairs = train["pairs_used"]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None, {}
