@@ -232,3 +232,52 @@ def test_evaluate_several_checkpoints_writes_intervals_the_paired_difference_and
     assert (written["dpo"]["trained_pairs"], written["mrpo"]["trained_pairs"]) == (4, 3)
     table = format_table(results)
     assert "mrpo trained on 3 pairs, dpo on 4: mrpo has 1 fewer (longer than 9 tokens for gemma: 1)" in table
+
+
+def _tiny_run_config(run_setup, root, **training) -> dict:
+    return {
+        "policy": {"model": str(run_setup["llama"]), "dtype": "float32"},
+        "references": [
+            {"name": "init", "model": str(run_setup["llama"]), "dtype": "float32"},
+            {"name": "gemma", "model": str(run_setup["gemma"]), "dtype": "float32"},
+        ],
+        "data": {"train": str(run_setup["train"]), "eval": str(run_setup["train"])},
+        "training": {"output_dir": str(root / "out"), "use_cpu": True, **training},
+        "cache_dir": str(root / "cache"),
+    }
+
+
+def test_training_announces_labels_and_prints_its_held_out_evaluation(run_setup, capsys):
+    from mrpo.cli import main
+
+    root = run_setup["root"] / "train-evaluation"
+    root.mkdir()
+    training = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "save_strategy": "no",
+        "disable_tqdm": False,
+    }
+    config = _tiny_run_config(run_setup, root, **training)
+    config["data"]["max_eval_pairs"] = 3
+    (root / "config.yaml").write_text(json.dumps(config))
+    assert main(["train", str(root / "config.yaml")]) == 0
+    captured = capsys.readouterr()
+    # Before evaluating: how many pairs, and what caps them; the bar names the split, the model and the pairs.
+    assert (
+        f"evaluating the trained policy (step 2) on 3 held-out pairs of {run_setup['train']} " in captured.err
+    )
+    assert "(data.max_eval_pairs = 3 caps it)" in captured.err
+    assert "held-out eval split: 3 pairs, policy at step 2" in captured.err
+    # After: the figures it computed, in the run's terms, and how to get the comparable ones.
+    summary = next(
+        line for line in captured.out.splitlines() if line.startswith("held-out (3 pairs, step 2): ")
+    )
+    lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if "eval_loss" in line][-1]
+    assert (
+        f"loss {logged['eval_loss']:.4f}" in summary
+        and "reward accuracy" in summary
+        and "CTRO clip rate" in summary
+    )
+    assert f"mrpo evaluate {root / 'out' / 'mrpo_config.yaml'}" in captured.out

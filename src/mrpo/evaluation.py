@@ -292,6 +292,32 @@ def split_kinds(prepared) -> list[str] | None:
     return None if any(kind is None for kind in kinds) else [str(kind) for kind in kinds]
 
 
+def training_evaluation_summary(
+    metrics: dict[str, Any],
+    pairs: int,
+    step: int,
+    loss: LossConfig,
+    num_references: int,
+    config_file: str | Path,
+) -> str:
+    """What the Trainer's evaluation at the end of training measured, in two lines: its loss and implicit rewards
+    against the run's own virtual reference (``mrpo evaluate`` gives the comparable policy accuracies)."""
+    reward = METRICS["reward_accuracy_virtual"].format(metrics.get("eval_rewards/accuracies"))
+    parts = [
+        f"loss {metrics['eval_loss']:.4f}" if _finite(metrics.get("eval_loss")) else "loss —",
+        f"reward accuracy {reward}" + ("*" if is_label_aware(loss, num_references) else ""),
+        f"reward margin {METRICS['reward_margin_virtual'].format(metrics.get('eval_rewards/margins'))}",
+    ]
+    if num_references > 1:
+        parts.append(f"CTRO clip rate {METRICS['clip_rate'].format(metrics.get('eval_ctro/clip_rate'))}")
+    first = f"held-out ({pairs} pairs, step {step}): " + ", ".join(parts)
+    note = f"* {LABEL_AWARE_NOTE} " if is_label_aware(loss, num_references) else ""
+    evaluate = (
+        f"policy accuracies with 95% intervals, into the run for mrpo report: mrpo evaluate {config_file}"
+    )
+    return f"{first}\n{note}For {evaluate}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output: JSON and a terminal table
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -246,6 +247,8 @@ class TrainResult:
     merged_model_dir: Path | None
     train_metrics: dict[str, Any]
     eval_metrics: dict[str, Any] | None
+    eval_summary: str | None = None
+    """The end-of-training held-out figures in a line or two (``evaluation.training_evaluation_summary``)."""
 
 
 def run_train(
@@ -260,6 +263,7 @@ def run_train(
     A fresh run refuses a directory that holds another run unless ``overwrite`` (which clears what that run wrote);
     a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
     """
+    from mrpo.evaluation import training_evaluation_summary
     from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
     from mrpo.training_section import effective_training_arguments
 
@@ -319,6 +323,8 @@ def run_train(
         loss=config.loss,
         callbacks=callbacks,
     )
+    if eval_split is not None:
+        _label_evaluation_bar(trainer, len(eval_split.dataset))
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except KeyboardInterrupt:
@@ -327,12 +333,52 @@ def run_train(
         raise TrainingInterrupted(
             f"interrupted at step {trainer.state.global_step} ({where})", step=trainer.state.global_step
         ) from None
-    eval_metrics = trainer.evaluate() if eval_split is not None else None
+    eval_metrics = eval_summary = None
+    if eval_split is not None:
+        if show_progress and trainer.is_world_process_zero():
+            print(
+                _evaluation_notice(config, len(eval_split.dataset), trainer.state.global_step),
+                file=sys.stderr,
+            )
+        eval_metrics = trainer.evaluate()
+        eval_summary = training_evaluation_summary(
+            eval_metrics,
+            len(eval_split.dataset),
+            trainer.state.global_step,
+            config.loss,
+            len(config.references),
+            output_dir / CONFIG_FILE,
+        )
     final_dir, merged_dir = save_final_model(trainer, config, views, output_dir)
     if trainer.is_world_process_zero():
         summary = json.loads((output_dir / DATA_SUMMARY_FILE).read_text(encoding="utf-8"))
         write_model_card(output_dir, config.to_dict(), summary)
-    return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
+    return TrainResult(
+        output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics, eval_summary
+    )
+
+
+def _label_evaluation_bar(trainer, pairs: int) -> None:
+    """The Trainer's unlabelled evaluation bar, replaced by one that names the split, the model and the pairs."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from mrpo.trainer import HeldOutProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:  # absent with disable_tqdm or in a notebook
+        trainer.add_callback(HeldOutProgressCallback(pairs))
+
+
+def _evaluation_notice(config: MRPOConfig, pairs: int, step: int) -> str:
+    """Said before the end-of-training evaluation, which can take longer than a short run's training."""
+    cap = config.data.max_eval_pairs
+    how = (
+        f"data.max_eval_pairs = {cap} caps it"
+        if cap is not None
+        else "all of them: set data.max_eval_pairs to evaluate fewer, or leave data.eval unset to skip this"
+    )
+    return (
+        f"evaluating the trained policy (step {step}) on {pairs} held-out pairs of {config.data.eval} ({how})"
+    )
 
 
 def save_final_model(trainer, config: MRPOConfig, views: Views, output_dir: Path) -> tuple[Path, Path | None]:

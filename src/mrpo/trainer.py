@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 from mrpo.config import DiagnosticsConfig, LossConfig
 from mrpo.errors import ConfigError, TrainingError
@@ -281,6 +283,28 @@ class JsonlMetricsCallback(TrainerCallback):
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+class HeldOutProgressCallback(ProgressCallback):
+    """The Trainer's progress bars, with the evaluation bar saying what it evaluates -- the held-out split, the
+    policy at its current step, how many pairs -- where the Trainer's own bar counts unlabelled batches."""
+
+    def __init__(self, pairs: int, split: str = "eval split"):
+        super().__init__()
+        self.pairs, self.split = pairs, split
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.prediction_bar is None and state.is_world_process_zero and has_length(eval_dataloader):
+            from tqdm.auto import tqdm
+
+            self.prediction_bar = tqdm(
+                total=len(eval_dataloader),
+                leave=self.training_bar is None,
+                dynamic_ncols=True,
+                unit="batch",
+                desc=f"held-out {self.split}: {self.pairs} pairs, policy at step {state.global_step}",
+            )
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
