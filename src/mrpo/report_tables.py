@@ -89,7 +89,10 @@ def held_out_section(runs: Sequence[Run], models: Sequence[HeldOutModel], plotte
     if missing:
         lines.append("")
     lines += _training_eval_lines([run for run in missing if run.eval])
-    return lines + (_held_out_table(models, plotted) if models else [])
+    if not models:
+        return lines
+    caption = [f"The other runs, from `mrpo evaluate` ({EVAL_RESULTS_FILE}):", ""] if missing else []
+    return lines + caption + _held_out_table(models, plotted)
 
 
 def _evaluate_hint(run: Run) -> str:
