@@ -1,12 +1,30 @@
-"""Held-out metrics on hand-made log-probs with known answers, and the label-aware flag."""
+"""Held-out metrics on hand-made log-probs with known answers, the label-aware flag, the rates' intervals, the
+paired difference between trained models, and `mrpo evaluate` end to end on tiny models."""
 
+import json
 import math
 
 import pytest
 import torch
 
+from mrpo.audit import wilson_interval
 from mrpo.config import LossConfig
-from mrpo.evaluation import HeldOutMetrics, compute_metrics, format_table, is_label_aware
+from mrpo.evaluation import (
+    HeldOutMetrics,
+    add_paired_differences,
+    compute_metrics,
+    different_pair_counts,
+    format_table,
+    is_label_aware,
+    paired_difference,
+    rate_intervals,
+)
+from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
+
+KEYS = (
+    "policy_accuracy", "policy_accuracy_per_token", "reward_accuracy_initialising", "reward_accuracy_virtual",
+    "policy_margin", "reward_margin_initialising", "reward_margin_virtual", "clip_rate",
+)  # fmt: skip
 
 
 def t(*values):
@@ -95,3 +113,171 @@ def test_adaptive_clip_makes_the_start_look_better_than_it_is():
     assert metrics["reward_margin_initialising"] == 0.0
     assert metrics["clip_rate"] > 0.9
     assert metrics["reward_accuracy_virtual"] > 0.0  # the label leaks through the adaptive eps split
+
+
+def test_rates_get_wilson_intervals_and_the_clip_rate_none():
+    metrics = {**dict.fromkeys(KEYS, 0.25), "policy_accuracy": 0.75, "policy_margin": 0.1}
+    intervals = rate_intervals(metrics, 40)
+    assert intervals["policy_accuracy"] == list(wilson_interval(30, 40))
+    assert intervals["reward_accuracy_virtual"] == list(wilson_interval(10, 40))
+    assert set(intervals) == {"policy_accuracy", "policy_accuracy_per_token", "reward_accuracy_initialising",
+                              "reward_accuracy_virtual"}  # fmt: skip
+    low, high = wilson_interval(30, 40)
+    table = format_table([HeldOutMetrics("run", "m", 40, metrics, False, intervals=intervals)])
+    assert f"75.0% [{low * 100:.1f}, {high * 100:.1f}]" in table and "95% Wilson interval" in table
+    clip_line = next(line for line in table.splitlines() if line.startswith("CTRO clip rate"))
+    assert "[" not in clip_line
+
+
+def test_paired_difference_is_the_mean_per_pair_difference_with_a_normal_interval():
+    model = torch.tensor([True, True, False, True, False, True])
+    baseline = torch.tensor([True, False, False, True, True, False])
+    paired = paired_difference(model, baseline, "dpo")
+    # per pair: 0, +1, 0, 0, -1, +1 -> mean 1/6; sample sd over 6 pairs
+    differences = [0, 1, 0, 0, -1, 1]
+    mean = sum(differences) / 6
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 5)
+    assert paired["difference"] == pytest.approx(mean)
+    assert paired["low"] == pytest.approx(mean - 1.959964 * sd / math.sqrt(6), abs=1e-6)
+    assert paired["high"] == pytest.approx(mean + 1.959964 * sd / math.sqrt(6), abs=1e-6)
+    assert (paired["better"], paired["worse"], paired["pairs"], paired["baseline"]) == (2, 1, 6, "dpo")
+
+
+def test_trained_models_are_paired_against_dpo_and_the_table_says_what_it_means():
+    results = [
+        HeldOutMetrics(label, "m", 4, dict.fromkeys(KEYS, 0.5), False) for label in ("start", "mrpo", "dpo")
+    ]
+    correct = {
+        "start": torch.tensor([False, False, True, False]),
+        "mrpo": torch.tensor([True, True, True, True]),
+        "dpo": torch.tensor([True, False, True, False]),
+    }
+    assert add_paired_differences(results, correct, ["mrpo", "dpo"]) == "dpo"  # "dpo" wins over the first
+    start, mrpo, dpo = results
+    assert start.paired is None and dpo.paired is None
+    assert mrpo.paired["difference"] == pytest.approx(0.5) and mrpo.paired["better"] == 2
+    table = format_table(results)
+    row = next(line for line in table.splitlines() if line.startswith("Δ policy pref. acc. vs dpo (pts)"))
+    assert row.split()[-1] == "baseline" and "+50.0 [" in row
+    assert (
+        "Δ mrpo − dpo: +50.0 [" in table and "points over 4 shared pairs" in table and "1.96·sd/√n" in table
+    )
+    # No "dpo": the first trained model; a single trained model has nothing to pair with.
+    assert add_paired_differences(results[:2], correct, ["mrpo"]) is None
+    with pytest.raises(Exception, match="baseline 'sft' is not among the evaluated models"):
+        add_paired_differences(results, correct, ["mrpo", "dpo"], baseline="sft")
+
+
+def test_different_training_pair_counts_are_said_with_the_drops_that_explain_them():
+    counts = [
+        ("dpo", 178, {"longer than 512 tokens for policy": 3}),
+        ("mrpo", 176, {"longer than 512 tokens for policy": 3, "longer than 512 tokens for ref3": 2}),
+        ("start", None, {}),
+    ]
+    assert different_pair_counts(counts) == (
+        "mrpo trained on 176 pairs, dpo on 178: mrpo has 2 fewer (longer than 512 tokens for ref3: 2)"
+    )
+    assert different_pair_counts([("a", 10, {}), ("b", 10, {})]) is None
+    results = [
+        HeldOutMetrics(label, "m", 4, dict.fromkeys(KEYS, 0.5), False, trained_pairs=n, trained_drops=drops)
+        for label, n, drops in counts
+    ]
+    table = format_table(results)
+    assert "trained on (pairs)" in table and "Not the same training data: mrpo trained on 176 pairs" in table
+
+
+def test_evaluate_several_checkpoints_writes_intervals_the_paired_difference_and_pair_counts(
+    run_setup, capsys
+):
+    from mrpo.config import load_config
+    from mrpo.pipeline import run_evaluate
+
+    root = run_setup["root"] / "evaluate-paired"
+    checkpoints = {}
+    for label, seed, used in (("dpo", 1, 4), ("mrpo", 2, 3)):
+        save_model_dir(tiny_llama(seed=seed), bpe_tokenizer(), root / label / "final")
+        summary = {
+            "train": {
+                "pairs_used": used,
+                "dropped_by_tokenization": {"longer than 9 tokens for gemma": 4 - used},
+            }
+        }
+        (root / label / "data_summary.json").write_text(json.dumps(summary))
+        checkpoints[label] = str(root / label / "final")
+    config_path = root / "config.yaml"
+    config_path.write_text(
+        json.dumps(
+            {
+                "policy": {"model": str(run_setup["llama"]), "dtype": "float32"},
+                "references": [
+                    {"name": "init", "model": str(run_setup["llama"]), "dtype": "float32"},
+                    {"name": "gemma", "model": str(run_setup["gemma"]), "dtype": "float32"},
+                ],
+                "data": {"train": str(run_setup["train"]), "eval": str(run_setup["train"])},
+                "training": {"output_dir": str(root / "out")},
+                "cache_dir": str(root / "cache"),
+            }
+        )
+    )
+    config = load_config(config_path)
+    results, output = run_evaluate(config, checkpoints={"start": None, **checkpoints}, show_progress=False)
+    written = {model["label"]: model for model in json.loads(output.read_text())["models"]}
+    assert written["start"]["paired"] is None and written["dpo"]["paired"] is None
+    paired = written["mrpo"]["paired"]
+    assert paired["baseline"] == "dpo" and paired["pairs"] == 4 and "1.96" in paired["method"]
+    assert paired["difference"] == pytest.approx(written["mrpo"]["metrics"]["policy_accuracy"]
+                                                 - written["dpo"]["metrics"]["policy_accuracy"])  # fmt: skip
+    low, high = written["dpo"]["intervals"]["policy_accuracy"]
+    assert low <= written["dpo"]["metrics"]["policy_accuracy"] <= high
+    assert (written["dpo"]["trained_pairs"], written["mrpo"]["trained_pairs"]) == (4, 3)
+    table = format_table(results)
+    assert "mrpo trained on 3 pairs, dpo on 4: mrpo has 1 fewer (longer than 9 tokens for gemma: 1)" in table
+
+
+def _tiny_run_config(run_setup, root, **training) -> dict:
+    return {
+        "policy": {"model": str(run_setup["llama"]), "dtype": "float32"},
+        "references": [
+            {"name": "init", "model": str(run_setup["llama"]), "dtype": "float32"},
+            {"name": "gemma", "model": str(run_setup["gemma"]), "dtype": "float32"},
+        ],
+        "data": {"train": str(run_setup["train"]), "eval": str(run_setup["train"])},
+        "training": {"output_dir": str(root / "out"), "use_cpu": True, **training},
+        "cache_dir": str(root / "cache"),
+    }
+
+
+def test_training_announces_labels_and_prints_its_held_out_evaluation(run_setup, capsys):
+    from mrpo.cli import main
+
+    root = run_setup["root"] / "train-evaluation"
+    root.mkdir()
+    training = {
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "save_strategy": "no",
+        "disable_tqdm": False,
+    }
+    config = _tiny_run_config(run_setup, root, **training)
+    config["data"]["max_eval_pairs"] = 3
+    (root / "config.yaml").write_text(json.dumps(config))
+    assert main(["train", str(root / "config.yaml")]) == 0
+    captured = capsys.readouterr()
+    # Before evaluating: how many pairs, and what caps them; the bar names the split, the model and the pairs.
+    assert (
+        f"evaluating the trained policy (step 2) on 3 held-out pairs of {run_setup['train']} " in captured.err
+    )
+    assert "(data.max_eval_pairs = 3 caps it)" in captured.err
+    assert "held-out eval split: 3 pairs, policy at step 2" in captured.err
+    # After: the figures it computed, in the run's terms, and how to get the comparable ones.
+    summary = next(
+        line for line in captured.out.splitlines() if line.startswith("held-out (3 pairs, step 2): ")
+    )
+    lines = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if "eval_loss" in line][-1]
+    assert (
+        f"loss {logged['eval_loss']:.4f}" in summary
+        and "reward accuracy" in summary
+        and "CTRO clip rate" in summary
+    )
+    assert f"mrpo evaluate {root / 'out' / 'mrpo_config.yaml'}" in captured.out

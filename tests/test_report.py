@@ -8,7 +8,7 @@ import yaml
 
 from mrpo.cli import main
 from mrpo.errors import ReportError
-from mrpo.report import CLIP_RATE_WARNING, held_out_models, write_report
+from mrpo.report import CLIP_AWAY, CLIP_PARTLY, clip_severity, held_out_models, write_report
 from mrpo.rundir import load_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,13 +71,26 @@ def _model_result(label: str, policy_accuracy: float, label_aware: bool) -> dict
     }
 
 
-def write_fake_run(directory, *, name="mrpo", clip_rate=0.9, accuracy_offset=0.0, trained_accuracy=0.675):
+def write_fake_run(
+    directory,
+    *,
+    name="mrpo",
+    clip_rate=0.9,
+    accuracy_offset=0.0,
+    trained_accuracy=0.675,
+    references=2,
+    evaluated=True,
+    pairs_used=123,
+    tokenization_drops=None,
+):
     directory.mkdir(parents=True)
     metrics = _metrics_lines(clip_rate, accuracy_offset)
     (directory / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in metrics))
+    known = [{"name": "init", "model": "models/start"}, {"name": "gemma", "model": "models/gemma"},
+             {"name": "qwen", "model": "models/qwen"}]  # fmt: skip
     config = {
         "policy": {"model": "models/start"},
-        "references": [{"name": "init", "model": "models/start"}, {"name": "gemma", "model": "models/gemma"}],
+        "references": known[:references],
         "data": {"train": "pairs.jsonl"},
         "loss": {"beta": 0.1, "clip": "adaptive", "eps": 0.1},
         "lora": {"enabled": True},
@@ -90,20 +103,25 @@ def write_fake_run(directory, *, name="mrpo", clip_rate=0.9, accuracy_offset=0.0
                     "source": "pairs.jsonl",
                     "rows_read": 130,
                     "pairs_loaded": 128,
-                    "pairs_used": 123,
+                    "pairs_used": pairs_used,
                     "dropped_on_load": {"identical": 2},
-                    "dropped_by_tokenization": {"too_long": 5},
+                    "dropped_by_tokenization": tokenization_drops or {"too_long": 5},
                 }
             }
         )
     )
+    label_aware = references > 1
     results = {
         "split": {"source": "eval.jsonl", "split": "test"},
-        "references": ["init", "gemma"],
+        "references": [reference["name"] for reference in config["references"]],
         "loss": config["loss"],
-        "models": [_model_result("start", 0.5, True), _model_result(name, trained_accuracy, True)],
+        "models": [
+            _model_result("start", 0.5, label_aware),
+            _model_result(name, trained_accuracy, label_aware),
+        ],
     }
-    (directory / "eval_results.json").write_text(json.dumps(results))
+    if evaluated:
+        (directory / "eval_results.json").write_text(json.dumps(results))
     return directory
 
 
@@ -126,9 +144,9 @@ def test_one_run_writes_plots_and_summary(tmp_path):
         assert_valid_png(run / name)
     text = report.read_text()
     # The clip rate comes before everything else, and a rate above the threshold is called out.
-    assert 0.9 > CLIP_RATE_WARNING
     assert text.index("clip rate") < text.index("## Training curves") < text.index("## Held-out metrics")
-    assert "**90.0%**" in text and "DPO in disguise" in text
+    assert "**90.0%** | clipped away: this run is DPO against the initialising reference |" in text
+    assert "⚠️ **mrpo: CTRO clipped 90% of the external references' log-probs" in text
     # Final and best train/eval numbers, with the step of the best.
     assert "| loss | 0.55 | 0.55 (step 3) | 0.66 | 0.66 (step 3) |" in text
     assert "| reward accuracy | 80.0% | 80.0% (step 3) | 70.0% | 70.0% (step 3) |" in text
@@ -164,7 +182,8 @@ def test_two_runs_share_plots_and_the_start_model_once(tmp_path):
     text = report.read_text()
     assert "| metric | start | dpo | mrpo |" in text
     assert "### dpo" in text and "### mrpo" in text
-    assert "DPO in disguise" not in text  # both mean clip rates are below the threshold
+    assert "CTRO clipped" not in text  # both mean clip rates are in the lowest band: no warning
+    assert "**20.0%** | enters the loss |" in text
 
 
 def test_comparison_plots_draw_one_line_per_run(tmp_path, monkeypatch):
@@ -233,7 +252,8 @@ def test_optional_files_may_be_missing_and_a_torn_last_line_is_skipped(tmp_path)
     with pytest.warns(UserWarning, match="unfinished last line"):
         report = write_report([run], tmp_path / "out")
     text = report.read_text()
-    assert "No run has an eval_results.json" in text and "no data_summary.json" in text
+    assert "- `bare`: no held-out results (no eval_results.json in" in text and "no data_summary.json" in text
+    assert "run `mrpo evaluate CONFIG --checkpoint bare=" in text
     assert "skipped the unfinished last line 4" in text and "Not finished" in text
     assert not (tmp_path / "out" / "heldout.png").exists()
     assert_valid_png(tmp_path / "out" / "loss.png")
@@ -309,3 +329,90 @@ def test_report_shows_the_audit_and_marks_live_warnings_on_the_curves(tmp_path, 
     assert audit.verdict[0] in text
     assert "## Live diagnostics" in text and "| mrpo | 2 | clip_saturation |" in text
     assert drawn and set(drawn) == {2}  # the warning's step, on every panel that was drawn
+
+
+def test_clip_rate_has_one_scale_of_severity(tmp_path):
+    assert (CLIP_PARTLY, CLIP_AWAY) == (0.25, 0.9)
+    assert clip_severity(0.0) == clip_severity(0.2499) == "enters the loss"
+    assert clip_severity(0.25) == clip_severity(0.67) == "enters the loss only partly"
+    away = "clipped away: this run is DPO against the initialising reference"
+    assert clip_severity(0.9) == clip_severity(1.0) == away
+    text = write_report([write_fake_run(tmp_path / "mrpo", clip_rate=0.67)]).read_text()
+    assert "**67.0%** | enters the loss only partly |" in text
+    assert (
+        "**mrpo: CTRO clipped 67% of the external references' log-probs on average (train) — enters the loss only "
+        "partly.**" in text
+    )
+    assert "⚠️ **mrpo" not in text and "DPO in disguise" not in text
+
+
+def test_a_k1_run_shows_no_ctro_or_alpha_figures(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = {}
+    original_savefig = Figure.savefig
+
+    def recording_savefig(figure, path, **kwargs):
+        saved[path.name] = figure
+        return original_savefig(figure, path, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    # A run from before K = 1 stopped logging them: its metrics.jsonl still holds alpha/ref1 and ctro/*.
+    dpo = write_fake_run(tmp_path / "dpo", name="dpo", clip_rate=0.0, references=1)
+    mrpo = write_fake_run(tmp_path / "mrpo", clip_rate=0.5)
+    text = write_report([dpo, mrpo], tmp_path / "out").read_text()
+    clip_section = text[: text.index("## Live diagnostics")]
+    assert "- `dpo`: K = 1: DPO (one reference: no CTRO, no alpha)." in clip_section
+    assert "| dpo |" not in clip_section and "| mrpo | 2 | adaptive | **50.0%** |" in clip_section
+    dpo_section = text[text.index("### dpo") : text.index("### mrpo")]
+    for figure in ("CTRO clip rate", "alpha ref", "eps chosen"):
+        assert figure not in dpo_section
+    assert "| metric | dpo/start | dpo | mrpo/start | mrpo |" in text
+    assert "| CTRO clip rate | — (K = 1) | — (K = 1) | 80.0% | 80.0% |" in text
+    drawn = [
+        line.get_label()
+        for name in ("ctro.png", "alpha.png")
+        for ax in saved[name].axes
+        for line in ax.get_lines()
+    ]
+    assert drawn and not any(label.startswith("dpo") for label in drawn)
+
+
+def test_a_run_without_eval_results_says_what_to_run_and_shows_its_training_evaluation(tmp_path):
+    run = write_fake_run(tmp_path / "mrpo", evaluated=False)
+    text = write_report([run]).read_text()
+    held_out = text[text.index("## Held-out metrics") : text.index("## Runs")]
+    command = (
+        f"`mrpo evaluate {run / 'mrpo_config.yaml'} --checkpoint mrpo={run / 'final'} "
+        f"--output {run / 'eval_results.json'}`"
+    )
+    assert (
+        f"- `mrpo`: no held-out results (no eval_results.json in `{run}`): run {command} (no final/ yet"
+        in held_out
+    )
+    # The training's own evaluation (metrics.jsonl's last eval line) is shown meanwhile, label-aware marked.
+    assert "| step | 3 |" in held_out and "| eval loss | 0.66 |" in held_out
+    assert "| reward accuracy | 70.0%* |" in held_out and "| CTRO clip rate | 90.0% |" in held_out
+    assert "label-aware" in held_out
+
+
+def test_held_out_table_shows_intervals_the_paired_difference_and_different_pair_counts(tmp_path):
+    dpo = write_fake_run(tmp_path / "dpo", name="dpo", clip_rate=0.0, trained_accuracy=0.6, pairs_used=178)
+    drops = {"too_long": 5, "longer than 64 tokens for qwen": 2}
+    mrpo = write_fake_run(tmp_path / "mrpo", pairs_used=176, tokenization_drops=drops)
+    results = json.loads((mrpo / "eval_results.json").read_text())
+    results["models"][1]["intervals"] = {"policy_accuracy": [0.52, 0.80]}
+    results["models"][1]["paired"] = {"baseline": "dpo", "metric": "policy_accuracy", "pairs": 40, "difference": 0.075,
+                                      "low": -0.01, "high": 0.16, "better": 5, "worse": 2, "method": "m"}  # fmt: skip
+    results["models"][1]["pairs"] = 38
+    (mrpo / "eval_results.json").write_text(json.dumps(results))
+    text = write_report([dpo, mrpo], tmp_path / "out").read_text()
+    assert (
+        "> ⚠️ **Not the same train pairs:** mrpo trained on 176 pairs, dpo on 178: mrpo has 2 fewer (longer than "
+        "64 tokens for qwen: 2)." in text
+    )
+    assert "| policy pref. acc. (pw > pl) | 50.0% | 60.0% | 67.5% [52.0, 80.0] |" in text
+    assert "| Δ policy pref. acc. vs baseline (pts) | — | — | +7.5 [-1.0, +16.0] |" in text
+    assert "Δ mrpo − dpo: +7.5 [-1.0, +16.0] points over 40 shared pairs" in text
+    assert "no evidence of a difference" in text
+    assert "Not the same held-out pairs: mrpo evaluated on 38 pairs, start on 40, dpo on 40" in text

@@ -40,12 +40,14 @@ SPEC_METRICS = (
 
 
 def spec_metric_names(num_references: int) -> list[str]:
+    """The logged §5 metrics; at K = 1 without alpha (1 by construction) and CTRO (nothing to clip)."""
     per_reference = [
         f"{name}{k}{suffix}"
         for k in range(1, num_references + 1)
         for name, suffix in (("ref", "/margin"), ("ref", "/accuracy"), ("alpha/ref", ""))
     ]
-    return [*SPEC_METRICS, *per_reference]
+    names = [*SPEC_METRICS, *per_reference]
+    return names if num_references > 1 else [n for n in names if not n.startswith(("alpha/", "ctro/"))]
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +392,16 @@ def test_logged_metrics_are_means_of_per_pair_statistics_over_the_logging_window
     for entry in logs:
         assert entry["alpha/ref1"] + entry["alpha/ref2"] == pytest.approx(1.0, abs=1e-6)
         assert 0.0 <= entry["ctro/clip_rate"] <= 1.0
+
+
+def test_k1_logs_neither_alpha_nor_ctro(dataset, workdir):
+    # At K = 1 alpha/ref1 is 1 and CTRO has nothing to clip: logged, they would only look like findings.
+    args = setup.training_arguments(workdir / "k1-logs", max_steps=1)
+    trainer = setup.make_trainer(tiny_llama().train(), dataset, args, eval_dataset=dataset)
+    trainer.train()
+    logged = set(train_logs(trainer)[0]) | set(trainer.evaluate())
+    assert {"ref1/margin", "ref1/accuracy", "eval_ref1/accuracy", "rewards/accuracies"} <= logged
+    assert sorted(key for key in logged if "alpha/" in key or "ctro/" in key) == []
 
 
 def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, workdir):

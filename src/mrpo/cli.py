@@ -142,6 +142,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"final model:     {result.final_model_dir}")
     if result.merged_model_dir:
         print(f"merged model:    {result.merged_model_dir}")
+    if result.eval_summary:
+        print(result.eval_summary)
     return 0
 
 

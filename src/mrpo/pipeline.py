@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -246,6 +247,8 @@ class TrainResult:
     merged_model_dir: Path | None
     train_metrics: dict[str, Any]
     eval_metrics: dict[str, Any] | None
+    eval_summary: str | None = None
+    """The end-of-training held-out figures in a line or two (``evaluation.training_evaluation_summary``)."""
 
 
 def run_train(
@@ -260,6 +263,7 @@ def run_train(
     A fresh run refuses a directory that holds another run unless ``overwrite`` (which clears what that run wrote);
     a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
     """
+    from mrpo.evaluation import training_evaluation_summary
     from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
     from mrpo.training_section import effective_training_arguments
 
@@ -319,6 +323,8 @@ def run_train(
         loss=config.loss,
         callbacks=callbacks,
     )
+    if eval_split is not None:
+        _label_evaluation_bar(trainer, len(eval_split.dataset))
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except KeyboardInterrupt:
@@ -327,12 +333,52 @@ def run_train(
         raise TrainingInterrupted(
             f"interrupted at step {trainer.state.global_step} ({where})", step=trainer.state.global_step
         ) from None
-    eval_metrics = trainer.evaluate() if eval_split is not None else None
+    eval_metrics = eval_summary = None
+    if eval_split is not None:
+        if show_progress and trainer.is_world_process_zero():
+            print(
+                _evaluation_notice(config, len(eval_split.dataset), trainer.state.global_step),
+                file=sys.stderr,
+            )
+        eval_metrics = trainer.evaluate()
+        eval_summary = training_evaluation_summary(
+            eval_metrics,
+            len(eval_split.dataset),
+            trainer.state.global_step,
+            config.loss,
+            len(config.references),
+            output_dir / CONFIG_FILE,
+        )
     final_dir, merged_dir = save_final_model(trainer, config, views, output_dir)
     if trainer.is_world_process_zero():
         summary = json.loads((output_dir / DATA_SUMMARY_FILE).read_text(encoding="utf-8"))
         write_model_card(output_dir, config.to_dict(), summary)
-    return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
+    return TrainResult(
+        output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics, eval_summary
+    )
+
+
+def _label_evaluation_bar(trainer, pairs: int) -> None:
+    """The Trainer's unlabelled evaluation bar, replaced by one that names the split, the model and the pairs."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from mrpo.trainer import HeldOutProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:  # absent with disable_tqdm or in a notebook
+        trainer.add_callback(HeldOutProgressCallback(pairs))
+
+
+def _evaluation_notice(config: MRPOConfig, pairs: int, step: int) -> str:
+    """Said before the end-of-training evaluation, which can take longer than a short run's training."""
+    cap = config.data.max_eval_pairs
+    how = (
+        f"data.max_eval_pairs = {cap} caps it"
+        if cap is not None
+        else "all of them: set data.max_eval_pairs to evaluate fewer, or leave data.eval unset to skip this"
+    )
+    return (
+        f"evaluating the trained policy (step {step}) on {pairs} held-out pairs of {config.data.eval} ({how})"
+    )
 
 
 def save_final_model(trainer, config: MRPOConfig, views: Views, output_dir: Path) -> tuple[Path, Path | None]:
@@ -401,12 +447,21 @@ def run_evaluate(
     checkpoints: dict[str, str | None] | None = None,
     output: str | Path | None = None,
     show_progress: bool = True,
+    baseline: str | None = None,
 ):
     """Held-out metrics of each model in ``checkpoints`` (label -> checkpoint dir; None = the starting model).
 
-    By default: the starting model and, when the run has one, its final model. Writes ``eval_results.json``.
+    By default: the starting model and, when the run has one, its final model. All are scored on the same pairs, so
+    with two trained models or more each gets the paired difference of its policy preference accuracy from
+    ``baseline`` (default: "dpo" if evaluated, else the first trained model). Writes ``eval_results.json``.
     """
-    from mrpo.evaluation import evaluate_model, results_to_json
+    from mrpo.evaluation import (
+        add_paired_differences,
+        policy_correct,
+        results_to_json,
+        score_split,
+        split_metrics,
+    )
     from mrpo.models import load_for_evaluation
 
     if config.data.eval is None:
@@ -414,12 +469,39 @@ def run_evaluate(
     checkpoints = evaluation_checkpoints(config, checkpoints)
     prepared = prepare_split(config, "eval", show_progress=show_progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
+    results, correct = [], {}
     for label, checkpoint in checkpoints.items():
         model = load_for_evaluation(config, checkpoint, device)
-        source = checkpoint or config.policy.model
-        results.append(evaluate_model(model, label, source, prepared, config, show_progress=show_progress))
+        logps, tokens = score_split(model, prepared, label, show_progress=show_progress)
         del model
+        result = split_metrics(label, checkpoint or config.policy.model, prepared, config.loss, logps, tokens)
+        result.trained_pairs, result.trained_drops = trained_pair_count(checkpoint)
+        results.append(result)
+        correct[label] = policy_correct(logps)
+    trained = [label for label, checkpoint in checkpoints.items() if checkpoint is not None]
+    add_paired_differences(results, correct, trained, baseline)
     output = Path(output) if output else Path(config.training.output_dir) / EVAL_RESULTS_FILE
     results_to_json(results, config, output)
     return results, output
+
+
+def trained_pair_count(checkpoint: str | None) -> tuple[int | None, dict[str, int]]:
+    """How many pairs a checkpoint was trained on, and its train split's drops by reason, from its run's
+    ``data_summary.json`` (in the checkpoint directory or the run directory above it: final/, checkpoint-N/);
+    ``(None, {})`` for the starting model or when no readable summary is found (the count is only a note)."""
+    from mrpo.evaluation import summary_drops
+
+    if checkpoint is None:
+        return None, {}
+    for directory in (Path(checkpoint), Path(checkpoint).parent):
+        path = directory / DATA_SUMMARY_FILE
+        if not path.is_file():
+            continue
+        try:
+            train = json.loads(path.read_text(encoding="utf-8"))["train"]
+            drops = summary_drops(train)
+            pairs = train["pairs_used"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, {}
+        return (pairs if isinstance(pairs, int) else None), drops
+    return None, {}

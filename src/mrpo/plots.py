@@ -31,6 +31,11 @@ class Panel:
     curves: list[Curve]
     unit_interval: bool = False
     """Values are rates in [0, 1]."""
+    multi_reference: bool = False
+    """Drawn only for runs with more than one reference: at K = 1 (DPO) alpha is 1 and CTRO has nothing to clip."""
+
+    def shows(self, run: Run) -> bool:
+        return not (self.multi_reference and run.num_references == 1)
 
 
 def _figure(panels: int):
@@ -45,7 +50,11 @@ def _figure(panels: int):
 
 def plot_curves(runs: Sequence[Run], panels: Sequence[Panel], path: Path, title: str) -> bool:
     """Draw each panel's curves for every run (colour = run, line style = curve); False if nothing was logged."""
-    panels = [panel for panel in panels if any(run.has(curve.key) for run in runs for curve in panel.curves)]
+    panels = [
+        panel
+        for panel in panels
+        if any(panel.shows(run) and run.has(curve.key) for run in runs for curve in panel.curves)
+    ]
     if not panels:
         return False
     from matplotlib.ticker import MaxNLocator
@@ -55,7 +64,7 @@ def plot_curves(runs: Sequence[Run], panels: Sequence[Panel], path: Path, title:
     for ax, panel in zip(axes, panels, strict=True):
         for index, run in enumerate(runs):
             for curve in panel.curves:
-                steps, values = run.series(curve.key)
+                steps, values = run.series(curve.key) if panel.shows(run) else ([], [])
                 if not steps:
                     continue
                 label = curve.label if len(runs) == 1 else f"{run.name}: {curve.label}"
@@ -104,7 +113,9 @@ def curve_plots(runs: Sequence[Run]) -> dict[str, tuple[str, list[Panel]]]:
         names = {run.reference_name(k) for run in runs} - {None}
         name = f" ({names.pop()})" if len(names) == 1 else ""
         curves = [Curve(f"alpha/ref{k}", "-", "train"), Curve(f"eval_alpha/ref{k}", "--", "eval")]
-        alpha_panels.append(Panel(f"reference {k}{name}", "alpha", curves, unit_interval=True))
+        alpha_panels.append(
+            Panel(f"reference {k}{name}", "alpha", curves, unit_interval=True, multi_reference=True)
+        )
     return {
         "loss.png": (
             "Training loss",
@@ -140,12 +151,14 @@ def curve_plots(runs: Sequence[Run]) -> dict[str, tuple[str, list[Panel]]]:
                         Curve("ctro/eps_chosen", "-", "eps chosen"),
                         Curve("ctro/eps_rejected", ":", "eps rejected"),
                     ],
+                    multi_reference=True,
                 ),
                 Panel(
                     "clip rate",
                     "share of external log-probs clipped",
                     [Curve("ctro/clip_rate", "-", "train"), Curve("eval_ctro/clip_rate", "--", "eval")],
                     unit_interval=True,
+                    multi_reference=True,
                 ),
             ],
         ),

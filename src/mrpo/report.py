@@ -7,7 +7,8 @@ from the same model compare at a glance.
 
 The CTRO clip rate comes first in the summary: when the references are of different families, adaptive CTRO can
 clip most external log-probs into a narrow band around the initialising reference's, and MRPO then trains almost
-exactly like DPO. The report says so when a run's mean clip rate is above ``CLIP_RATE_WARNING``.
+exactly like DPO. The report grades each run's mean clip rate on one scale (``clip_severity``); a K = 1 run is DPO
+and gets no CTRO figures at all.
 
     report = write_report([Path("runs/dpo"), Path("runs/mrpo")], Path("runs/report"))   # -> runs/report/report.md
 """
@@ -15,24 +16,42 @@ exactly like DPO. The report says so when a run's mean clip rate is above ``CLIP
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mrpo.errors import ReportError
 from mrpo.plots import curve_plots, plot_curves, plot_held_out
+from mrpo.report_tables import (
+    HeldOutModel,
+    held_out_models,
+    held_out_section,
+    markdown_table,
+    percent,
+    plain,
+    signed,
+)
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
-    EVAL_RESULTS_FILE,
     REPORT_FILE,
     Run,
     is_number,
     load_run,
 )
 
-CLIP_RATE_WARNING = 0.5
-"""A mean clip rate above this gets a warning: the external references then barely move the virtual reference."""
+CLIP_PARTLY = 0.25
+CLIP_AWAY = 0.9
+"""The clip-rate bands of ``clip_severity``: below ``CLIP_PARTLY`` the external references enter the loss, from
+``CLIP_AWAY`` on they are clipped away."""
+
+
+def clip_severity(rate: float) -> str:
+    """What a mean CTRO clip rate means for the external references, on one scale for every message."""
+    if rate < CLIP_PARTLY:
+        return "enters the loss"
+    if rate < CLIP_AWAY:
+        return "enters the loss only partly"
+    return "clipped away: this run is DPO against the initialising reference"
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -46,126 +65,89 @@ def _unique_names(runs: list[Run]) -> None:
         run.name = name
 
 
-@dataclass
-class HeldOutModel:
-    """One model's column in the held-out comparison."""
-
-    name: str
-    run: str
-    result: dict[str, Any]
-
-
-def held_out_models(runs: Sequence[Run]) -> list[HeldOutModel]:
-    """Every run's evaluated models; the same model with identical results in several runs (the shared "start")
-    appears once. Names are the evaluated labels, prefixed with the run where two runs use the same label."""
-    models: list[HeldOutModel] = []
-    for run in runs:
-        for result in (run.eval_results or {}).get("models", []):
-            if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
-                continue
-            if any(_same_result(result, other.result) for other in models):
-                continue
-            models.append(HeldOutModel(str(result.get("label", "?")), run.name, result))
-    labels = [model.name for model in models]
-    for model in models:
-        if labels.count(model.name) > 1:
-            model.name = f"{model.run}/{model.name}"
-    return models
-
-
-def _same_result(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("label", "model", "pairs", "metrics", "label_aware")
-    return all(a.get(key) == b.get(key) for key in keys)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The markdown summary
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _percent(value: Any) -> str:
-    return f"{float(value):.1%}" if is_number(value) else "—"
-
-
-def _signed(value: Any) -> str:
-    return f"{float(value):+.3f}" if is_number(value) else "—"
-
-
-def _plain(value: Any) -> str:
-    return f"{float(value):.4g}" if is_number(value) else "—"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(escape(cell) for cell in header) + " |"]
-    lines.append("|" + "|".join(["---"] * len(header)) + "|")
-    lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
-    return lines
-
-
 def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[str]:
+    multi = [run for run in runs if run.num_references != 1]
     lines = ["## CTRO clip rate — read this first", ""]
+    lines += [
+        f"- `{run.name}`: K = 1: DPO (one reference: no CTRO, no alpha)." for run in runs if run not in multi
+    ]
+    if not multi:
+        return lines + [""]
+    if len(multi) < len(runs):
+        lines.append("")
     lines.append(
-        "Share of the external references' log-probs that the trust region moved (CTRO). A high rate means the "
-        "external references barely move the virtual reference: the run then trains almost exactly like DPO "
-        "against the initialising reference."
+        "Share of the external references' log-probs that the trust region moved (CTRO): the more it moves, the "
+        f"less the external references count. Graded in the column *external references*: below {CLIP_PARTLY:.0%} "
+        f'"{clip_severity(0)}", from {CLIP_PARTLY:.0%} "{clip_severity(CLIP_PARTLY)}", from {CLIP_AWAY:.0%} '
+        f'"{clip_severity(CLIP_AWAY)}".'
     )
     lines.append("")
-    rows = []
-    warnings_text = []
-    for run in runs:
-        k = run.num_references
+    rows, warnings_text = [], []
+    for run in multi:
         loss = (run.config or {}).get("loss")
         clip = loss.get("clip", "?") if isinstance(loss, dict) else "?"
         mean = run.mean_clip_rate()
         held_out = ", ".join(
-            f"{model.name} {_percent(model.result['metrics'].get('clip_rate'))}"
+            f"{model.name} {percent(model.result['metrics'].get('clip_rate'))}"
             for model in models
             if model.run == run.name
         )
         last_train = run.series("ctro/clip_rate")[1]
         last_eval = run.series("eval_ctro/clip_rate")[1]
-        if k == 1:
-            rows.append(
-                [
-                    run.name,
-                    "1",
-                    str(clip),
-                    "— (one reference: nothing to clip; this is DPO)",
-                    "—",
-                    "—",
-                    held_out or "—",
-                ]
-            )
-            continue
         rows.append(
             [
                 run.name,
-                str(k) if k else "?",
+                str(run.num_references or "?"),
                 str(clip),
                 "—"
                 if mean is None
-                else f"**{_percent(mean[0])}**" + ("" if mean[1] == "train" else f" ({mean[1]})"),
-                _percent(last_train[-1]) if last_train else "—",
-                _percent(last_eval[-1]) if last_eval else "—",
+                else f"**{percent(mean[0])}**" + ("" if mean[1] == "train" else f" ({mean[1]})"),
+                "—" if mean is None else clip_severity(mean[0]),
+                percent(last_train[-1]) if last_train else "—",
+                percent(last_eval[-1]) if last_eval else "—",
                 held_out or "—",
             ]
         )
-        if mean and mean[0] > CLIP_RATE_WARNING:
-            warnings_text.append(
-                f"> ⚠️ **{run.name}: CTRO clipped {mean[0]:.0%} of the external references' log-probs on average "
-                f"({mean[1]}).** Their log-probs were pulled into a narrow band around the initialising reference's, "
-                "so they barely move the virtual reference: this run is close to **DPO in disguise**. This happens "
-                "when the references come from different model families (their sequence log-probs differ by "
-                "several nats). Compare it with a plain DPO run before crediting the extra references; consider "
-                "`loss.align=pair`, a wider `loss.eps` or `loss.clip=off`."
-            )
+        if mean and mean[0] >= CLIP_PARTLY:
+            warnings_text.append(_clip_warning(run.name, *mean))
     lines += markdown_table(
-        ["run", "references (K)", "clip", "mean clip rate", "last (train)", "last (eval)", "held-out"], rows
-    )
+        ["run", "references (K)", "clip", "mean clip rate", "external references", "last (train)", "last (eval)",
+         "held-out"],
+        rows,
+    )  # fmt: skip
     if warnings_text:
         lines += [""] + [line for text in warnings_text for line in (text, "")][:-1]
     return lines + [""]
+
+
+def _clip_warning(name: str, rate: float, split: str) -> str:
+    severity = clip_severity(rate)
+    mark = "⚠️ " if rate >= CLIP_AWAY else ""
+    return (
+        f"> {mark}**{name}: CTRO clipped {rate:.0%} of the external references' log-probs on average ({split}) — "
+        f"{severity}.** Clipped log-probs sit in a narrow band around the initialising "
+        "reference's, so they barely move the virtual reference. This happens when the references come from "
+        "different model families (their sequence log-probs differ by several nats). Compare it with a plain DPO "
+        "run before crediting the extra references (the paired difference of `mrpo evaluate`); consider "
+        "`loss.align=pair`, a wider `loss.eps` or `loss.clip=off`."
+    )
+
+
+def _pair_count_lines(runs: Sequence[Run]) -> list[str]:
+    """A warning when the runs trained (or evaluated during training) on different numbers of pairs, from their
+    data summaries: a reference whose tokenizer drops pairs the others keep changes the data, not only the loss."""
+    from mrpo.evaluation import different_pair_counts, summary_drops
+
+    notes = []
+    for split, done in (("train", "trained"), ("eval", "evaluated during training")):
+        summaries = [(run.name, (run.data_summary or {}).get(split)) for run in runs]
+        counts = [
+            (name, s.get("pairs_used"), summary_drops(s)) for name, s in summaries if isinstance(s, dict)
+        ]
+        text = different_pair_counts(counts, done)
+        if text:
+            notes.append(f"> ⚠️ **Not the same {split} pairs:** {text}.")
+    return [line for note in notes for line in (note, "")]
 
 
 def _audit_section(runs: Sequence[Run]) -> list[str]:
@@ -188,12 +170,12 @@ def _audit_section(runs: Sequence[Run]) -> list[str]:
                 rows.append(
                     [
                         f"{ref.get('index')} {ref.get('name')}",
-                        f"{_percent(agreement.get('value'))} [{_percent(agreement.get('low'))}, "
-                        f"{_percent(agreement.get('high'))}]",
-                        _signed(ref.get("mean_margin")),
-                        "—" if ref.get("level_gap") is None else _signed(ref.get("level_gap")),
-                        "—" if ref.get("clip_rate") is None else _percent(ref.get("clip_rate")),
-                        _plain(ref.get("alpha_mean")),
+                        f"{percent(agreement.get('value'))} [{percent(agreement.get('low'))}, "
+                        f"{percent(agreement.get('high'))}]",
+                        signed(ref.get("mean_margin")),
+                        "—" if ref.get("level_gap") is None else signed(ref.get("level_gap")),
+                        "—" if ref.get("clip_rate") is None else percent(ref.get("clip_rate")),
+                        plain(ref.get("alpha_mean")),
                     ]
                 )
             lines += markdown_table(
@@ -223,56 +205,13 @@ def _diagnostics_section(runs: Sequence[Run]) -> list[str]:
     return lines + markdown_table(["run", "step", "condition", "what and what to do"], rows) + [""]
 
 
-def _held_out_section(models: Sequence[HeldOutModel], plotted: bool) -> list[str]:
-    from mrpo.evaluation import LABEL_AWARE_METRIC, LABEL_AWARE_NOTE, METRICS
-
-    lines = ["## Held-out metrics", ""]
-    if not models:
-        return lines + [
-            f"No run has an {EVAL_RESULTS_FILE} (run `mrpo evaluate CONFIG` to add held-out metrics).",
-            "",
-        ]
-    any_label_aware = any(model.result.get("label_aware") for model in models)
-    rows = [["pairs", *(str(model.result.get("pairs", "—")) for model in models)]]
-    for key, metric in METRICS.items():
-        cells = []
-        for model in models:
-            text = metric.format(model.result["metrics"].get(key))
-            if key == LABEL_AWARE_METRIC and model.result.get("label_aware"):
-                text += "*"
-            cells.append(text)
-        rows.append([metric.label, *cells])
-    lines += markdown_table(["metric", *(model.name for model in models)], rows)
-    if any_label_aware:
-        lines += ["", f"\\* {LABEL_AWARE_NOTE} It is not comparable between runs."]
-    kinds = sorted({kind for model in models for kind in (model.result.get("by_kind") or {})})
-    if kinds:
-        lines += ["", "Policy preference accuracy by kind of pair:", ""]
-        kind_rows = [
-            [
-                kind,
-                *(
-                    _percent((model.result.get("by_kind") or {}).get(kind, {}).get("policy_accuracy"))
-                    for model in models
-                ),
-            ]
-            for kind in kinds
-        ]
-        lines += markdown_table(["kind", *(model.name for model in models)], kind_rows)
-    sources = sorted({f"`{model.name}`: {model.result.get('model', '?')}" for model in models})
-    lines += ["", "Models: " + "; ".join(sources) + "."]
-    if plotted:
-        lines += ["", "![Held-out metrics](heldout.png)"]
-    return lines + [""]
-
-
 _TRAIN_ROWS: list[tuple[str, str, Callable[[float, float], bool] | None, Callable[[Any], str]]] = [
-    ("loss", "loss", lambda a, b: a < b, _plain),
-    ("reward accuracy", "rewards/accuracies", lambda a, b: a > b, _percent),
-    ("reward margin", "rewards/margins", lambda a, b: a > b, _signed),
-    ("CTRO clip rate", "ctro/clip_rate", None, _percent),
-    ("eps chosen", "ctro/eps_chosen", None, _plain),
-    ("eps rejected", "ctro/eps_rejected", None, _plain),
+    ("loss", "loss", lambda a, b: a < b, plain),
+    ("reward accuracy", "rewards/accuracies", lambda a, b: a > b, percent),
+    ("reward margin", "rewards/margins", lambda a, b: a > b, signed),
+    ("CTRO clip rate", "ctro/clip_rate", None, percent),
+    ("eps chosen", "ctro/eps_chosen", None, plain),
+    ("eps rejected", "ctro/eps_rejected", None, plain),
 ]
 
 
@@ -307,11 +246,13 @@ def _run_section(run: Run) -> list[str]:
     lines += ["", "Training metrics (final value, and best value with its step):", ""]
     rows = []
     alpha_rows = []
-    for key in run.alpha_keys():
+    for key in run.alpha_keys() if run.num_references != 1 else []:
         k = int(key.rsplit("ref", 1)[1])
         name = run.reference_name(k)
-        alpha_rows.append((f"alpha ref{k}" + (f" ({name})" if name else ""), key, None, _plain))
+        alpha_rows.append((f"alpha ref{k}" + (f" ({name})" if name else ""), key, None, plain))
     for label, key, better, fmt in _TRAIN_ROWS + alpha_rows:
+        if run.num_references == 1 and key.startswith("ctro/"):
+            continue  # K = 1: DPO; a run from before this rule logged CTRO figures that mean nothing
         train_final, train_best = _final_and_best(run, key, better, fmt)
         eval_final, eval_best = _final_and_best(run, f"eval_{key}", better, fmt)
         if {train_final, eval_final} != {"—"}:
@@ -437,6 +378,7 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path | None =
     lines = ["# MRPO report", ""]
     lines.append(f"Runs: {', '.join(f'`{run.name}`' for run in runs)} — written by mrpo {__version__}.")
     lines.append("")
+    lines += _pair_count_lines(runs)
     lines += _clip_section(runs, models)
     lines += _audit_section(runs)
     lines += _diagnostics_section(runs)
@@ -450,7 +392,7 @@ def write_report(run_dirs: Sequence[str | Path], output_dir: str | Path | None =
     if missing:
         lines += ["", "Not plotted:"] + [f"- {reason}" for reason in missing]
     lines.append("")
-    lines += _held_out_section(models, plotted_held_out)
+    lines += held_out_section(runs, models, plotted_held_out)
     lines += ["## Runs", ""]
     for run in runs:
         lines += _run_section(run)

@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 from mrpo.config import DiagnosticsConfig, LossConfig
 from mrpo.errors import ConfigError, TrainingError
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
-from mrpo.losses import NonFiniteLogpsError, mrpo_loss
+from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,19 @@ class MetricAccumulator:
         means = (totals[:-1] / totals[-1]).tolist()
         self.sums = self.count = None
         return dict(zip(self.names, means, strict=True))
+
+
+K1_MEANINGLESS_PREFIXES = ("alpha/", "ctro/")
+"""Statistics left out of the logs at K = 1: alpha/ref1 is 1 by construction and CTRO has nothing to clip."""
+
+
+def logged_statistics(output: MRPOOutput) -> dict[str, torch.Tensor]:
+    """The per-pair statistics the trainer logs: ``pair_statistics()``, less at K = 1 the figures that would mean
+    nothing there (``K1_MEANINGLESS_PREFIXES``). The loss's own API keeps every key whatever K is."""
+    statistics = output.pair_statistics()
+    if output.num_references > 1:
+        return statistics
+    return {name: value for name, value in statistics.items() if not name.startswith(K1_MEANINGLESS_PREFIXES)}
 
 
 class MRPOTrainer(Trainer):
@@ -175,7 +190,7 @@ class MRPOTrainer(Trainer):
             )
         except NonFiniteLogpsError as error:
             raise self._non_finite(error, inputs, training=model.training) from error
-        self._metrics["train" if model.training else "eval"].add(output.pair_statistics())
+        self._metrics["train" if model.training else "eval"].add(logged_statistics(output))
         # A micro-batch of a batch split under a token budget carries its share of the batch's pairs.
         loss = output.loss * inputs["loss_weight"] if "loss_weight" in inputs else output.loss
         if return_outputs:
@@ -268,6 +283,28 @@ class JsonlMetricsCallback(TrainerCallback):
             record = {"step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+class HeldOutProgressCallback(ProgressCallback):
+    """The Trainer's progress bars, with the evaluation bar saying what it evaluates -- the held-out split, the
+    policy at its current step, how many pairs -- where the Trainer's own bar counts unlabelled batches."""
+
+    def __init__(self, pairs: int, split: str = "eval split"):
+        super().__init__()
+        self.pairs, self.split = pairs, split
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.prediction_bar is None and state.is_world_process_zero and has_length(eval_dataloader):
+            from tqdm.auto import tqdm
+
+            self.prediction_bar = tqdm(
+                total=len(eval_dataloader),
+                leave=self.training_bar is None,
+                dynamic_ncols=True,
+                unit="batch",
+                desc=f"held-out {self.split}: {self.pairs} pairs, policy at step {state.global_step}",
+            )
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
