@@ -29,7 +29,7 @@ import yaml
 
 from mrpo.errors import ConfigError
 from mrpo.overrides import INITIALISING_REFERENCE_NAME, apply_override, parse_override, parse_yaml, source_of
-from mrpo.training_section import TrainingConfig, training_argument_names
+from mrpo.training_section import TrainingConfig
 from mrpo.typecheck import (
     check_field_types,
     did_you_mean,
@@ -521,35 +521,6 @@ class MRPOConfig:
             training=TrainingConfig.unchecked(training),
             cache_dir=str(Path(self.cache_dir).resolve()),
         )
-
-
-def keys_named(name: str) -> list[str]:
-    """The dotted keys a bare option name can mean (``beta`` -> ``["loss.beta"]``; ``seed`` -> data and
-    training), for command-line flags written TRL-style (``--beta 0.2``). A name with a dot is a key already."""
-    if "." in name:
-        return [name]
-    sections = {
-        "policy": PolicyConfig,
-        "data": DataConfig,
-        "loss": LossConfig,
-        "lora": LoraConfig,
-        "diagnostics": DiagnosticsConfig,
-    }
-    found = [f"{section}.{name}" for section, cls in sections.items() if name in field_docs(cls)]
-    found += [f"references.0.{name}"] if name in field_docs(ReferenceConfig) and name != "name" else []
-    if name == "cache_dir":
-        found.append(name)
-    if name in training_argument_names():
-        found.append(f"training.{name}")
-    return found
-
-
-def all_key_names() -> list[str]:
-    """Every bare option name ``keys_named`` knows, for did-you-mean suggestions."""
-    names = {"cache_dir", *training_argument_names()}
-    for cls in (PolicyConfig, DataConfig, LossConfig, LoraConfig, DiagnosticsConfig, ReferenceConfig):
-        names.update(field_docs(cls))
-    return sorted(names)
 
 
 def _reject_unknown_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str) -> None:
