@@ -235,7 +235,7 @@ class LoraConfig:
     """The section's own name in error keys (``lora.<field>``)."""
 
     enabled: bool = False
-    """Train LoRA adapters instead of all the weights; the initialising reference is then the base with adapters off."""
+    """Train LoRA adapters instead of all the weights; the initialising reference is then the base with adapters off. The default training.learning_rate is then 5e-4 (1e-6 for full fine-tuning)."""
     r: int = 16
     """Rank of each adapter."""
     alpha: int = 32
@@ -323,6 +323,10 @@ def _lora_target_matches(target: str, module_name: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # The whole run.
 
+LORA_LEARNING_RATE = 5e-4
+"""The default training.learning_rate with LoRA: adapters start at zero and need a far larger step than full
+fine-tuning's 1e-6 to move in a short run (the demo trains SmolLM2's adapters at 5e-4)."""
+
 
 def default_references(policy: PolicyConfig) -> list[ReferenceConfig]:
     """The references of a config that lists none: the policy's starting model alone (K = 1, plain DPO)."""
@@ -363,6 +367,8 @@ class MRPOConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "")
+        default_rate = LORA_LEARNING_RATE if self.lora.enabled else TrainingConfig.DEFAULTS["learning_rate"]
+        object.__setattr__(self, "training", self.training.with_defaults({"learning_rate": default_rate}))
         if self.references is None:
             object.__setattr__(self, "references", default_references(self.policy))
         require_text(self, "", "cache_dir")
