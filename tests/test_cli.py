@@ -194,3 +194,64 @@ def test_overrides_may_stand_anywhere():
     assert arrange("x.yaml", "--lm-eval-tasks", "t1", "t2", "a.b=1", options=evaluate) == (
         ["x.yaml", "--lm-eval-tasks", "t1", "t2"], ["a.b=1"],
     )  # fmt: skip
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_push_to_hub_offline_is_one_line_before_the_run_directory_exists(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    config, run_dir = _evaluate_config(tmp_path), tmp_path / "run"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["train", str(config), "training.push_to_hub=true"]) == 2
+    assert "training.push_to_hub=true needs the Hugging Face Hub, but HF_HUB_OFFLINE is set" in one_line(
+        capsys
+    )
+    assert not run_dir.exists()  # nothing half-made that would refuse the next run
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["train", str(config), "training.push_to_hub=true"]) == 2
+    assert "needs a Hub login: run `hf auth login` or set HF_TOKEN" in one_line(capsys)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
+
+    def no_network(self, token=None):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", no_network)
+    assert (
+        main(["train", str(config), "training.push_to_hub=true", "--dry-run"]) == 2
+    )  # the dry run checks it too
+    assert "the Hub cannot be reached with this login (Failed to resolve 'huggingface.co')" in one_line(
+        capsys
+    )
+    assert (
+        main(
+            ["train", str(config), "training.push_to_hub=true", f"training.output_dir={tmp_path / 'my run'}"]
+        )
+        == 2
+    )
+    line = one_line(capsys)
+    assert "the output directory's name ('my run') is not a valid Hub repository name" in line
+    assert "set training.hub_model_id=USER/NAME" in line
+    assert not run_dir.exists() and not (tmp_path / "my run").exists()
+
+
+def test_dry_run_checks_the_trackers_as_train_does(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import mrpo.preflight
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        mrpo.preflight.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("tensorboard") else find_spec(name, *a),
+    )
+    config = _evaluate_config(tmp_path)
+    assert main(["train", str(config), "--dry-run", "training.report_to=tensorboard"]) == 2
+    assert "training.report_to='tensorboard' needs the tensorboard package" in one_line(capsys)

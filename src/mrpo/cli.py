@@ -103,7 +103,9 @@ def _train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.dry_run:
         from mrpo.plan import plan_training
+        from mrpo.preflight import check_services
 
+        check_services(config)  # what train would refuse before loading, the dry run refuses too
         print(plan_training(config, processes=args.processes, fsdp=args.fsdp).text())
         return 0
     try:
