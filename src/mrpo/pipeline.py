@@ -418,7 +418,17 @@ def run_evaluate(
     for label, checkpoint in checkpoints.items():
         model = load_for_evaluation(config, checkpoint, device)
         source = checkpoint or config.policy.model
-        results.append(evaluate_model(model, label, source, prepared, config, show_progress=show_progress))
+        results.append(
+            evaluate_model(
+                model,
+                label,
+                source,
+                prepared,
+                config,
+                show_progress=show_progress,
+                initialising=checkpoint is None,
+            )
+        )
         del model
     output = Path(output) if output else Path(config.training.output_dir) / EVAL_RESULTS_FILE
     results_to_json(results, config, output)
