@@ -436,11 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for note in line.notes:
                 print(f"mrpo {command}: {note}", file=sys.stderr)
         args = parser.parse_args(argv)
-        if overrides:
-            args.overrides = [
-                *args.overrides,
-                *overrides,
-            ]  # argparse never sees them: they may stand anywhere
+        if overrides:  # argparse never saw them, so they may stand anywhere on the line
+            args.overrides = [*args.overrides, *overrides]
         if args.command is None:
             parser.print_help()
             return 0

@@ -58,6 +58,9 @@ def reference_markdown() -> str:
         "Generated from the schema (`src/mrpo/config.py`) by `mrpo defaults --markdown`; a test keeps it current.",
         "`mrpo defaults` prints the same as a YAML file to start from. Every key can be overridden on the command",
         "line as `section.key=value` (values are YAML), or TRL-style as `--key value` when the name is unique.",
+        "A name the references share with the policy or data section means theirs, as in TRL: `--max_length` is",
+        "`data.max_length` and `--dtype` is `policy.dtype`; set a reference's by its dotted key",
+        "(`references.1.max_length=512`). A bool key given bare is true (`--gradient_checkpointing --max_steps 3`).",
         "",
     ]
     hints = typing.get_type_hints

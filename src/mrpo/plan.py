@@ -23,11 +23,11 @@ width (kv heads x head dim), ``i`` the MLP width, ``L`` the layers and ``V`` the
 - the LM head: log-probs are computed ``LOGITS_CHUNK`` positions at a time (``mrpo.logprobs``), each chunk's
   float32 logits, their log-softmax and its gradient: ``3 x min(T, LOGITS_CHUNK) x V x 4`` bytes.
 
-Measured against the tensors a training forward saves, the activation formula is 5-8% over per layer at SmolLM2-135M's
-shapes (with and without LoRA) and 20-25% over at the test suite's tiny ones (tests/test_plan.py); for
-SmolLM2-135M with LoRA on CPU at 4 pairs of 384 tokens the plan says 7.9 GiB (8.5 GB) where the run peaked at
-8.6 GB. Real peaks differ (allocator fragmentation, kernels' workspaces, other MLP
-shapes): treat the figure as a guide to plan by, and measure the first steps.
+Measured against the tensors a training forward saves, the activation formula is 5-8% over per layer at
+SmolLM2-135M's shapes (with and without LoRA) and 20-25% over at the test suite's tiny ones (tests/test_plan.py);
+for SmolLM2-135M with LoRA on CPU at 4 pairs of 384 tokens the plan says 7.9 GiB (8.5 GB) where the run peaked at
+8.6 GB. Real peaks differ (allocator fragmentation, kernels' workspaces, other MLP shapes): treat the figure as a
+guide to plan by, and measure the first steps.
 """
 
 from __future__ import annotations
