@@ -442,3 +442,21 @@ def test_only_true_and_false_are_booleans(text, value):
 def test_eval_strategy_no_from_an_override_is_the_string_no():
     config = load_config(None, [*MINIMAL, "training.eval_strategy=no"])
     assert config.training.eval_strategy == "no"
+
+
+def test_the_default_learning_rate_follows_lora_and_a_set_one_wins(tmp_path):
+    lora = "lora.enabled=true"
+    assert load().training["learning_rate"] == 1e-6  # full fine-tuning: TRL's DPO default
+    assert load(lora).training["learning_rate"] == 5e-4  # adapters start at zero: 1e-6 barely moves them
+    assert load(lora, "training.learning_rate=1e-6").training["learning_rate"] == 1e-6
+    assert load("training.learning_rate=3e-5").training["learning_rate"] == 3e-5
+    # The default is the section's, not a value it was given: switching LoRA on or off moves it along.
+    full = load()
+    assert dataclasses.replace(full, lora=LoraConfig(enabled=True)).training["learning_rate"] == 5e-4
+    assert dataclasses.replace(load(lora), lora=LoraConfig()).training["learning_rate"] == 1e-6
+    # What is saved is the effective value, and it reads back as given.
+    load(lora).save(tmp_path / "saved.yaml")
+    saved = load_config(tmp_path / "saved.yaml")
+    assert saved.training["learning_rate"] == 5e-4
+    assert dataclasses.replace(saved, lora=LoraConfig()).training["learning_rate"] == 5e-4
+    assert load(lora).with_absolute_paths().training.to_training_arguments().learning_rate == 5e-4

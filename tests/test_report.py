@@ -416,3 +416,86 @@ def test_held_out_table_shows_intervals_the_paired_difference_and_different_pair
     assert "Δ mrpo − dpo: +7.5 [-1.0, +16.0] points over 40 shared pairs" in text
     assert "no evidence of a difference" in text
     assert "Not the same held-out pairs: mrpo evaluated on 38 pairs, start on 40, dpo on 40" in text
+
+
+def test_model_card_says_steps_names_the_held_out_metrics_and_a_hub_base_model(tmp_path):
+    from mrpo.rundir import write_model_card
+
+    run = write_fake_run(tmp_path / "run")
+    saved = yaml.safe_load((run / "mrpo_config.yaml").read_text())
+    saved["training"] = {"learning_rate": 5e-4, "max_steps": 3, "num_train_epochs": 3.0}  # effective values
+    (run / "mrpo_config.yaml").write_text(yaml.safe_dump(saved))
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "config.json").write_text(json.dumps({"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    config = {**saved, "policy": {"model": str(start)}, "training": {"max_steps": 3}}
+    card = write_model_card(run, config, None).read_text()
+    assert "3 steps" in card and "None epochs" not in card and "3.0 epochs" not in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card
+    assert f"Policy: `{start}` (`HuggingFaceTB/SmolLM2-135M-Instruct` on the Hub)" in card
+    assert "| reward accuracy (vs the virtual reference) | 70.0% |" in card  # the last eval line, step 3
+    assert "| mean weight alpha of `gemma` | 0.45 |" in card and "| loss | 0.66 |" in card
+    assert "eval_rewards/accuracies" not in card and "Held-out pairs at the end of training (step 3)" in card
+
+
+def test_model_card_of_a_local_model_leaves_base_model_out_and_counts_epochs(tmp_path):
+    from mrpo.rundir import hub_id_of, write_model_card
+
+    run = write_fake_run(tmp_path / "run")
+    local = tmp_path / "my-model"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(local)}))  # a path, not a Hub id
+    card = write_model_card(run, {**yaml.safe_load((run / "mrpo_config.yaml").read_text()),
+                                  "policy": {"model": str(local)}, "training": {"num_train_epochs": 2.0}}, None).read_text()  # fmt: skip
+    assert "base_model" not in card and f"Policy: `{local}`, LoRA" in card and "2.0 epochs" in card
+    cached = tmp_path / "hub" / "models--org--name" / "snapshots" / "abc123"
+    cached.mkdir(parents=True)
+    assert hub_id_of(str(cached)) == "org/name" and hub_id_of("org/name") == "org/name"
+
+
+def test_the_starts_reward_accuracy_against_itself_is_not_a_number(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mrpo.config import LossConfig
+    from mrpo.evaluation import format_table, split_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    reference = -torch.rand(2, 1, 50, generator=generator, dtype=torch.float64) * 30 - 5
+    noise = torch.randn(50, 2, generator=generator, dtype=torch.float64) * 1e-6  # batching's float noise
+    logps = torch.stack([reference[0, 0], reference[1, 0]], dim=1) + noise
+
+    class Dataset(SimpleNamespace):
+        def __len__(self):
+            return 50
+
+    dataset = Dataset(
+        reference_chosen_logps=reference[0], reference_rejected_logps=reference[1], num_references=1
+    )
+    prepared = SimpleNamespace(
+        dataset=dataset, text_pairs=lambda: [], tokenization=SimpleNamespace(pair_ids=[])
+    )
+    tokens = torch.full((50, 2), 10)
+    noisy = split_metrics("start", "m", prepared, LossConfig(), logps, tokens)
+    assert 0.2 < noisy.metrics["reward_accuracy_initialising"] < 0.8  # what it printed: noise, e.g. 26.0%
+    start = split_metrics("start", "m", prepared, LossConfig(), logps, tokens, initialising=True)
+    assert (
+        start.metrics["reward_accuracy_initialising"] != start.metrics["reward_accuracy_initialising"]
+    )  # NaN
+    assert abs(start.metrics["reward_margin_initialising"]) < 1e-5
+    row = next(line for line in format_table([start]).splitlines() if line.startswith("reward acc. vs init"))
+    assert row.split()[-1] == "—"
+
+
+def test_the_held_out_subsample_is_counted_under_max_eval_pairs(tmp_path):
+    from mrpo.config import load_config
+    from mrpo.splits import read_split
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(6)]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config(None, ["policy.model=m", f"data.train={pairs}", f"data.eval={pairs}", "data.max_eval_pairs=2",
+                                "data.max_pairs=4"])  # fmt: skip
+    assert "not in subsample (max_eval_pairs=2, seed=0): 4" in read_split(config, "eval").summary()
+    assert "not in subsample (max_pairs=4, seed=0): 2" in read_split(config, "train").summary()

@@ -15,12 +15,28 @@ reference models (of any family and tokenizer), whose log-probs are precomputed 
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrpo", description=DESCRIPTION)
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps its options by name (``options``) and its subcommands (``commands``), so the
+    command line can be read in one pass (``mrpo.flags``) without argparse's private tables."""
+
+    def __init__(self, *args, **kwargs):
+        self.options: dict[str, argparse.Action] = {}
+        self.commands: dict[str, _Parser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.options.update(dict.fromkeys(action.option_strings, action))
+        return action
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="mrpo", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mrpo {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")  # its parsers are _Parsers too
     for register in _SUBCOMMANDS:
         register(subparsers)
+    parser.commands = subparsers.choices
     return parser
 
 
@@ -39,18 +55,17 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="override config values, e.g. loss.beta=0.2 (or TRL style: --beta 0.2, --learning_rate 1e-6)",
+        help="override config values, e.g. loss.beta=0.2, anywhere on the line; or TRL style: --beta 0.2, "
+        "--learning_rate 1e-6, --gradient_checkpointing (a bool flag given bare is true). A name the references "
+        "share with the policy or data means theirs: --max_length is data.max_length, --dtype policy.dtype; set a "
+        "reference's by its dotted key (references.1.max_length=512)",
     )
+    parser.set_defaults(takes_overrides=True)  # main() reads its overrides and TRL-style flags
 
 
 def _config_path(args: argparse.Namespace) -> str:
     from mrpo.errors import ConfigError
 
-    if args.config_option and args.config and "=" in args.config and not Path(args.config).exists():
-        args.overrides.insert(
-            0, args.config
-        )  # `--config x.yaml loss.beta=0.2`: the first positional is an override
-        args.config = None
     if args.config and args.config_option:
         raise ConfigError(f"two configs given ({args.config} and --config {args.config_option}); give one")
     path = args.config or args.config_option
@@ -66,45 +81,6 @@ def _load(args: argparse.Namespace, *, check_training: bool = True):
     from mrpo.config import load_config
 
     return load_config(_config_path(args), args.overrides, check_training=check_training)
-
-
-def flags_to_overrides(command_options: set[str], argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """TRL-style ``--beta 0.2`` / ``--loss.beta=0.2`` / ``--learning_rate 1e-6`` flags in ``argv`` as dotted
-    ``key=value`` overrides; returns the rewritten arguments and one note per rewritten flag.
-
-    Flags the command itself knows (``command_options``) are left alone. A name several sections share
-    (``--seed``) or that no section has is a ConfigError naming the choices.
-    """
-    from mrpo.config import all_key_names, keys_named
-    from mrpo.errors import ConfigError
-    from mrpo.typecheck import did_you_mean
-
-    rewritten, notes, index = [], [], 0
-    while index < len(argv):
-        token = argv[index]
-        name, has_value, value = token[2:].partition("=")
-        if not token.startswith("--") or token.split("=")[0] in command_options or not name:
-            rewritten.append(token)
-            index += 1
-            continue
-        if not has_value:
-            following = argv[index + 1] if index + 1 < len(argv) else None
-            if following is not None and not following.startswith("--"):
-                value, index = following, index + 1
-            else:
-                value = "true"
-        keys = keys_named(name.replace("-", "_"))
-        if len(keys) != 1:
-            where = (
-                f"it could be {' or '.join(keys)}: write the one you mean as KEY=VALUE"
-                if keys
-                else f"no config key is called {name!r}{did_you_mean(name, all_key_names())}"
-            )
-            raise ConfigError(f"option --{name}: {where}", key=name)
-        rewritten.append(f"{keys[0]}={value}")
-        notes.append(f"--{name} {value} read as {keys[0]}={value}")
-        index += 1
-    return rewritten, notes
 
 
 def _precompute(args: argparse.Namespace) -> int:
@@ -127,7 +103,9 @@ def _train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.dry_run:
         from mrpo.plan import plan_training
+        from mrpo.preflight import check_services
 
+        check_services(config)  # what train would refuse before loading, the dry run refuses too
         print(plan_training(config, processes=args.processes, fsdp=args.fsdp).text())
         return 0
     try:
@@ -163,7 +141,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.checkpoint:
         requested = {} if args.no_start else {"start": None}
         for checkpoint in args.checkpoint:
-            label, _, path = checkpoint.rpartition("=") if "=" in checkpoint else ("", "", checkpoint)
+            labelled = "=" in checkpoint and not Path(checkpoint).exists()  # a path may hold an "=" itself
+            label, _, path = checkpoint.partition("=") if labelled else ("", "", checkpoint)
             requested[label or Path(path).name] = path
     checkpoints = evaluation_checkpoints(config, requested)
     if args.no_start:
@@ -215,7 +194,9 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         action="append",
         metavar="[LABEL=]DIR",
-        help="a model to evaluate (LoRA adapter dir or full model dir); repeatable. Default: the run's final model",
+        help="a model to evaluate (LoRA adapter dir or full model dir), labelled LABEL in the table (default: the "
+        "directory's name); repeatable: --checkpoint dpo=runs/dpo/final --checkpoint mrpo=runs/mrpo/final. "
+        "Default: the run's final model",
     )
     parser.add_argument("--no-start", action="store_true", help="do not evaluate the starting model")
     parser.add_argument(
@@ -461,13 +442,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = argv[0] if argv else None
     try:
-        subparser = _subparser(parser, command)
-        if subparser is not None and "overrides" in {action.dest for action in subparser._actions}:
-            argv[1:], notes = flags_to_overrides(set(subparser._option_string_actions), argv[1:])
-            argv[1:] = overrides_after_config(subparser, argv[1:])
-            for note in notes:
+        subparser = parser.commands.get(command) if command else None
+        overrides: list[str] = []
+        if subparser is not None and subparser.get_default("takes_overrides"):
+            from mrpo.flags import read_command_line
+
+            line = read_command_line(
+                {name: action.nargs for name, action in subparser.options.items()}, argv[1:]
+            )
+            argv[1:], overrides = line.arguments, line.overrides
+            for note in line.notes:
                 print(f"mrpo {command}: {note}", file=sys.stderr)
         args = parser.parse_args(argv)
+        if overrides:  # argparse never saw them, so they may stand anywhere on the line
+            args.overrides = [*args.overrides, *overrides]
         if args.command is None:
             parser.print_help()
             return 0
@@ -478,49 +466,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mrpo {command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _is_override(token: str) -> bool:
-    return "=" in token and not token.startswith("-") and not Path(token).exists()
-
-
-def overrides_after_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
-    """``argv`` with every ``key=value`` override moved right after the config path (to the front when the config
-    comes as ``--config``), so overrides may stand anywhere: argparse takes positionals only where they begin, and
-    an optional-value option (``--resume``) would swallow the override after it."""
-    arranged: list[tuple[str, str]] = []  # (token, "option" | "value" | "positional")
-    overrides, index = [], 0
-    while index < len(argv):
-        token = argv[index]
-        action = parser._option_string_actions.get(token.split("=")[0]) if token.startswith("-") else None
-        if action is None:
-            if _is_override(token):
-                overrides.append(token)
-            else:
-                arranged.append((token, "option" if token.startswith("-") else "positional"))
-            index += 1
-            continue
-        arranged.append((token, "option"))
-        index += 1
-        if "=" in token or action.nargs == 0:
-            continue
-        wanted = 1 if action.nargs in (None, "?") else len(argv)  # "+", "*": every value that follows
-        while (
-            wanted and index < len(argv) and not argv[index].startswith("-") and not _is_override(argv[index])
-        ):
-            if action.nargs is None or not _is_override(argv[index]):
-                arranged.append((argv[index], "value"))
-            index, wanted = index + 1, wanted - 1
-    first = next((i for i, (_, kind) in enumerate(arranged) if kind == "positional"), -1)
-    tokens = [token for token, _ in arranged]
-    return tokens[: first + 1] + overrides + tokens[first + 1 :]
-
-
-def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices.get(command)
-    return None
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import yaml
 
 from mrpo.errors import ConfigError
 from mrpo.overrides import INITIALISING_REFERENCE_NAME, apply_override, parse_override, parse_yaml, source_of
-from mrpo.training_section import TrainingConfig, training_argument_names
+from mrpo.training_section import TrainingConfig
 from mrpo.typecheck import (
     check_field_types,
     did_you_mean,
@@ -244,7 +244,7 @@ class LoraConfig:
     """The section's own name in error keys (``lora.<field>``)."""
 
     enabled: bool = False
-    """Train LoRA adapters instead of all the weights; the initialising reference is then the base with adapters off."""
+    """Train LoRA adapters instead of all the weights; the initialising reference is then the base with adapters off. The default training.learning_rate is then 5e-4 (1e-6 for full fine-tuning)."""
     r: int = 16
     """Rank of each adapter."""
     alpha: int = 32
@@ -332,6 +332,10 @@ def _lora_target_matches(target: str, module_name: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # The whole run.
 
+LORA_LEARNING_RATE = 5e-4
+"""The default training.learning_rate with LoRA: adapters start at zero and need a far larger step than full
+fine-tuning's 1e-6 to move in a short run (the demo trains SmolLM2's adapters at 5e-4)."""
+
 
 def default_references(policy: PolicyConfig) -> list[ReferenceConfig]:
     """The references of a config that lists none: the policy's starting model alone (K = 1, plain DPO)."""
@@ -372,6 +376,8 @@ class MRPOConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "")
+        default_rate = LORA_LEARNING_RATE if self.lora.enabled else TrainingConfig.DEFAULTS["learning_rate"]
+        object.__setattr__(self, "training", self.training.with_defaults({"learning_rate": default_rate}))
         if self.references is None:
             object.__setattr__(self, "references", default_references(self.policy))
         require_text(self, "", "cache_dir")
@@ -530,35 +536,6 @@ class MRPOConfig:
             training=TrainingConfig.unchecked(training),
             cache_dir=str(Path(self.cache_dir).resolve()),
         )
-
-
-def keys_named(name: str) -> list[str]:
-    """The dotted keys a bare option name can mean (``beta`` -> ``["loss.beta"]``; ``seed`` -> data and
-    training), for command-line flags written TRL-style (``--beta 0.2``). A name with a dot is a key already."""
-    if "." in name:
-        return [name]
-    sections = {
-        "policy": PolicyConfig,
-        "data": DataConfig,
-        "loss": LossConfig,
-        "lora": LoraConfig,
-        "diagnostics": DiagnosticsConfig,
-    }
-    found = [f"{section}.{name}" for section, cls in sections.items() if name in field_docs(cls)]
-    found += [f"references.0.{name}"] if name in field_docs(ReferenceConfig) and name != "name" else []
-    if name == "cache_dir":
-        found.append(name)
-    if name in training_argument_names():
-        found.append(f"training.{name}")
-    return found
-
-
-def all_key_names() -> list[str]:
-    """Every bare option name ``keys_named`` knows, for did-you-mean suggestions."""
-    names = {"cache_dir", *training_argument_names()}
-    for cls in (PolicyConfig, DataConfig, LossConfig, LoraConfig, DiagnosticsConfig, ReferenceConfig):
-        names.update(field_docs(cls))
-    return sorted(names)
 
 
 def _reject_unknown_keys(raw: Mapping[str, Any], allowed: Sequence[str], prefix: str) -> None:

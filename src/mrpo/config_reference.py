@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from mrpo.config import (
+    LORA_LEARNING_RATE,
     DataConfig,
     DiagnosticsConfig,
     LoraConfig,
@@ -57,6 +58,9 @@ def reference_markdown() -> str:
         "Generated from the schema (`src/mrpo/config.py`) by `mrpo defaults --markdown`; a test keeps it current.",
         "`mrpo defaults` prints the same as a YAML file to start from. Every key can be overridden on the command",
         "line as `section.key=value` (values are YAML), or TRL-style as `--key value` when the name is unique.",
+        "A name the references share with the policy or data section means theirs, as in TRL: `--max_length` is",
+        "`data.max_length` and `--dtype` is `policy.dtype`; set a reference's by its dotted key",
+        "(`references.1.max_length=512`). A bool key given bare is true (`--gradient_checkpointing --max_steps 3`).",
         "",
     ]
     hints = typing.get_type_hints
@@ -77,7 +81,9 @@ def reference_markdown() -> str:
         "",
         "| key | default | why |",
         "|---|---|---|",
-        "| `learning_rate` | `1e-06` | TRL's DPO default; transformers' 5e-5 is 50x larger. LoRA runs usually want more. |",
+        "| `learning_rate` | `1e-06`, or `0.0005` with `lora.enabled` | full fine-tuning: TRL's DPO default "
+        "(transformers' 5e-5 is 50x larger); LoRA adapters start at zero and need larger steps (the demo's 5e-4). "
+        "A value you set is used as given; the run's `mrpo_config.yaml` records the effective one |",
         "| `logging_steps` | `10` | |",
         "| `report_to` | `none` | no tracker unless asked (`tensorboard` needs `pip install 'mrpo[tensorboard]'`) |",
         "| `remove_unused_columns` | `false` | must stay false: the collator needs the pair columns |",
@@ -124,6 +130,11 @@ def defaults_yaml() -> str:
             lines.append(f"{indent}{text}  # {docs.get(field.name, '')}")
     lines += ["", "# Any transformers.TrainingArguments key; these are mrpo's defaults.", "training:"]
     for key, value in TrainingConfig.DEFAULTS.items():
+        if key == "learning_rate":  # left unset, so that its default follows lora.enabled
+            lines.append(
+                f"  # learning_rate: {value} for full fine-tuning, {LORA_LEARNING_RATE} with lora.enabled"
+            )
+            continue
         lines.append(f"  {yaml.safe_dump({key: value}, default_flow_style=True).strip()[1:-1]}")
     lines += ["", f"cache_dir: {MRPOConfig.__dataclass_fields__['cache_dir'].default}"]
     return "\n".join(lines) + "\n"

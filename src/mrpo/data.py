@@ -65,6 +65,7 @@ def load_pairs(
     on_error: OnError = "raise",
     fmt: Format = "auto",
     drop_identical: bool = False,
+    cap_name: str = "max_pairs",
 ) -> PairSet:
     """Read preference pairs from a file, a saved dataset directory or a hub dataset.
 
@@ -77,11 +78,19 @@ def load_pairs(
         on_error: ``"raise"`` stops at the first bad row; ``"drop"`` skips bad rows and counts them by reason.
         fmt: the row format; ``"auto"`` takes it from the first valid row and holds every row to it.
         drop_identical: drop rows whose chosen equals their rejected (they are always counted and warned about).
+        cap_name: the setting ``max_pairs`` came from, as the drop count names it ("max_eval_pairs" for held-out).
     """
     _check_options(on_error, fmt)
     label, rows = _open_source(source, split)
     return build_pair_set(
-        rows, label, max_pairs=max_pairs, seed=seed, on_error=on_error, fmt=fmt, drop_identical=drop_identical
+        rows,
+        label,
+        max_pairs=max_pairs,
+        seed=seed,
+        on_error=on_error,
+        fmt=fmt,
+        drop_identical=drop_identical,
+        cap_name=cap_name,
     )
 
 

@@ -219,12 +219,16 @@ def evaluate_model(
     *,
     batch_tokens: int = 8192,
     show_progress: bool = True,
+    initialising: bool = False,
 ) -> HeldOutMetrics:
-    """Score ``model`` on a prepared split (see ``pipeline.prepare_split``) and compute its metrics."""
+    """Score ``model`` on a prepared split (see ``pipeline.prepare_split``) and compute its metrics.
+
+    ``initialising``: the model is the initialising reference itself (the untrained start), see ``split_metrics``.
+    """
     logps, tokens = score_split(
         model, prepared, label, batch_tokens=batch_tokens, show_progress=show_progress
     )
-    return split_metrics(label, model_source, prepared, config.loss, logps, tokens)
+    return split_metrics(label, model_source, prepared, config.loss, logps, tokens, initialising=initialising)
 
 
 def score_split(
@@ -250,11 +254,14 @@ def split_metrics(
     tokens: torch.Tensor,
     *,
     reference_rows: Sequence[int] | None = None,
+    initialising: bool = False,
 ) -> HeldOutMetrics:
     """The held-out metrics of a split from a model's log-probs on it (``score_split``), overall and by kind.
 
     ``reference_rows`` picks which of the split's cached reference columns the metrics are measured against (all,
-    by default), so one scored split serves runs with different references.
+    by default), so one scored split serves runs with different references. ``initialising``: the model is the
+    initialising reference itself, so its every margin against it is 0 and the share above 0 is float noise: that
+    accuracy is n/a (NaN, shown "—"); the margin, 0, stays.
     """
     dataset = prepared.dataset
     rows = list(range(dataset.num_references)) if reference_rows is None else list(reference_rows)
@@ -274,6 +281,9 @@ def split_metrics(
                 loss,
             )
             by_kind[kind]["pairs"] = len(index)
+    if initialising:
+        for values in (metrics, *by_kind.values()):
+            values["reward_accuracy_initialising"] = math.nan
     return HeldOutMetrics(
         label=label,
         model=model_source,

@@ -230,12 +230,13 @@ def _id_number(pair_id: str) -> int:
     return int(pair_id, 16)
 
 
-def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
+def subsample(pairs: PairSet, max_pairs: int, seed: int, *, cap_name: str = "max_pairs") -> PairSet:
     """Keep ``max_pairs`` pairs chosen by ``seed``, nested across sizes, in their original order.
 
     Pairs are ranked by ``sha256(seed, pair_id)`` and the top ``max_pairs`` are kept, so for one seed the
     32-pair subsample is contained in the 128-pair one (data-scarcity curves compare like with like) and the
-    choice does not depend on row order. The rows left out are counted in ``dropped``.
+    choice does not depend on row order. The rows left out are counted in ``dropped``, under a reason that names
+    the setting (``cap_name``: "max_pairs", or "max_eval_pairs" for a held-out split).
     """
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
@@ -254,7 +255,7 @@ def subsample(pairs: PairSet, max_pairs: int, seed: int) -> PairSet:
 
     chosen_indices = sorted(index for index, _ in sorted(enumerate(pairs.pairs), key=rank)[:max_pairs])
     dropped = collections.Counter(pairs.dropped)
-    dropped[f"not in subsample (max_pairs={max_pairs}, seed={seed})"] += len(pairs.pairs) - max_pairs
+    dropped[f"not in subsample ({cap_name}={max_pairs}, seed={seed})"] += len(pairs.pairs) - max_pairs
     return PairSet(
         [pairs.pairs[index] for index in chosen_indices],
         pairs.source,
@@ -273,13 +274,14 @@ def build_pair_set(
     on_error: OnError,
     fmt: Format,
     drop_identical: bool,
+    cap_name: str = "max_pairs",
 ) -> PairSet:
     tally = _Tally()
     pairs = list(_valid_pairs(rows, label, tally, on_error=on_error, fmt=fmt, drop_identical=drop_identical))
     pair_set = PairSet(pairs, label, tally.rows_read, tally.dropped, tally.identical)
     _check_read(tally, label, len(pairs), drop_identical, pair_set.summary, stacklevel=3)
     if max_pairs is not None:
-        pair_set = subsample(pair_set, max_pairs, seed)
+        pair_set = subsample(pair_set, max_pairs, seed, cap_name=cap_name)
     logger.info(pair_set.summary())
     return pair_set
 

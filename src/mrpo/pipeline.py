@@ -26,7 +26,7 @@ from mrpo.data import DataError, PairSet
 from mrpo.errors import TrainingInterrupted
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.pairs import PairCounts, PreferencePair
-from mrpo.preflight import check_resumable, check_trackers, claim_output_dir, resume_checkpoint
+from mrpo.preflight import check_resumable, check_services, claim_output_dir, resume_checkpoint
 from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
     CONFIG_FILE,
@@ -271,13 +271,13 @@ def run_train(
     args = config.training.to_training_arguments()
     output_dir = Path(args.output_dir)
     resume = resume if resume is not None else config.training.resume_from_checkpoint
+    check_services(config)  # trackers and the Hub, before --overwrite clears anything
     checkpoint = resume_checkpoint(output_dir, resume)  # before minutes of loading: a bad --resume fails now
     effective = effective_training_arguments(args)
     if checkpoint is not None:
         check_resumable(output_dir / CONFIG_FILE, config, effective)
     else:
         claim_output_dir(output_dir, overwrite=overwrite)
-    check_trackers(config)
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / CONFIG_FILE, training=effective)
 
@@ -474,7 +474,15 @@ def run_evaluate(
         model = load_for_evaluation(config, checkpoint, device)
         logps, tokens = score_split(model, prepared, label, show_progress=show_progress)
         del model
-        result = split_metrics(label, checkpoint or config.policy.model, prepared, config.loss, logps, tokens)
+        result = split_metrics(
+            label,
+            checkpoint or config.policy.model,
+            prepared,
+            config.loss,
+            logps,
+            tokens,
+            initialising=checkpoint is None,
+        )
         result.trained_pairs, result.trained_drops = trained_pair_count(checkpoint)
         results.append(result)
         correct[label] = policy_correct(logps)

@@ -3,7 +3,9 @@
 - the run directory: a fresh run refuses one that holds another run (unless ``--overwrite``, which clears what that
   run wrote); ``--resume`` takes the newest complete checkpoint (naming the incomplete ones it skips) and refuses
   settings that would change the resumed run's maths;
-- the trackers of ``training.report_to`` are installed.
+- the services the run talks to (``check_services``, which ``mrpo train --dry-run`` runs too): the trackers of
+  ``training.report_to`` are installed, and ``training.push_to_hub`` has a Hub to push to (not offline, logged in,
+  reachable) and a valid repository name. All before the run directory is touched.
 """
 
 from __future__ import annotations
@@ -135,3 +137,55 @@ def check_trackers(config: MRPOConfig) -> None:
                 f"{install} (or set training.report_to=none)",
                 key="training.report_to",
             )
+
+
+def check_services(config: MRPOConfig) -> None:
+    """Everything outside the process the run will use: its trackers and the Hub (``check_trackers``,
+    ``check_hub``). Run before any write, and by ``mrpo train --dry-run``."""
+    check_trackers(config)
+    check_hub(config)
+
+
+def check_hub(config: MRPOConfig) -> None:
+    """``training.push_to_hub``: the Hub must be online, the user logged in and the repository name valid; said now
+    in one line, not as a traceback from the Trainer after the run directory exists."""
+    training = config.training.to_dict()
+    if not training.get("push_to_hub"):
+        return
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    key, later = (
+        "training.push_to_hub",
+        "or set training.push_to_hub=false and upload final/ later with `hf upload`",
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"{key}=true needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it, {later}", key=key
+        )
+    repo = training.get("hub_model_id") or Path(training["output_dir"]).absolute().name
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as error:
+        named = (
+            "training.hub_model_id"
+            if training.get("hub_model_id")
+            else f"the output directory's name ({repo!r})"
+        )
+        raise ConfigError(
+            f"{key}=true: {named} is not a valid Hub repository name ({str(error).split('.')[0]}); set "
+            "training.hub_model_id=USER/NAME",
+            key="training.hub_model_id",
+        ) from None
+    token = training.get("hub_token") or get_token()
+    if not token:
+        raise ConfigError(
+            f"{key}=true needs a Hub login: run `hf auth login` or set HF_TOKEN, {later}", key=key
+        )
+    try:
+        HfApi().whoami(token=token)
+    except Exception as error:  # no network, a refused token, a proxy: the reason, in one line
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(
+            f"{key}=true: the Hub cannot be reached with this login ({reason}); {later}", key=key
+        ) from None

@@ -312,12 +312,19 @@ def write_model_card(output_dir: Path, config: dict[str, Any], data_summary: dic
     run = load_run(output_dir) if (output_dir / METRICS_FILE).is_file() else None
     references = config.get("references") or []
     policy, lora, loss = config["policy"], config.get("lora") or {}, config.get("loss") or {}
-    training = config.get("training") or {}
+    saved = (run.config or {}).get("training") if run is not None else None
+    training = {
+        **(config.get("training") or {}),
+        **(saved or {}),
+    }  # the saved config has the effective values
     method = "DPO (one reference)" if len(references) == 1 else f"MRPO with K = {len(references)} references"
+    base_model = hub_id_of(policy["model"])
     lines = [
         "---",
         f"library_name: {'peft' if lora.get('enabled') else 'transformers'}",
-        f"base_model: {policy['model']}",
+        *(
+            [f"base_model: {base_model}"] if base_model else []
+        ),  # the Hub wants a Hub id here, not a local path
         "tags: [mrpo, preference-optimization, dpo]",
         "---",
         "",
@@ -325,7 +332,9 @@ def write_model_card(output_dir: Path, config: dict[str, Any], data_summary: dic
         "",
         f"Trained with [mrpo](https://arxiv.org/abs/2405.16388) (Multi-Reference Preference Optimization): {method}.",
         "",
-        f"- Policy: `{policy['model']}`, "
+        f"- Policy: `{policy['model']}`"
+        + (f" (`{base_model}` on the Hub)" if base_model and base_model != policy["model"] else "")
+        + ", "
         + (
             f"LoRA r {lora.get('r')}, alpha {lora.get('alpha')}, on {lora.get('target_modules')}"
             if lora.get("enabled")
@@ -333,7 +342,7 @@ def write_model_card(output_dir: Path, config: dict[str, Any], data_summary: dic
         ),
         "- References: " + ", ".join(f"`{r['name']}` ({r['model']})" for r in references),
         "- Loss: " + ", ".join(f"{key} {value}" for key, value in loss.items()),
-        f"- Training: learning rate {training.get('learning_rate')}, {training.get('num_train_epochs')} epochs, "
+        f"- Training: learning rate {training.get('learning_rate')}, {_length_of_training(training)}, "
         f"batch {training.get('per_device_train_batch_size')} per device x "
         f"{training.get('gradient_accumulation_steps', 1)} accumulation",
     ]
@@ -347,11 +356,8 @@ def write_model_card(output_dir: Path, config: dict[str, Any], data_summary: dic
         if clip is not None and len(references) > 1:
             lines.append(f"- Mean CTRO clip rate ({clip[1]}): {clip[0]:.1%}")
     if run is not None and run.eval:
-        last = run.eval[-1]
-        shown = {k: v for k, v in last.items() if k.startswith("eval_") and is_number(v)}
-        lines.append(
-            "- Held-out (end of training): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
-        )
+        lines += ["", f"Held-out pairs at the end of training (step {run.eval[-1]['step']}):", ""]
+        lines += held_out_table(run.eval[-1], [r.get("name") for r in references])
     if lora.get("enabled"):
         lines += [
             "",
@@ -365,3 +371,66 @@ def write_model_card(output_dir: Path, config: dict[str, Any], data_summary: dic
     path = output_dir / "README.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _length_of_training(training: dict[str, Any]) -> str:
+    """``"200 steps"`` when max_steps bounds the run (it overrides the epochs), else ``"2.0 epochs"``."""
+    steps = training.get("max_steps")
+    if is_number(steps) and steps > 0:
+        return f"{int(steps)} steps"
+    epochs = training.get("num_train_epochs")
+    return f"{epochs} epochs" if is_number(epochs) else "transformers' default number of epochs"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_CACHE_DIR = re.compile(r"^models--([\w.-]+)--([\w.-]+)$")
+
+
+def hub_id_of(model: str) -> str | None:
+    """The Hub id a policy came from: itself when it is one; for a local directory, the id its Hub cache folder
+    (``models--ORG--NAME``) or its config's ``_name_or_path`` names; None when nothing says (a local model)."""
+    path = Path(model)
+    if not path.exists():
+        return model if _HUB_ID.match(model) else None
+    for part in reversed(path.resolve().parts):
+        cached = _HUB_CACHE_DIR.match(part)
+        if cached:
+            return f"{cached.group(1)}/{cached.group(2)}"
+    config = _read_json(path / "config.json") if path.is_dir() else None
+    named = (config or {}).get("_name_or_path")
+    if isinstance(named, str) and _HUB_ID.match(named) and not Path(named).exists():
+        return named
+    return None
+
+
+_EVAL_NAMES = {
+    "loss": ("loss", "plain"),
+    "rewards/accuracies": ("reward accuracy (vs the virtual reference)", "rate"),
+    "rewards/margins": ("reward margin (nats)", "signed"),
+    "rewards/chosen": ("reward of the chosen answer", "signed"),
+    "rewards/rejected": ("reward of the rejected answer", "signed"),
+    "logps/chosen": ("policy log-prob of the chosen answer", "signed"),
+    "logps/rejected": ("policy log-prob of the rejected answer", "signed"),
+    "ctro/clip_rate": ("CTRO clip rate", "rate"),
+    "ctro/eps_chosen": ("CTRO eps, chosen", "plain"),
+    "ctro/eps_rejected": ("CTRO eps, rejected", "plain"),
+}
+_NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
+
+
+def held_out_table(record: dict[str, Any], reference_names: list[Any]) -> list[str]:
+    """A logged evaluation (``eval_*`` keys) as a markdown table of named, formatted metrics."""
+    formats = {"rate": "{:.1%}", "signed": "{:+.3f}", "plain": "{:.4g}"}
+    rows = []
+    for key, value in record.items():
+        name = key.removeprefix("eval_")
+        if not key.startswith("eval_") or name in _NOT_METRICS or not is_number(value):
+            continue
+        label, kind = _EVAL_NAMES.get(name, (name, "plain"))
+        alpha = re.fullmatch(r"alpha/ref(\d+)", name)
+        if alpha:
+            k = int(alpha.group(1))
+            known = 0 < k <= len(reference_names) and reference_names[k - 1]
+            label, kind = f"mean weight alpha of {f'`{known}`' if known else f'reference {k}'}", "plain"
+        rows.append(f"| {label} | {formats[kind].format(float(value))} |")
+    return ["| metric | value |", "|---|---|", *rows] if rows else ["(no metric logged)"]

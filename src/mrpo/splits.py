@@ -112,6 +112,7 @@ def read_split(config: MRPOConfig, split: str) -> PairSet:
         on_error=data.on_error,
         fmt=data.format,
         drop_identical=data.drop_identical,
+        cap_name="max_pairs" if split == "train" else "max_eval_pairs",
     )
 
 

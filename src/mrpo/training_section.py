@@ -59,7 +59,7 @@ class TrainingConfig(Mapping[str, Any]):
         {
             "output_dir": "runs/mrpo",
             # TRL's DPOConfig default, what a preference-optimisation user expects (transformers' own 5e-5 is 50x
-            # larger). LoRA runs usually want more: the shipped recipes set their own.
+            # larger). For full fine-tuning; with LoRA the default is MRPOConfig's LORA_LEARNING_RATE.
             "learning_rate": 1e-6,
             "report_to": "none",
             "logging_steps": 10,
@@ -95,6 +95,7 @@ class TrainingConfig(Mapping[str, Any]):
                 key="training.remove_unused_columns",
             )
         self._arguments = merged
+        self._given = frozenset({**(arguments or {}), **keyword_arguments})
 
     @classmethod
     def unchecked(cls, arguments: Mapping[str, Any]) -> TrainingConfig:
@@ -103,6 +104,17 @@ class TrainingConfig(Mapping[str, Any]):
         ``to_training_arguments`` still rejects an unknown key."""
         section = cls.__new__(cls)
         section._arguments = {**cls.DEFAULTS, **arguments}
+        section._given = frozenset(arguments)
+        return section
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> TrainingConfig:
+        """The same section with other defaults for the keys it was not given (a given key keeps its value)."""
+        section = TrainingConfig.__new__(TrainingConfig)
+        section._given = self._given
+        section._arguments = {
+            **self._arguments,
+            **{k: v for k, v in defaults.items() if k not in self._given},
+        }
         return section
 
     def __getitem__(self, key: str) -> Any:
