@@ -95,3 +95,31 @@ def test_adaptive_clip_makes_the_start_look_better_than_it_is():
     assert metrics["reward_margin_initialising"] == 0.0
     assert metrics["clip_rate"] > 0.9
     assert metrics["reward_accuracy_virtual"] > 0.0  # the label leaks through the adaptive eps split
+
+
+def test_each_pair_keeps_its_own_rows_kind_when_two_rows_share_their_texts():
+    from collections import Counter
+
+    from mrpo.data import pairs_from_records
+    from mrpo.evaluation import split_kinds
+    from mrpo.pipeline import PreparedSplit
+    from mrpo.tokenization import ModelView, tokenize_for_models
+    from tiny_models import char_tokenizer
+
+    records = [{"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no", "kind": "a"} for i in range(11)]
+    records += [{"prompt": f"R{i}?", "chosen": "yes", "rejected": "no", "kind": "b"} for i in range(12)]
+    shared = {"prompt": "Same?", "chosen": "yes", "rejected": "no"}
+    records.insert(3, {**shared, "kind": "a"})
+    records.insert(5, {"prompt": "Long? " * 40, "chosen": "yes", "rejected": "no", "kind": "a"})  # dropped
+    records.append({**shared, "kind": "b"})
+    pairs = pairs_from_records(records)
+    assert pairs.duplicates == 1
+    tokenization = tokenize_for_models(pairs, [ModelView(char_tokenizer())], max_length=64)
+    assert len(tokenization.pair_ids) == 25 and sum(tokenization.dropped.values()) == 1
+    prepared = PreparedSplit(
+        pairs.counts(), tokenization, None, None, None, "eval", pairs
+    )  # what split_kinds reads
+    kinds = split_kinds(prepared)
+    assert Counter(kinds) == {"a": 12, "b": 13}
+    kept_rows = [record for record in records if not record["prompt"].startswith("Long?")]
+    assert kinds == [record["kind"] for record in kept_rows]
