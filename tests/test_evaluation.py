@@ -281,3 +281,142 @@ def test_training_announces_labels_and_prints_its_held_out_evaluation(run_setup,
         and "CTRO clip rate" in summary
     )
     assert f"mrpo evaluate {root / 'out' / 'mrpo_config.yaml'}" in captured.out
+
+
+def test_each_pair_keeps_its_own_rows_kind_when_two_rows_share_their_texts():
+    from collections import Counter
+
+    from mrpo.data import pairs_from_records
+    from mrpo.evaluation import split_kinds
+    from mrpo.pipeline import PreparedSplit
+    from mrpo.tokenization import ModelView, tokenize_for_models
+    from tiny_models import char_tokenizer
+
+    records = [{"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no", "kind": "a"} for i in range(11)]
+    records += [{"prompt": f"R{i}?", "chosen": "yes", "rejected": "no", "kind": "b"} for i in range(12)]
+    shared = {"prompt": "Same?", "chosen": "yes", "rejected": "no"}
+    records.insert(3, {**shared, "kind": "a"})
+    records.insert(5, {"prompt": "Long? " * 40, "chosen": "yes", "rejected": "no", "kind": "a"})  # dropped
+    records.append({**shared, "kind": "b"})
+    pairs = pairs_from_records(records)
+    assert pairs.duplicates == 1
+    tokenization = tokenize_for_models(pairs, [ModelView(char_tokenizer())], max_length=64)
+    assert len(tokenization.pair_ids) == 25 and sum(tokenization.dropped.values()) == 1
+    prepared = PreparedSplit(
+        pairs.counts(), tokenization, None, None, None, "eval", pairs
+    )  # what split_kinds reads
+    kinds = split_kinds(prepared)
+    assert Counter(kinds) == {"a": 12, "b": 13}
+    kept_rows = [record for record in records if not record["prompt"].startswith("Long?")]
+    assert kinds == [record["kind"] for record in kept_rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Eval pairs that are also training pairs
+
+
+def _write(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def _overlap_config(tmp_path, train, eval_path, **data):
+    from mrpo.config import MRPOConfig
+
+    return MRPOConfig.from_dict(
+        {
+            "policy": {"model": str(tmp_path / "no-model-needed")},
+            "data": {"train": str(train), "eval": str(eval_path), **data},
+            "training": {"output_dir": str(tmp_path / "run")},
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
+
+
+def _records(first, count):
+    return [
+        {"prompt": f"{i} + 1?", "chosen": str(i + 1), "rejected": str(i)} for i in range(first, first + count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("eval_first", "expected", "message"),
+    [
+        (
+            0,
+            8,
+            "8 of 8 eval pairs ({eval}) (100%) are also training pairs: held-out metrics on them are not held out",
+        ),
+        (4, 4, "4 of 8 eval pairs ({eval}) (50%) are also training pairs"),
+        (8, 0, None),
+    ],
+    ids=["a copy", "half", "none"],
+)
+def test_eval_pairs_that_are_training_pairs_are_counted_and_said(
+    tmp_path, caplog, eval_first, expected, message
+):
+    import logging
+
+    from mrpo.data import load_pairs
+    from mrpo.splits import report_overlap
+
+    train = _write(tmp_path / "train.jsonl", _records(0, 8))
+    eval_path = _write(tmp_path / "eval.jsonl", _records(eval_first, 8))
+    config = _overlap_config(tmp_path, train, eval_path)
+    eval_ids = [pair.pair_id for pair in load_pairs(eval_path)]
+    train_ids = [pair.pair_id for pair in load_pairs(train)]
+    with caplog.at_level(logging.WARNING, logger="mrpo.splits"):
+        assert report_overlap(config, eval_ids, train_ids) == expected  # precompute and train: both prepared
+        assert report_overlap(config, eval_ids) == expected  # evaluate: the training pairs are read again
+    said = [record.getMessage() for record in caplog.records]
+    if message is None:
+        assert said == []  # no overlap: silent
+    else:
+        assert len(said) == 2 and all(message.format(eval=eval_path) in line for line in said)
+
+
+def test_overlap_with_a_subsampled_training_split_counts_only_the_subsample(tmp_path):
+    from mrpo.data import load_pairs
+    from mrpo.splits import overlap_message, report_overlap
+
+    train = _write(tmp_path / "train.jsonl", _records(0, 200))
+    config = _overlap_config(tmp_path, train, train, max_pairs=50)
+    eval_ids = [pair.pair_id for pair in load_pairs(train)]
+    assert report_overlap(config, eval_ids) == 50
+    assert (
+        report_overlap(_overlap_config(tmp_path, tmp_path / "gone.jsonl", train), eval_ids) == 0
+    )  # unreadable
+    assert "(<1%)" in overlap_message(1, 200) and "(>99%)" in overlap_message(199, 200)
+    assert "42 of 96 eval pairs (44%) are also training pairs" in overlap_message(42, 96)
+
+
+def test_precompute_train_and_evaluate_each_say_the_overlap(run_setup, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from mrpo.config import MRPOConfig
+    from mrpo.pipeline import run_evaluate, run_precompute, run_train
+
+    eval_copy = shutil.copy(run_setup["train"], tmp_path / "eval-copy.jsonl")  # a copy: the same pairs
+    config = MRPOConfig.from_dict(
+        {
+            "policy": {"model": str(run_setup["llama"]), "dtype": "float32"},
+            "data": {"train": str(run_setup["train"]), "eval": str(eval_copy)},
+            "training": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "per_device_train_batch_size": 2,
+                         "save_strategy": "no", "report_to": [], "use_cpu": True, "disable_tqdm": True},
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )  # fmt: skip
+    expected = f"4 of 4 eval pairs ({eval_copy}) (100%) are also training pairs"
+    for step in (
+        lambda: run_precompute(config),
+        lambda: run_train(config, show_progress=False),
+        lambda: run_evaluate(config, checkpoints={"start": None}, show_progress=False),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mrpo.splits"):
+            step()
+        said = [record.getMessage() for record in caplog.records if "eval pairs" in record.getMessage()]
+        assert len(said) == 1 and expected in said[0]

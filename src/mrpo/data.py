@@ -1,6 +1,6 @@
 """Read preference pairs (prompt, chosen, rejected) from files, saved datasets, hub datasets or memory.
 
-Sources: ``.jsonl``, ``.json`` (a list of objects or ``{"data": [...]}``), ``.parquet``, a directory written by
+Sources: ``.jsonl`` (or gzip-compressed ``.jsonl.gz``, as HH-RLHF is published), ``.json`` (a list of objects or ``{"data": [...]}``), ``.parquet``, a directory written by
 ``datasets``' ``save_to_disk``, a Hugging Face hub dataset id, or in-memory records. Each source yields rows with
 a label saying where each row is; ``pairs.py`` turns them into validated pairs (the three formats, the errors that
 name file, row and field, the counted drops).
@@ -8,6 +8,7 @@ name file, row and field, the counted drops).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -42,14 +43,14 @@ __all__ = [
 ]
 
 SUPPORTED_SOURCES = (
-    '.jsonl, .json (a list of objects or {"data": [...]}), .parquet, a directory written by '
+    '.jsonl, .jsonl.gz, .json (a list of objects or {"data": [...]}), .parquet, a directory written by '
     "datasets' save_to_disk, or a Hugging Face hub dataset id"
 )
 _FORMATS = ("auto", "standard", "conversational", "implicit")
 _ON_ERROR = ("raise", "drop")
 # A hub id is "name" or "owner/name"; anything else that does not exist locally is a mistyped path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,6 +180,8 @@ def _open_source(source: str | os.PathLike, split: str) -> tuple[str, Rows]:
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             return label, _jsonl_rows(path, label)
+        if path.name.lower().endswith(".jsonl.gz"):
+            return label, _gzip_jsonl_rows(path, label)
         if suffix == ".json":
             return label, _json_rows(path, label)
         if suffix == ".parquet":
@@ -197,9 +200,23 @@ def _open_source(source: str | os.PathLike, split: str) -> tuple[str, Rows]:
     )
 
 
-def _jsonl_rows(path: Path, label: str) -> Rows:
+def _gzip_jsonl_rows(path: Path, label: str) -> Rows:
+    rows = _jsonl_rows(path, label, opener=gzip.open)
+    where = "the start"
+    try:
+        for where, row in rows:
+            yield where, row
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; a cut file ends in EOFError
+        raise DataError(
+            f"{label}: cannot decompress after {where} ({type(error).__name__}: {error}); the file is not gzip or "
+            "is cut short.",
+            source=label,
+        ) from error
+
+
+def _jsonl_rows(path: Path, label: str, *, opener: Any = open) -> Rows:
     # Read bytes line by line so that bad encoding or bad JSON is reported with its line number.
-    with path.open("rb") as handle:
+    with opener(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             where = f"line {line_number}"
             try:

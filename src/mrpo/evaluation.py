@@ -296,10 +296,24 @@ def split_metrics(
 
 
 def split_kinds(prepared) -> list[str] | None:
-    """The `kind` metadata of each pair of a prepared split, in its order; None when some pair has none."""
-    by_id = {pair.pair_id: pair.metadata.get("kind") for pair in prepared.text_pairs()}
-    kinds = [by_id.get(pair_id) for pair_id in prepared.tokenization.pair_ids]
-    return None if any(kind is None for kind in kinds) else [str(kind) for kind in kinds]
+    """The `kind` metadata of each pair of a prepared split, in its order; None when some pair has none.
+
+    Each kept pair takes the kind of its own row: the kept ids are the read's pairs in order, less the dropped ones,
+    so the rows are walked alongside them. (Looking kinds up by pair id would give two rows with the same texts and
+    different kinds one kind.) Rows with the same texts are kept or dropped together, so the walk cannot skew.
+    """
+    kept_ids = iter(prepared.tokenization.pair_ids)
+    next_id = next(kept_ids, None)
+    kinds = []
+    for pair in prepared.text_pairs():
+        if next_id is None:
+            break
+        if pair.pair_id == next_id:
+            kinds.append(pair.metadata.get("kind"))
+            next_id = next(kept_ids, None)
+    if next_id is not None or any(kind is None for kind in kinds):
+        return None  # some pair has no kind (or the source no longer holds every kept pair)
+    return [str(kind) for kind in kinds]
 
 
 def training_evaluation_summary(

@@ -7,7 +7,9 @@ Three row formats are accepted, as in TRL:
 * conversational: ``prompt`` is a list of ``{"role", "content"}`` messages and ``chosen``/``rejected`` are
   lists of messages (assistant turns) or plain strings, which become one assistant message;
 * implicit prompt: no ``prompt`` column; ``chosen``/``rejected`` are whole conversations sharing a prefix of
-  messages. The shared prefix becomes the prompt and the remainders become the completions.
+  messages. The shared prefix becomes the prompt and the remainders become the completions. The conversations may
+  also be HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ..." strings): they are read as user/assistant
+  messages, every turn but the last is the prompt and each last Assistant turn a completion.
 
 Every row is either kept as a :class:`PreferencePair` or, with ``on_error="drop"``, counted under a short reason
 in :attr:`PairSet.dropped`; with ``on_error="raise"`` the first bad row raises a :class:`DataError` naming the
@@ -28,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
 
 from mrpo.errors import DataError
-from mrpo.row_rules import RowError, Text, parse_row, row_format
+from mrpo.row_rules import TRANSCRIPT_FORMAT, RowError, Text, is_transcript, parse_row, row_format
 
 __all__ = [
     "PairCounts",
@@ -103,6 +105,8 @@ class PairSet:
     """Short reason -> number of rows dropped for it (invalid rows, identical pairs, subsampling, overflow)."""
     identical: int = 0
     """Rows whose chosen equals their rejected (no preference signal); counted whether kept or dropped."""
+    transcripts: int = 0
+    """Rows whose chosen/rejected were HH-RLHF transcripts, kept or dropped."""
 
     @property
     def fingerprint(self) -> str:
@@ -127,6 +131,7 @@ class PairSet:
             identical=self.identical,
             duplicates=self.duplicates,
             conversational=self.pairs[0].conversational if self.pairs else None,
+            transcripts=self.transcripts,
         )
 
     def summary(self) -> str:
@@ -160,11 +165,17 @@ class PairCounts:
     conversational: bool | None = None
     first_identical: str = field(default="", compare=False)
     """Where the first row with chosen == rejected is (a streamed read knows; a PairSet does not keep it)."""
+    transcripts: int = 0
+    """Rows whose chosen/rejected were HH-RLHF transcripts, kept or dropped."""
 
     def summary(self) -> str:
         """One readable paragraph: what was read, what was kept, and why anything else was dropped."""
         kind = {True: "conversational ", False: "standard ", None: ""}[self.conversational]
-        text = f"Read {self.rows_read} rows from {self.source}; kept {self.kept} {kind}pairs"
+        text = f"Read {self.rows_read} rows from {self.source}"
+        if self.transcripts:
+            share = "" if self.transcripts == self.rows_read else f", {self.transcripts} of the rows"
+            text += f" (format {TRANSCRIPT_FORMAT}{share})"
+        text += f"; kept {self.kept} {kind}pairs"
         total_dropped = sum(self.dropped.values())
         if total_dropped:
             # Most frequent first, ties by name: the same text whichever order the reasons were met in.
@@ -219,7 +230,7 @@ class PairStream:
         distinct = len(np.unique(np.frombuffer(self._id_prefixes, dtype=np.uint64))) if kept else 0
         counts = PairCounts(
             self._label, tally.rows_read, kept, collections.Counter(tally.dropped), tally.identical,
-            kept - distinct, self._conversational, tally.first_identical,
+            kept - distinct, self._conversational, tally.first_identical, tally.transcripts,
         )  # fmt: skip
         _check_read(tally, self._label, kept, self._options["drop_identical"], counts.summary, stacklevel=2)
         return counts
@@ -247,6 +258,7 @@ def subsample(pairs: PairSet, max_pairs: int, seed: int, *, cap_name: str = "max
             pairs.rows_read,
             collections.Counter(pairs.dropped),
             pairs.identical,
+            pairs.transcripts,
         )
 
     def rank(indexed: tuple[int, PreferencePair]) -> tuple[str, int]:
@@ -262,6 +274,7 @@ def subsample(pairs: PairSet, max_pairs: int, seed: int, *, cap_name: str = "max
         pairs.rows_read,
         dropped,
         pairs.identical,
+        pairs.transcripts,
     )
 
 
@@ -278,7 +291,7 @@ def build_pair_set(
 ) -> PairSet:
     tally = _Tally()
     pairs = list(_valid_pairs(rows, label, tally, on_error=on_error, fmt=fmt, drop_identical=drop_identical))
-    pair_set = PairSet(pairs, label, tally.rows_read, tally.dropped, tally.identical)
+    pair_set = PairSet(pairs, label, tally.rows_read, tally.dropped, tally.identical, tally.transcripts)
     _check_read(tally, label, len(pairs), drop_identical, pair_set.summary, stacklevel=3)
     if max_pairs is not None:
         pair_set = subsample(pair_set, max_pairs, seed, cap_name=cap_name)
@@ -292,6 +305,7 @@ class _Tally:
     dropped: collections.Counter = field(default_factory=collections.Counter)
     identical: int = 0
     first_identical: str = ""
+    transcripts: int = 0
 
 
 def _valid_pairs(
@@ -306,6 +320,8 @@ def _valid_pairs(
             if isinstance(row, RowError):
                 raise row
             found_format = row_format(row, detected, detected_at)
+            if found_format == "implicit" and is_transcript(row["chosen"]) and is_transcript(row["rejected"]):
+                tally.transcripts += 1
             pair = PreferencePair.build(*parse_row(row, found_format))
         except RowError as error:
             if on_error == "raise":

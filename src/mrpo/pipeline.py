@@ -45,6 +45,7 @@ from mrpo.splits import (
     Views,
     find_pairs,
     load_views,
+    report_overlap,
     show_plain_renderings,
     stream_split,
     tokenize_split,
@@ -123,6 +124,7 @@ def run_precompute(config: MRPOConfig) -> dict[str, PreparedSplit]:
     splits = {"train": prepare_split(config, "train", views)}
     if config.data.eval is not None:
         splits["eval"] = prepare_split(config, "eval", views)
+        report_overlap(config, splits["eval"].tokenization.pair_ids, splits["train"].tokenization.pair_ids)
     return splits
 
 
@@ -287,6 +289,8 @@ def run_train(
     eval_split = (
         prepare_split(config, "eval", views, show_progress=show_progress) if config.data.eval else None
     )
+    if eval_split is not None:
+        report_overlap(config, eval_split.tokenization.pair_ids, train_split.tokenization.pair_ids)
     _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
 
     # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
@@ -468,6 +472,7 @@ def run_evaluate(
         raise DataError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")
     checkpoints = evaluation_checkpoints(config, checkpoints)
     prepared = prepare_split(config, "eval", show_progress=show_progress)
+    report_overlap(config, prepared.tokenization.pair_ids)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results, correct = [], {}
     for label, checkpoint in checkpoints.items():

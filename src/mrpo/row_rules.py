@@ -1,14 +1,20 @@
 """The rules that turn one data row into a pair's texts, in the three formats of ``pairs.py``: standard strings,
-conversational message lists, and whole conversations with an implicit prompt. A row that breaks a rule raises
+conversational message lists, and whole conversations with an implicit prompt (as message lists, or as the
+"\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts of Anthropic's HH-RLHF). A row that breaks a rule raises
 ``RowError`` with a short reason (what a drop is counted under), the field, and the sentence a user reads.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-ROW_RULES_VERSION = 1
-"""Version of these rules (what a row becomes, and so its pair id); part of the tokenized cache's key."""
+ROW_RULES_VERSION = 2
+"""Version of these rules (what a row becomes, and so its pair id); part of the tokenized cache's key.
+2: implicit-prompt rows whose chosen/rejected are HH-RLHF transcripts are read (version 1 refused them)."""
+
+TRANSCRIPT_FORMAT = "implicit (HH-RLHF transcripts)"
+"""What a read summary calls rows read as HH-RLHF transcripts."""
 
 Text = str | list[dict]
 MESSAGE_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -176,6 +182,16 @@ def _blank(messages: list[dict]) -> bool:
 
 def _split_implicit(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict], list[dict]]:
     """Split two whole conversations into (shared prompt, chosen remainder, rejected remainder)."""
+    if is_transcript(chosen) and is_transcript(rejected):
+        return _split_transcripts(chosen, rejected)
+    for name, value, other in (("chosen", chosen, rejected), ("rejected", rejected, chosen)):
+        if is_transcript(other) and isinstance(value, str):
+            raise RowError(
+                "malformed transcript",
+                name,
+                f"{'rejected' if name == 'chosen' else 'chosen'} is an HH-RLHF transcript but {name} is not (it "
+                "does not start with 'Human:'); both must be transcripts of the same conversation",
+            )
     if isinstance(chosen, str) or isinstance(rejected, str):
         raise RowError(
             "missing field 'prompt'",
@@ -221,3 +237,62 @@ def _split_implicit(chosen: Any, rejected: Any) -> tuple[list[dict], list[dict],
             )
         _check_completion(conversation[shared:], name)
     return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+# HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..." strings. A turn begins only where "Human:" or
+# "Assistant:" follows a blank line (or opens the text), so "Human:" inside a line is part of the turn's text.
+_TRANSCRIPT_START = re.compile(r"\s*Human:")
+_TURN_SEPARATOR = re.compile(r"\n\n(Human|Assistant):")
+_TRANSCRIPT_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def is_transcript(value: Any) -> bool:
+    """Whether ``value`` is an HH-RLHF transcript: a string whose first non-blank text is "Human:"."""
+    return isinstance(value, str) and _TRANSCRIPT_START.match(value) is not None
+
+
+def transcript_messages(text: str) -> list[dict]:
+    """The user/assistant messages of an HH-RLHF transcript; each turn's content without surrounding whitespace
+    (the transcripts put a space after the colon, and some a trailing space or newline)."""
+    parts = _TURN_SEPARATOR.split("\n\n" + text.lstrip())
+    return [
+        {"role": _TRANSCRIPT_ROLES[parts[i]], "content": parts[i + 1].strip()}
+        for i in range(1, len(parts), 2)
+    ]
+
+
+def _split_transcripts(chosen: str, rejected: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Two transcripts of one conversation: every turn but the last is the prompt, and the last turn of each, an
+    assistant's answer, is its completion."""
+    conversations = {"chosen": transcript_messages(chosen), "rejected": transcript_messages(rejected)}
+    for name, messages in conversations.items():
+        if messages[-1]["role"] != "assistant":
+            raise RowError(
+                "completion not ending with assistant",
+                name,
+                f"the {name} transcript ends with a Human turn (turn {len(messages) - 1}); its last turn must be "
+                "the Assistant's answer, the completion",
+            )
+    chosen_messages, rejected_messages = conversations["chosen"], conversations["rejected"]
+    prompt = chosen_messages[:-1]
+    if prompt != rejected_messages[:-1]:
+        raise RowError("transcripts diverge before the last turn", "rejected", _divergence(conversations))
+    if _blank(prompt):
+        raise RowError("empty prompt", "chosen", "the transcripts' Human turns have no content")
+    for name, messages in conversations.items():
+        if not messages[-1]["content"]:
+            raise RowError("empty completion", name, f"the last Assistant turn of {name} is empty")
+    return prompt, chosen_messages[-1:], rejected_messages[-1:]
+
+
+def _divergence(conversations: dict[str, list[dict]]) -> str:
+    chosen, rejected = conversations["chosen"], conversations["rejected"]
+    turn = next(
+        (i for i, (one, other) in enumerate(zip(chosen, rejected, strict=False)) if one != other),
+        min(len(chosen), len(rejected)),
+    )
+    return (
+        f"chosen ({len(chosen)} turns) and rejected ({len(rejected)} turns) differ at turn {turn}, before their "
+        "last turns; the transcripts of a pair must share every turn but the final Assistant answer (the prompt "
+        "is what they share, each completion the one answer that follows it)"
+    )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,3 +282,55 @@ def show_plain_renderings(config: MRPOConfig, split: str, views: Views, tokenize
             view.name,
             chosen if len(chosen) <= 300 else chosen[:297] + "...",
         )
+
+
+def report_overlap(
+    config: MRPOConfig, eval_ids: Sequence[str], train_ids: Iterable[str] | None = None
+) -> int:
+    """How many of the eval split's pairs are also training pairs (the same pair id: the same prompt, chosen and
+    rejected), said as a warning when any are: metrics on them measure memory, not generalisation.
+
+    ``eval_ids`` are the eval pairs kept after tokenization, ``train_ids`` the training pairs; when the training
+    split was not prepared (``mrpo evaluate``) its pairs are read again. Ids of pairs read rather than kept give the
+    same answer: both splits are tokenized by the same rules, so a text dropped from one is dropped from the other.
+    A training source that cannot be read is said, not raised (evaluation does not need it).
+    """
+    held_out = set(eval_ids)
+    if train_ids is not None:
+        shared = {pair_id for pair_id in train_ids if pair_id in held_out}
+    else:
+        try:
+            shared = {pair_id for pair_id in _training_pair_ids(config) if pair_id in held_out}
+        except DataError as error:
+            logger.info("The eval pairs were not checked against the training pairs: %s", error)
+            return 0
+    overlapping = sum(1 for pair_id in eval_ids if pair_id in shared)
+    if overlapping:
+        logger.warning(overlap_message(overlapping, len(eval_ids), config.data.eval))
+    return overlapping
+
+
+def overlap_message(overlapping: int, total: int, eval_source: str | None = None) -> str:
+    """ "42 of 96 eval pairs (44%) are also training pairs: ..."; a share that rounds to 0% or 100% but is neither
+    is written <1% or >99%."""
+    share = overlapping / total
+    if 0 < share < 0.01:
+        percent = "<1%"
+    elif 0.99 < share < 1:
+        percent = ">99%"
+    else:
+        percent = f"{share:.0%}"
+    where = f" ({eval_source})" if eval_source else ""
+    return (
+        f"{overlapping} of {total} eval pairs{where} ({percent}) are also training pairs: held-out metrics on them "
+        "are not held out. Use an eval file whose pairs are not in data.train."
+    )
+
+
+def _training_pair_ids(config: MRPOConfig) -> Iterable[str]:
+    """The ids of the pairs a run on ``config`` trains on, before tokenization: its subsample when it has one."""
+    if config.data.max_pairs is None:
+        return (pair.pair_id for pair in stream_split(config, "train"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the training run warned about its identical pairs
+        return [pair.pair_id for pair in read_split(config, "train")]

@@ -42,7 +42,8 @@ Overflow
 ``tokenize_for_models`` applies ``max_length`` jointly: by default a pair that is too long for ANY model is dropped
 for ALL models (sequence log-probs of truncated text differ between tokenizers, so they would not be comparable),
 and the drops are counted by reason. ``overflow="truncate"`` cuts the end of the completions, identically for all
-models, and is therefore allowed only when all views share one tokenizer fingerprint.
+models, and is therefore allowed only when all views share one tokenizer fingerprint. With ``overflow="drop"`` a
+pair whose text alone proves it over a limit (``token_bound.py``) is dropped, for the same reason, untokenized.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol
 
+from mrpo.token_bound import character_bound, too_long_reason, without_provably_long
 from mrpo.token_store import (
     PairWriter,
     StoredPairs,
@@ -410,8 +412,14 @@ def tokenize_for_models(
     make = storage or (lambda k: TokenizedPairs())
     sinks = {k: make(k) for k in sorted(set(owners))}
     dropped: Counter[str] = Counter()
+    bounds = [
+        character_bound(view.tokenizer) if overflow == "drop" and limit is not None else None
+        for view, limit in zip(views, limits, strict=True)
+    ]
     try:
         for block in _blocks(pairs, TOKENIZE_BLOCK):
+            if any(bounds):
+                block = without_provably_long(block, views, limits, bounds, dropped)
             encoded = {k: views[k].tokenize_many(block) for k in sinks}
             for i in range(len(block)):
                 kept = _within_limits(
@@ -482,12 +490,9 @@ def _within_limits(
         if limit is not None:
             one = _apply_limit(one, limit, overflow)
             if one is None:
-                reason = (
-                    f"prompt reaches {limit} tokens"
-                    if overflow == "truncate"
-                    else f"longer than {limit} tokens"
-                )
-                return f"{reason} for {view.name}"
+                if overflow == "truncate":
+                    return f"prompt reaches {limit} tokens for {view.name}"
+                return too_long_reason(limit, view.name)
         kept.append(one)
     return kept
 
