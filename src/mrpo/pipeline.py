@@ -202,6 +202,7 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         config.cache_dir,
         overflow=config.data.overflow,
         config_path=config_path,
+        tokenized=tokenized.tokenization.per_view[1:],
     )
     columns = cache.columns(pair_ids)
     audit = audit_split(
