@@ -213,3 +213,55 @@ def test_the_leftovers_of_a_killed_build_are_removed_by_the_next(tmp_path, run_s
     alive.mkdir()
     tokenize(config)
     assert not leftover.exists() and alive.exists()  # a live build is left alone
+
+
+def _flip(path: Path, at: int, mask: int = 0xFF) -> None:
+    content = bytearray(path.read_bytes())
+    content[at] ^= mask
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize(
+    ("name", "where", "mask"),
+    [
+        ("ids.i32", lambda size: size // 2, 0xFF),  # a byte of a token id, same size
+        ("prompts.i32", lambda size: 4, 0x01),  # one prompt length off by one
+        ("ends.i64", lambda size: 8, 0x01),  # the lowest bit of an offset: a token moves between sequences
+        ("hashes.u64", lambda size: 0, 0x01),
+        ("pair_ids.txt", lambda size: 0, 0x01),
+    ],
+)
+def test_a_damaged_file_of_the_same_size_is_detected_at_open_and_rebuilt(
+    tmp_path, run_setup, data_file, caplog, name, where, mask
+):
+    config = write_config(tmp_path, run_setup, data_file)
+    clean = tokenize(config)
+    expected = [list(view) for view in clean.tokenization.per_view]
+    (entry,) = (tmp_path / "cache").glob("tokenized-*")
+    path = entry / "view-2" / name
+    _flip(path, where(path.stat().st_size), mask)
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        again = tokenize(config)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(entry) in line and f"view-2/{name} does not match the checksum" in line
+    assert [list(view) for view in again.tokenization.per_view] == expected
+
+
+def test_damage_the_open_samples_miss_is_caught_when_the_sequence_is_read(
+    tmp_path, run_setup, data_file, monkeypatch
+):
+    import mrpo.tokenized_cache as tokenized_cache
+    from mrpo.errors import CacheError
+
+    monkeypatch.setattr(tokenized_cache, "SAMPLE_BYTES", 4)  # ids.i32 "large": 4-byte samples
+    monkeypatch.setattr(tokenized_cache, "SAMPLES", 1)
+    config = write_config(tmp_path, run_setup, data_file)
+    tokenize(config)
+    (entry,) = (tmp_path / "cache").glob("tokenized-*")
+    ids = entry / "view-2" / "ids.i32"
+    _flip(ids, ids.stat().st_size // 3)  # between the samples
+    split = tokenize(config)  # opens: the samples match
+    with pytest.raises(
+        CacheError, match=rf"does not match the checksum .* delete {entry} and run the command"
+    ):
+        list(split.tokenization.per_view[2])

@@ -6,6 +6,13 @@ A split's entry is ``cache_dir/tokenized-<key>/``: one ``token_store`` directory
 sha256 of the content the caller passes (the data's identity, the read settings, every view's tokenizer fingerprint,
 the limits). An entry is built in a temporary directory and renamed into place when complete, so a killed build
 leaves nothing that could be opened; an entry that does not open (a file deleted by hand) is rebuilt.
+
+Never trusted blindly: ``split.json`` records each file's size and blake2b checksum, checked at every open; a file
+that differs rebuilds the entry (one warning line naming it). The small files (offsets, prompt lengths, sequence
+checksums, pair ids: ~40 bytes a pair) are hashed whole; ids.i32 (4 bytes a token, 7.7 GB for 1M UltraFeedback-length
+pairs, which whole would cost seconds to minutes at every open) by its first and last MiB and 16 evenly spaced MiB
+samples, and each of its sequences is checked against its own checksum when read (``token_store``), so damage the
+samples miss is a ``CacheError`` at the read naming the entry to delete, never other tokens used.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.pairs import PairCounts, PairStream
-from mrpo.token_store import PairWriter, StoredPairs
+from mrpo.token_store import IDS_FILE, STORE_FILES, PairWriter, StoredPairs
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Version of this layout; part of every key."""
 
 SPLIT_FILE = "split.json"
@@ -89,6 +96,7 @@ def open_or_tokenize(
             "owners": result.owners,
             "dropped": dict(result.dropped),
             "read": counts.to_dict(),
+            "files": _checksums(building, sorted(set(result.owners))),
         }
         (building / SPLIT_FILE).write_text(json.dumps(account, indent=2, sort_keys=True), encoding="utf-8")
         building.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users of a shared cache out
@@ -127,12 +135,50 @@ def _sweep_abandoned_builds(root: Path) -> None:
             continue  # not a name we wrote, or another user's live process
 
 
+SAMPLE_BYTES = 1 << 20
+SAMPLES = 16
+
+
+def sampled_digest(path: Path, whole: bool = False) -> str:
+    """blake2b of a file's size and bytes: all of them (``whole``, or a file of at most 18 MiB), else its first
+    and last MiB and ``SAMPLES`` evenly spaced MiB between."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with path.open("rb") as handle:
+        if whole or size <= (SAMPLES + 2) * SAMPLE_BYTES:
+            for block in iter(lambda: handle.read(SAMPLE_BYTES), b""):
+                digest.update(block)
+        else:
+            starts = [0, *(size * (i + 1) // (SAMPLES + 1) for i in range(SAMPLES)), size - SAMPLE_BYTES]
+            for start in starts:
+                handle.seek(start)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _checksums(directory: Path, owners: Sequence[int]) -> dict[str, str]:
+    """Each store file's checksum under its path in the entry (ids.i32 sampled, the rest whole)."""
+    return {
+        f"view-{k}/{name}": sampled_digest(directory / f"view-{k}" / name, whole=name != IDS_FILE)
+        for k in owners
+        for name in STORE_FILES
+    }
+
+
+def _check_files(directory: Path, expected: dict[str, str]) -> None:
+    for name, checksum in expected.items():
+        if sampled_digest(directory / name, whole=not name.endswith(IDS_FILE)) != checksum:
+            raise ValueError(f"{name} does not match the checksum written with it")
+
+
 def _open(directory: Path, views: Sequence[ModelView], *, found: bool) -> CachedSplit:
     account = json.loads((directory / SPLIT_FILE).read_text(encoding="utf-8"))
     owners = account["owners"]
     if len(owners) != len(views):
         raise ValueError(f"it holds {len(owners)} views, not {len(views)}")
-    stored = {k: StoredPairs(directory / f"view-{k}") for k in sorted(set(owners))}
+    _check_files(directory, account["files"])
+    remedy = f"delete {directory} and run the command again (it is tokenized afresh)"
+    stored = {k: StoredPairs(directory / f"view-{k}", remedy=remedy) for k in sorted(set(owners))}
     if len({len(pairs) for pairs in stored.values()}) > 1:
         raise ValueError("its views hold different numbers of pairs")
     tokenization = TokenizationResult(
