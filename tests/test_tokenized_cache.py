@@ -265,3 +265,18 @@ def test_damage_the_open_samples_miss_is_caught_when_the_sequence_is_read(
         CacheError, match=rf"does not match the checksum .* delete {entry} and run the command"
     ):
         list(split.tokenization.per_view[2])
+
+
+def test_an_entry_without_its_account_is_removed_and_rebuilt_once(tmp_path, run_setup, data_file, caplog):
+    config = write_config(tmp_path, run_setup, data_file)
+    expected = list(tokenize(config).tokenization.pair_ids)
+    (entry,) = (tmp_path / "cache").glob("tokenized-*")
+    (entry / "split.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        assert list(tokenize(config).tokenization.pair_ids) == expected
+    assert f"{entry} is incomplete (it has no split.json)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrpo.tokenized_cache"):
+        again = tokenize(config)  # found: not tokenized a second time
+    assert list(again.tokenization.pair_ids) == expected and "Tokenizing again" not in caplog.text
+    assert entries(config) == [entry.name]

@@ -77,6 +77,10 @@ def open_or_tokenize(
         except (OSError, ValueError, KeyError) as error:
             logger.warning("Tokenizing again: %s does not open (%s).", directory, error)
             shutil.rmtree(directory, ignore_errors=True)
+    elif directory.exists():
+        # Entries are renamed into place whole, so one without its account was damaged by hand: never a live build.
+        logger.warning("Tokenizing again: %s is incomplete (it has no %s).", directory, SPLIT_FILE)
+        shutil.rmtree(directory, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(root)
     building = Path(tempfile.mkdtemp(prefix=f".{directory.name}-{_HOST}-{os.getpid()}-", dir=root))
