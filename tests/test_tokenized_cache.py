@@ -280,3 +280,83 @@ def test_an_entry_without_its_account_is_removed_and_rebuilt_once(tmp_path, run_
         again = tokenize(config)  # found: not tokenized a second time
     assert list(again.tokenization.pair_ids) == expected and "Tokenizing again" not in caplog.text
     assert entries(config) == [entry.name]
+
+
+def _edit_keeping_size_and_time(path: Path, at: int) -> None:
+    status = path.stat()
+    content = bytearray(path.read_bytes())
+    content[at] = ord("X") if content[at] != ord("X") else ord("Y")
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+def _text_offset(path: Path, fraction: float) -> int:
+    """An offset near ``fraction`` of the file inside a JSON string value (an edit there keeps the row valid)."""
+    content = path.read_bytes()
+    at = content.index(b'"content": "', int(len(content) * fraction)) + len(b'"content": "')
+    return at
+
+
+def test_a_data_file_edited_in_place_keeping_size_and_time_is_tokenized_again(
+    tmp_path, run_setup, data_file, caplog
+):
+    config = write_config(tmp_path, run_setup, data_file)
+    before = list(tokenize(config).tokenization.pair_ids)
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        tokenize(config)
+    (hit,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert hit.startswith("Tokens found in the cache:") and "a checksum of every byte" in hit
+    _edit_keeping_size_and_time(data_file, _text_offset(data_file, 0.5))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        after = list(tokenize(config).tokenization.pair_ids)
+    assert "changed since it was tokenized (same size and modification time, other bytes)" in caplog.text
+    assert after != before and len(after) == len(before)
+
+
+@pytest.mark.parametrize(("fraction", "seen"), [(0.0, True), (0.999, True), (0.4, False)])
+def test_a_large_data_file_is_checked_by_its_ends_and_samples_and_the_hit_says_so(
+    tmp_path, run_setup, data_file, caplog, monkeypatch, fraction, seen
+):
+    import mrpo.tokenized_cache as tokenized_cache
+
+    size = data_file.stat().st_size
+    monkeypatch.setattr(tokenized_cache, "SAMPLE_BYTES", size // 8)  # "first and last MiB": an eighth each
+    monkeypatch.setattr(tokenized_cache, "SAMPLES", 1)  # one sample in the middle
+    config = write_config(tmp_path, run_setup, data_file)
+    before = list(tokenize(config).tokenization.pair_ids)
+    content = data_file.read_bytes()
+    if fraction == 0.0:
+        at = _text_offset(data_file, 0.0)
+    elif fraction > 0.9:
+        at = content.rindex(b'"content": "') + len(b'"content": "')
+    else:
+        at = _text_offset(data_file, fraction)
+    assert (
+        at < size // 8 or at >= size - size // 8
+    ) == seen  # the edit is inside the ends or between samples
+    _edit_keeping_size_and_time(data_file, at)
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        after = list(tokenize(config).tokenization.pair_ids)
+    if seen:
+        assert "changed since it was tokenized" in caplog.text and after != before
+    else:  # the limit, stated in the visible line
+        (hit,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "first and last MiB and 1 sampled MiB (an edit elsewhere" in hit
+        assert "data.cache_tokenized=false reads the data again" in hit and after == before
+
+
+def test_inspect_names_pairs_gone_from_the_data_in_one_line_not_a_key_error(run_setup, capsys, monkeypatch):
+    import mrpo.pipeline as pipeline
+    from mrpo.cli import main
+    from test_inspect_cli import inspect_config
+
+    config = inspect_config(run_setup, "lost-pairs")
+    assert main(["precompute", str(config)]) == 0
+    # The data changed in a way no check saw: reading it again finds none of the cached pairs.
+    monkeypatch.setattr(pipeline, "find_pairs", lambda *args: {})
+    capsys.readouterr()
+    assert main(["inspect", str(config), "--suspect-threshold", "0"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("mrpo ")]
+    assert "Traceback" not in err and "are no longer in" in line and "data.cache_tokenized=false" in line

@@ -73,7 +73,9 @@ def open_or_tokenize(
     directory = root / f"tokenized-{split_key(content)[:32]}"
     if (directory / SPLIT_FILE).is_file():
         try:
-            return _open(directory, views, found=True)
+            found = _open(directory, views, found=True, source=content.get("source"))
+            logger.warning("%s", _hit_line(found.directory, content.get("source")))
+            return found
         except (OSError, ValueError, KeyError) as error:
             logger.warning("Tokenizing again: %s does not open (%s).", directory, error)
             shutil.rmtree(directory, ignore_errors=True)
@@ -85,6 +87,7 @@ def open_or_tokenize(
     _sweep_abandoned_builds(root)
     building = Path(tempfile.mkdtemp(prefix=f".{directory.name}-{_HOST}-{os.getpid()}-", dir=root))
     try:
+        data_checksums = _data_checksums(content.get("source"))  # before the read: what it reads is no older
         pairs = stream()
         result = tokenize_for_models(
             pairs,
@@ -101,6 +104,7 @@ def open_or_tokenize(
             "dropped": dict(result.dropped),
             "read": counts.to_dict(),
             "files": _checksums(building, sorted(set(result.owners))),
+            "data_checksums": data_checksums,
         }
         (building / SPLIT_FILE).write_text(json.dumps(account, indent=2, sort_keys=True), encoding="utf-8")
         building.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users of a shared cache out
@@ -175,12 +179,47 @@ def _check_files(directory: Path, expected: dict[str, str]) -> None:
             raise ValueError(f"{name} does not match the checksum written with it")
 
 
-def _open(directory: Path, views: Sequence[ModelView], *, found: bool) -> CachedSplit:
+def _data_files(source: Any) -> list[Path]:
+    """The files of a source identity (``data.source_identity``), or none for another form of content."""
+    if not isinstance(source, dict) or "files" not in source:
+        return []
+    path = Path(source["path"])
+    return [path if source.get("split") is None else path / name for name, *_ in source["files"]]
+
+
+def _data_checksums(source: Any) -> list[str]:
+    return [sampled_digest(file) for file in _data_files(source)]
+
+
+def _sampled(file: Path) -> bool:
+    return file.stat().st_size > (SAMPLES + 2) * SAMPLE_BYTES
+
+
+def _hit_line(directory: Path, source: Any) -> str:
+    """The one visible line of a cache hit: what the entry was keyed on, and what that cannot see."""
+    files = _data_files(source)
+    if not files:
+        return f"Tokens found in the cache: {directory}."
+    sampled = [file.name for file in files if _sampled(file)]
+    seen = (
+        f"and a checksum of {', '.join(sampled)}'s first and last MiB and {SAMPLES} sampled MiB (an edit elsewhere "
+        "that keeps the size and time is not seen: data.cache_tokenized=false reads the data again)"
+        if sampled
+        else "and a checksum of every byte"
+    )
+    return f"Tokens found in the cache: {directory} (keyed on {source['path']}'s size, modification time {seen})."
+
+
+def _open(directory: Path, views: Sequence[ModelView], *, found: bool, source: Any = None) -> CachedSplit:
     account = json.loads((directory / SPLIT_FILE).read_text(encoding="utf-8"))
     owners = account["owners"]
     if len(owners) != len(views):
         raise ValueError(f"it holds {len(owners)} views, not {len(views)}")
     _check_files(directory, account["files"])
+    if source is not None and account["data_checksums"] != _data_checksums(source):
+        raise ValueError(
+            f"{source['path']} changed since it was tokenized (same size and modification time, other bytes)"
+        )
     remedy = f"delete {directory} and run the command again (it is tokenized afresh)"
     stored = {k: StoredPairs(directory / f"view-{k}", remedy=remedy) for k in sorted(set(owners))}
     if len({len(pairs) for pairs in stored.values()}) > 1:
