@@ -197,22 +197,57 @@ def test_a_build_that_loses_the_race_uses_the_entry_stored_first(tmp_path, run_s
     assert list(split.tokenization.pair_ids) == list(tokenize(config).tokenization.pair_ids)
 
 
-def test_the_leftovers_of_a_killed_build_are_removed_by_the_next(tmp_path, run_setup, data_file):
+HOLD_A_BUILD = """
+import fcntl, os, sys, time
+path = sys.argv[1]
+os.makedirs(path)
+lock = os.open(os.path.join(path, ".build.lock"), os.O_CREAT | os.O_RDWR)
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_build_is_removed_only_when_its_lock_is_free_whatever_its_host_and_pid(
+    tmp_path, run_setup, data_file
+):
     import subprocess
     import sys
+    import time
 
-    from mrpo.tokenized_cache import _HOST
+    from mrpo.tokenized_cache import _HOST, start_build
 
     config = write_config(tmp_path, run_setup, data_file)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)  # fmt: skip
+    # Killed: its process ended, so its lock is free.
+    killed = subprocess.run(
+        [sys.executable, "-c", "from pathlib import Path; import sys; from mrpo.tokenized_cache import start_build; "
+         "print(start_build(Path(sys.argv[1]), 'tokenized-' + '0' * 32)[0])", str(cache)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # Live in another container: the same host name, a pid that is dead in this pid space, its lock held.
+    other = cache / f".tokenized-{'1' * 32}-{_HOST}-{dead_pid}-abc123"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_BUILD, str(other)], stdout=subprocess.PIPE, text=True
     )
-    leftover = tmp_path / "cache" / f".tokenized-{'0' * 32}-{_HOST}-{int(dead.stdout)}-abc123"
-    (leftover / "view-0").mkdir(parents=True)
-    alive = tmp_path / "cache" / f".tokenized-{'1' * 32}-{_HOST}-{os.getpid()}-abc123"
-    alive.mkdir()
-    tokenize(config)
-    assert not leftover.exists() and alive.exists()  # a live build is left alone
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        mine, lock = start_build(cache, "tokenized-" + "2" * 32)  # live in this process
+        old = cache / f".tokenized-{'3' * 32}-{_HOST}-1-abc123"  # an older layout's leftover: no lock file
+        old.mkdir()
+        os.utime(old, (time.time() - 3600,) * 2)
+        tokenize(config)
+        assert not Path(killed).exists() and not old.exists()
+        assert other.exists() and mine.exists()  # live builds are left alone
+        os.close(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+    tokenize(write_config(tmp_path, run_setup, data_file, max_length=40))  # another entry: sweeps again
+    assert not other.exists() and not mine.exists()
 
 
 def _flip(path: Path, at: int, mask: int = 0xFF) -> None:

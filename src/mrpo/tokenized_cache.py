@@ -17,6 +17,7 @@ samples miss is a ``CacheError`` at the read naming the entry to delete, never o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,27 +87,9 @@ def open_or_tokenize(
         shutil.rmtree(directory, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(root)
-    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}-{_HOST}-{os.getpid()}-", dir=root))
+    building, lock = start_build(root, directory.name)
     try:
-        data_checksums = _data_checksums(content.get("source"))  # before the read: what it reads is no older
-        pairs = stream()
-        result = tokenize_for_models(
-            pairs,
-            views,
-            max_length=max_length,
-            overflow=overflow,  # type: ignore[arg-type]
-            storage=lambda k: PairWriter(building / f"view-{k}"),
-        )
-        counts = pairs.counts()  # raises what an empty or all-invalid read raises
-        account = {
-            "content": content,
-            "view_names": result.view_names,
-            "owners": result.owners,
-            "dropped": dict(result.dropped),
-            "read": counts.to_dict(),
-            "files": _checksums(building, sorted(set(result.owners))),
-            "data_checksums": data_checksums,
-        }
+        account = _tokenize_into(building, content, views, stream, max_length=max_length, overflow=overflow)
         (building / SPLIT_FILE).write_text(json.dumps(account, indent=2, sort_keys=True), encoding="utf-8")
         building.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users of a shared cache out
         try:
@@ -118,7 +102,56 @@ def open_or_tokenize(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)  # releases the build's lock
     return _open(directory, views, found=False)
+
+
+def _tokenize_into(
+    building: Path,
+    content: dict[str, Any],
+    views: Sequence[ModelView],
+    stream: Callable[[], PairStream],
+    *,
+    max_length: Sequence[int | None],
+    overflow: str,
+) -> dict[str, Any]:
+    """Read ``stream()`` once, tokenizing for every view into ``building``; the entry's account."""
+    data_checksums = _data_checksums(content.get("source"))  # before the read: what it reads is no older
+    pairs = stream()
+    result = tokenize_for_models(
+        pairs,
+        views,
+        max_length=max_length,
+        overflow=overflow,  # type: ignore[arg-type]
+        storage=lambda k: PairWriter(building / f"view-{k}"),
+    )
+    counts = pairs.counts()  # raises what an empty or all-invalid read raises
+    return {
+        "content": content,
+        "view_names": result.view_names,
+        "owners": result.owners,
+        "dropped": dict(result.dropped),
+        "read": counts.to_dict(),
+        "files": _checksums(building, sorted(set(result.owners))),
+        "data_checksums": data_checksums,
+    }
+
+
+BUILD_LOCK = ".build.lock"
+"""The file in a build's directory whose lock (``fcntl.flock``) its process holds while it builds."""
+
+_UNLOCKED_GRACE_S = 60.0
+"""A build directory without its lock file is taken for dead only when older than this (a build creates the file
+right after the directory)."""
+
+
+def start_build(root: Path, name: str) -> tuple[Path, int]:
+    """A new temporary build directory under ``root`` and the descriptor holding its lock (close it to release)."""
+    building = Path(tempfile.mkdtemp(prefix=f".{name}-{_HOST}-{os.getpid()}-", dir=root))
+    lock = os.open(building / BUILD_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return building, lock
 
 
 _HOST = socket.gethostname().replace("-", "_")
@@ -131,16 +164,33 @@ def _umask() -> int:
 
 
 def _sweep_abandoned_builds(root: Path) -> None:
-    """Remove the temporary directories of builds on this host whose process is gone (killed, out of memory)."""
-    for path in root.glob(f".tokenized-*-{_HOST}-*-*"):
+    """Remove the temporary directories of builds that were stopped (killed, out of memory).
+
+    A build is dead if and only if its lock can be taken: the kernel releases a process's locks when it ends,
+    whatever host name or pid space it had (two containers may share both with separate processes).
+    """
+    for path in root.glob(".tokenized-*"):
         try:
-            pid = int(path.name.split("-")[3])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            logger.warning("Removing %s: the build that wrote it was stopped before it finished.", path)
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue  # not a name we wrote, or another user's live process
+            lock = os.open(path / BUILD_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if path.is_dir() and time.time() - path.stat().st_mtime > _UNLOCKED_GRACE_S:
+                _remove_dead_build(path)
+            continue
+        except OSError:
+            continue  # not a directory we wrote, or not ours to open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live build
+        else:
+            _remove_dead_build(path)
+        finally:
+            os.close(lock)
+
+
+def _remove_dead_build(path: Path) -> None:
+    logger.warning("Removing %s: the build that wrote it was stopped before it finished.", path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 SAMPLE_BYTES = 1 << 20
