@@ -686,3 +686,44 @@ def test_entries_scored_from_other_tokens_are_scored_again_and_never_served(tmp_
     with pytest.raises(CacheError, match=r"lacks 1 of .* pairs from these tokens .*first: pair id"):
         references.open_cache(specs, views, result.pair_ids, cache_dir, device="cpu",
                               tokenized=[result.per_view[0], damaged])  # fmt: skip
+
+
+def _precompute_in_process(model: str, cache_dir: str, out: str, barrier) -> None:
+    import time as _time
+
+    original = references.score_pairs
+
+    def slow(*args, **kwargs):  # long enough that the two runs overlap
+        _time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    references.score_pairs = slow
+    specs = [spec("init", model)]
+    views = [ModelView(load_tokenizer(model), name="init")]
+    result = tokenize_for_models(pair_set(), views, max_length=[None])
+    barrier.wait()
+    cache = precompute(specs, views, result.per_view, cache_dir, device="cpu", show_progress=False)
+    Path(out).write_text(json.dumps([cache.reports[0].computed, cache.reports[0].reused]))
+
+
+def test_two_runs_filling_one_store_at_once_score_each_pair_once(tmp_path, model_dirs):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    outputs = [tmp_path / f"out-{i}.json" for i in range(2)]
+    processes = [
+        context.Process(
+            target=_precompute_in_process,
+            args=(str(model_dirs["llama"]), str(tmp_path / "cache"), str(out), barrier),
+        )
+        for out in outputs
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    reports = sorted(json.loads(out.read_text()) for out in outputs)
+    n = len(pair_set())
+    assert reports == [[0, n], [n, 0]]  # the second waited for the first and reused every pair

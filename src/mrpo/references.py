@@ -23,6 +23,8 @@ each writing its own shards; everyone reads all shards after a barrier.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import gc
 import hashlib
@@ -430,40 +432,76 @@ def precompute(
     for spec, view, pairs in zip(specs, views, tokenized, strict=True):
         start = time.perf_counter()
         key = store_key(spec, view, overflow, device)
-        store = ReferenceStore.open(root, key)
-        # Every process must see the same store before any of them writes to it: a process that opened it after
-        # another had written shards would find fewer pairs missing, split them differently, and pairs would be
-        # scored twice or by nobody.
-        state.wait_for_everyone()
-        pair_ids = pair_ids_of(pairs)
-        numbers, tags = pair_numbers(pair_ids), pair_token_tags(pairs)
-        token_tags.append((numbers, tags))
-        absent = np.flatnonzero(store.entries.positions(numbers, tags) < 0)
-        _warn_other_tokens(spec, store, numbers[absent])
-        # Indices, not pairs: the first index of each distinct missing pair id (a duplicated row is scored once).
-        _, first = np.unique(numbers[absent], return_index=True)
-        todo = np.sort(absent[first])
-        if len(todo):
-            _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
-            # Every process computed the same todo from the same store: all of them read the others' shards.
+        # Another run scoring into this store: wait for it and reuse what it wrote (one lock per run, taken by
+        # its main process, so the processes of one run still split the work).
+        with _store_lock(store_directory(root, key), enabled=state.is_main_process):
             state.wait_for_everyone()
-            store.reload()
-        stores.append(store)
-        seconds = time.perf_counter() - start
-        reports.append(
-            _report(
-                spec,
-                store,
-                numbers,
-                computed=len(todo),
-                reused=len(pair_ids) - len(absent),
-                seconds=seconds,
+            store = ReferenceStore.open(root, key)
+            # Every process must see the same store before any of them writes to it: a process that opened it
+            # after another had written shards would find fewer pairs missing, split them differently, and pairs
+            # would be scored twice or by nobody.
+            state.wait_for_everyone()
+            stores.append(store)
+            reports.append(
+                _fill_store(spec, view, pairs, store, device, state, show_progress, token_tags, start)
             )
-        )
     cache = ReferenceCache([spec.name for spec in specs], stores, reports, token_tags)
     if state.is_main_process:
         logger.info("Reference cache under %s:\n%s", root, cache.summary())
     return cache
+
+
+STORE_LOCK = ".lock"
+"""The file in a store whose lock (``fcntl.flock``) a run's main process holds while it fills the store."""
+
+
+@contextlib.contextmanager
+def _store_lock(directory: Path, *, enabled: bool):
+    if not enabled:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = os.open(directory / STORE_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("Waiting for another run scoring into %s (its pairs are then reused).", directory)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+def _fill_store(
+    spec: ReferenceConfig,
+    view: ModelView,
+    pairs: Sequence[TokenizedPair],
+    store: ReferenceStore,
+    device: torch.device,
+    state,
+    show_progress: bool,
+    token_tags: list[tuple[np.ndarray, np.ndarray]],
+    start: float,
+) -> ReferenceReport:
+    """Score the pairs ``store`` lacks (for these tokens) into it; what was done."""
+    pair_ids = pair_ids_of(pairs)
+    numbers, tags = pair_numbers(pair_ids), pair_token_tags(pairs)
+    token_tags.append((numbers, tags))
+    absent = np.flatnonzero(store.entries.positions(numbers, tags) < 0)
+    _warn_other_tokens(spec, store, numbers[absent])
+    # Indices, not pairs: the first index of each distinct missing pair id (a duplicated row is scored once).
+    _, first = np.unique(numbers[absent], return_index=True)
+    todo = np.sort(absent[first])
+    if len(todo):
+        _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
+        # Every process computed the same todo from the same store: all of them read the others' shards.
+        state.wait_for_everyone()
+        store.reload()
+    seconds = time.perf_counter() - start
+    return _report(
+        spec, store, numbers, computed=len(todo), reused=len(pair_ids) - len(absent), seconds=seconds
+    )
 
 
 def _warn_other_tokens(spec: ReferenceConfig, store: ReferenceStore, absent: np.ndarray) -> None:
