@@ -727,3 +727,20 @@ def test_two_runs_filling_one_store_at_once_score_each_pair_once(tmp_path, model
     reports = sorted(json.loads(out.read_text()) for out in outputs)
     n = len(pair_set())
     assert reports == [[0, n], [n, 0]]  # the second waited for the first and reused every pair
+
+
+def test_a_full_disk_during_a_shard_write_is_one_cache_error_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from mrpo.references import StoreKey
+
+    store = ReferenceStore.open(tmp_path, StoreKey("fp", "tok", None, "drop", "torch.float32"))
+
+    def full_disk(payload, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(references.torch, "save", full_disk)
+    with pytest.raises(CacheError, match=r"cannot write a shard .*No space left on device.*rerun resumes"):
+        store.write_shard(["a"], torch.tensor([[-1.0, -2.0]]), torch.tensor([[1, 1]]), np.zeros(1, np.uint64))
+    assert not list(store.directory.glob("*.tmp")) and not list(store.directory.glob("shard-*"))

@@ -227,12 +227,22 @@ class ReferenceStore:
             "rejected_tokens": tokens[:, 1].contiguous(),
             TAGS_COLUMN: torch.from_numpy(tags.view(np.int64).copy()),
         }
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-            torch.save(payload, handle)
-            temporary = Path(handle.name)
-        checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
-        final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
-        os.replace(temporary, final)
+        temporary = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
+                temporary = Path(handle.name)
+                torch.save(payload, handle)
+            checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
+            final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
+            os.replace(temporary, final)
+        except OSError as error:  # a full disk, a read-only cache: no half-written file left behind
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+            raise CacheError(
+                f"cannot write a shard of the reference store {self.directory}: {error.strerror or error}. "
+                "Free space there or point cache_dir elsewhere; the shards written so far are kept (a rerun "
+                "resumes)"
+            ) from error
         self.entries.add(list(pair_ids), torch.cat([values.float(), tokens.float()], dim=1).numpy(), tags)
         return final
 
