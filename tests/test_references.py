@@ -11,6 +11,7 @@ import random
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -610,7 +611,10 @@ def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(t
     key = StoreKey("fp", "tok", None, "drop", "torch.float32")
     store = ReferenceStore.open(tmp_path, key)
     store.write_shard(
-        ["a", "b"], torch.tensor([[-1.0, -2.0], [float("-inf"), -3.0]]), torch.tensor([[1, 1], [1, 1]])
+        ["a", "b"],
+        torch.tensor([[-1.0, -2.0], [float("-inf"), -3.0]]),
+        torch.tensor([[1, 1], [1, 1]]),
+        np.zeros(2, np.uint64),
     )
     cache = ReferenceCache(["ext"], [store])
     with pytest.raises(CacheError, match=r"reference 1 \('ext'\) gives a non-finite log-prob .* pair id b"):
@@ -651,3 +655,92 @@ def test_the_same_model_under_another_name_or_path_reuses_the_store(tmp_path, mo
     again, _ = run_precompute(pair_set(), [spec("teacher", copy_dir)], tmp_path / "cache")
     assert again.reports[0].computed == 0 and again.reports[0].reused == len(pair_set())
     assert again.stores[0].directory == first.stores[0].directory
+
+
+def test_entries_scored_from_other_tokens_are_scored_again_and_never_served(tmp_path, model_dirs, caplog):
+    from mrpo.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
+
+    specs = [spec("init", model_dirs["llama"]), spec("gemma", model_dirs["gemma"])]
+    views = [ModelView(load_tokenizer(s.model), name=s.name) for s in specs]
+    result = tokenize_for_models(pair_set(), views, max_length=[None, None])
+    clean = precompute(specs, views, result.per_view, tmp_path / "clean", device="cpu", show_progress=False)
+
+    # The same pair ids with one completion token changed in pair 1 for gemma (a damaged tokenized entry).
+    damaged = list(result.per_view[1])
+    ids = list(damaged[1].chosen.input_ids)
+    ids[-1] = (ids[-1] + 1) % 50
+    damaged[1] = TokenizedPair(
+        damaged[1].pair_id,
+        TokenizedSequence(tuple(ids), damaged[1].chosen.prompt_length),
+        damaged[1].rejected,
+    )
+    cache_dir = tmp_path / "cache"
+    precompute(specs, views, [result.per_view[0], TokenizedPairs(damaged)], cache_dir, device="cpu",
+               show_progress=False)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mrpo.references"):
+        again = precompute(specs, views, result.per_view, cache_dir, device="cpu", show_progress=False)
+    assert [r.computed for r in again.reports] == [0, 1]  # only the pair whose tokens differ
+    assert "1 pair(s)" in caplog.text and "scored from other tokens" in caplog.text
+    assert torch.equal(values(again, result.pair_ids), values(clean, result.pair_ids))
+    # A reader given the damaged tokens finds no entry for them (the store now holds the clean pair's).
+    with pytest.raises(CacheError, match=r"lacks 1 of .* pairs from these tokens .*first: pair id"):
+        references.open_cache(specs, views, result.pair_ids, cache_dir, device="cpu",
+                              tokenized=[result.per_view[0], damaged])  # fmt: skip
+
+
+def _precompute_in_process(model: str, cache_dir: str, out: str, barrier) -> None:
+    import time as _time
+
+    original = references.score_pairs
+
+    def slow(*args, **kwargs):  # long enough that the two runs overlap
+        _time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    references.score_pairs = slow
+    specs = [spec("init", model)]
+    views = [ModelView(load_tokenizer(model), name="init")]
+    result = tokenize_for_models(pair_set(), views, max_length=[None])
+    barrier.wait()
+    cache = precompute(specs, views, result.per_view, cache_dir, device="cpu", show_progress=False)
+    Path(out).write_text(json.dumps([cache.reports[0].computed, cache.reports[0].reused]))
+
+
+def test_two_runs_filling_one_store_at_once_score_each_pair_once(tmp_path, model_dirs):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    outputs = [tmp_path / f"out-{i}.json" for i in range(2)]
+    processes = [
+        context.Process(
+            target=_precompute_in_process,
+            args=(str(model_dirs["llama"]), str(tmp_path / "cache"), str(out), barrier),
+        )
+        for out in outputs
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    reports = sorted(json.loads(out.read_text()) for out in outputs)
+    n = len(pair_set())
+    assert reports == [[0, n], [n, 0]]  # the second waited for the first and reused every pair
+
+
+def test_a_full_disk_during_a_shard_write_is_one_cache_error_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from mrpo.references import StoreKey
+
+    store = ReferenceStore.open(tmp_path, StoreKey("fp", "tok", None, "drop", "torch.float32"))
+
+    def full_disk(payload, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(references.torch, "save", full_disk)
+    with pytest.raises(CacheError, match=r"cannot write a shard .*No space left on device.*rerun resumes"):
+        store.write_shard(["a"], torch.tensor([[-1.0, -2.0]]), torch.tensor([[1, 1]]), np.zeros(1, np.uint64))
+    assert not list(store.directory.glob("*.tmp")) and not list(store.directory.glob("shard-*"))

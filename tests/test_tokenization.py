@@ -203,9 +203,9 @@ def test_tokenized_pairs_store_flat_and_read_back_the_same_pairs():
     assert pair_ids_of(compact) == pair_ids_of(pairs) == result.pair_ids
     for j in range(2 * len(pairs)):
         assert sequence_at(compact, j) == sequence_at(pairs, j)
-    # 4 bytes a token (plus two small arrays per sequence), not a tuple of Python ints.
+    # 4 bytes a token (plus the end, prompt length and checksum of each sequence), not a tuple of Python ints.
     tokens = sum(sequence_lengths(pairs))
-    assert compact.nbytes == 4 * tokens + (8 + 4) * 2 * len(pairs)
+    assert compact.nbytes == 4 * tokens + (8 + 4 + 8) * 2 * len(pairs)
 
 
 def test_views_of_one_tokenizer_object_tokenize_each_pair_once_and_share_storage(monkeypatch):

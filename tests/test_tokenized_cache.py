@@ -197,19 +197,201 @@ def test_a_build_that_loses_the_race_uses_the_entry_stored_first(tmp_path, run_s
     assert list(split.tokenization.pair_ids) == list(tokenize(config).tokenization.pair_ids)
 
 
-def test_the_leftovers_of_a_killed_build_are_removed_by_the_next(tmp_path, run_setup, data_file):
+HOLD_A_BUILD = """
+import fcntl, os, sys, time
+path = sys.argv[1]
+os.makedirs(path)
+lock = os.open(os.path.join(path, ".build.lock"), os.O_CREAT | os.O_RDWR)
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_build_is_removed_only_when_its_lock_is_free_whatever_its_host_and_pid(
+    tmp_path, run_setup, data_file
+):
     import subprocess
     import sys
+    import time
 
-    from mrpo.tokenized_cache import _HOST
+    from mrpo.tokenized_cache import _HOST, start_build
 
     config = write_config(tmp_path, run_setup, data_file)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)  # fmt: skip
+    # Killed: its process ended, so its lock is free.
+    killed = subprocess.run(
+        [sys.executable, "-c", "from pathlib import Path; import sys; from mrpo.tokenized_cache import start_build; "
+         "print(start_build(Path(sys.argv[1]), 'tokenized-' + '0' * 32)[0])", str(cache)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # Live in another container: the same host name, a pid that is dead in this pid space, its lock held.
+    other = cache / f".tokenized-{'1' * 32}-{_HOST}-{dead_pid}-abc123"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_BUILD, str(other)], stdout=subprocess.PIPE, text=True
     )
-    leftover = tmp_path / "cache" / f".tokenized-{'0' * 32}-{_HOST}-{int(dead.stdout)}-abc123"
-    (leftover / "view-0").mkdir(parents=True)
-    alive = tmp_path / "cache" / f".tokenized-{'1' * 32}-{_HOST}-{os.getpid()}-abc123"
-    alive.mkdir()
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        mine, lock = start_build(cache, "tokenized-" + "2" * 32)  # live in this process
+        old = cache / f".tokenized-{'3' * 32}-{_HOST}-1-abc123"  # an older layout's leftover: no lock file
+        old.mkdir()
+        os.utime(old, (time.time() - 3600,) * 2)
+        tokenize(config)
+        assert not Path(killed).exists() and not old.exists()
+        assert other.exists() and mine.exists()  # live builds are left alone
+        os.close(lock)
+    finally:
+        holder.kill()
+        holder.wait()
+    tokenize(write_config(tmp_path, run_setup, data_file, max_length=40))  # another entry: sweeps again
+    assert not other.exists() and not mine.exists()
+
+
+def _flip(path: Path, at: int, mask: int = 0xFF) -> None:
+    content = bytearray(path.read_bytes())
+    content[at] ^= mask
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize(
+    ("name", "where", "mask"),
+    [
+        ("ids.i32", lambda size: size // 2, 0xFF),  # a byte of a token id, same size
+        ("prompts.i32", lambda size: 4, 0x01),  # one prompt length off by one
+        ("ends.i64", lambda size: 8, 0x01),  # the lowest bit of an offset: a token moves between sequences
+        ("hashes.u64", lambda size: 0, 0x01),
+        ("pair_ids.txt", lambda size: 0, 0x01),
+    ],
+)
+def test_a_damaged_file_of_the_same_size_is_detected_at_open_and_rebuilt(
+    tmp_path, run_setup, data_file, caplog, name, where, mask
+):
+    config = write_config(tmp_path, run_setup, data_file)
+    clean = tokenize(config)
+    expected = [list(view) for view in clean.tokenization.per_view]
+    (entry,) = (tmp_path / "cache").glob("tokenized-*")
+    path = entry / "view-2" / name
+    _flip(path, where(path.stat().st_size), mask)
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        again = tokenize(config)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(entry) in line and f"view-2/{name} does not match the checksum" in line
+    assert [list(view) for view in again.tokenization.per_view] == expected
+
+
+def test_damage_the_open_samples_miss_is_caught_when_the_sequence_is_read(
+    tmp_path, run_setup, data_file, monkeypatch
+):
+    import mrpo.tokenized_cache as tokenized_cache
+    from mrpo.errors import CacheError
+
+    monkeypatch.setattr(tokenized_cache, "SAMPLE_BYTES", 4)  # ids.i32 "large": 4-byte samples
+    monkeypatch.setattr(tokenized_cache, "SAMPLES", 1)
+    config = write_config(tmp_path, run_setup, data_file)
     tokenize(config)
-    assert not leftover.exists() and alive.exists()  # a live build is left alone
+    (entry,) = (tmp_path / "cache").glob("tokenized-*")
+    ids = entry / "view-2" / "ids.i32"
+    _flip(ids, ids.stat().st_size // 3)  # between the samples
+    split = tokenize(config)  # opens: the samples match
+    with pytest.raises(
+        CacheError, match=rf"does not match the checksum .* delete {entry} and run the command"
+    ):
+        list(split.tokenization.per_view[2])
+
+
+def test_an_entry_without_its_account_is_removed_and_rebuilt_once(tmp_path, run_setup, data_file, caplog):
+    config = write_config(tmp_path, run_setup, data_file)
+    expected = list(tokenize(config).tokenization.pair_ids)
+    (entry,) = (tmp_path / "cache").glob("tokenized-*")
+    (entry / "split.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        assert list(tokenize(config).tokenization.pair_ids) == expected
+    assert f"{entry} is incomplete (it has no split.json)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrpo.tokenized_cache"):
+        again = tokenize(config)  # found: not tokenized a second time
+    assert list(again.tokenization.pair_ids) == expected and "Tokenizing again" not in caplog.text
+    assert entries(config) == [entry.name]
+
+
+def _edit_keeping_size_and_time(path: Path, at: int) -> None:
+    status = path.stat()
+    content = bytearray(path.read_bytes())
+    content[at] = ord("X") if content[at] != ord("X") else ord("Y")
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+def _text_offset(path: Path, fraction: float) -> int:
+    """An offset near ``fraction`` of the file inside a JSON string value (an edit there keeps the row valid)."""
+    content = path.read_bytes()
+    at = content.index(b'"content": "', int(len(content) * fraction)) + len(b'"content": "')
+    return at
+
+
+def test_a_data_file_edited_in_place_keeping_size_and_time_is_tokenized_again(
+    tmp_path, run_setup, data_file, caplog
+):
+    config = write_config(tmp_path, run_setup, data_file)
+    before = list(tokenize(config).tokenization.pair_ids)
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        tokenize(config)
+    (hit,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert hit.startswith("Tokens found in the cache:") and "a checksum of every byte" in hit
+    _edit_keeping_size_and_time(data_file, _text_offset(data_file, 0.5))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        after = list(tokenize(config).tokenization.pair_ids)
+    assert "changed since it was tokenized (same size and modification time, other bytes)" in caplog.text
+    assert after != before and len(after) == len(before)
+
+
+@pytest.mark.parametrize(("fraction", "seen"), [(0.0, True), (0.999, True), (0.4, False)])
+def test_a_large_data_file_is_checked_by_its_ends_and_samples_and_the_hit_says_so(
+    tmp_path, run_setup, data_file, caplog, monkeypatch, fraction, seen
+):
+    import mrpo.tokenized_cache as tokenized_cache
+
+    size = data_file.stat().st_size
+    monkeypatch.setattr(tokenized_cache, "SAMPLE_BYTES", size // 8)  # "first and last MiB": an eighth each
+    monkeypatch.setattr(tokenized_cache, "SAMPLES", 1)  # one sample in the middle
+    config = write_config(tmp_path, run_setup, data_file)
+    before = list(tokenize(config).tokenization.pair_ids)
+    content = data_file.read_bytes()
+    if fraction == 0.0:
+        at = _text_offset(data_file, 0.0)
+    elif fraction > 0.9:
+        at = content.rindex(b'"content": "') + len(b'"content": "')
+    else:
+        at = _text_offset(data_file, fraction)
+    assert (
+        at < size // 8 or at >= size - size // 8
+    ) == seen  # the edit is inside the ends or between samples
+    _edit_keeping_size_and_time(data_file, at)
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        after = list(tokenize(config).tokenization.pair_ids)
+    if seen:
+        assert "changed since it was tokenized" in caplog.text and after != before
+    else:  # the limit, stated in the visible line
+        (hit,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "first and last MiB and 1 sampled MiB (an edit elsewhere" in hit
+        assert "data.cache_tokenized=false reads the data again" in hit and after == before
+
+
+def test_inspect_names_pairs_gone_from_the_data_in_one_line_not_a_key_error(run_setup, capsys, monkeypatch):
+    import mrpo.pipeline as pipeline
+    from mrpo.cli import main
+    from test_inspect_cli import inspect_config
+
+    config = inspect_config(run_setup, "lost-pairs")
+    assert main(["precompute", str(config)]) == 0
+    # The data changed in a way no check saw: reading it again finds none of the cached pairs.
+    monkeypatch.setattr(pipeline, "find_pairs", lambda *args: {})
+    capsys.readouterr()
+    assert main(["inspect", str(config), "--suspect-threshold", "0"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("mrpo ")]
+    assert "Traceback" not in err and "are no longer in" in line and "data.cache_tokenized=false" in line

@@ -23,7 +23,7 @@ import torch
 from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import MRPOConfig, padding_free_enabled
 from mrpo.data import DataError, PairSet
-from mrpo.errors import TrainingInterrupted
+from mrpo.errors import CacheError, TrainingInterrupted
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.pairs import PairCounts, PreferencePair
 from mrpo.preflight import check_resumable, check_services, claim_output_dir, resume_checkpoint
@@ -205,6 +205,7 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         config.cache_dir,
         overflow=config.data.overflow,
         config_path=config_path,
+        tokenized=tokenized.tokenization.per_view[1:],
     )
     columns = cache.columns(pair_ids)
     audit = audit_split(
@@ -219,6 +220,13 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         suspect_threshold=threshold,
     )
     by_id = find_pairs(config, split, tokenized, {suspect.pair_id for suspect in audit.suspects})
+    lost = [suspect.pair_id for suspect in audit.suspects if suspect.pair_id not in by_id]
+    if lost:
+        raise CacheError(
+            f"{len(lost)} {split} pair(s) of the tokenized cache (first: pair id {lost[0]}) are no longer in "
+            f"{tokenized.counts.source}: the file changed since it was tokenized. Run again with "
+            "data.cache_tokenized=false, or remove its entries (`mrpo cache prune`)"
+        )
     rows = []
     for rank, suspect in enumerate(audit.suspects, start=1):
         pair = by_id[suspect.pair_id]

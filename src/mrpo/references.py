@@ -6,8 +6,12 @@ template (the view's fingerprint), whose token ids it scores (its own, or the po
 the overflow policy and ``max_length`` when it truncates (with the default ``overflow="drop"`` a pair is scored
 whole or not at all, so the limit changes no stored number), the dtype and ``LOGPROB_CODE_VERSION``.
 The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an entry ``pair_id ->
-log-probs`` can never be served for other text. A store is therefore shared by every data set, subsample and run
-that uses the same reference: adding pairs computes only the missing ones.
+log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact token ids it scored
+(``token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this reference's view); a
+lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a tokenized entry damaged,
+then rebuilt) reads as missing and is scored again: damage upstream never reaches a store. A store is therefore
+shared by every data set, subsample and run that uses the same reference: adding pairs computes only the missing
+ones.
 
 Entries are written in shards. Each shard is written to a temporary name and renamed (atomic), and its file name
 carries the sha256 of its bytes, so a killed run resumes from the finished shards and a truncated, corrupt or
@@ -19,6 +23,8 @@ each writing its own shards; everyone reads all shards after a barrier.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import gc
 import hashlib
@@ -40,7 +46,7 @@ from mrpo.errors import CacheError
 from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
 from mrpo.pair_table import PairTable, pair_numbers
-from mrpo.token_store import TokenizedPair, pair_ids_of, sequence_at, sequence_lengths
+from mrpo.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.tokenization import ModelView
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,9 @@ ENTRY_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_to
 ENTRY_WIDTH = len(ENTRY_COLUMNS)
 """An entry is four float32 numbers (16 bytes): the log-probs are float32 when computed, and a token count is exact
 in float32 below 2**24 tokens a sequence."""
+
+TAGS_COLUMN = "token_tags"
+"""A shard's column of the 64-bit tags of the tokens each entry scored (stored as int64)."""
 
 SHARD_PAIRS = 512
 """Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
@@ -187,25 +196,33 @@ class ReferenceStore:
             if not isinstance(payload, dict) or payload.get("key") != self.key.digest:
                 self._discard(shard, "it was written for another model, tokenizer or setting")
                 continue
+            if TAGS_COLUMN not in payload:
+                self._discard(shard, "it was written before entries were tagged with the tokens they scored")
+                continue
             try:
                 pair_ids = list(payload["pair_ids"])
                 columns = [payload[name].float().numpy() for name in ENTRY_COLUMNS]
-                if any(column.shape != (len(pair_ids),) for column in columns):
+                tags = payload[TAGS_COLUMN].numpy().view(np.uint64)
+                if any(column.shape != (len(pair_ids),) for column in [*columns, tags]):
                     raise ValueError(f"{len(pair_ids)} pair ids but columns of {[c.shape for c in columns]}")
             except Exception as error:  # noqa: BLE001 - missing fields or ragged columns: not a shard we can use
                 self._discard(
                     shard, f"its content is not a well-formed shard ({type(error).__name__}: {error})"
                 )
                 continue
-            self.entries.add(pair_ids, np.stack(columns, axis=1))
+            self.entries.add(pair_ids, np.stack(columns, axis=1), tags)
 
     def _discard(self, shard: Path, why: str) -> None:
         logger.warning("Recomputing %s: %s.", shard, why)
         shard.unlink(missing_ok=True)
         self.discarded_shards += 1
 
-    def write_shard(self, pair_ids: Sequence[str], values: torch.Tensor, tokens: torch.Tensor) -> Path:
-        """Persist one shard atomically. ``values`` is (N, 2) float32 log-probs, ``tokens`` (N, 2) int64."""
+    def write_shard(
+        self, pair_ids: Sequence[str], values: torch.Tensor, tokens: torch.Tensor, tags: np.ndarray
+    ) -> Path:
+        """Persist one shard atomically. ``values`` is (N, 2) float32 log-probs, ``tokens`` (N, 2) int64 token
+        counts, ``tags`` (N,) uint64 the tags of the tokens scored (``pair_token_tags``)."""
+        tags = np.ascontiguousarray(tags, dtype=np.uint64)
         payload = {
             "key": self.key.digest,
             "pair_ids": list(pair_ids),
@@ -213,18 +230,29 @@ class ReferenceStore:
             "rejected_logps": values[:, 1].contiguous(),
             "chosen_tokens": tokens[:, 0].contiguous(),
             "rejected_tokens": tokens[:, 1].contiguous(),
+            TAGS_COLUMN: torch.from_numpy(tags.view(np.int64).copy()),
         }
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-            torch.save(payload, handle)
-            temporary = Path(handle.name)
-        checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
-        final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
-        os.replace(temporary, final)
-        self.entries.add(list(pair_ids), torch.cat([values.float(), tokens.float()], dim=1).numpy())
+        temporary = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
+                temporary = Path(handle.name)
+                torch.save(payload, handle)
+            checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
+            final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
+            os.replace(temporary, final)
+        except OSError as error:  # a full disk, a read-only cache: no half-written file left behind
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
+            raise CacheError(
+                f"cannot write a shard of the reference store {self.directory}: {error.strerror or error}. "
+                "Free space there or point cache_dir elsewhere; the shards written so far are kept (a rerun "
+                "resumes)"
+            ) from error
+        self.entries.add(list(pair_ids), torch.cat([values.float(), tokens.float()], dim=1).numpy(), tags)
         return final
 
-    def missing(self, pair_ids: Sequence[str]) -> list[str]:
-        return self.entries.missing(pair_ids)
+    def missing(self, pair_ids: Sequence[str], tags: np.ndarray | None = None) -> list[str]:
+        return self.entries.missing(pair_ids, tags)
 
 
 def store_directory(root: Path, key: StoreKey) -> Path:
@@ -317,11 +345,21 @@ class ReferenceCache:
     names: list[str]
     stores: list[ReferenceStore]
     reports: list[ReferenceReport] = field(default_factory=list)
+    token_tags: list[tuple[np.ndarray, np.ndarray]] | None = None
+    """Per reference, the pair numbers and the tags of the tokens the cache was opened for: ``columns`` of those
+    pairs serves only entries scored from those tokens."""
+
+    def _tags_for(self, k: int, numbers: np.ndarray) -> np.ndarray | None:
+        if self.token_tags is None:
+            return None
+        known, tags = self.token_tags[k]
+        return tags if np.array_equal(known, numbers) else None
 
     def columns(self, pair_ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """``reference_chosen_logps`` / ``reference_rejected_logps`` (K, N) float32 and token counts (K, N).
 
-        Raises CacheError naming the reference and the first missing pair when the cache was built for other data.
+        Raises CacheError naming the reference and the first missing pair when the cache was built for other data
+        (or, for the pairs it was opened for, scored from other tokens).
         """
         chosen = torch.empty(len(self.stores), len(pair_ids), dtype=torch.float32)
         rejected = torch.empty_like(chosen)
@@ -329,13 +367,13 @@ class ReferenceCache:
         rejected_tokens = torch.empty_like(chosen_tokens)
         numbers = pair_numbers(pair_ids)
         for k, (name, store) in enumerate(zip(self.names, self.stores, strict=True)):
-            positions = store.entries.positions(numbers)
+            positions = store.entries.positions(numbers, self._tags_for(k, numbers))
             absent = np.flatnonzero(positions < 0)
             if len(absent):
                 raise CacheError(
                     f"reference {k + 1} ({name!r}, store {store.directory}) has no log-probs for {len(absent)} of "
-                    f"{len(pair_ids)} pairs (first: pair id {pair_ids[absent[0]]}): the cache was built for other "
-                    "data. Run `mrpo precompute` with this config (or let `mrpo train` do it)."
+                    f"{len(pair_ids)} pairs from these tokens (first: pair id {pair_ids[absent[0]]}): the cache "
+                    "was built for other data. Run `mrpo precompute` with this config (or let `mrpo train` do it)."
                 )
             table = torch.from_numpy(store.entries.rows(positions))
             not_finite = (~torch.isfinite(table[:, :2])).any(dim=1).nonzero().flatten().tolist()
@@ -406,7 +444,7 @@ def precompute(
     state = PartialState()
     device = torch.device(device) if device is not None else state.device
     root = Path(cache_dir)
-    stores, reports = [], []
+    stores, reports, token_tags = [], [], []
     for spec, view, pairs in zip(specs, views, tokenized, strict=True):
         start = time.perf_counter()
         if spec.tokens == "policy" and state.is_main_process:
@@ -416,38 +454,89 @@ def precompute(
                 spec.name,
             )
         key = store_key(spec, view, overflow, device)
-        store = ReferenceStore.open(root, key)
-        # Every process must see the same store before any of them writes to it: a process that opened it after
-        # another had written shards would find fewer pairs missing, split them differently, and pairs would be
-        # scored twice or by nobody.
-        state.wait_for_everyone()
-        pair_ids = pair_ids_of(pairs)
-        numbers = pair_numbers(pair_ids)
-        absent = np.flatnonzero(store.entries.positions(numbers) < 0)
-        # Indices, not pairs: the first index of each distinct missing pair id (a duplicated row is scored once).
-        _, first = np.unique(numbers[absent], return_index=True)
-        todo = np.sort(absent[first])
-        if len(todo):
-            _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
-            # Every process computed the same todo from the same store: all of them read the others' shards.
+        # Another run scoring into this store: wait for it and reuse what it wrote (one lock per run, taken by
+        # its main process, so the processes of one run still split the work).
+        with _store_lock(store_directory(root, key), enabled=state.is_main_process):
             state.wait_for_everyone()
-            store.reload()
-        stores.append(store)
-        seconds = time.perf_counter() - start
-        reports.append(
-            _report(
-                spec,
-                store,
-                numbers,
-                computed=len(todo),
-                reused=len(pair_ids) - len(absent),
-                seconds=seconds,
+            store = ReferenceStore.open(root, key)
+            # Every process must see the same store before any of them writes to it: a process that opened it
+            # after another had written shards would find fewer pairs missing, split them differently, and pairs
+            # would be scored twice or by nobody.
+            state.wait_for_everyone()
+            stores.append(store)
+            reports.append(
+                _fill_store(spec, view, pairs, store, device, state, show_progress, token_tags, start)
             )
-        )
-    cache = ReferenceCache([spec.name for spec in specs], stores, reports)
+    cache = ReferenceCache([spec.name for spec in specs], stores, reports, token_tags)
     if state.is_main_process:
         logger.info("Reference cache under %s:\n%s", root, cache.summary())
     return cache
+
+
+STORE_LOCK = ".lock"
+"""The file in a store whose lock (``fcntl.flock``) a run's main process holds while it fills the store."""
+
+
+@contextlib.contextmanager
+def _store_lock(directory: Path, *, enabled: bool):
+    if not enabled:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = os.open(directory / STORE_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("Waiting for another run scoring into %s (its pairs are then reused).", directory)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+def _fill_store(
+    spec: ReferenceConfig,
+    view: ModelView,
+    pairs: Sequence[TokenizedPair],
+    store: ReferenceStore,
+    device: torch.device,
+    state,
+    show_progress: bool,
+    token_tags: list[tuple[np.ndarray, np.ndarray]],
+    start: float,
+) -> ReferenceReport:
+    """Score the pairs ``store`` lacks (for these tokens) into it; what was done."""
+    pair_ids = pair_ids_of(pairs)
+    numbers, tags = pair_numbers(pair_ids), pair_token_tags(pairs)
+    token_tags.append((numbers, tags))
+    absent = np.flatnonzero(store.entries.positions(numbers, tags) < 0)
+    _warn_other_tokens(spec, store, numbers[absent])
+    # Indices, not pairs: the first index of each distinct missing pair id (a duplicated row is scored once).
+    _, first = np.unique(numbers[absent], return_index=True)
+    todo = np.sort(absent[first])
+    if len(todo):
+        _compute_missing(spec, view, pairs, todo, store, device, state, show_progress)
+        # Every process computed the same todo from the same store: all of them read the others' shards.
+        state.wait_for_everyone()
+        store.reload()
+    seconds = time.perf_counter() - start
+    return _report(
+        spec, store, numbers, computed=len(todo), reused=len(pair_ids) - len(absent), seconds=seconds
+    )
+
+
+def _warn_other_tokens(spec: ReferenceConfig, store: ReferenceStore, absent: np.ndarray) -> None:
+    """One line when pairs the store holds were scored from other tokens than the ones at hand."""
+    stale = int((store.entries.positions(absent) >= 0).sum())
+    if stale:
+        logger.warning(
+            "Reference %r: %d pair(s) in %s were scored from other tokens than these (a tokenized entry damaged or "
+            "rebuilt since): scoring them again.",
+            spec.name,
+            stale,
+            store.directory,
+        )
 
 
 def open_cache(
@@ -459,9 +548,11 @@ def open_cache(
     overflow: str = "drop",
     device: torch.device | str | None = None,
     config_path: str | None = None,
+    tokenized: Sequence[Sequence[TokenizedPair]] | None = None,
 ) -> ReferenceCache:
     """The K stores as they are, computing nothing: for readers such as ``mrpo inspect``.
 
+    ``tokenized`` (each reference's tokens of these pairs): serve only entries scored from exactly those tokens.
     Raises CacheError naming the first reference whose store is absent or lacks some of ``pair_ids``, and the
     command that fills it.
     """
@@ -469,6 +560,8 @@ def open_cache(
     root = Path(cache_dir)
     fill = f"`mrpo precompute {config_path}`" if config_path else "`mrpo precompute` with this config"
     stores = []
+    numbers = pair_numbers(pair_ids)
+    token_tags = None if tokenized is None else [(numbers, pair_token_tags(pairs)) for pairs in tokenized]
     for k, (spec, view) in enumerate(zip(specs, views, strict=True)):
         key = store_key(spec, view, overflow, device)
         directory = store_directory(root, key)
@@ -479,14 +572,14 @@ def open_cache(
             )
         store = ReferenceStore(directory, key)
         store.reload()
-        missing = store.missing(pair_ids)
+        missing = store.missing(pair_ids, None if token_tags is None else token_tags[k][1])
         if missing:
             raise CacheError(
-                f"reference {k + 1} ({spec.name!r}, {spec.model}) lacks {len(missing)} of {len(pair_ids)} pairs in "
-                f"{directory} (first: pair id {missing[0]}): run {fill} first"
+                f"reference {k + 1} ({spec.name!r}, {spec.model}) lacks {len(missing)} of {len(pair_ids)} pairs "
+                f"from these tokens in {directory} (first: pair id {missing[0]}): run {fill} first"
             )
         stores.append(store)
-    return ReferenceCache([spec.name for spec in specs], stores)
+    return ReferenceCache([spec.name for spec in specs], stores, token_tags=token_tags)
 
 
 def _default_device() -> torch.device:
@@ -523,7 +616,8 @@ def _compute_missing(
         for indices in mine:
             shard = [pairs[i] for i in indices]  # one shard's pairs in memory at a time
             values, tokens = score_pairs(model, view, shard, spec.batch_tokens, bar.update)
-            store.write_shard([pair.pair_id for pair in shard], values, tokens)
+            # The tags of the very tokens scored (a stored read was checked against its checksum).
+            store.write_shard([pair.pair_id for pair in shard], values, tokens, pair_token_tags(shard))
     finally:
         bar.close()
         del model

@@ -5,22 +5,27 @@ A token costs 4 bytes in either; in a tuple of Python ints it costs about 36 (a 
 object), which at real data sizes is gigabytes per model view. ``TokenizedPair`` objects are built when an item is
 read and not kept. Sequence ``2 i`` is pair i's chosen answer, ``2 i + 1`` its rejected one.
 
-On disk a store is a directory of four files, written by ``PairWriter`` while pairs are tokenized:
+On disk a store is a directory of five files, written by ``PairWriter`` while pairs are tokenized:
 
     ids.i32           every sequence's token ids, back to back (int32)
     ends.i64          where each of the 2N sequences ends in ids.i32 (int64)
     prompts.i32       each sequence's prompt length (int32)
+    hashes.u64        each sequence's checksum (``sequence_hash``: its prompt length and ids, 64 bits)
     pair_ids.txt      the N pair ids, one a line
 
-``StoredPairs`` keeps only the ends, the prompt lengths (12 bytes a sequence) and the pair ids (as fixed-width bytes)
-in memory, and reads each sequence's ids with one positioned read (``os.pread``), so a process holds the pairs it is
-working on, not the data set. Positioned reads rather than a memory map: a map's pages, once read, count in the
+``StoredPairs`` keeps only the ends, the prompt lengths, the checksums (20 bytes a sequence) and the pair ids (as
+fixed-width bytes) in memory, and reads each sequence's ids with one positioned read (``os.pread``), so a process
+holds the pairs it is working on, not the data set. Every sequence read is checked against its checksum (one
+blake2b of its bytes, ~1 µs a KB), so damage to ids.i32 or ends.i64 after the build is a ``CacheError`` at the
+read, never other tokens used silently. The same checksums, combined per pair (``pair_token_tags``), key the
+reference stores' entries on the exact tokens they scored. Positioned reads rather than a memory map: a map's pages, once read, count in the
 process's resident memory until the kernel needs them back, so a pass over a 10 GB store would look like (and on a
 crowded node, behave like) 10 GB held.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,7 +35,32 @@ from typing import overload
 
 import numpy as np
 
+from mrpo.errors import CacheError
+
 IDS_FILE, ENDS_FILE, PROMPTS_FILE, PAIR_IDS_FILE = "ids.i32", "ends.i64", "prompts.i32", "pair_ids.txt"
+HASHES_FILE = "hashes.u64"
+STORE_FILES = (IDS_FILE, ENDS_FILE, PROMPTS_FILE, HASHES_FILE, PAIR_IDS_FILE)
+
+_REJECTED_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijection of 64-bit numbers
+
+
+def sequence_hash(ids: bytes | memoryview, prompt_length: int) -> int:
+    """A sequence's 64-bit checksum: blake2b of its prompt length and its ids as int32 bytes (in the machine's
+    byte order, as ids.i32 holds them)."""
+    digest = hashlib.blake2b(prompt_length.to_bytes(4, "little", signed=True), digest_size=8)
+    digest.update(ids)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _ids_bytes(input_ids: Sequence[int]) -> bytes:
+    return np.asarray(input_ids, dtype=np.int32).tobytes()
+
+
+def combine_pair_tags(sequence_hashes: np.ndarray) -> np.ndarray:
+    """One 64-bit tag a pair from its 2N sequence checksums (chosen, rejected, ...): it changes when either
+    sequence's tokens do, and swapping chosen and rejected changes it too."""
+    hashes = np.asarray(sequence_hashes, dtype=np.uint64)
+    return hashes[0::2] ^ (hashes[1::2] * _REJECTED_MIX)
 
 
 @dataclass(frozen=True)
@@ -60,6 +90,7 @@ class _FlatPairs(Sequence[TokenizedPair]):
 
     _ends: Sequence[int]
     _prompt_lengths: Sequence[int]
+    _hashes: Sequence[int]
 
     @property
     def pair_ids(self) -> Sequence[str]:
@@ -75,6 +106,10 @@ class _FlatPairs(Sequence[TokenizedPair]):
     def sequence(self, j: int) -> TokenizedSequence:
         start = int(self._ends[j - 1]) if j else 0
         return TokenizedSequence(self._ids_between(start, int(self._ends[j])), int(self._prompt_lengths[j]))
+
+    def pair_tags(self) -> np.ndarray:
+        """Each pair's 64-bit tag of its tokens (``combine_pair_tags``), from the checksums kept at the write."""
+        return combine_pair_tags(np.asarray(self._hashes, dtype=np.uint64))
 
     def __len__(self) -> int:
         return len(self._ends) // 2
@@ -112,15 +147,18 @@ class TokenizedPairs(_FlatPairs):
         self._ids = array("i")
         self._ends = array("q")
         self._prompt_lengths = array("i")
+        self._hashes = array("Q")
         self._pair_ids: list[str] = []
         for pair in pairs:
             self.append(pair)
 
     def append(self, pair: TokenizedPair) -> None:
         for sequence in (pair.chosen, pair.rejected):
+            start = len(self._ids)
             self._ids.extend(sequence.input_ids)
             self._ends.append(len(self._ids))
             self._prompt_lengths.append(sequence.prompt_length)
+            self._hashes.append(sequence_hash(_native_ids(self._ids, start), sequence.prompt_length))
         self._pair_ids.append(pair.pair_id)
 
     def finish(self) -> TokenizedPairs:
@@ -134,13 +172,18 @@ class TokenizedPairs(_FlatPairs):
     @property
     def nbytes(self) -> int:
         """Bytes held by the token arrays (the pair ids not counted)."""
-        return sum(a.itemsize * len(a) for a in (self._ids, self._ends, self._prompt_lengths))
+        return sum(a.itemsize * len(a) for a in (self._ids, self._ends, self._prompt_lengths, self._hashes))
 
     def _ids_between(self, start: int, end: int) -> tuple[int, ...]:
         return tuple(self._ids[start:end])
 
     def __repr__(self) -> str:
         return f"TokenizedPairs({len(self)} pairs, {len(self._ids)} tokens)"
+
+
+def _native_ids(ids: array, start: int) -> memoryview:
+    """The int32 bytes of ``ids[start:]``, as written to ids.i32 and read back."""
+    return memoryview(ids)[start:]
 
 
 class PairIds(Sequence[str]):
@@ -184,17 +227,23 @@ class PairIds(Sequence[str]):
 
 
 class StoredPairs(_FlatPairs):
-    """Pairs tokenized for one model, read from a directory written by ``PairWriter`` (see the module docstring)."""
+    """Pairs tokenized for one model, read from a directory written by ``PairWriter`` (see the module docstring).
 
-    def __init__(self, directory: str | os.PathLike):
+    ``remedy`` ends the message of a damaged read (what the owner of the directory advises: the tokenized cache
+    says which entry to delete).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, remedy: str = ""):
         self.directory = Path(directory)
+        self.remedy = remedy or f"delete {self.directory} and write it again"
         self._ends = np.fromfile(self.directory / ENDS_FILE, dtype=np.int64)
         self._prompt_lengths = np.fromfile(self.directory / PROMPTS_FILE, dtype=np.int32)
+        self._hashes = np.fromfile(self.directory / HASHES_FILE, dtype=np.uint64)
         self._pair_ids = PairIds(_read_pair_ids(self.directory / PAIR_IDS_FILE))
-        if not (len(self._ends) == len(self._prompt_lengths) == 2 * len(self._pair_ids)):
+        if not (len(self._ends) == len(self._prompt_lengths) == len(self._hashes) == 2 * len(self._pair_ids)):
             raise ValueError(
-                f"{self.directory}: {len(self._ends)} sequence ends, {len(self._prompt_lengths)} prompt lengths and "
-                f"{len(self._pair_ids)} pair ids do not describe one set of pairs"
+                f"{self.directory}: {len(self._ends)} sequence ends, {len(self._prompt_lengths)} prompt lengths, "
+                f"{len(self._hashes)} checksums and {len(self._pair_ids)} pair ids do not describe one set of pairs"
             )
         tokens = int(self._ends[-1]) if len(self._ends) else 0
         size = (self.directory / IDS_FILE).stat().st_size  # a missing file raises here, not at the first read
@@ -209,13 +258,28 @@ class StoredPairs(_FlatPairs):
     def pair_ids(self) -> PairIds:
         return self._pair_ids
 
-    def _ids_between(self, start: int, end: int) -> tuple[int, ...]:
+    def sequence(self, j: int) -> TokenizedSequence:
+        start, end = (int(self._ends[j - 1]) if j else 0), int(self._ends[j])
+        data = self._read(start, end)
+        prompt_length = int(self._prompt_lengths[j])
+        if sequence_hash(data, prompt_length) != int(self._hashes[j]):
+            raise CacheError(
+                f"{self.directory}: sequence {j} (pair {self.pair_ids[j // 2]}) does not match the checksum "
+                f"written with it: the store was damaged after it was written; {self.remedy}"
+            )
+        return TokenizedSequence(tuple(np.frombuffer(data, dtype=np.int32).tolist()), prompt_length)
+
+    def _read(self, start: int, end: int) -> bytes:
         data = os.pread(self._file, 4 * (end - start), 4 * start)
         if len(data) != 4 * (end - start):
-            raise OSError(
-                f"{self.directory / IDS_FILE}: short read at token {start} (the file changed underneath)"
+            raise CacheError(
+                f"{self.directory / IDS_FILE}: short read at token {start} (the file changed underneath); "
+                f"{self.remedy}"
             )
-        return tuple(np.frombuffer(data, dtype=np.int32).tolist())
+        return data
+
+    def _ids_between(self, start: int, end: int) -> tuple[int, ...]:
+        return tuple(np.frombuffer(self._read(start, end), dtype=np.int32).tolist())
 
     def __getstate__(self) -> dict:
         # A data loader worker gets its own descriptor: an open file does not travel to another process.
@@ -254,17 +318,21 @@ class PairWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files = {
-            name: (self.directory / name).open("wb") for name in (IDS_FILE, ENDS_FILE, PROMPTS_FILE)
+            name: (self.directory / name).open("wb")
+            for name in (IDS_FILE, ENDS_FILE, PROMPTS_FILE, HASHES_FILE)
         }
         self._pair_ids = (self.directory / PAIR_IDS_FILE).open("w", encoding="ascii")
         self._ids, self._ends, self._prompt_lengths = array("i"), array("q"), array("i")
+        self._hashes = array("Q")
         self._written_tokens = 0
 
     def append(self, pair: TokenizedPair) -> None:
         for sequence in (pair.chosen, pair.rejected):
+            start = len(self._ids)
             self._ids.extend(sequence.input_ids)
             self._ends.append(self._written_tokens + len(self._ids))
             self._prompt_lengths.append(sequence.prompt_length)
+            self._hashes.append(sequence_hash(_native_ids(self._ids, start), sequence.prompt_length))
         if "\n" in pair.pair_id or not pair.pair_id.isascii():
             raise ValueError(f"pair id {pair.pair_id!r} cannot be stored: ids are ASCII without newlines")
         self._pair_ids.write(pair.pair_id + "\n")
@@ -276,10 +344,12 @@ class PairWriter:
             (IDS_FILE, self._ids),
             (ENDS_FILE, self._ends),
             (PROMPTS_FILE, self._prompt_lengths),
+            (HASHES_FILE, self._hashes),
         ):
             buffer.tofile(self._files[name])
         self._written_tokens += len(self._ids)
         self._ids, self._ends, self._prompt_lengths = array("i"), array("q"), array("i")
+        self._hashes = array("Q")
 
     def finish(self) -> StoredPairs:
         self._flush()
@@ -307,6 +377,22 @@ def pair_ids_of(pairs: Sequence[TokenizedPair]) -> Sequence[str]:
     if isinstance(pairs, _FlatPairs):
         return pairs.pair_ids
     return [pair.pair_id for pair in pairs]
+
+
+def pair_token_tags(pairs: Sequence[TokenizedPair]) -> np.ndarray:
+    """Each pair's 64-bit tag of its exact tokens (uint64, in order): kept by the stores, computed otherwise."""
+    if isinstance(pairs, _FlatPairs):
+        return pairs.pair_tags()
+    hashes = np.fromiter(
+        (
+            sequence_hash(_ids_bytes(s.input_ids), s.prompt_length)
+            for pair in pairs
+            for s in (pair.chosen, pair.rejected)
+        ),
+        dtype=np.uint64,
+        count=2 * len(pairs),
+    )
+    return combine_pair_tags(hashes)
 
 
 def sequence_at(pairs: Sequence[TokenizedPair], j: int) -> TokenizedSequence:

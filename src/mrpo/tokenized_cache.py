@@ -6,10 +6,18 @@ A split's entry is ``cache_dir/tokenized-<key>/``: one ``token_store`` directory
 sha256 of the content the caller passes (the data's identity, the read settings, every view's tokenizer fingerprint,
 the limits). An entry is built in a temporary directory and renamed into place when complete, so a killed build
 leaves nothing that could be opened; an entry that does not open (a file deleted by hand) is rebuilt.
+
+Never trusted blindly: ``split.json`` records each file's size and blake2b checksum, checked at every open; a file
+that differs rebuilds the entry (one warning line naming it). The small files (offsets, prompt lengths, sequence
+checksums, pair ids: ~40 bytes a pair) are hashed whole; ids.i32 (4 bytes a token, 7.7 GB for 1M UltraFeedback-length
+pairs, which whole would cost seconds to minutes at every open) by its first and last MiB and 16 evenly spaced MiB
+samples, and each of its sequences is checked against its own checksum when read (``token_store``), so damage the
+samples miss is a ``CacheError`` at the read naming the entry to delete, never other tokens used.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.pairs import PairCounts, PairStream
-from mrpo.token_store import PairWriter, StoredPairs
+from mrpo.token_store import IDS_FILE, STORE_FILES, PairWriter, StoredPairs
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Version of this layout; part of every key."""
 
 SPLIT_FILE = "split.json"
@@ -66,30 +75,21 @@ def open_or_tokenize(
     directory = root / f"tokenized-{split_key(content)[:32]}"
     if (directory / SPLIT_FILE).is_file():
         try:
-            return _open(directory, views, found=True)
+            found = _open(directory, views, found=True, source=content.get("source"))
+            logger.warning("%s", _hit_line(found.directory, content.get("source")))
+            return found
         except (OSError, ValueError, KeyError) as error:
             logger.warning("Tokenizing again: %s does not open (%s).", directory, error)
             shutil.rmtree(directory, ignore_errors=True)
+    elif directory.exists():
+        # Entries are renamed into place whole, so one without its account was damaged by hand: never a live build.
+        logger.warning("Tokenizing again: %s is incomplete (it has no %s).", directory, SPLIT_FILE)
+        shutil.rmtree(directory, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(root)
-    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}-{_HOST}-{os.getpid()}-", dir=root))
+    building, lock = start_build(root, directory.name)
     try:
-        pairs = stream()
-        result = tokenize_for_models(
-            pairs,
-            views,
-            max_length=max_length,
-            overflow=overflow,  # type: ignore[arg-type]
-            storage=lambda k: PairWriter(building / f"view-{k}"),
-        )
-        counts = pairs.counts()  # raises what an empty or all-invalid read raises
-        account = {
-            "content": content,
-            "view_names": result.view_names,
-            "owners": result.owners,
-            "dropped": dict(result.dropped),
-            "read": counts.to_dict(),
-        }
+        account = _tokenize_into(building, content, views, stream, max_length=max_length, overflow=overflow)
         (building / SPLIT_FILE).write_text(json.dumps(account, indent=2, sort_keys=True), encoding="utf-8")
         building.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users of a shared cache out
         try:
@@ -102,7 +102,56 @@ def open_or_tokenize(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)  # releases the build's lock
     return _open(directory, views, found=False)
+
+
+def _tokenize_into(
+    building: Path,
+    content: dict[str, Any],
+    views: Sequence[ModelView],
+    stream: Callable[[], PairStream],
+    *,
+    max_length: Sequence[int | None],
+    overflow: str,
+) -> dict[str, Any]:
+    """Read ``stream()`` once, tokenizing for every view into ``building``; the entry's account."""
+    data_checksums = _data_checksums(content.get("source"))  # before the read: what it reads is no older
+    pairs = stream()
+    result = tokenize_for_models(
+        pairs,
+        views,
+        max_length=max_length,
+        overflow=overflow,  # type: ignore[arg-type]
+        storage=lambda k: PairWriter(building / f"view-{k}"),
+    )
+    counts = pairs.counts()  # raises what an empty or all-invalid read raises
+    return {
+        "content": content,
+        "view_names": result.view_names,
+        "owners": result.owners,
+        "dropped": dict(result.dropped),
+        "read": counts.to_dict(),
+        "files": _checksums(building, sorted(set(result.owners))),
+        "data_checksums": data_checksums,
+    }
+
+
+BUILD_LOCK = ".build.lock"
+"""The file in a build's directory whose lock (``fcntl.flock``) its process holds while it builds."""
+
+_UNLOCKED_GRACE_S = 60.0
+"""A build directory without its lock file is taken for dead only when older than this (a build creates the file
+right after the directory)."""
+
+
+def start_build(root: Path, name: str) -> tuple[Path, int]:
+    """A new temporary build directory under ``root`` and the descriptor holding its lock (close it to release)."""
+    building = Path(tempfile.mkdtemp(prefix=f".{name}-{_HOST}-{os.getpid()}-", dir=root))
+    lock = os.open(building / BUILD_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return building, lock
 
 
 _HOST = socket.gethostname().replace("-", "_")
@@ -115,24 +164,114 @@ def _umask() -> int:
 
 
 def _sweep_abandoned_builds(root: Path) -> None:
-    """Remove the temporary directories of builds on this host whose process is gone (killed, out of memory)."""
-    for path in root.glob(f".tokenized-*-{_HOST}-*-*"):
+    """Remove the temporary directories of builds that were stopped (killed, out of memory).
+
+    A build is dead if and only if its lock can be taken: the kernel releases a process's locks when it ends,
+    whatever host name or pid space it had (two containers may share both with separate processes).
+    """
+    for path in root.glob(".tokenized-*"):
         try:
-            pid = int(path.name.split("-")[3])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            logger.warning("Removing %s: the build that wrote it was stopped before it finished.", path)
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue  # not a name we wrote, or another user's live process
+            lock = os.open(path / BUILD_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if path.is_dir() and time.time() - path.stat().st_mtime > _UNLOCKED_GRACE_S:
+                _remove_dead_build(path)
+            continue
+        except OSError:
+            continue  # not a directory we wrote, or not ours to open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live build
+        else:
+            _remove_dead_build(path)
+        finally:
+            os.close(lock)
 
 
-def _open(directory: Path, views: Sequence[ModelView], *, found: bool) -> CachedSplit:
+def _remove_dead_build(path: Path) -> None:
+    logger.warning("Removing %s: the build that wrote it was stopped before it finished.", path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+SAMPLE_BYTES = 1 << 20
+SAMPLES = 16
+
+
+def sampled_digest(path: Path, whole: bool = False) -> str:
+    """blake2b of a file's size and bytes: all of them (``whole``, or a file of at most 18 MiB), else its first
+    and last MiB and ``SAMPLES`` evenly spaced MiB between."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with path.open("rb") as handle:
+        if whole or size <= (SAMPLES + 2) * SAMPLE_BYTES:
+            for block in iter(lambda: handle.read(SAMPLE_BYTES), b""):
+                digest.update(block)
+        else:
+            starts = [0, *(size * (i + 1) // (SAMPLES + 1) for i in range(SAMPLES)), size - SAMPLE_BYTES]
+            for start in starts:
+                handle.seek(start)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _checksums(directory: Path, owners: Sequence[int]) -> dict[str, str]:
+    """Each store file's checksum under its path in the entry (ids.i32 sampled, the rest whole)."""
+    return {
+        f"view-{k}/{name}": sampled_digest(directory / f"view-{k}" / name, whole=name != IDS_FILE)
+        for k in owners
+        for name in STORE_FILES
+    }
+
+
+def _check_files(directory: Path, expected: dict[str, str]) -> None:
+    for name, checksum in expected.items():
+        if sampled_digest(directory / name, whole=not name.endswith(IDS_FILE)) != checksum:
+            raise ValueError(f"{name} does not match the checksum written with it")
+
+
+def _data_files(source: Any) -> list[Path]:
+    """The files of a source identity (``data.source_identity``), or none for another form of content."""
+    if not isinstance(source, dict) or "files" not in source:
+        return []
+    path = Path(source["path"])
+    return [path if source.get("split") is None else path / name for name, *_ in source["files"]]
+
+
+def _data_checksums(source: Any) -> list[str]:
+    return [sampled_digest(file) for file in _data_files(source)]
+
+
+def _sampled(file: Path) -> bool:
+    return file.stat().st_size > (SAMPLES + 2) * SAMPLE_BYTES
+
+
+def _hit_line(directory: Path, source: Any) -> str:
+    """The one visible line of a cache hit: what the entry was keyed on, and what that cannot see."""
+    files = _data_files(source)
+    if not files:
+        return f"Tokens found in the cache: {directory}."
+    sampled = [file.name for file in files if _sampled(file)]
+    seen = (
+        f"and a checksum of {', '.join(sampled)}'s first and last MiB and {SAMPLES} sampled MiB (an edit elsewhere "
+        "that keeps the size and time is not seen: data.cache_tokenized=false reads the data again)"
+        if sampled
+        else "and a checksum of every byte"
+    )
+    return f"Tokens found in the cache: {directory} (keyed on {source['path']}'s size, modification time {seen})."
+
+
+def _open(directory: Path, views: Sequence[ModelView], *, found: bool, source: Any = None) -> CachedSplit:
     account = json.loads((directory / SPLIT_FILE).read_text(encoding="utf-8"))
     owners = account["owners"]
     if len(owners) != len(views):
         raise ValueError(f"it holds {len(owners)} views, not {len(views)}")
-    stored = {k: StoredPairs(directory / f"view-{k}") for k in sorted(set(owners))}
+    _check_files(directory, account["files"])
+    if source is not None and account["data_checksums"] != _data_checksums(source):
+        raise ValueError(
+            f"{source['path']} changed since it was tokenized (same size and modification time, other bytes)"
+        )
+    remedy = f"delete {directory} and run the command again (it is tokenized afresh)"
+    stored = {k: StoredPairs(directory / f"view-{k}", remedy=remedy) for k in sorted(set(owners))}
     if len({len(pairs) for pairs in stored.values()}) > 1:
         raise ValueError("its views hold different numbers of pairs")
     tokenization = TokenizationResult(
