@@ -312,8 +312,10 @@ def test_a_reference_whose_margin_is_the_length_difference_is_a_length_prior():
     assert abs(start_length.correlation) < 0.3 and not start_length.length_prior
     text = " ".join(audit.verdict)
     assert "reference 2 ('ext1')'s margins follow the answers' length (correlation 1.00; the shorter answer wins on " \
-        "100% of pairs)" in text and "a length prior, not knowledge" in text  # fmt: skip
-    assert f"(the start's: correlation {start_length.correlation:.2f}" in text
+        "100% of pairs; the start" in text and "a length prior, not knowledge" in text  # fmt: skip
+    assert (
+        f"100% of pairs; the start's: correlation {start_length.correlation:.2f}, the shorter answer" in text
+    )
     printed = format_audit(audit)
     assert "margin against the length difference" in printed and "correlation +1.00" in printed
     # A start that is itself a length prior is named too (at HH-RLHF scale both references are).
@@ -415,7 +417,7 @@ def test_the_overall_sentence_accounts_for_every_external_reference():
     overall = audit.verdict[-1]
     assert overall.startswith("Overall: reference 2 ('far') clipped away ≈ DPO (100% clipped); reference 3 ('partly') "
                               "enters the loss only partly (67% clipped).")  # fmt: skip
-    assert "differs from DPO only through 1 of 2 external references" in overall
+    assert "The run differs from DPO through reference 3 (1 of 2 external)" in overall
     # No sentence says the run trains as DPO while reference 3 still enters the loss.
     assert not any("as DPO" in line for line in audit.verdict)
     # With both clipped away the overall sentence says DPO, once.

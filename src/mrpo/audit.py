@@ -443,11 +443,12 @@ def _overall_sentence(audit: SplitAudit) -> str:
             "DPO against the initialising reference. Widen the trust region (loss.eps, loss.align=pair) or turn it "
             "off (loss.clip=off) to let them in."
         )
+    through = " and ".join(f"reference {r.index}" for r in entering)
     knows = ", ".join(f"reference {r.index} on {r.versus_start.knows_more.value:.0%}" for r in entering)
     return (
-        f"Overall: {listed}. The run differs from DPO only through {len(entering)} of "
-        f"{len(audit.references) - 1} external references, and can add knowledge only where they are on the "
-        f"label's side and more confident than the start ({knows} of pairs)."
+        f"Overall: {listed}. The run differs from DPO through {through} ({len(entering)} of "
+        f"{len(audit.references) - 1} external), and can add knowledge only where it is on the label's side and "
+        f"more confident than the start ({knows} of pairs)."
     )
 
 

@@ -57,7 +57,8 @@ class StartComparison:
     """Share of pairs with ``d_k > 0`` and ``d_k > d_1``: on the label's side and more confident than the start,
     the only pairs where it can add what the start does not know."""
     less_confident: Rate
-    """Share with ``|d_k| < |d_1|``: there it can only pull the pair towards a reweighting by the start's margin."""
+    """Share with ``|d_k| < |d_1|``: there ``d_k - d_1`` only pulls the virtual margin back from the start's own,
+    so the pair is reweighted by what the start already knows."""
     agreement_difference: PairedDifference
     """``share(d_k > 0) - share(d_1 > 0)``, paired (the same pairs), with Newcombe's 95% interval."""
 
@@ -103,12 +104,11 @@ def length_sentence(label: str, length: LengthTracking, start: LengthTracking | 
     winner = "shorter" if length.correlation > 0 else "longer"
     share = length.shorter_wins.value if length.correlation > 0 else 1 - length.shorter_wins.value
     start_text = (
-        f" (the start's: correlation {start.correlation:.2f}, the shorter answer wins on "
-        f"{start.shorter_wins.value:.0%})"
+        f"; the start's: correlation {start.correlation:.2f}, the shorter answer wins on {start.shorter_wins.value:.0%}"
         if start is not None
         else ""
     )
     return (
         f"{label}'s margins follow the answers' length (correlation {length.correlation:.2f}; the {winner} answer "
-        f"wins on {share:.0%} of pairs){start_text}: a length prior, not knowledge."
+        f"wins on {share:.0%} of pairs{start_text}): a length prior, not knowledge."
     )
