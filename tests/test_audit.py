@@ -13,11 +13,14 @@ from mrpo.audit import (
     audit_split,
     clip_forecast,
     clip_rates,
+    clip_severity,
     find_suspects,
+    format_audit,
     loss_view,
     suspect_scores,
     wilson_interval,
 )
+from mrpo.audit_stats import paired_difference
 from mrpo.config import LossConfig
 from mrpo.losses import mrpo_loss
 
@@ -100,8 +103,9 @@ def test_a_reference_far_from_the_initialising_one_is_forecast_as_dpo():
     sweep = [external.clip_alternatives[f"eps={eps:g}"] for eps in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)]
     assert sweep == sorted(sweep, reverse=True)
     text = " ".join(audit.verdict)
-    assert "reference 2 ('gemma') will be clipped on" in text
+    assert "reference 2 ('gemma'): clipped away ≈ DPO — clipped on" in text
     assert "almost exactly as DPO" in text and "loss.align=pair" in text and "loss.clip=off" in text
+    assert external.clip_severity == "clipped away ≈ DPO"
     # The band width is eps_y |l_1(y)| averaged: adaptive eps 0.1 splits into about 0.05 per response here.
     assert audit.band_half_width == pytest.approx(
         0.05 * float(torch.cat([chosen[0], rejected[0]]).abs().mean()), rel=0.1
@@ -177,7 +181,7 @@ def test_one_reference_is_dpo_and_flags_by_itself():
         torch.ones(1, 4),
         LossConfig(),
     )
-    assert audit.verdict[0].startswith("One reference ('init'): this run is DPO.")
+    assert audit.verdict[0].startswith("K = 1: plain DPO, nothing to compare")
     assert [s.pair_id for s in audit.suspects] == ["c"] and audit.suspects[0].flagged_by == ["all"]
     assert audit.to_json()["suspects"] == {
         "threshold": 1.0,
@@ -204,3 +208,232 @@ def test_per_token_agreement_uses_each_reference_own_token_counts():
     ref = audit.references[0]
     assert ref.label_agreement.value == 1.0
     assert ref.label_agreement_per_token.value == 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each external reference against the start (docs/method.md, "What a reference can change")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_paired_difference_by_hand_and_against_the_normal_interval():
+    # a = 5 pairs both true, b = 3 first only, c = 1 second only, d = 1 neither: D = (3 - 1) / 10 = 0.2.
+    first = torch.tensor([True] * 5 + [True] * 3 + [False] * 1 + [False] * 1)
+    second = torch.tensor([True] * 5 + [False] * 3 + [True] * 1 + [False] * 1)
+    result = paired_difference(first, second)
+    l1, u1 = wilson_interval(8, 10)
+    l2, u2 = wilson_interval(6, 10)
+    phi = (5 * 1 - 3 * 1) / math.sqrt(8 * 2 * 6 * 4)
+    delta = math.sqrt((0.8 - l1) ** 2 - 2 * phi * (0.8 - l1) * (u2 - 0.6) + (u2 - 0.6) ** 2)
+    epsilon = math.sqrt((u1 - 0.8) ** 2 - 2 * phi * (u1 - 0.8) * (0.6 - l2) + (0.6 - l2) ** 2)
+    assert result.value == pytest.approx(0.2)
+    assert (result.low, result.high) == pytest.approx((0.2 - delta, 0.2 + epsilon))
+    assert result.pairs == 10 and "Newcombe" in result.method
+    # At large n it meets the normal interval of a paired difference: D +- z sqrt((b + c)/n^2 - (b - c)^2/n^3).
+    n, b, c = 4000, 600, 400
+    first = torch.tensor([True] * b + [False] * c + [True] * 1000 + [False] * (n - b - c - 1000))
+    second = torch.tensor([False] * b + [True] * c + [True] * 1000 + [False] * (n - b - c - 1000))
+    wide = paired_difference(first, second)
+    half = 1.959963984540054 * math.sqrt((b + c) / n**2 - (b - c) ** 2 / n**3)
+    assert wide.value == pytest.approx(0.05)
+    assert wide.low == pytest.approx(0.05 - half, abs=1e-3) and wide.high == pytest.approx(
+        0.05 + half, abs=1e-3
+    )
+    # The same indicators: no difference, and an interval that shrinks to it.
+    same = paired_difference(first, first)
+    assert same.value == 0.0 and same.low <= 0.0 <= same.high and same.high - same.low < 1e-3
+    assert wide.text() == f"+5.0 points [{100 * wide.low:+.1f}, {100 * wide.high:+.1f}]"
+
+
+def _with_margins(start_margin: torch.Tensor, *external_margins: torch.Tensor, level: float = -30.0):
+    """Columns for K = 1 + len(external_margins) references at the same level: l(y_w) = level, l(y_l) = level - d."""
+    margins = torch.stack([start_margin, *external_margins]).float()
+    chosen = torch.full_like(margins, level)
+    return chosen, chosen - margins
+
+
+UNCLIPPED = LossConfig(clip="off")
+
+
+def _audit(chosen, rejected, names=None, loss=UNCLIPPED, **kwargs):
+    count = chosen.shape[1]
+    names = names or ["init", *(f"ext{k}" for k in range(1, chosen.shape[0]))]
+    tokens = torch.full(chosen.shape, 20)
+    return audit_split(
+        "train", names, [str(i) for i in range(count)], chosen, rejected, tokens, tokens, loss, **kwargs
+    )
+
+
+def test_a_reference_that_knows_more_than_the_start_on_half_the_pairs():
+    generator = torch.Generator().manual_seed(3)
+    start = torch.where(
+        torch.rand(400, generator=generator) < 0.6, 1.0, -1.0
+    )  # agrees with the labels on ~60%
+    # The first half: on the label's side and beyond the start; the second half: exactly the start's margin.
+    external = torch.cat([start[:200].abs() + 2.0, start[200:]])
+    audit = _audit(*_with_margins(start, external))
+    versus = audit.references[1].versus_start
+    assert versus.knows_more.value == 0.5 and versus.knows_more.low > 0.4
+    assert versus.less_confident.value == 0.0
+    expected = float((external > 0).double().mean() - (start > 0).double().mean())
+    assert versus.agreement_difference.value == pytest.approx(expected) and expected > 0.1
+    assert versus.agreement_difference.low > 0
+    text = " ".join(audit.verdict)
+    assert (
+        "reference 2 ('ext1') is on the label's side and more confident than the start on 50% of pairs: it can add"
+        in text
+    )
+    assert f"label agreement {versus.agreement_difference.text()} against the start's" in text
+    assert audit.to_json()["references"][1]["versus_start"]["knows_more"]["value"] == 0.5
+    assert audit.references[0].versus_start is None
+
+
+def test_a_less_confident_reference_can_only_reweight_by_the_start_margins():
+    start = torch.linspace(-2, 6, 100)
+    audit = _audit(*_with_margins(start, 0.3 * start))
+    versus = audit.references[1].versus_start
+    assert versus.less_confident.value == 1.0
+    assert versus.knows_more.value == 0.0 and versus.agreement_difference.value == 0.0
+    assert "reference 2 ('ext1') is less confident than the initialising model on 100% of pairs: it can only " \
+        "reweight pairs by the start's own margins" in " ".join(audit.verdict)  # fmt: skip
+
+
+def test_a_reference_whose_margin_is_the_length_difference_is_a_length_prior():
+    generator = torch.Generator().manual_seed(4)
+    chosen_lengths = torch.randint(20, 400, (200,), generator=generator)
+    rejected_lengths = torch.randint(20, 400, (200,), generator=generator)
+    start = torch.randn(200, generator=generator)  # knows nothing about length
+    external = 0.05 * (rejected_lengths - chosen_lengths).float() + 0.01  # the shorter answer is more likely
+    columns = _with_margins(start, external)
+    audit = _audit(*columns, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    start_length, length = audit.references[0].length, audit.references[1].length
+    assert length.correlation == pytest.approx(1.0, abs=1e-6) and length.length_prior
+    differ = rejected_lengths != chosen_lengths
+    assert length.shorter_wins.value == 1.0 and length.shorter_wins.total == int(differ.sum())
+    assert abs(start_length.correlation) < 0.3 and not start_length.length_prior
+    text = " ".join(audit.verdict)
+    assert "reference 2 ('ext1')'s margins follow the answers' length (correlation 1.00; the shorter answer wins on " \
+        "100% of pairs; the start" in text and "a length prior, not knowledge" in text  # fmt: skip
+    assert (
+        f"100% of pairs; the start's: correlation {start_length.correlation:.2f}, the shorter answer" in text
+    )
+    printed = format_audit(audit)
+    assert "margin against the length difference" in printed and "correlation +1.00" in printed
+    # A start that is itself a length prior is named too (at HH-RLHF scale both references are).
+    both = _audit(
+        *_with_margins(external, external), chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths
+    )
+    assert "reference 1 ('init')'s margins follow the answers' length (correlation 1.00" in " ".join(
+        both.verdict
+    )
+    # Without the texts' lengths there is no length comparison, and no claim about it.
+    plain = _audit(*columns)
+    assert plain.references[1].length is None and "length prior" not in " ".join(plain.verdict)
+
+
+def test_a_near_random_reference_is_called_untrained_with_the_alpha_it_takes():
+    # Start: ~-60 nats a sequence over 40 tokens (-1.5 a token). The external: ~-405 nats (-10 a token, a random
+    # model's level) with margins of tens of nats that ignore the labels, so ARWC hands it most of the weight.
+    generator = torch.Generator().manual_seed(5)
+    start_chosen = -60 + torch.randn(300, generator=generator)
+    start_rejected = start_chosen - 2 + torch.randn(300, generator=generator)
+    random_chosen = -405 + 30 * torch.randn(300, generator=generator)
+    random_rejected = -405 + 30 * torch.randn(300, generator=generator)
+    chosen = torch.stack([start_chosen, random_chosen])
+    rejected = torch.stack([start_rejected, random_rejected])
+    tokens = torch.stack([torch.full((300,), 40), torch.full((300,), 40)])
+    audit = audit_split(
+        "train",
+        ["init", "random"],
+        [str(i) for i in range(300)],
+        chosen,
+        rejected,
+        tokens,
+        tokens,
+        LossConfig(),
+    )
+    ref = audit.references[1]
+    assert ref.looks_unrelated and ref.level_gap_per_token == pytest.approx(-345 / 40, abs=0.5)
+    assert ref.alpha_mean > 0.6
+    warning = next(line for line in audit.verdict if "looks untrained or unrelated" in line)
+    assert warning.startswith("reference 2 ('random') looks untrained or unrelated to this text")
+    assert (
+        f"mean log-prob is {ref.mean_logp:.0f} nats against the start's {audit.references[0].mean_logp:.0f}"
+        in warning
+    )
+    assert f"{ref.level_gap_per_token:+.1f} a token" in warning and "(near chance)" in warning
+    assert f"a mean alpha of {ref.alpha_mean:.2f}" in warning
+    assert "looks untrained" in audit.verdict[-1]  # the overall sentence names it too
+    # A reference of another family a few nats away (the demo's Gemma) is not called untrained.
+    near, far = _columns(gap=6.0)
+    assert not _audit(near, far, loss=LossConfig()).references[1].looks_unrelated
+
+
+def _partly_clipped_columns(pairs: int = 100, clipped: int = 67, start_level: float = -20.0):
+    """An external reference 10 nats below the start on ``clipped`` pairs (outside a fixed band of +-2 nats at eps
+    0.1) and 0.5 nats below on the rest (inside): its clip rate is exactly clipped / pairs."""
+    start_chosen = torch.full((pairs,), start_level)
+    start_rejected = start_chosen - 1.0
+    offset = torch.where(torch.arange(pairs) < clipped, 10.0, 0.5)
+    return (
+        torch.stack([start_chosen, start_chosen - offset]),
+        torch.stack([start_rejected, start_rejected - offset]),
+    )
+
+
+def test_one_scale_of_clip_severity():
+    assert [clip_severity(r) for r in (0.0, 0.24, 0.25, 0.67, 0.89, 0.9, 1.0)] == [
+        "enters the loss",
+        "enters the loss",
+        "enters the loss only partly",
+        "enters the loss only partly",
+        "enters the loss only partly",
+        "clipped away ≈ DPO",
+        "clipped away ≈ DPO",
+    ]
+    # diagnostics.clip_saturation moves the top boundary, and the partial band never lies above it.
+    assert clip_severity(0.67, saturated=0.6) == "clipped away ≈ DPO"
+    assert clip_severity(0.21, saturated=0.2) == "clipped away ≈ DPO"
+    chosen, rejected = _partly_clipped_columns()
+    fixed = LossConfig(clip="fixed", eps=0.1)
+    audit = _audit(chosen, rejected, loss=fixed)
+    assert audit.references[1].clip_rate == pytest.approx(0.67)
+    assert audit.references[1].clip_severity == "enters the loss only partly"
+    assert "reference 2 ('ext1'): enters the loss only partly — clipped on 67%" in " ".join(audit.verdict)
+    strict = _audit(chosen, rejected, loss=fixed, clip_saturation=0.6)
+    assert strict.references[1].clip_severity == "clipped away ≈ DPO" and strict.clip_saturation == 0.6
+
+
+def test_the_overall_sentence_accounts_for_every_external_reference():
+    partly_chosen, partly_rejected = _partly_clipped_columns()
+    far_chosen, far_rejected = partly_chosen[1] - 30, partly_rejected[1] - 30  # clipped on every log-prob
+    chosen = torch.stack([partly_chosen[0], far_chosen, partly_chosen[1]])
+    rejected = torch.stack([partly_rejected[0], far_rejected, partly_rejected[1]])
+    fixed = LossConfig(clip="fixed", eps=0.1)
+    audit = _audit(chosen, rejected, names=["init", "far", "partly"], loss=fixed)
+    assert [r.clip_severity for r in audit.references[1:]] == [
+        "clipped away ≈ DPO",
+        "enters the loss only partly",
+    ]
+    overall = audit.verdict[-1]
+    assert overall.startswith("Overall: reference 2 ('far') clipped away ≈ DPO (100% clipped); reference 3 ('partly') "
+                              "enters the loss only partly (67% clipped).")  # fmt: skip
+    assert "The run differs from DPO through reference 3 (1 of 2 external)" in overall
+    # No sentence says the run trains as DPO while reference 3 still enters the loss.
+    assert not any("as DPO" in line for line in audit.verdict)
+    # With both clipped away the overall sentence says DPO, once.
+    both = _audit(chosen[:2], rejected[:2], names=["init", "far"], loss=fixed)
+    assert [line for line in both.verdict if "almost exactly as DPO" in line] == [both.verdict[-1]]
+
+
+def test_k1_is_plain_dpo_with_no_alpha_or_trust_region_figures():
+    chosen, rejected = _with_margins(torch.tensor([1.0, 2.0, -1.0, 3.0]))
+    audit = _audit(chosen, rejected, loss=LossConfig())
+    assert audit.verdict[0].startswith("K = 1: plain DPO, nothing to compare")
+    ref = audit.references[0]
+    assert ref.alpha_mean is None and ref.alpha_dominant is None and ref.clip_rate is None
+    assert audit.band_half_width is None and audit.clip_rate is None
+    printed = format_audit(audit)
+    assert "K = 1: plain DPO, nothing to compare" in printed.splitlines()[0]
+    for absent in ("alpha", "clip", "CTRO", "gap", "against the start"):
+        assert absent not in printed.split("verdict:")[0]
+    assert not any("Overall" in line for line in audit.verdict)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from mrpo.config import DiagnosticsConfig
+from mrpo.audit import clip_severity
+from mrpo.config import DiagnosticsConfig, LossConfig
 from mrpo.trainer import TrainingWatcher
 
 SETTINGS = DiagnosticsConfig(window=3)
@@ -20,7 +21,7 @@ def healthy(step: int) -> dict[str, float]:
         "loss": 0.693 - 0.01 * step,
         "grad_norm": 1.0,
         "rewards/margins": 0.02 * step,
-        "ctro/clip_rate": 0.3,
+        "ctro/clip_rate": 0.1,  # below the audit's partial band (25%): the external references enter the loss
         "alpha/ref1": 0.55,
         "alpha/ref2": 0.45,
     }
@@ -49,23 +50,55 @@ def test_clip_saturation_fires_once_with_step_figure_and_remedy():
     watcher = TrainingWatcher(SETTINGS, ["init", "gemma"])
     rows = [healthy(s) for s in range(1, 4)] + [{**healthy(s), "ctro/clip_rate": 0.99} for s in range(4, 20)]
     fired = stream(watcher, rows)
-    assert [d.condition for d in fired] == ["clip_saturation"]
-    (warning,) = fired
+    # The window's mean passes through the partial band (0.40 at step 4, 0.69 at step 5) on its way: that fires
+    # once, then saturation fires once.
+    assert [d.condition for d in fired] == ["clip_partial", "clip_saturation"]
+    assert fired[0].step == 4 and "enters the loss only partly" in fired[0].message
+    warning = fired[1]
     assert warning.step == 6  # the first full window of saturated logs: steps 4, 5, 6
     assert warning.value == pytest.approx(0.99)
     assert "clipped on 99%" in warning.message and "trains as DPO" in warning.message
+    assert "clipped away ≈ DPO" in warning.message  # the audit's severity words
     assert "loss.align=pair" in warning.remedy and "mrpo inspect" in warning.remedy
 
 
-def test_a_short_burst_below_the_window_does_not_fire():
+def test_a_short_burst_below_the_window_is_not_saturation():
     watcher = TrainingWatcher(SETTINGS, ["init", "gemma"])
     rows = [healthy(s) for s in range(1, 10)]
     rows[4] = {**rows[4], "ctro/clip_rate": 1.0}
     rows[5] = {
         **rows[5],
         "ctro/clip_rate": 1.0,
-    }  # two saturated logs, then back: the window mean stays below 0.9
-    assert stream(watcher, rows) == []
+    }  # two saturated logs, then back: the window mean (at most 0.7) stays below 0.9, in the partial band
+    fired = stream(watcher, rows)
+    assert [d.condition for d in fired] == ["clip_partial"]
+    assert fired[0].step == 5 and fired[0].value == pytest.approx(0.4)  # the first window holding a burst
+
+
+def test_a_partial_clip_rate_has_the_same_severity_words_in_inspect_and_in_the_live_warning():
+    from test_audit import _audit, _partly_clipped_columns
+
+    audit = _audit(*_partly_clipped_columns(), loss=LossConfig(clip="fixed", eps=0.1))
+    rate = audit.references[1].clip_rate
+    assert rate == pytest.approx(0.67)
+    words = clip_severity(rate)
+    assert words == "enters the loss only partly" and words in " ".join(audit.verdict)
+    watcher = TrainingWatcher(SETTINGS, ["init", "gemma"])
+    fired = stream(watcher, [{**healthy(s), "ctro/clip_rate": rate} for s in range(1, 10)])
+    assert [d.condition for d in fired] == ["clip_partial"] and fired[0].step == 3
+    assert words in fired[0].message and "clipped on 67%" in fired[0].message
+    assert "trains as DPO" not in fired[0].message
+    # Rising into the clipped-away band later fires that one too; falling back fires nothing more.
+    more = stream(watcher, [{**healthy(s), "ctro/clip_rate": 0.95} for s in range(1, 4)])
+    assert [d.condition for d in more] == ["clip_saturation"] and "clipped away ≈ DPO" in more[0].message
+    assert stream(watcher, [{**healthy(s), "ctro/clip_rate": 0.5} for s in range(1, 4)]) == []
+
+
+def test_the_configured_clip_saturation_moves_the_band_for_the_live_warning():
+    strict = TrainingWatcher(DiagnosticsConfig(window=3, clip_saturation=0.6), ["init", "gemma"])
+    fired = stream(strict, [{**healthy(s), "ctro/clip_rate": 0.67} for s in range(1, 6)])
+    assert [d.condition for d in fired] == ["clip_saturation"]
+    assert clip_severity(0.67, saturated=0.6) in fired[0].message
 
 
 def test_alpha_collapse_names_the_reference():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mrpo.cli import main
 from test_train_cli import write_config
@@ -47,6 +48,16 @@ def test_inspect_writes_the_audit_and_the_suspects(run_setup, capsys):
         "clip=off",
         "eps=1",
     }
+    # Each external reference against the start, and every reference against the answers' length.
+    versus = train["references"][1]["versus_start"]
+    assert set(versus) == {"knows_more", "less_confident", "agreement_difference"}
+    assert (
+        "Newcombe" in versus["agreement_difference"]["method"]
+        and train["references"][0]["versus_start"] is None
+    )
+    # Over the pairs whose answers differ in length: "4" and "5" do not.
+    assert all(ref["length"]["shorter_wins"]["total"] == 3 for ref in train["references"])
+    assert "against the start (reference 1)" in printed and "margin against the length difference" in printed
     # Threshold 0: every pair that all references of a group find at least as likely rejected as chosen.
     suspects = [json.loads(line) for line in (output / "suspect_pairs.jsonl").read_text().splitlines()]
     assert len(suspects) == sum(split["suspects"]["count"] for split in audit["splits"])
@@ -88,3 +99,50 @@ def test_forecast_clip_rate_is_what_the_first_epoch_logs(run_setup, capsys):
     capsys.readouterr()
     assert main(["inspect", str(config), "--output", str(run_setup["root"] / "forecast-audit")]) == 0
     assert f"forecast ctro/clip_rate {forecast:.1%}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cache_tokenized", [True, False])
+def test_inspect_measures_length_in_characters_of_the_texts(run_setup, capsys, cache_tokenized):
+    """The length comparison uses the completion texts' characters (message contents here), aligned by pair id
+    with the cached margins: read again from the data when the tokens came from the disk cache, or from memory."""
+    from mrpo.audit_stats import correlation
+    from mrpo.config import load_config
+    from mrpo.data import load_pairs
+    from mrpo.pipeline import prepare_split
+
+    config = inspect_config(run_setup, "lengths")
+    override = f"data.cache_tokenized={str(cache_tokenized).lower()}"
+    assert main(["precompute", str(config), override]) == 0
+    output = run_setup["root"] / f"lengths-audit-{cache_tokenized}"
+    assert main(["inspect", str(config), "--output", str(output), override]) == 0
+    capsys.readouterr()
+    audit = json.loads((output / "inspect.json").read_text())["splits"][0]
+    dataset = prepare_split(load_config(config), "train", show_progress=False).dataset
+    texts = {pair.pair_id: pair for pair in load_pairs(str(run_setup["train"]))}
+    characters = [
+        len(texts[p.pair_id].rejected[0]["content"]) - len(texts[p.pair_id].chosen[0]["content"])
+        for p in dataset.pairs
+    ]
+    assert sorted(characters) == [0, 8, 9, 9]  # "5" vs "4", "Paris, I think." vs "Madrid.", ...
+    margins = dataset.reference_chosen_logps - dataset.reference_rejected_logps
+    for k, ref in enumerate(audit["references"]):
+        assert ref["length"]["correlation"] == pytest.approx(
+            correlation(margins[k], torch.tensor(characters)), abs=1e-6
+        )
+
+
+def test_inspect_with_one_reference_says_plain_dpo(run_setup, capsys):
+    training = {"max_steps": -1, "num_train_epochs": 1, "save_strategy": "no"}
+    references = [{"name": "init", "model": str(run_setup["llama"]), "dtype": "float32"}]
+    config = write_config(run_setup, "k1", references=references, training=training)
+    assert main(["precompute", str(config)]) == 0
+    capsys.readouterr()
+    output = run_setup["root"] / "k1-audit"
+    assert main(["inspect", str(config), "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "[train] 4 pairs; K = 1: plain DPO, nothing to compare" in printed
+    table = printed.split("verdict:")[0]
+    assert "alpha" not in table and "CTRO" not in table and "clip" not in table
+    train = json.loads((output / "inspect.json").read_text())["splits"][0]
+    assert train["references"][0]["alpha_mean"] is None and train["clip_rate"] is None
+    assert train["verdict"][0].startswith("K = 1: plain DPO, nothing to compare")

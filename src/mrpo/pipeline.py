@@ -12,12 +12,13 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
@@ -42,6 +43,7 @@ from mrpo.rundir import (
     write_model_card,
 )
 from mrpo.splits import (
+    TokenizedSplit,
     Views,
     find_pairs,
     load_views,
@@ -208,6 +210,7 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         tokenized=tokenized.tokenization.per_view[1:],
     )
     columns = cache.columns(pair_ids)
+    lengths = _completion_lengths(config, split, tokenized, pair_ids)
     audit = audit_split(
         split,
         cache.names,
@@ -217,7 +220,10 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         columns["reference_chosen_tokens"],
         columns["reference_rejected_tokens"],
         config.loss,
+        chosen_lengths=lengths[0] if lengths is not None else None,
+        rejected_lengths=lengths[1] if lengths is not None else None,
         suspect_threshold=threshold,
+        clip_saturation=config.diagnostics.clip_saturation,
     )
     by_id = find_pairs(config, split, tokenized, {suspect.pair_id for suspect in audit.suspects})
     lost = [suspect.pair_id for suspect in audit.suspects if suspect.pair_id not in by_id]
@@ -242,6 +248,34 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
             }
         )
     return audit, rows
+
+
+def _completion_lengths(
+    config: MRPOConfig, split: str, tokenized: TokenizedSplit, pair_ids: Sequence[str]
+) -> torch.Tensor | None:
+    """``(2, N)`` characters of each pair's chosen and rejected completion text, aligned with ``pair_ids``: the same
+    for every reference whatever its tokenizer, so the audit can ask whether a reference's margins follow the
+    answers' length. One pass over the split's pairs (read again when its tokens came from the disk cache); None,
+    with a warning, if some pair is no longer in the data."""
+    wanted = set(pair_ids)
+    found: dict[str, tuple[int, int]] = {}  # by id: a pair kept twice has one text
+    for pair in tokenized.pairs if tokenized.pairs is not None else stream_split(config, split):
+        if pair.pair_id in wanted:
+            found[pair.pair_id] = (_characters(pair.chosen), _characters(pair.rejected))
+    missing = len(wanted) - len(found)
+    if missing:
+        logger.warning(
+            "%s split: %d of %d pairs were not found in the data again; the audit leaves out the length comparison",
+            split, missing, len(wanted),
+        )  # fmt: skip
+        return None
+    lengths = np.array([found[pair_id] for pair_id in pair_ids], dtype=np.int64).reshape(-1, 2).T
+    return torch.from_numpy(np.ascontiguousarray(lengths))
+
+
+def _characters(text: str | list[dict]) -> int:
+    """A completion's length in characters: the string, or the content of its messages."""
+    return len(text) if isinstance(text, str) else sum(len(message["content"]) for message in text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -337,8 +337,9 @@ class TrainingWatcher:
 
     Conditions, each over a window of ``settings.window`` consecutive train log lines:
 
-    - ``clip_saturation``: mean ``ctro/clip_rate`` above ``settings.clip_saturation`` -- the external references are
-      clipped into the trust region, so MRPO trains as DPO;
+    - ``clip_partial`` / ``clip_saturation``: mean ``ctro/clip_rate`` in the audit's partial band (from 25%) or at
+      ``settings.clip_saturation`` and above -- the external references enter the loss only partly, or are clipped
+      into the trust region so MRPO trains as DPO (the words of ``audit.clip_severity``, the same as inspect's);
     - ``alpha_collapse``: one reference's mean ``alpha/ref{k}`` above ``settings.alpha_collapse``;
     - ``loss_divergence``: mean loss above the first window's mean by more than max(0.05, 10%);
     - ``margin_collapse``: mean ``rewards/margins`` below 0 after a window mean above 0.1;
@@ -412,16 +413,36 @@ class TrainingWatcher:
         return found
 
     def _clip_saturation(self, step: int) -> list[Diagnostic]:
+        """The window's clip rate on the audit's one scale (``audit.CLIP_SEVERITY``): a warning when it enters the
+        partial band (``clip_partial``) and one when it enters the clipped-away band (``clip_saturation``, from
+        ``settings.clip_saturation``), never the milder one after the stronger."""
+        from mrpo.audit_forecast import clip_band, clip_severity
+
         clip = self._window_mean("ctro/clip_rate")
-        if clip is None or clip <= self.settings.clip_saturation or len(self.reference_names) == 1:
+        if clip is None or len(self.reference_names) == 1:
             return []
+        band = clip_band(clip, self.settings.clip_saturation)
+        if band == 0 or "clip_saturation" in self.fired:
+            return []
+        figure = (
+            f"the external references were clipped on {clip:.0%} of their log-probs over the last "
+            f"{self.settings.window} logs: {clip_severity(clip, self.settings.clip_saturation)} — "
+        )
+        remedy = (
+            "Run `mrpo inspect` for the clip rate at other settings; widen loss.eps, set loss.align=pair, or "
+            "loss.clip=off."
+        )
+        if band == 1:
+            return self._fire(
+                "clip_partial", step, clip,
+                figure + "on those log-probs the trust region puts a scaled copy of the initialising reference in "
+                "their place, so only part of what they know reaches the loss.",
+                remedy,
+            )  # fmt: skip
         return self._fire(
             "clip_saturation", step, clip,
-            f"the external references were clipped on {clip:.0%} of their log-probs over the last "
-            f"{self.settings.window} logs: the trust region holds them at the initialising reference, so this run "
-            "trains as DPO.",
-            "Run `mrpo inspect` for the clip rate at other settings; widen loss.eps, set loss.align=pair, or "
-            "loss.clip=off.",
+            figure + "the trust region holds them at the initialising reference, so this run trains as DPO.",
+            remedy,
         )  # fmt: skip
 
     def _alpha_collapse(self, step: int) -> list[Diagnostic]:
