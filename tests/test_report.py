@@ -6,9 +6,10 @@ import sys
 import pytest
 import yaml
 
+from mrpo.audit_forecast import PARTIAL_CLIP_RATE, SATURATED_CLIP_RATE, clip_severity
 from mrpo.cli import main
 from mrpo.errors import ReportError
-from mrpo.report import CLIP_AWAY, CLIP_PARTLY, clip_severity, held_out_models, write_report
+from mrpo.report import held_out_models, write_report
 from mrpo.rundir import load_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -145,7 +146,7 @@ def test_one_run_writes_plots_and_summary(tmp_path):
     text = report.read_text()
     # The clip rate comes before everything else, and a rate above the threshold is called out.
     assert text.index("clip rate") < text.index("## Training curves") < text.index("## Held-out metrics")
-    assert "**90.0%** | clipped away: this run is DPO against the initialising reference |" in text
+    assert "**90.0%** | clipped away ≈ DPO |" in text
     assert "⚠️ **mrpo: CTRO clipped 90% of the external references' log-probs" in text
     # Final and best train/eval numbers, with the step of the best.
     assert "| loss | 0.55 | 0.55 (step 3) | 0.66 | 0.66 (step 3) |" in text
@@ -332,10 +333,10 @@ def test_report_shows_the_audit_and_marks_live_warnings_on_the_curves(tmp_path, 
 
 
 def test_clip_rate_has_one_scale_of_severity(tmp_path):
-    assert (CLIP_PARTLY, CLIP_AWAY) == (0.25, 0.9)
+    assert (PARTIAL_CLIP_RATE, SATURATED_CLIP_RATE) == (0.25, 0.9)
     assert clip_severity(0.0) == clip_severity(0.2499) == "enters the loss"
     assert clip_severity(0.25) == clip_severity(0.67) == "enters the loss only partly"
-    away = "clipped away: this run is DPO against the initialising reference"
+    away = "clipped away ≈ DPO"
     assert clip_severity(0.9) == clip_severity(1.0) == away
     text = write_report([write_fake_run(tmp_path / "mrpo", clip_rate=0.67)]).read_text()
     assert "**67.0%** | enters the loss only partly |" in text

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mrpo.audit_forecast import PARTIAL_CLIP_RATE, SATURATED_CLIP_RATE, clip_severity
 from mrpo.errors import ReportError
 from mrpo.plots import curve_plots, plot_curves, plot_held_out
 from mrpo.report_tables import (
@@ -38,20 +39,6 @@ from mrpo.rundir import (
     is_number,
     load_run,
 )
-
-CLIP_PARTLY = 0.25
-CLIP_AWAY = 0.9
-"""The clip-rate bands of ``clip_severity``: below ``CLIP_PARTLY`` the external references enter the loss, from
-``CLIP_AWAY`` on they are clipped away."""
-
-
-def clip_severity(rate: float) -> str:
-    """What a mean CTRO clip rate means for the external references, on one scale for every message."""
-    if rate < CLIP_PARTLY:
-        return "enters the loss"
-    if rate < CLIP_AWAY:
-        return "enters the loss only partly"
-    return "clipped away: this run is DPO against the initialising reference"
 
 
 def _unique_names(runs: list[Run]) -> None:
@@ -77,9 +64,9 @@ def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[s
         lines.append("")
     lines.append(
         "Share of the external references' log-probs that the trust region moved (CTRO): the more it moves, the "
-        f"less the external references count. Graded in the column *external references*: below {CLIP_PARTLY:.0%} "
-        f'"{clip_severity(0)}", from {CLIP_PARTLY:.0%} "{clip_severity(CLIP_PARTLY)}", from {CLIP_AWAY:.0%} '
-        f'"{clip_severity(CLIP_AWAY)}".'
+        f"less the external references count. Graded in the column *external references*: below {PARTIAL_CLIP_RATE:.0%} "
+        f'"{clip_severity(0)}", from {PARTIAL_CLIP_RATE:.0%} "{clip_severity(PARTIAL_CLIP_RATE)}", from {SATURATED_CLIP_RATE:.0%} '
+        f'"{clip_severity(SATURATED_CLIP_RATE)}".'
     )
     lines.append("")
     rows, warnings_text = [], []
@@ -108,7 +95,7 @@ def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[s
                 held_out or "—",
             ]
         )
-        if mean and mean[0] >= CLIP_PARTLY:
+        if mean and mean[0] >= PARTIAL_CLIP_RATE:
             warnings_text.append(_clip_warning(run.name, *mean))
     lines += markdown_table(
         ["run", "references (K)", "clip", "mean clip rate", "external references", "last (train)", "last (eval)",
@@ -122,7 +109,7 @@ def _clip_section(runs: Sequence[Run], models: Sequence[HeldOutModel]) -> list[s
 
 def _clip_warning(name: str, rate: float, split: str) -> str:
     severity = clip_severity(rate)
-    mark = "⚠️ " if rate >= CLIP_AWAY else ""
+    mark = "⚠️ " if rate >= SATURATED_CLIP_RATE else ""
     return (
         f"> {mark}**{name}: CTRO clipped {rate:.0%} of the external references' log-probs on average ({split}) — "
         f"{severity}.** Clipped log-probs sit in a narrow band around the initialising "
