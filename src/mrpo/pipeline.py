@@ -22,10 +22,10 @@ import torch
 from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import MRPOConfig, padding_free_enabled
 from mrpo.data import DataError, PairSet
-from mrpo.errors import TrainingInterrupted
+from mrpo.errors import Terminated, TrainingInterrupted, TrainingTerminated
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.pairs import PairCounts, PreferencePair
-from mrpo.preflight import check_resumable, check_trackers, claim_output_dir, resume_checkpoint
+from mrpo.preflight import check_resumable, check_trackers, claim_output_dir, finished_step, resume_checkpoint
 from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
     CONFIG_FILE,
@@ -246,6 +246,8 @@ class TrainResult:
     merged_model_dir: Path | None
     train_metrics: dict[str, Any]
     eval_metrics: dict[str, Any] | None
+    finished_at: int | None = None
+    """Set when a resume found the run already finished (at this step): nothing was trained or written."""
 
 
 def run_train(
@@ -268,14 +270,14 @@ def run_train(
     output_dir = Path(args.output_dir)
     resume = resume if resume is not None else config.training.resume_from_checkpoint
     checkpoint = resume_checkpoint(output_dir, resume)  # before minutes of loading: a bad --resume fails now
-    effective = effective_training_arguments(args)
-    if checkpoint is not None:
-        check_resumable(output_dir / CONFIG_FILE, config, effective)
-    else:
-        claim_output_dir(output_dir, overwrite=overwrite)
-    check_trackers(config)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / CONFIG_FILE, training=effective)
+    finished = finished_step(checkpoint, effective_training_arguments(args))
+    if finished is not None:  # resuming would train a step at learning rate 0 and rewrite final/
+        merged = output_dir / MERGED_DIR
+        return TrainResult(
+            output_dir, output_dir / METRICS_FILE, output_dir / FINAL_DIR, merged if merged.is_dir() else None,
+            {}, None, finished_at=finished,
+        )  # fmt: skip
+    _claim_run_directory(config, args, checkpoint, overwrite=overwrite)
 
     check_lora_before_precompute(config)
     views = load_views(config)
@@ -321,18 +323,46 @@ def run_train(
     )
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli raises Terminated for it)
         saved, _ = latest_checkpoint(output_dir)
         where = f"the last complete checkpoint is {saved.name}" if saved else "no checkpoint was saved yet"
-        raise TrainingInterrupted(
-            f"interrupted at step {trainer.state.global_step} ({where})", step=trainer.state.global_step
-        ) from None
+        error, what = (
+            (TrainingTerminated, "terminated (SIGTERM)")
+            if isinstance(stop, Terminated)
+            else (TrainingInterrupted, "interrupted")
+        )
+        step = trainer.state.global_step
+        raise error(f"{what} at step {step} ({where})", step=step) from None
     eval_metrics = trainer.evaluate() if eval_split is not None else None
     final_dir, merged_dir = save_final_model(trainer, config, views, output_dir)
     if trainer.is_world_process_zero():
         summary = json.loads((output_dir / DATA_SUMMARY_FILE).read_text(encoding="utf-8"))
         write_model_card(output_dir, config.to_dict(), summary)
     return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
+
+
+def _claim_run_directory(config: MRPOConfig, args, checkpoint: str | None, *, overwrite: bool) -> None:
+    """Check the run directory (a fresh run may not write over another run; a resume may not change the maths) and
+    write the resolved config into it. Under several processes only the main one does, the others wait for it:
+    were each to claim the directory, a slower one would find the config the first just wrote, "another run"."""
+    from accelerate import PartialState
+
+    from mrpo.training_section import effective_training_arguments
+
+    effective = effective_training_arguments(args)
+    check_trackers(config)
+    args.device  # noqa: B018  (the Trainer's own device set-up first: it tells the shared state to stay on CPU)
+    state = PartialState()
+    with state.main_process_first():
+        if not state.is_main_process:
+            return
+        output_dir = Path(args.output_dir)
+        if checkpoint is not None:
+            check_resumable(output_dir / CONFIG_FILE, config, effective)
+        else:
+            claim_output_dir(output_dir, overwrite=overwrite)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / CONFIG_FILE, training=effective)
 
 
 def save_final_model(trainer, config: MRPOConfig, views: Views, output_dir: Path) -> tuple[Path, Path | None]:
