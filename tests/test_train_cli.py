@@ -602,3 +602,29 @@ def test_sigterm_during_training_stops_like_ctrl_c_with_exit_code_143(run_setup,
     assert lines[0].startswith("mrpo train: error: terminated (SIGTERM) at step ")
     assert "(the last complete checkpoint is checkpoint-" in lines[0]
     assert lines[0].endswith(f"; resume with `mrpo train {config} --resume`")
+
+
+@pytest.mark.slow  # three 2-process launches: about 2 min 20 s on 2 busy CPU cores
+def test_fresh_two_process_runs_start_every_time(run_setup):
+    """Only the main process claims a fresh run directory and writes its config; the other waits for it (each
+    claiming it, the slower found "already holds a run" in about half the launches)."""
+    import os
+    import subprocess
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    source = Path(__file__).resolve().parents[1] / "src"
+    environment = {**os.environ, "PYTHONPATH": str(source), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                   "TQDM_DISABLE": "1"}  # fmt: skip
+    for attempt in range(3):
+        name = f"two-processes-{attempt}"
+        config = write_config(run_setup, name, data={"train": str(run_setup["train"]), "eval": None},
+                              training={"max_steps": 2, "save_strategy": "no"})  # fmt: skip
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(configs / "ddp.yaml"),
+                   "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(29100 + (os.getpid() + attempt) % 800),
+                   "-m", "mrpo.cli", "train", str(config)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode == 0, (attempt, result.stderr[-3000:])
+        run_dir = run_setup["root"] / name
+        assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
+        assert (run_dir / "final" / "config.json").is_file()

@@ -285,7 +285,12 @@ def run_train(
     eval_split = (
         prepare_split(config, "eval", views, show_progress=show_progress) if config.data.eval else None
     )
-    _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
+    from accelerate import PartialState
+
+    if (
+        PartialState().is_main_process
+    ):  # one writer: the model card reads it back while others would rewrite it
+        _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
 
     # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
     # depends on whatever ran earlier in the process (a model conversion, a previous run).
