@@ -287,9 +287,8 @@ def run_train(
     )
     from accelerate import PartialState
 
-    if (
-        PartialState().is_main_process
-    ):  # one writer: the model card reads it back while others would rewrite it
+    # One writer: the model card reads it back, while another process would be rewriting it.
+    if PartialState().is_main_process:
         _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
 
     # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
