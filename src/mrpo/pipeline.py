@@ -270,14 +270,17 @@ def run_train(
     output_dir = Path(args.output_dir)
     resume = resume if resume is not None else config.training.resume_from_checkpoint
     checkpoint = resume_checkpoint(output_dir, resume)  # before minutes of loading: a bad --resume fails now
-    finished = finished_step(checkpoint, effective_training_arguments(args))
+    effective = effective_training_arguments(args)
+    if checkpoint is not None:
+        check_resumable(output_dir / CONFIG_FILE, config, effective)
+    finished = finished_step(checkpoint, effective)
     if finished is not None:  # resuming would train a step at learning rate 0 and rewrite final/
         merged = output_dir / MERGED_DIR
         return TrainResult(
             output_dir, output_dir / METRICS_FILE, output_dir / FINAL_DIR, merged if merged.is_dir() else None,
             {}, None, finished_at=finished,
         )  # fmt: skip
-    _claim_run_directory(config, args, checkpoint, overwrite=overwrite)
+    _claim_run_directory(config, args, effective, fresh=checkpoint is None, overwrite=overwrite)
 
     check_lora_before_precompute(config)
     views = load_views(config)
@@ -345,25 +348,24 @@ def run_train(
     return TrainResult(output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics)
 
 
-def _claim_run_directory(config: MRPOConfig, args, checkpoint: str | None, *, overwrite: bool) -> None:
-    """Check the run directory (a fresh run may not write over another run; a resume may not change the maths) and
-    write the resolved config into it. Under several processes only the main one does, the others wait for it:
-    were each to claim the directory, a slower one would find the config the first just wrote, "another run"."""
+def _claim_run_directory(
+    config: MRPOConfig, args, effective: dict[str, Any], *, fresh: bool, overwrite: bool
+) -> None:
+    """A fresh run claims its directory (none other's run may be there); then the resolved config is written into
+    it. Under several processes only the main one does, once every process has read the run's saved config (a
+    resume's check), and the others wait for it: were each to claim the directory, a slower one would find the
+    config the first had just written, "another run"."""
     from accelerate import PartialState
 
-    from mrpo.training_section import effective_training_arguments
-
-    effective = effective_training_arguments(args)
     check_trackers(config)
     args.device  # noqa: B018  (the Trainer's own device set-up first: it tells the shared state to stay on CPU)
     state = PartialState()
+    state.wait_for_everyone()
     with state.main_process_first():
         if not state.is_main_process:
             return
         output_dir = Path(args.output_dir)
-        if checkpoint is not None:
-            check_resumable(output_dir / CONFIG_FILE, config, effective)
-        else:
+        if fresh:
             claim_output_dir(output_dir, overwrite=overwrite)
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / CONFIG_FILE, training=effective)
