@@ -239,6 +239,7 @@ def test_resume_after_a_crash_keeps_one_metric_line_per_step_and_the_true_mean_l
     run_dir = run_setup["root"] / "crash"
     assert main(["train", str(config)]) == 0
     uninterrupted = [r for r in read_metrics(run_dir) if "loss" in r]
+    (uninterrupted_summary,) = [r for r in read_metrics(run_dir) if "train_loss" in r]
     expected_mean = load_run(run_dir).mean_train_loss()
     assert expected_mean == pytest.approx(sum(r["loss"] for r in uninterrupted) / 4)
     # A crash after step 4 was logged but before checkpoint-4 was kept: the resume starts again from step 2.
@@ -255,9 +256,11 @@ def test_resume_after_a_crash_keeps_one_metric_line_per_step_and_the_true_mean_l
     assert counts == sorted(counts) and len(set(counts)) == 4 and counts[0] > 0
     summaries = [r for r in read_metrics(run_dir) if "train_runtime" in r]
     assert len(summaries) == 1  # the interrupted run's end line is gone
-    # The Trainer's own train_loss covers only steps 3-4; the report averages all four.
+    # The Trainer's own mean would cover only steps 3-4; the resumed run's end line averages all four, as the
+    # report does and as the uninterrupted run's end line did.
     assert load_run(run_dir).mean_train_loss() == pytest.approx(expected_mean, rel=1e-6)
-    assert summaries[0]["train_loss"] != pytest.approx(expected_mean, rel=1e-6)
+    assert summaries[0]["train_loss"] == pytest.approx(uninterrupted_summary["train_loss"], abs=1e-6)
+    assert summaries[0]["train_loss"] == pytest.approx(expected_mean, abs=1e-6)
 
 
 def test_resume_skips_checkpoints_cut_while_saving_and_keeps_them(run_setup, caplog):
@@ -456,3 +459,172 @@ def test_precompute_shows_once_how_a_reference_without_chat_template_reads_a_pai
     assert len(shown) == 1  # the train and eval splits: said once
     assert shown[0].startswith("Reference 'gemma' has no chat template: it reads each pair as plain text")
     assert "'User: Capital of Spain?\\n\\nAssistant: Madrid." in shown[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's life: short runs, interruptions (Ctrl-C, SIGTERM), resuming, a finished run, warnings
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "logging_steps", "logged"),
+    [(3, 10, [3]), (1, 10, [1]), (5, 2, [2, 4, 5])],
+    ids=["shorter-than-one-interval", "one-step", "tail-after-the-last-interval"],
+)
+def test_the_last_step_is_logged_whatever_logging_steps_is(
+    run_setup, capsys, max_steps, logging_steps, logged
+):
+    from mrpo.rundir import load_run
+
+    name = f"short-{max_steps}-{logging_steps}"
+    config = write_config(run_setup, name, data={"train": str(run_setup["train"]), "eval": None},
+                          training={"max_steps": max_steps, "logging_steps": logging_steps, "save_strategy": "no"})  # fmt: skip
+    run_dir = run_setup["root"] / name
+    assert main(["train", str(config)]) == 0
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if "loss" in r] == logged
+    (summary,) = [r for r in records if "train_loss" in r]
+    assert summary["train_loss"] == pytest.approx(load_run(run_dir).mean_train_loss(), abs=1e-6)
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").is_file()
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Ctrl-C as training step ``step + 1`` begins (after step ``step`` was logged and, if due, saved)."""
+    from mrpo.trainer import MRPOTrainer
+
+    original = MRPOTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MRPOTrainer, "training_step", interrupted)
+
+
+def hinted_command(err: str) -> list[str]:
+    import shlex
+
+    (line,) = [line for line in err.splitlines() if line.startswith("mrpo train: error: ")]
+    command = shlex.split(line.rsplit("`", 2)[1])
+    assert command[:2] == ["mrpo", "train"]
+    return command[1:]
+
+
+def test_interrupted_before_any_checkpoint_the_hint_starts_over_and_works(run_setup, capsys, monkeypatch):
+    config = write_config(run_setup, "early-stop", training={"max_steps": 4, "save_steps": 3})
+    run_dir = run_setup["root"] / "early-stop"
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 1)
+        assert main(["train", str(config)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 1 (no checkpoint was saved yet); start it again with " in err
+    command = hinted_command(err)
+    assert command == ["train", str(config), "--overwrite"]  # --resume would fail: nothing to resume from
+    assert main(command) == 0  # run literally, it trains the run
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_resume_hint_repeats_every_override_and_resumes_the_same_run(run_setup, capsys, monkeypatch):
+    config = write_config(run_setup, "hint-base", training={"max_steps": 2, "save_steps": 2})
+    run_dir = run_setup["root"] / "hint-elsewhere"
+    argv = ["train", str(config), "--output_dir", str(run_dir), "--max_steps", "6", "training.save_steps=3"]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 4 (the last complete checkpoint is checkpoint-3); resume with " in err
+    command = hinted_command(err)
+    assert command[:2] == ["train", str(config)] and command[-1] == "--resume"
+    assert {f"training.output_dir={run_dir}", "training.max_steps=6", "training.save_steps=3"} <= set(command)
+    assert main(command) == 0  # run literally: the same directory, to the same length
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert not (run_setup["root"] / "hint-base").exists()
+
+
+@pytest.mark.parametrize(
+    "length", [{"max_steps": 4}, {"max_steps": -1, "num_train_epochs": 2}], ids=["max_steps", "epochs"]
+)
+def test_resuming_a_finished_run_does_nothing_and_says_so(run_setup, capsys, monkeypatch, length):
+    import mrpo.pipeline
+
+    name = f"finished-{len(length)}"
+    config = write_config(run_setup, name, training={**length, "save_steps": 2})
+    run_dir = run_setup["root"] / name
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    written = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file()}
+    monkeypatch.setattr(mrpo.pipeline, "load_views", lambda *a, **k: pytest.fail("nothing may be loaded"))
+    assert main(["train", str(config), "--resume"]) == 0
+    assert capsys.readouterr().out.startswith(f"run {run_dir} already finished at step 4; nothing to resume")
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file()} == written
+    # A longer run may still continue from there.
+    monkeypatch.undo()
+    assert main(["train", str(config), "--resume", "training.max_steps=5"]) == 0
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r][-2:] == [4, 5]
+
+
+def test_sigterm_during_training_stops_like_ctrl_c_with_exit_code_143(run_setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    config = write_config(run_setup, "sigterm", data={"train": str(run_setup["train"]), "eval": None},
+                          training={"max_steps": 100000, "save_steps": 2, "save_total_limit": 1})  # fmt: skip
+    metrics = run_setup["root"] / "sigterm" / "metrics.jsonl"
+    source = Path(__file__).resolve().parents[1] / "src"
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(source),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mrpo.cli", "train", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        # Step 3 logged: checkpoint-2 is complete (saved right after step 2's line).
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no metrics line in time"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("mrpo ")]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("mrpo train: error: terminated (SIGTERM) at step ")
+    assert "(the last complete checkpoint is checkpoint-" in lines[0]
+    assert lines[0].endswith(f"; resume with `mrpo train {config} --resume`")
+
+
+@pytest.mark.slow  # three 2-process launches: about 2 min 20 s on 2 busy CPU cores
+def test_fresh_two_process_runs_start_every_time(run_setup):
+    """Only the main process claims a fresh run directory and writes its config; the other waits for it (each
+    claiming it, the slower found "already holds a run" in about half the launches)."""
+    import os
+    import subprocess
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    source = Path(__file__).resolve().parents[1] / "src"
+    environment = {**os.environ, "PYTHONPATH": str(source), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                   "TQDM_DISABLE": "1"}  # fmt: skip
+    for attempt in range(3):
+        name = f"two-processes-{attempt}"
+        config = write_config(run_setup, name, data={"train": str(run_setup["train"]), "eval": None},
+                              training={"max_steps": 2, "save_strategy": "no"})  # fmt: skip
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(configs / "ddp.yaml"),
+                   "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(29100 + (os.getpid() + attempt) % 800),
+                   "-m", "mrpo.cli", "train", str(config)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode == 0, (attempt, result.stderr[-3000:])
+        run_dir = run_setup["root"] / name
+        assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2]
+        assert (run_dir / "final" / "config.json").is_file()

@@ -208,6 +208,55 @@ def test_lora_changes_every_adapter_and_no_base_weight(dataset, llama_dir, workd
     assert not moved_base, f"base weights that moved: {moved_base}"
 
 
+@pytest.mark.skipif(
+    torch.accelerator.is_available(), reason="pinning memory is refused only without accelerator"
+)
+def test_a_cpu_lora_run_warns_neither_about_pinned_memory_nor_the_checkpointing_name(
+    dataset, llama_dir, workdir, recwarn
+):
+    from mrpo.models import load_for_evaluation
+
+    config = MRPOConfig(
+        policy=PolicyConfig(model=str(llama_dir), dtype="float32"),
+        data=DataConfig(train="unused.jsonl"),
+        lora=LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    # As a user's CPU machine builds them: no use_cpu, so the Trainer's default of pinning memory.
+    args = setup.training_arguments(workdir / "quiet", use_cpu=False, remove_unused_columns=True)
+    trainer = setup.make_trainer(load_policy(config), dataset, args, eval_dataset=dataset)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model(str(workdir / "quiet" / "final"))
+    load_for_evaluation(config, str(workdir / "quiet" / "final"), torch.device("cpu"))
+    noise = [
+        str(w.message) for w in recwarn if "pin_memory" in str(w.message) or "checkpointing" in str(w.message)
+    ]
+    assert not noise
+    assert args.dataloader_pin_memory and args.remove_unused_columns  # the caller's arguments as they were
+    assert not trainer.args.dataloader_pin_memory and not trainer.args.remove_unused_columns
+
+
+def test_the_final_train_loss_is_the_mean_over_every_step_across_a_resume(dataset, workdir):
+    overrides = {"max_steps": 5, "logging_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "steps",
+                 "save_steps": 3}  # fmt: skip
+    whole = setup.make_trainer(
+        tiny_llama().train(), dataset, setup.training_arguments(workdir / "mean-whole", **overrides)
+    )
+    uninterrupted = whole.train()
+    split_dir = workdir / "mean-split"
+    setup.make_trainer(
+        tiny_llama().train(), dataset, setup.training_arguments(split_dir, **overrides)
+    ).train()
+    resumed = setup.make_trainer(
+        tiny_llama().train(), dataset, setup.training_arguments(split_dir, **overrides)
+    )
+    output = resumed.train(resume_from_checkpoint=str(split_dir / "checkpoint-3"))
+    assert output.training_loss == pytest.approx(uninterrupted.training_loss, abs=1e-6)
+    assert output.metrics["train_loss"] == output.training_loss
+    # Logged: every second step, the checkpoint's step (a resume starts there) and the last step.
+    assert [entry["step"] for entry in train_logs(resumed)] == [2, 3, 4, 5]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Resume reproduces the uninterrupted trajectory
 

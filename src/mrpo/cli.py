@@ -110,9 +110,11 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     try:
         result = run_train(config, resume=args.resume, overwrite=args.overwrite)
-    except TrainingInterrupted as stop:
-        again = f"mrpo train {_config_path(args)} --resume"
-        raise TrainingInterrupted(f"{stop}; resume with `{again}`", step=stop.step) from None
+    except TrainingInterrupted as stop:  # or TrainingTerminated (SIGTERM): the same hint, its own exit code
+        raise type(stop)(f"{stop}; {_resume_hint(args, config)}", step=stop.step) from None
+    if result.finished_at is not None:
+        print(_finished_line(result))
+        return 0
     print(f"run directory:   {result.output_dir}")
     print(f"resolved config: {result.output_dir / CONFIG_FILE}")
     print(f"metrics:         {result.metrics_file}")
@@ -129,6 +131,30 @@ TRUTHFULQA_HELP = (
     "BIG-bench's truthful_qa/task_mc.json (read, never shipped): add the task mrpo_truthfulqa_mc1 (TruthfulQA "
     "MC1, log-likelihood accuracy) on its questions"
 )
+
+
+def _resume_hint(args: argparse.Namespace, config) -> str:
+    """How to continue an interrupted run: the same config and every override (they name its directory and its
+    length), with --resume when a complete checkpoint exists. Without one nothing is lost by starting over, and
+    --resume would fail: the same command with --overwrite."""
+    import shlex
+
+    from mrpo.rundir import latest_checkpoint
+
+    saved, _ = latest_checkpoint(Path(config.training.output_dir))
+    command = ["mrpo", "train", _config_path(args), *args.overrides]
+    if saved is None and isinstance(args.resume, str):  # resumed from a checkpoint elsewhere: from it again
+        return f"resume with `{shlex.join([*command, '--resume', args.resume])}`"
+    if saved is None:
+        return f"start it again with `{shlex.join([*command, '--overwrite'])}`"
+    return f"resume with `{shlex.join([*command, '--resume'])}`"
+
+
+def _finished_line(result) -> str:
+    line = f"run {result.output_dir} already finished at step {result.finished_at}; nothing to resume"
+    if not result.final_model_dir.is_dir():
+        line += f" (its final model was not saved: checkpoint-{result.finished_at} holds it)"
+    return line + "; raise training.max_steps to train further"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -438,7 +464,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    from mrpo.errors import MRPOError
+    from mrpo.errors import MRPOError, Terminated, sigterm_raises_terminated
 
     command = argv[0] if argv else None
     try:
@@ -459,13 +485,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return args.run(args)
+        with sigterm_raises_terminated():
+            return args.run(args)
     except MRPOError as error:
         print(f"mrpo {command}: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print(f"mrpo {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # outside training (which says more): Ctrl-C 130, SIGTERM 143
+        terminated = isinstance(stop, Terminated)
+        print(f"mrpo {command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

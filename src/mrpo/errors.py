@@ -12,6 +12,7 @@ those.
     ├── CollatorError         a batch lacks what the trainer needs
     ├── TrainingError         training cannot go on (names the step and the pair); exit code 1
     │   └── TrainingInterrupted   Ctrl-C during training (says how to resume); exit code 130
+    │       └── TrainingTerminated    SIGTERM during training (a scheduler, `docker stop`); exit code 143
     ├── LMEvalError           an lm-eval request that cannot run as asked
     │   └── LMEvalNotInstalledError
     ├── ReportError           a run directory that cannot be reported on
@@ -19,6 +20,11 @@ those.
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 
 
 class MRPOError(Exception):
@@ -84,6 +90,38 @@ class TrainingInterrupted(TrainingError):
     def __init__(self, message: str, *, step: int):
         super().__init__(message)
         self.step = step
+
+
+class TrainingTerminated(TrainingInterrupted):
+    """Training was stopped by SIGTERM (what schedulers and ``docker stop`` send), handled as Ctrl-C is; the exit
+    code is the shell's for a process ended by that signal (128 + 15)."""
+
+    exit_code = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised where the program is, as Ctrl-C raises KeyboardInterrupt, so the same clean-up and
+    message follow (see ``sigterm_raises_terminated``, which the CLI runs every command in)."""
+
+    exit_code = 143
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """While inside, SIGTERM (schedulers, ``docker stop``) raises ``Terminated`` instead of ending the process
+    silently with -15. Only the main thread may set a handler: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class LMEvalError(MRPOError):

@@ -132,16 +132,31 @@ def add_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
     linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     check_lora_targets(lora, linear_names)
     target = lora.target_modules
-    return get_peft_model(
-        model,
-        PeftLoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=target if isinstance(target, str) else list(target),
-            task_type="CAUSAL_LM",
-        ),
-    )
+    with peft_wrapping():
+        return get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=target if isinstance(target, str) else list(target),
+                task_type="CAUSAL_LM",
+            ),
+        )
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Where peft wraps a model: peft (0.21) asks it for ``is_gradient_checkpointing``, the name transformers
+    >= 5.2x deprecates for ``is_activation_checkpointing`` (a FutureWarning per wrapped model, nothing a user can
+    act on). Our own code asks neither; older transformers (5.17) do not warn."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> None:
@@ -184,6 +199,6 @@ def load_for_evaluation(config: MRPOConfig, checkpoint: str | None, device: torc
         from peft import PeftModel
 
         base = load_model(config.policy.model, dtype, device, role="policy")
-        with _loading("LoRA adapter", checkpoint, "checkpoint"):
+        with _loading("LoRA adapter", checkpoint, "checkpoint"), peft_wrapping():
             return PeftModel.from_pretrained(base, checkpoint).to(device).eval()
     return load_model(checkpoint, dtype, device, role="checkpoint")

@@ -24,10 +24,16 @@ import torch
 from mrpo.collator import PreferenceCollator, PreferenceDataset
 from mrpo.config import MRPOConfig, padding_free_enabled
 from mrpo.data import DataError, PairSet
-from mrpo.errors import CacheError, TrainingInterrupted
+from mrpo.errors import CacheError, Terminated, TrainingInterrupted, TrainingTerminated
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.pairs import PairCounts, PreferencePair
-from mrpo.preflight import check_resumable, check_services, claim_output_dir, resume_checkpoint
+from mrpo.preflight import (
+    check_resumable,
+    check_services,
+    claim_output_dir,
+    finished_step,
+    resume_checkpoint,
+)
 from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
     CONFIG_FILE,
@@ -293,6 +299,8 @@ class TrainResult:
     eval_metrics: dict[str, Any] | None
     eval_summary: str | None = None
     """The end-of-training held-out figures in a line or two (``evaluation.training_evaluation_summary``)."""
+    finished_at: int | None = None
+    """Set when a resume found the run already finished (at this step): nothing was trained or written."""
 
 
 def run_train(
@@ -320,10 +328,14 @@ def run_train(
     effective = effective_training_arguments(args)
     if checkpoint is not None:
         check_resumable(output_dir / CONFIG_FILE, config, effective)
-    else:
-        claim_output_dir(output_dir, overwrite=overwrite)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / CONFIG_FILE, training=effective)
+    finished = finished_step(checkpoint, effective)
+    if finished is not None:  # resuming would train a step at learning rate 0 and rewrite final/
+        merged = output_dir / MERGED_DIR
+        return TrainResult(
+            output_dir, output_dir / METRICS_FILE, output_dir / FINAL_DIR, merged if merged.is_dir() else None,
+            {}, None, finished_at=finished,
+        )  # fmt: skip
+    _claim_run_directory(config, args, effective, fresh=checkpoint is None, overwrite=overwrite)
 
     check_lora_before_precompute(config)
     views = load_views(config)
@@ -333,7 +345,11 @@ def run_train(
     )
     if eval_split is not None:
         report_overlap(config, eval_split.tokenization.pair_ids, train_split.tokenization.pair_ids)
-    _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
+    from accelerate import PartialState
+
+    # One writer: the model card reads it back, while another process would be rewriting it.
+    if PartialState().is_main_process:
+        _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
 
     # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
     # depends on whatever ran earlier in the process (a model conversion, a previous run).
@@ -373,12 +389,16 @@ def run_train(
         _label_evaluation_bar(trainer, len(eval_split.dataset))
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli raises Terminated for it)
         saved, _ = latest_checkpoint(output_dir)
         where = f"the last complete checkpoint is {saved.name}" if saved else "no checkpoint was saved yet"
-        raise TrainingInterrupted(
-            f"interrupted at step {trainer.state.global_step} ({where})", step=trainer.state.global_step
-        ) from None
+        error, what = (
+            (TrainingTerminated, "terminated (SIGTERM)")
+            if isinstance(stop, Terminated)
+            else (TrainingInterrupted, "interrupted")
+        )
+        step = trainer.state.global_step
+        raise error(f"{what} at step {step} ({where})", step=step) from None
     eval_metrics = eval_summary = None
     if eval_split is not None:
         if show_progress and trainer.is_world_process_zero():
@@ -425,6 +445,28 @@ def _evaluation_notice(config: MRPOConfig, pairs: int, step: int) -> str:
     return (
         f"evaluating the trained policy (step {step}) on {pairs} held-out pairs of {config.data.eval} ({how})"
     )
+
+
+def _claim_run_directory(
+    config: MRPOConfig, args, effective: dict[str, Any], *, fresh: bool, overwrite: bool
+) -> None:
+    """A fresh run claims its directory (none other's run may be there); then the resolved config is written into
+    it. Under several processes only the main one does, once every process has read the run's saved config (a
+    resume's check), and the others wait for it: were each to claim the directory, a slower one would find the
+    config the first had just written, "another run"."""
+    from accelerate import PartialState
+
+    args.device  # noqa: B018  (the Trainer's own device set-up first: it tells the shared state to stay on CPU)
+    state = PartialState()
+    state.wait_for_everyone()
+    with state.main_process_first():
+        if not state.is_main_process:
+            return
+        output_dir = Path(args.output_dir)
+        if fresh:
+            claim_output_dir(output_dir, overwrite=overwrite)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / CONFIG_FILE, training=effective)
 
 
 def save_final_model(trainer, config: MRPOConfig, views: Views, output_dir: Path) -> tuple[Path, Path | None]:

@@ -2,7 +2,7 @@
 
 - the run directory: a fresh run refuses one that holds another run (unless ``--overwrite``, which clears what that
   run wrote); ``--resume`` takes the newest complete checkpoint (naming the incomplete ones it skips) and refuses
-  settings that would change the resumed run's maths;
+  settings that would change the resumed run's maths, and finds a run that has already finished;
 - the services the run talks to (``check_services``, which ``mrpo train --dry-run`` runs too): the trackers of
   ``training.report_to`` are installed, and ``training.push_to_hub`` has a Hub to push to (not offline, logged in,
   reachable) and a valid repository name. All before the run directory is touched.
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 
 from mrpo.config import MRPOConfig
 from mrpo.errors import ConfigError
-from mrpo.rundir import checkpoint_problem, clear_run, latest_checkpoint, previous_run
+from mrpo.rundir import TRAINER_STATE_FILE, checkpoint_problem, clear_run, latest_checkpoint, previous_run
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,25 @@ def resume_checkpoint(output_dir: Path, resume: str | bool | None) -> str | None
             )
     logger.warning("Resuming from %s.", checkpoint)
     return str(checkpoint)
+
+
+def finished_step(checkpoint: str | None, effective: dict[str, Any]) -> int | None:
+    """The step at which the run being resumed already ended, or None when it has steps left (or is not resumed).
+
+    Its end is ``max_steps`` as now configured; for a run counted in epochs, the step count the saved state
+    computed, when ``num_train_epochs`` is what it was. (The Trainer, resumed from a checkpoint at the last step,
+    trains one more step at learning rate 0 and would rewrite final/.)
+    """
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    end = effective.get("max_steps") or -1
+    if end <= 0:
+        if state.get("num_train_epochs") != effective.get("num_train_epochs"):
+            return None
+        end = state.get("max_steps") or -1
+    step = state["global_step"]
+    return step if 0 < end <= step else None
 
 
 def claim_output_dir(output_dir: Path, *, overwrite: bool) -> None:

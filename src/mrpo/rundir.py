@@ -18,6 +18,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,16 +168,8 @@ class Run:
         return None
 
     def mean_train_loss(self) -> float | None:
-        """The loss averaged over every optimizer step, from the logged lines: each line's loss is the mean over
-        the steps since the previous line, so it counts for that many steps. (The Trainer's own end-of-training
-        ``train_loss`` covers only the steps since a resume.)"""
-        total, steps, previous = 0.0, 0, 0
-        for row in self.train:
-            if is_number(row.get("loss")) and row["step"] > previous:
-                total += row["loss"] * (row["step"] - previous)
-                steps += row["step"] - previous
-                previous = row["step"]
-        return total / steps if steps else None
+        """The loss averaged over every optimizer step, from the logged lines (see ``mean_train_loss``)."""
+        return mean_train_loss(self.train)
 
     def mean_clip_rate(self) -> tuple[float, str] | None:
         """The mean CTRO clip rate over the train log lines (else the eval lines), and which split it is from."""
@@ -185,6 +178,24 @@ class Run:
             if values:
                 return sum(values) / len(values), split
         return None
+
+
+def mean_train_loss(rows: Iterable[dict[str, Any]]) -> float | None:
+    """The loss averaged over every optimizer step, from train log lines (rows with a ``loss`` and a ``step``; the
+    last one wins for a step logged twice): each line's loss is the mean over the steps since the previous line, so
+    it counts for that many steps. The trainer's end-of-training ``train_loss`` and the report both use it, so a
+    resumed run reports the mean an uninterrupted one would."""
+    by_step = {
+        row["step"]: row["loss"]
+        for row in rows
+        if is_number(row.get("loss")) and isinstance(row.get("step"), int)
+    }
+    total, previous = 0.0, 0
+    for step in sorted(by_step):
+        if step > previous:
+            total += by_step[step] * (step - previous)
+            previous = step
+    return total / previous if previous else None
 
 
 def load_run(run_dir: str | Path) -> Run:

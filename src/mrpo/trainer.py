@@ -11,6 +11,7 @@ them for degenerate training (``TrainingWatcher``: clip saturation, alpha collap
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -28,6 +29,7 @@ from mrpo.config import DiagnosticsConfig, LossConfig
 from mrpo.errors import ConfigError, TrainingError
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss
+from mrpo.rundir import mean_train_loss
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +87,12 @@ class MRPOTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, loss: LossConfig | None = None, **kwargs: Any):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None and training_args.remove_unused_columns:
-            # Trainer would strip every column the model's forward does not name: all of ours.
-            training_args.remove_unused_columns = False
+        if len(args) > 1:
+            args = (args[0], trainer_arguments(args[1]), *args[2:])
+        elif kwargs.get("args") is not None:
+            kwargs["args"] = trainer_arguments(kwargs["args"])
         super().__init__(*args, **kwargs)
+        self.add_callback(LogLastAndSavedStepsCallback())
         self.loss_config = loss or LossConfig()
         self._loss_kwargs = dataclasses.asdict(self.loss_config)
         # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps, whatever the
@@ -234,7 +237,16 @@ class MRPOTrainer(Trainer):
         self._eval_prefix = metric_key_prefix  # so that log() files the statistics under the caller's prefix
         return super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs)
 
+    def train(self, *args: Any, **kwargs: Any):
+        output = super().train(*args, **kwargs)
+        return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:
+            # The Trainer's own mean covers only the steps since a resume; the run's is over every step logged
+            # (the saved state carries the lines before the checkpoint), as the report computes it.
+            run_mean = mean_train_loss(self.state.log_history)
+            logs["train_loss"] = logs["train_loss"] if run_mean is None else run_mean
         eval_prefix = getattr(self, "_eval_prefix", "eval") + "_"
         split = "eval" if any(key.startswith(eval_prefix) for key in logs) else "train"
         prefix = eval_prefix if split == "eval" else ""
@@ -250,6 +262,41 @@ class MRPOTrainer(Trainer):
                 self.state.num_input_tokens_seen
             )  # saved with the state: survives a resume
         super().log(logs, start_time)
+
+
+def trainer_arguments(training_args):
+    """What the Trainer gets from the caller's ``TrainingArguments``: a copy (the caller's object is left as it was)
+    with ``remove_unused_columns`` off -- the Trainer would strip every column the model's forward does not name,
+    all of ours -- and, on a CPU, ``dataloader_pin_memory`` off (pinning needs an accelerator; torch warns per
+    data loader otherwise)."""
+    changes = {}
+    if training_args.remove_unused_columns:
+        changes["remove_unused_columns"] = False
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        changes["dataloader_pin_memory"] = False
+    if not changes:
+        return training_args
+    effective = copy.copy(training_args)
+    for name, value in changes.items():
+        setattr(effective, name, value)
+    return effective
+
+
+class LogLastAndSavedStepsCallback(TrainerCallback):
+    """Logs the last step and every step a checkpoint is saved at, whatever ``logging_steps`` is.
+
+    The last: a run shorter than one logging interval still has its metrics line, and the steps after the last
+    interval count in metrics.jsonl and the mean loss. A checkpoint's: a run resumed from it starts logging afresh
+    there, so the loss of the steps between the previous line and the checkpoint would be in no line.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_save:
+            control.should_log = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
 
 
 class JsonlMetricsCallback(TrainerCallback):
