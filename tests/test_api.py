@@ -85,12 +85,11 @@ def test_a_datasets_dataset_gives_what_the_list_gives(run_setup):
         run_setup, "list-1", records(run_setup), args=arguments(run_setup["root"] / "list-1", max_steps=1)
     )
     from_list.train()
+    pairs = Dataset.from_list(records(run_setup))
     _, trainer = build(
-        run_setup,
-        "dataset",
-        Dataset.from_list(records(run_setup)),
-        args=arguments(run_setup["root"] / "dataset"),
+        run_setup, "dataset", pairs, args=arguments(run_setup["root"] / "dataset"), eval_dataset=pairs
     )
+    assert len(trainer.eval_dataset) == len(pairs)  # held-out pairs in memory too (here: the same ones)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logs] == [1, 2] and all("alpha/ref2" in entry for entry in logs)
