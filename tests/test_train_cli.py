@@ -280,12 +280,14 @@ def test_resume_skips_checkpoints_cut_while_saving_and_keeps_them(run_setup, cap
 
 
 def test_resume_without_a_complete_checkpoint_fails_at_once_in_one_line(run_setup, capsys, monkeypatch):
+    import mrpo.assemble
     import mrpo.pipeline
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the error must come before any loading")
 
     monkeypatch.setattr(mrpo.pipeline, "load_views", must_not_load)
+    monkeypatch.setattr(mrpo.assemble, "load_views", must_not_load)
     config = write_config(run_setup, "nothing-to-resume", training={"max_steps": 2})
     (run_setup["root"] / "nothing-to-resume" / "checkpoint-3").mkdir(parents=True)
     line = one_line_error(capsys, ["train", str(config), "--resume"])
@@ -378,9 +380,11 @@ def test_resume_refuses_a_change_to_the_maths(run_setup, capsys):
 
 
 def test_a_missing_tracker_fails_at_once_with_the_extra_to_install(run_setup, capsys, monkeypatch):
+    import mrpo.assemble
     import mrpo.pipeline
 
-    monkeypatch.setattr(mrpo.pipeline, "load_views", lambda *a, **k: pytest.fail("must fail before loading"))
+    for module in (mrpo.pipeline, mrpo.assemble):
+        monkeypatch.setattr(module, "load_views", lambda *a, **k: pytest.fail("must fail before loading"))
     config = write_config(run_setup, "tracker", training={"max_steps": 1, "report_to": "tensorboard"})
     line = one_line_error(capsys, ["train", str(config)])
     assert "training.report_to='tensorboard' needs the tensorboard package" in line

@@ -145,6 +145,7 @@ def pairs_from_records(
     on_error: OnError = "raise",
     fmt: Format = "auto",
     drop_identical: bool = False,
+    cap_name: str = "max_pairs",
 ) -> PairSet:
     """Validate in-memory rows (dicts) exactly as :func:`load_pairs` validates the rows of a file."""
     _check_options(on_error, fmt)
@@ -157,6 +158,7 @@ def pairs_from_records(
         on_error=on_error,
         fmt=fmt,
         drop_identical=drop_identical,
+        cap_name=cap_name,
     )
 
 

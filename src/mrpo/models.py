@@ -104,17 +104,21 @@ def load_model(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_policy(config: MRPOConfig, device: torch.device | None = None):
-    """The policy model, with LoRA adapters when configured (the base then is the initialising reference)."""
-    accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer will train
-    dtype = torch_dtype(config.policy.dtype, accelerator)
-    model = load_model(
-        config.policy.model,
-        dtype,
-        device or torch.device("cpu"),
-        config.policy.attn_implementation,
-        role="policy",
-    )
+def load_policy(config: MRPOConfig, device: torch.device | None = None, *, model=None):
+    """The policy model, with LoRA adapters when configured (the base then is the initialising reference).
+
+    ``model``: a model object to train instead of loading ``policy.model`` (``mrpo.build_trainer``'s; used as it is,
+    its dtype and device included)."""
+    if model is None:
+        # On the CPU for now; the dtype is the one for where the Trainer will train.
+        accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(
+            config.policy.model,
+            torch_dtype(config.policy.dtype, accelerator),
+            device or torch.device("cpu"),
+            config.policy.attn_implementation,
+            role="policy",
+        )
     model.train()
     if config.lora.enabled:
         model = add_lora(model, config.lora)

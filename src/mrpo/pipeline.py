@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import MRPOConfig, padding_free_enabled
+from mrpo.collator import PreferenceDataset
+from mrpo.config import MRPOConfig
 from mrpo.data import DataError, PairSet
 from mrpo.errors import CacheError, Terminated, TrainingInterrupted, TrainingTerminated
-from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.pairs import PairCounts, PreferencePair
 from mrpo.preflight import (
     check_resumable,
@@ -38,7 +37,6 @@ from mrpo.references import ReferenceCache, precompute
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
-    DIAGNOSTICS_FILE,
     EVAL_RESULTS_FILE,
     FINAL_DIR,
     INSPECT_FILE,
@@ -89,11 +87,18 @@ class PreparedSplit:
 
 
 def prepare_split(
-    config: MRPOConfig, split: str, views: Views | None = None, *, show_progress: bool = True
+    config: MRPOConfig,
+    split: str,
+    views: Views | None = None,
+    *,
+    show_progress: bool = True,
+    pairs: PairSet | None = None,
 ) -> PreparedSplit:
-    """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split."""
+    """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split.
+
+    ``pairs``: the split already in memory (``splits.read_records``) instead of read from its source."""
     views = views or load_views(config)
-    tokenized = tokenize_split(config, split, views)
+    tokenized = tokenize_split(config, split, views, pairs)
     show_plain_renderings(config, split, views, tokenized)
     cache = precompute(
         tokenized.references,
@@ -315,8 +320,8 @@ def run_train(
     A fresh run refuses a directory that holds another run unless ``overwrite`` (which clears what that run wrote);
     a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
     """
+    from mrpo.assemble import assemble_trainer
     from mrpo.evaluation import training_evaluation_summary
-    from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
     from mrpo.training_section import effective_training_arguments
 
     config = config.with_absolute_paths()
@@ -337,56 +342,14 @@ def run_train(
         )  # fmt: skip
     _claim_run_directory(config, args, effective, fresh=checkpoint is None, overwrite=overwrite)
 
-    check_lora_before_precompute(config)
-    views = load_views(config)
-    train_split = prepare_split(config, "train", views, show_progress=show_progress)
-    eval_split = (
-        prepare_split(config, "eval", views, show_progress=show_progress) if config.data.eval else None
-    )
-    if eval_split is not None:
-        report_overlap(config, eval_split.tokenization.pair_ids, train_split.tokenization.pair_ids)
+    run = assemble_trainer(config, args, show_progress=show_progress)
+    trainer, views, eval_split = run.trainer, run.views, run.eval
     from accelerate import PartialState
 
     # One writer: the model card reads it back, while another process would be rewriting it.
     if PartialState().is_main_process:
-        _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(train_split, eval_split))
-
-    # Seed before the model exists: LoRA adapters are initialised from the global RNG, whose state otherwise
-    # depends on whatever ran earlier in the process (a model conversion, a previous run).
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    model = load_policy(config)
+        _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(run.train, eval_split))
     metrics_file = output_dir / METRICS_FILE
-    callbacks = [JsonlMetricsCallback(metrics_file)]
-    if config.diagnostics.enabled:
-        dataset = train_split.dataset
-        callbacks.append(
-            DiagnosticsCallback(
-                output_dir / DIAGNOSTICS_FILE,
-                config.diagnostics,
-                [reference.name for reference in config.references],
-                (dataset.reference_chosen_logps, dataset.reference_rejected_logps),
-            )
-        )
-    trainer = MRPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_split.dataset,
-        eval_dataset=eval_split.dataset if eval_split else None,
-        data_collator=PreferenceCollator(
-            pad_token_id=views.policy.pad_token_id,
-            padding_side=views.policy.padding_side,
-            pad_to_multiple_of=config.policy.pad_to_multiple_of,
-            padding_free=padding_free_enabled(config.policy.padding_free, config.policy.attn_implementation),
-            micro_batch_tokens=config.policy.micro_batch_tokens,
-        ),
-        processing_class=views.policy.tokenizer,
-        loss=config.loss,
-        callbacks=callbacks,
-    )
-    if eval_split is not None:
-        _label_evaluation_bar(trainer, len(eval_split.dataset))
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli raises Terminated for it)
@@ -422,16 +385,6 @@ def run_train(
     return TrainResult(
         output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics, eval_summary
     )
-
-
-def _label_evaluation_bar(trainer, pairs: int) -> None:
-    """The Trainer's unlabelled evaluation bar, replaced by one that names the split, the model and the pairs."""
-    from transformers.trainer_callback import ProgressCallback
-
-    from mrpo.trainer import HeldOutProgressCallback
-
-    if trainer.pop_callback(ProgressCallback) is not None:  # absent with disable_tqdm or in a notebook
-        trainer.add_callback(HeldOutProgressCallback(pairs))
 
 
 def _evaluation_notice(config: MRPOConfig, pairs: int, step: int) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.config import MRPOConfig, ReferenceConfig
-from mrpo.data import DataError, PairSet, load_pairs, source_identity, stream_pairs
+from mrpo.data import DataError, PairSet, load_pairs, pairs_from_records, source_identity, stream_pairs
 from mrpo.errors import ConfigError
 from mrpo.models import load_model_config, load_tokenizer, model_position_limit
 from mrpo.pairs import PairCounts, PairStream, PreferencePair, warn_identical
@@ -118,6 +118,23 @@ def read_split(config: MRPOConfig, split: str) -> PairSet:
     )
 
 
+def read_records(config: MRPOConfig, split: str, records: Iterable[dict]) -> PairSet:
+    """One split's pairs from rows in memory (``mrpo.build_trainer``'s datasets), by the rules ``read_split`` reads
+    a file with; the split's source (``data.train`` / ``data.eval``) is the label its errors name."""
+    source, _, max_pairs = split_source(config, split)
+    data = config.data
+    return pairs_from_records(
+        records,
+        source=source,
+        max_pairs=max_pairs,
+        seed=data.seed,
+        on_error=data.on_error,
+        fmt=data.format,
+        drop_identical=data.drop_identical,
+        cap_name="max_pairs" if split == "train" else "max_eval_pairs",
+    )
+
+
 def stream_split(config: MRPOConfig, split: str) -> PairStream:
     """One split's pairs read as they come (no subsampling), for data larger than memory."""
     source, name, _ = split_source(config, split)
@@ -156,9 +173,12 @@ class TokenizedSplit:
     (``find_pairs`` reads any pair's text again)."""
 
 
-def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSplit:
+def tokenize_split(
+    config: MRPOConfig, split: str, views: Views, pairs: PairSet | None = None
+) -> TokenizedSplit:
     """Read one split and tokenize it jointly (a pair too long for any model is dropped for all): from the
-    tokenized cache when it can be (``data.cache_tokenized``), else in memory."""
+    tokenized cache when it can be (``data.cache_tokenized``), else in memory. ``pairs``: the split already read
+    into memory (``read_records``), tokenized in memory."""
     references = resolved_references(config)
     all_views = [views.policy, *views.references]
     limits = effective_limits(config, references)
@@ -166,7 +186,7 @@ def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSpl
         # Truncation cuts every model at the smallest limit (one shared tokenizer), so that limit is what the
         # reference stores must be keyed by.
         references = [dataclasses.replace(reference, max_length=min(limits)) for reference in references]
-    cached = _tokenize_to_cache(config, split, all_views, limits)
+    cached = _tokenize_to_cache(config, split, all_views, limits) if pairs is None else None
     if cached is not None:
         pairs, counts, tokenization = None, cached.counts, cached.tokenization
         if cached.found and counts.identical:  # a read from the data warned when it built the entry
@@ -180,7 +200,7 @@ def tokenize_split(config: MRPOConfig, split: str, views: Views) -> TokenizedSpl
         how = "found" if cached.found else "stored"
         logger.info("%s split: %s Tokenized pairs %s in %s.", split, counts.summary(), how, cached.directory)
     else:
-        pairs = read_split(config, split)
+        pairs = pairs if pairs is not None else read_split(config, split)
         counts = pairs.counts()
         tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
     if not tokenization.pair_ids:
