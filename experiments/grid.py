@@ -59,3 +59,30 @@ def run_grid(
             log(f"    done in {result['seconds']:.0f} s")
         results.append(json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8")))
     return results
+
+
+def check_settings(output_dir: Path, settings: Any, resume: bool) -> None:
+    """A study's settings are fixed for its output directory: another directory for other settings, and ``resume``
+    to continue one that holds finished runs. ``settings`` is a dataclass with ``to_json`` / ``from_json``."""
+    saved = output_dir / "settings.json"
+    if saved.exists():
+        previous = type(settings).from_json(json.loads(saved.read_text(encoding="utf-8")))
+        if previous != settings:
+            raise SystemExit(
+                f"{output_dir} holds a study with other settings ({saved}); use another --output-dir or the same flags"
+            )
+        if not resume and any(output_dir.glob(f"**/{RESULT_FILE}")):
+            raise SystemExit(
+                f"{output_dir} holds finished runs: pass --resume to continue, or another --output-dir"
+            )
+    write_json_atomic(saved, settings.to_json())
+
+
+def record_invocation(output_dir: Path, command: str, runtime_s: float, runs_run: int) -> list[dict]:
+    """Append this invocation to ``invocations.jsonl`` (what ran, how long) and return every one so far."""
+    path = output_dir / "invocations.jsonl"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(
+            json.dumps({"command": command, "runtime_s": round(runtime_s, 1), "runs_run": runs_run}) + "\n"
+        )
+    return read_jsonl(path)

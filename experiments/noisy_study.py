@@ -41,7 +41,7 @@ from typing import Any
 
 import reworded_facts
 import stats
-from grid import RESULT_FILE, read_jsonl, run_grid, write_json_atomic
+from grid import RESULT_FILE, check_settings, read_jsonl, record_invocation, run_grid, write_json_atomic
 
 from mrpo.demo.pairs import write_jsonl
 from mrpo.report import markdown_table
@@ -872,21 +872,6 @@ def write_plots(results, directory: Path, link_prefix: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def check_settings(output_dir: Path, settings: Settings, resume: bool) -> None:
-    saved = output_dir / "settings.json"
-    if saved.exists():
-        previous = Settings.from_json(json.loads(saved.read_text(encoding="utf-8")))
-        if previous != settings:
-            raise SystemExit(
-                f"{output_dir} holds a study with other settings ({saved}); use another --output-dir or the same flags"
-            )
-        if not resume and any(output_dir.glob(f"**/{RESULT_FILE}")):
-            raise SystemExit(
-                f"{output_dir} holds finished runs: pass --resume to continue, or another --output-dir"
-            )
-    write_json_atomic(saved, settings.to_json())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -953,10 +938,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         [".venv/bin/python experiments/noisy_study.py", *(argv if argv is not None else sys.argv[1:])]
     )
     ran = sum(1 for line in lines if line.endswith(": running"))
-    with (output_dir / "invocations.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"command": command, "runtime_s": round(runtime, 1), "runs_run": ran}) + "\n")
+    invocations = record_invocation(output_dir, command, runtime, ran)
     write_json_atomic(output_dir / "summary.json", {"settings": settings.to_json(), "results": results})
-    invocations = [json.loads(line) for line in (output_dir / "invocations.jsonl").read_text().splitlines()]
     commands = "; then ".join(
         f"`{item['command']}` ({item['runtime_s'] / 60:.1f} min, {item['runs_run']} runs run)"
         for item in [*(i for i in invocations[:-1] if i["runs_run"]), invocations[-1]]

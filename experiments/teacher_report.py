@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import stats
-from grid import read_jsonl, write_json_atomic
+from grid import write_json_atomic
 from teacher_study import ARMS, BASELINE, DECISION_RULE, RANDOM_CONTROL, Settings, teacher_beats_start
 
 from mrpo.report import markdown_table
@@ -314,13 +314,13 @@ def render(results, settings: Settings, *, commands: str, machine: str, plots: d
     return "\n".join(lines) + "\n"
 
 
-def write_report(results, settings: Settings, output_dir: Path, docs: Path, *, machine: str) -> None:
+def write_report(
+    results, settings: Settings, invocations: Sequence[dict], docs: Path, *, machine: str
+) -> None:
+    """The page, its plots and ``summary.json``; ``invocations`` are the study's runs of the command so far."""
     directory = docs.parent / "teacher-study"
     summary = [{k: v for k, v in r.items() if k != "loss_curve"} for r in results]
     write_json_atomic(directory / "summary.json", {"settings": settings.to_json(), "results": summary})
-    invocations = (
-        read_jsonl(output_dir / "invocations.jsonl") if (output_dir / "invocations.jsonl").exists() else []
-    )
     ran = [i for i in invocations if i["runs_run"]]
     commands = "; ".join(
         f"`{i['command']}` ({i['runtime_s'] / 60:.0f} min, {i['runs_run']} runs)" for i in ran

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import reworded_facts
-from grid import RESULT_FILE, read_jsonl, run_grid, write_json_atomic
+from grid import RESULT_FILE, check_settings, read_jsonl, record_invocation, run_grid
 from noisy_study import Arm, training_statistics
 
 from mrpo.demo.pairs import write_jsonl
@@ -538,21 +538,6 @@ def teacher_beats_start(probe: dict[str, Any], teacher: str) -> bool:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def check_settings(output_dir: Path, settings: Settings, resume: bool) -> None:
-    saved = output_dir / "settings.json"
-    if saved.exists():
-        previous = Settings.from_json(json.loads(saved.read_text(encoding="utf-8")))
-        if previous != settings:
-            raise SystemExit(
-                f"{output_dir} holds a study with other settings ({saved}); use another --output-dir"
-            )
-        if not resume and any(output_dir.glob(f"**/{RESULT_FILE}")):
-            raise SystemExit(
-                f"{output_dir} holds finished runs: pass --resume to continue, or another --output-dir"
-            )
-    write_json_atomic(saved, settings.to_json())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, t1 only, 3 arms (~15 min)")
@@ -611,13 +596,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         [".venv/bin/python experiments/teacher_study.py", *(argv if argv is not None else sys.argv[1:])]
     )
     ran = sum(1 for line in lines if line.endswith(": running"))
-    with (output_dir / "invocations.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"command": command, "runtime_s": round(runtime, 1), "runs_run": ran}) + "\n")
+    invocations = record_invocation(output_dir, command, runtime, ran)
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; load {load}"
     from teacher_report import write_report
 
-    write_report(results, settings, output_dir, Path(args.docs), machine=machine)
+    write_report(results, settings, invocations, Path(args.docs), machine=machine)
     print(f"report: {args.docs}; {len(results)} results; runtime {runtime / 60:.1f} min", flush=True)
     return 0
 

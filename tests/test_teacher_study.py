@@ -191,7 +191,7 @@ def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     results.append(probe)
     docs = tmp_path / "docs" / "results-teacher-study.md"
     docs.parent.mkdir()
-    report.write_report(results, settings, tmp_path, docs, machine="test")
+    report.write_report(results, settings, [], docs, machine="test")
     text = docs.read_text(encoding="utf-8")
     for heading in (
         "## Decision rule",

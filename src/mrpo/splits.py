@@ -104,35 +104,30 @@ def split_source(config: MRPOConfig, split: str) -> tuple[str, str, int | None]:
 
 def read_split(config: MRPOConfig, split: str) -> PairSet:
     """One split's pairs, in memory."""
-    source, name, max_pairs = split_source(config, split)
-    data = config.data
-    return load_pairs(
-        source,
-        split=name,
-        max_pairs=max_pairs,
-        seed=data.seed,
-        on_error=data.on_error,
-        fmt=data.format,
-        drop_identical=data.drop_identical,
-        cap_name="max_pairs" if split == "train" else "max_eval_pairs",
-    )
+    source, name, _ = split_source(config, split)
+    return load_pairs(source, split=name, **_read_options(config, split))
 
 
 def read_records(config: MRPOConfig, split: str, records: Iterable[dict]) -> PairSet:
     """One split's pairs from rows in memory (``mrpo.build_trainer``'s datasets), by the rules ``read_split`` reads
     a file with; the split's source (``data.train`` / ``data.eval``) is the label its errors name."""
-    source, _, max_pairs = split_source(config, split)
+    source, _, _ = split_source(config, split)
+    return pairs_from_records(records, source=source, **_read_options(config, split))
+
+
+def _read_options(config: MRPOConfig, split: str) -> dict:
+    """The data section's row rules and subsample for one split, as ``load_pairs`` and ``pairs_from_records``
+    take them."""
+    _, _, max_pairs = split_source(config, split)
     data = config.data
-    return pairs_from_records(
-        records,
-        source=source,
-        max_pairs=max_pairs,
-        seed=data.seed,
-        on_error=data.on_error,
-        fmt=data.format,
-        drop_identical=data.drop_identical,
-        cap_name="max_pairs" if split == "train" else "max_eval_pairs",
-    )
+    return {
+        "max_pairs": max_pairs,
+        "seed": data.seed,
+        "on_error": data.on_error,
+        "fmt": data.format,
+        "drop_identical": data.drop_identical,
+        "cap_name": "max_pairs" if split == "train" else "max_eval_pairs",
+    }
 
 
 def stream_split(config: MRPOConfig, split: str) -> PairStream:
