@@ -744,3 +744,44 @@ def test_a_full_disk_during_a_shard_write_is_one_cache_error_and_leaves_no_tempo
     with pytest.raises(CacheError, match=r"cannot write a shard .*No space left on device.*rerun resumes"):
         store.write_shard(["a"], torch.tensor([[-1.0, -2.0]]), torch.tensor([[1, 1]]), np.zeros(1, np.uint64))
     assert not list(store.directory.glob("*.tmp")) and not list(store.directory.glob("shard-*"))
+
+
+def _read_only_under(monkeypatch, root: Path) -> None:
+    """Writes under ``root`` fail as on a read-only mount (root ignores chmod, so the mkdir is refused instead)."""
+    import errno
+    import os
+
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).resolve().is_relative_to(root.resolve()):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def test_a_read_only_cache_is_one_cache_error_naming_the_store(tmp_path, model_dirs, monkeypatch):
+    _read_only_under(monkeypatch, tmp_path / "cache")
+    with pytest.raises(CacheError) as caught:
+        run_precompute(pair_set().pairs[:2], [spec("init", model_dirs["llama"])], tmp_path / "cache")
+    message = str(caught.value)
+    assert message.startswith(f"cannot write the reference store {tmp_path / 'cache'}/store-")
+    assert "read-only" in message and "point cache_dir at a writable directory" in message
+    assert "\n" not in message
+
+
+def test_token_ids_past_the_embedding_are_refused_before_the_forward_naming_the_model(model_dirs, forwards):
+    from mrpo.errors import ModelSourceError
+    from mrpo.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    rows = model.get_input_embeddings().num_embeddings
+    pair = TokenizedPair("p", TokenizedSequence((1, 2, 3), 1), TokenizedSequence((1, 2, rows + 4), 1))
+    view = ModelView(bpe_tokenizer(), name="init")
+    with pytest.raises(ModelSourceError) as caught:
+        references.score_pairs(model, view, TokenizedPairs([pair]), 1000, lambda done: None)
+    assert str(caught.value).startswith(
+        f"init ({model_dirs['llama']}): token id {rows + 4} is past the {rows} rows"
+    )
+    assert forwards.calls == 0

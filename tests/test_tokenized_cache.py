@@ -485,3 +485,77 @@ def test_a_build_says_how_many_older_entries_of_its_data_remain_and_how_to_prune
         f"Tokenized entries of an older {data_file.resolve()} remain under {config.cache_dir}: 1 "
     )
     assert f"`mrpo cache prune --cache-dir {config.cache_dir}` removes them" in line
+
+
+def _one_error_line(capsys, argv) -> str:
+    from mrpo.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("mrpo ")]
+    return line
+
+
+def test_a_read_only_cache_is_one_line_naming_it_and_the_way_out(
+    tmp_path, run_setup, data_file, monkeypatch, capsys
+):
+    import errno
+
+    config = write_config(tmp_path, run_setup, data_file)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # root ignores chmod: the mount's refusal, simulated
+        if Path(path).resolve().is_relative_to(Path(config.cache_dir).resolve()):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
+    assert f"cannot write the tokenized cache under {config.cache_dir}: the file system is read-only" in line
+    assert "data.cache_tokenized=false" in line
+
+
+def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_no_build(
+    tmp_path, run_setup, data_file, monkeypatch, capsys
+):
+    import errno
+
+    from mrpo.token_store import PairWriter
+
+    config = write_config(tmp_path, run_setup, data_file)
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PairWriter, "_flush", full)
+    line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
+    assert f"cannot write the tokenized cache under {config.cache_dir}: no space left on the device" in line
+    assert f"`mrpo cache prune --cache-dir {config.cache_dir}`" in line
+    assert entries(config) == []  # the half-written build was removed
+
+
+def test_a_non_ascii_byte_in_stored_pair_ids_is_one_cache_error_with_a_remedy_that_works(tmp_path):
+    from mrpo.errors import CacheError
+    from mrpo.token_store import PairWriter, TokenizedPair, TokenizedSequence
+
+    writer = PairWriter(tmp_path / "store", remedy="delete it and run the command again")
+    for name in ("aaaa", "bbbb"):
+        writer.append(TokenizedPair(name, TokenizedSequence((1, 2), 1), TokenizedSequence((1, 3), 1)))
+    writer.finish()
+    path = tmp_path / "store" / "pair_ids.txt"
+    path.write_bytes(b"aaaa\nb\xe9bb\n")
+    with pytest.raises(CacheError) as caught:
+        StoredPairs(tmp_path / "store", remedy="delete it and run the command again")
+    assert str(caught.value) == (
+        f"{path}: line 2 holds the byte 0xe9, and pair ids are ASCII: the store was damaged after it was written; "
+        "delete it and run the command again"
+    )
+
+
+def test_truncating_for_two_tokenizers_is_a_config_error_naming_them(tmp_path, run_setup, data_file, capsys):
+    write_config(tmp_path, run_setup, data_file, overflow="truncate")
+    line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
+    assert "data.overflow=truncate needs all models to share one tokenizer" in line
+    assert "policy (" in line and "gemma (" in line and "data.overflow=drop" in line

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mrpo.config import ReferenceConfig
-from mrpo.errors import CacheError
+from mrpo.errors import CacheError, ModelSourceError, write_failure
 from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
 from mrpo.pair_table import PairTable, pair_numbers
@@ -172,10 +172,11 @@ class ReferenceStore:
     @classmethod
     def open(cls, root: Path, key: StoreKey) -> ReferenceStore:
         directory = store_directory(root, key)
-        directory.mkdir(parents=True, exist_ok=True)
         key_file = directory / "key.json"
-        if not key_file.exists():
-            _atomic_write_bytes(key_file, json.dumps(key.content(), indent=2, sort_keys=True).encode())
+        with _writing_store(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            if not key_file.exists():
+                _atomic_write_bytes(key_file, json.dumps(key.content(), indent=2, sort_keys=True).encode())
         store = cls(directory, key)
         store.reload()
         return store
@@ -255,6 +256,23 @@ class ReferenceStore:
         return self.entries.missing(pair_ids, tags)
 
 
+@contextlib.contextmanager
+def _writing_store(directory: Path):
+    """A store's directory, key or lock that cannot be written for want of space or permission: one CacheError."""
+    try:
+        yield
+    except OSError as error:
+        message = write_failure(
+            error,
+            f"the reference store {directory}",
+            no_space="free space there or point cache_dir elsewhere",
+            not_writable="point cache_dir at a writable directory",
+        )
+        if message is None:
+            raise
+        raise CacheError(message) from error
+
+
 def store_directory(root: Path, key: StoreKey) -> Path:
     """Where the store of ``key`` lives under the cache root."""
     return root / f"store-{key.digest}"
@@ -298,6 +316,7 @@ def score_pairs(
             pad_token_id=view.pad_token_id,
             padding_side=view.padding_side,
         )
+        _check_vocabulary(model, view, tensors["input_ids"])
         result = sequence_logps(
             model,
             tensors["input_ids"].to(device),
@@ -312,6 +331,20 @@ def score_pairs(
         before, done_sequences = done_sequences, done_sequences + len(batch)
         progress(done_sequences // 2 - before // 2)
     return logps.view(-1, 2), counts.view(-1, 2)
+
+
+def _check_vocabulary(model, view: ModelView, input_ids: torch.Tensor) -> None:
+    """Refuse token ids past the model's embedding rows before the forward (past them is an index error deep in
+    torch, on CUDA a device assert): its tokenizer is not the one it was built for."""
+    rows = model.get_input_embeddings().num_embeddings
+    top = int(input_ids.max()) if input_ids.numel() else -1
+    if top >= rows:
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+        raise ModelSourceError(
+            f"{view.name} ({name}): token id {top} is past the {rows} rows of the model's embedding table: its "
+            "tokenizer (or pad token) is not the one the model was built for; set the reference's tokenizer to the "
+            "model's own"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,8 +515,9 @@ def _store_lock(directory: Path, *, enabled: bool):
     if not enabled:
         yield
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = os.open(directory / STORE_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+    with _writing_store(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = os.open(directory / STORE_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mrpo.data import source_identity
+from mrpo.errors import CacheError, write_failure
 from mrpo.pairs import PairCounts, PairStream
 from mrpo.token_store import IDS_FILE, STORE_FILES, PairWriter, StoredPairs
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
@@ -86,6 +87,41 @@ def open_or_tokenize(
         # Entries are renamed into place whole, so one without its account was damaged by hand: never a live build.
         logger.warning("Tokenizing again: %s is incomplete (it has no %s).", directory, SPLIT_FILE)
         shutil.rmtree(directory, ignore_errors=True)
+    try:
+        _build(root, directory, content, views, stream, max_length=max_length, overflow=overflow)
+    except OSError as error:
+        message = write_failure(
+            error,
+            f"the tokenized cache under {root}",
+            no_space=f"free space there (`mrpo cache prune --cache-dir {root}` removes stale entries), point "
+            "cache_dir elsewhere, or set data.cache_tokenized=false",
+            not_writable="point cache_dir at a writable directory, or set data.cache_tokenized=false",
+        )
+        if message is None or not _under(error.filename, root):
+            raise  # not the cache's own write (a data file that does not read, say)
+        raise CacheError(message) from error
+    _note_older_entries(root, directory, content.get("source"))
+    return _open(directory, views, found=False)
+
+
+def _under(filename: Any, root: Path) -> bool:
+    """Whether a failed write's file is under ``root`` (a write to an open file names none)."""
+    if filename is None:
+        return True
+    return Path(os.fsdecode(filename)).resolve().is_relative_to(root.resolve())
+
+
+def _build(
+    root: Path,
+    directory: Path,
+    content: dict[str, Any],
+    views: Sequence[ModelView],
+    stream: Callable[[], PairStream],
+    *,
+    max_length: Sequence[int | None],
+    overflow: str,
+) -> None:
+    """Tokenize into a temporary build directory and rename it to ``directory`` when complete."""
     root.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(root)
     building, lock = start_build(root, directory.name)
@@ -105,8 +141,6 @@ def open_or_tokenize(
         raise
     finally:
         os.close(lock)  # releases the build's lock
-    _note_older_entries(root, directory, content.get("source"))
-    return _open(directory, views, found=False)
 
 
 def entry_source(directory: Path) -> tuple[list[str], str | None]:
@@ -172,7 +206,10 @@ def _tokenize_into(
         views,
         max_length=max_length,
         overflow=overflow,  # type: ignore[arg-type]
-        storage=lambda k: PairWriter(building / f"view-{k}"),
+        # A store damaged as it is written (a failing disk) is found when it is read back: a new build starts afresh.
+        storage=lambda k: PairWriter(
+            building / f"view-{k}", remedy="run the command again (it is tokenized afresh)"
+        ),
     )
     counts = pairs.counts()  # raises what an empty or all-invalid read raises
     return {
