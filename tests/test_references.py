@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mrpo import references
+from mrpo import references, weights
 from mrpo.config import ReferenceConfig
 from mrpo.data import pairs_from_records
 from mrpo.models import load_tokenizer
@@ -625,22 +625,22 @@ def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(t
 def test_large_weights_are_sampled_with_a_log_line_and_full_hashing_sees_every_byte(
     tmp_path, monkeypatch, caplog
 ):
-    weights = tmp_path / "model" / "model.safetensors"
-    weights.parent.mkdir()
-    weights.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
-    monkeypatch.setattr(references, "_FULL_HASH_LIMIT", 1 << 20)  # "large" above 1 MiB for the test
-    with caplog.at_level(logging.INFO, logger="mrpo.references"):
-        sampled = references.model_fingerprint(str(weights.parent))
+    weights_file = tmp_path / "model" / "model.safetensors"
+    weights_file.parent.mkdir()
+    weights_file.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
+    monkeypatch.setattr(weights, "_FULL_HASH_LIMIT", 1 << 20)  # "large" above 1 MiB for the test
+    with caplog.at_level(logging.INFO, logger="mrpo.weights"):
+        sampled = weights.model_fingerprint(str(weights_file.parent))
     assert "from 64 sampled MiB per weight file" in caplog.text and "hash_weights: full" in caplog.text
-    full = references.model_fingerprint(str(weights.parent), "full")
+    full = weights.model_fingerprint(str(weights_file.parent), "full")
     # The full hash sees an in-place edit anywhere (the sampled one only inside its 64 samples).
-    content = bytearray(weights.read_bytes())
+    content = bytearray(weights_file.read_bytes())
     content[len(content) // 2] ^= 0xFF
-    weights.write_bytes(bytes(content))
-    assert references.model_fingerprint(str(weights.parent), "full") != full
+    weights_file.write_bytes(bytes(content))
+    assert weights.model_fingerprint(str(weights_file.parent), "full") != full
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mrpo.references"):
-        references.model_fingerprint(str(weights.parent), "full")
+    with caplog.at_level(logging.INFO, logger="mrpo.weights"):
+        weights.model_fingerprint(str(weights_file.parent), "full")
     assert "sampled" not in caplog.text
     assert sampled != full  # the two modes never share a store
 

@@ -158,7 +158,7 @@ def run_inspect(
     from tqdm.auto import tqdm
 
     from mrpo.audit import SUSPECT_THRESHOLD
-    from mrpo.references import model_fingerprint
+    from mrpo.weights import model_fingerprint
 
     threshold = SUSPECT_THRESHOLD if suspect_threshold is None else suspect_threshold
     splits = ["train", *(["eval"] if config.data.eval is not None else [])]
