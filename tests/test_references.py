@@ -20,7 +20,8 @@ from mrpo import references, weights
 from mrpo.config import ReferenceConfig
 from mrpo.data import pairs_from_records
 from mrpo.models import load_tokenizer
-from mrpo.references import CacheError, ReferenceStore, precompute, token_budget_batches
+from mrpo.reference_store import ReferenceStore
+from mrpo.references import CacheError, precompute, token_budget_batches
 from mrpo.tokenization import ModelView, tokenize_for_models
 from tiny_models import (
     CHATML_TEMPLATE,
@@ -606,7 +607,8 @@ def test_cli_precompute_prints_summary_and_second_run_computes_nothing(
 
 
 def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(tmp_path):
-    from mrpo.references import ReferenceCache, ReferenceStore, StoreKey
+    from mrpo.reference_store import StoreKey
+    from mrpo.references import ReferenceCache
 
     key = StoreKey("fp", "tok", None, "drop", "torch.float32")
     store = ReferenceStore.open(tmp_path, key)
@@ -732,7 +734,7 @@ def test_two_runs_filling_one_store_at_once_score_each_pair_once(tmp_path, model
 def test_a_full_disk_during_a_shard_write_is_one_cache_error_and_leaves_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    from mrpo.references import StoreKey
+    from mrpo.reference_store import StoreKey
 
     store = ReferenceStore.open(tmp_path, StoreKey("fp", "tok", None, "drop", "torch.float32"))
 
