@@ -118,3 +118,20 @@ def test_a_full_disk_at_a_checkpoint_is_one_training_error_naming_the_step(tmp_p
         f"cannot write the checkpoint of step 1 under {tmp_path / 'run'}: no space left on the device"
     )
     assert "--resume" in str(caught.value)
+
+
+def test_a_write_failure_is_read_from_its_errno_or_its_words_and_any_other_failure_let_through():
+    import errno
+
+    def line(error):
+        return errors.write_failure(error, "X", no_space="free space", not_writable="write elsewhere")
+
+    assert line(OSError(errno.ENOSPC, "No space left on device", "/c/f")) == (
+        "cannot write X: no space left on the device (/c/f); free space"
+    )
+    # safetensors says it in words only.
+    full = Exception('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+    assert line(full) == "cannot write X: no space left on the device; free space"
+    assert line(OSError(errno.EROFS, "Read-only file system")).endswith("not writable; write elsewhere")
+    assert line(OSError(errno.ENOENT, "No such file or directory")) is None
+    assert line(RuntimeError("something else")) is None

@@ -120,7 +120,7 @@ class MRPOTrainer(Trainer):
         # A full disk or a read-only output directory at a checkpoint: one line, not the Trainer's traceback.
         try:
             return super()._save_checkpoint(*args, **kwargs)
-        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        except Exception as error:  # noqa: BLE001 - safetensors and torch.save report a failed write as their own
             message = write_failure(
                 error,
                 f"the checkpoint of step {self.state.global_step} under {self.args.output_dir}",
