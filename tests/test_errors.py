@@ -46,3 +46,92 @@ def test_cli_prints_any_family_member_in_one_line_with_its_exit_code(error, monk
     code = main(["report", "some-run"])
     assert code == (1 if error is errors.TrainingError else 2)
     assert capsys.readouterr().err == "mrpo report: error: what went wrong, and what to do\n"
+
+
+def test_weights_torch_refuses_to_unpickle_are_one_line_naming_the_file(tmp_path):
+    import argparse
+
+    import torch
+
+    from mrpo.models import load_model
+    from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
+
+    directory = save_model_dir(tiny_llama(), bpe_tokenizer(), tmp_path / "model")
+    for weights in directory.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"model.embed_tokens.weight": argparse.Namespace(a=1)}, directory / "pytorch_model.bin")
+    with pytest.raises(errors.ModelSourceError) as caught:
+        load_model(str(directory), torch.float32, torch.device("cpu"), role="policy")
+    message = str(caught.value)
+    assert message.startswith(
+        f"policy: cannot load the model {str(directory)!r}: {directory / 'pytorch_model.bin'}"
+    )
+    assert (
+        "holds the object argparse.Namespace, which torch refuses to unpickle" in message
+        and "\n" not in message
+    )
+
+
+def test_a_chat_template_the_sandbox_blocks_is_one_line_naming_the_model():
+    from mrpo.pairs import PreferencePair
+    from mrpo.tokenization import ModelView
+    from tiny_models import char_tokenizer
+
+    escaping = (
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    view = ModelView(char_tokenizer(chat_template=escaping), name="gemma")
+    user = [{"role": "user", "content": "hi"}]
+    pair = PreferencePair(
+        "p", user, [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]
+    )
+    with pytest.raises(
+        errors.ModelSourceError, match=r"^gemma \(.*\): its chat template does what the template sandbox"
+    ):
+        view.tokenize(pair)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_training_error_naming_the_step(tmp_path, monkeypatch):
+    import errno
+    import sys
+    from pathlib import Path
+
+    from mrpo.trainer import MRPOTrainer
+    from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
+
+    sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+    import trainer_worker as setup
+
+    llama = save_model_dir(tiny_llama(), bpe_tokenizer(), tmp_path / "llama")
+    pairs = setup.load_records(setup.standard_records())[:4]
+    dataset = setup.build_dataset(pairs, [setup.initialising_reference(llama)], tmp_path / "cache")
+    args = setup.training_arguments(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = setup.make_trainer(tiny_llama().train(), dataset, args)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoint-1"))
+
+    monkeypatch.setattr(MRPOTrainer, "save_model", full)
+    with pytest.raises(errors.TrainingError) as caught:
+        trainer.train()
+    assert str(caught.value).startswith(
+        f"cannot write the checkpoint of step 1 under {tmp_path / 'run'}: no space left on the device"
+    )
+    assert "--resume" in str(caught.value)
+
+
+def test_a_write_failure_is_read_from_its_errno_or_its_words_and_any_other_failure_let_through():
+    import errno
+
+    def line(error):
+        return errors.write_failure(error, "X", no_space="free space", not_writable="write elsewhere")
+
+    assert line(OSError(errno.ENOSPC, "No space left on device", "/c/f")) == (
+        "cannot write X: no space left on the device (/c/f); free space"
+    )
+    # safetensors says it in words only.
+    full = Exception('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+    assert line(full) == "cannot write X: no space left on the device; free space"
+    assert line(OSError(errno.EROFS, "Read-only file system")).endswith("not writable; write elsewhere")
+    assert line(OSError(errno.ENOENT, "No such file or directory")) is None
+    assert line(RuntimeError("something else")) is None

@@ -22,7 +22,8 @@ from mrpo import references
 from mrpo.config import MRPOConfig, ReferenceConfig, load_config
 from mrpo.errors import ConfigError
 from mrpo.pipeline import prepare_split
-from mrpo.references import StoreKey, precompute
+from mrpo.reference_store import StoreKey
+from mrpo.references import precompute
 from mrpo.splits import load_views
 from mrpo.tokenization import ModelView, tokenize_for_models
 from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama

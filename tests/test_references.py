@@ -16,11 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mrpo import references
+from mrpo import references, weights
 from mrpo.config import ReferenceConfig
 from mrpo.data import pairs_from_records
 from mrpo.models import load_tokenizer
-from mrpo.references import CacheError, ReferenceStore, precompute, token_budget_batches
+from mrpo.reference_store import ReferenceStore
+from mrpo.references import CacheError, precompute, token_budget_batches
 from mrpo.tokenization import ModelView, tokenize_for_models
 from tiny_models import (
     CHATML_TEMPLATE,
@@ -606,7 +607,8 @@ def test_cli_precompute_prints_summary_and_second_run_computes_nothing(
 
 
 def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(tmp_path):
-    from mrpo.references import ReferenceCache, ReferenceStore, StoreKey
+    from mrpo.reference_store import StoreKey
+    from mrpo.references import ReferenceCache
 
     key = StoreKey("fp", "tok", None, "drop", "torch.float32")
     store = ReferenceStore.open(tmp_path, key)
@@ -625,22 +627,22 @@ def test_non_finite_cached_log_prob_is_a_cache_error_naming_reference_and_pair(t
 def test_large_weights_are_sampled_with_a_log_line_and_full_hashing_sees_every_byte(
     tmp_path, monkeypatch, caplog
 ):
-    weights = tmp_path / "model" / "model.safetensors"
-    weights.parent.mkdir()
-    weights.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
-    monkeypatch.setattr(references, "_FULL_HASH_LIMIT", 1 << 20)  # "large" above 1 MiB for the test
-    with caplog.at_level(logging.INFO, logger="mrpo.references"):
-        sampled = references.model_fingerprint(str(weights.parent))
+    weights_file = tmp_path / "model" / "model.safetensors"
+    weights_file.parent.mkdir()
+    weights_file.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
+    monkeypatch.setattr(weights, "_FULL_HASH_LIMIT", 1 << 20)  # "large" above 1 MiB for the test
+    with caplog.at_level(logging.INFO, logger="mrpo.weights"):
+        sampled = weights.model_fingerprint(str(weights_file.parent))
     assert "from 64 sampled MiB per weight file" in caplog.text and "hash_weights: full" in caplog.text
-    full = references.model_fingerprint(str(weights.parent), "full")
+    full = weights.model_fingerprint(str(weights_file.parent), "full")
     # The full hash sees an in-place edit anywhere (the sampled one only inside its 64 samples).
-    content = bytearray(weights.read_bytes())
+    content = bytearray(weights_file.read_bytes())
     content[len(content) // 2] ^= 0xFF
-    weights.write_bytes(bytes(content))
-    assert references.model_fingerprint(str(weights.parent), "full") != full
+    weights_file.write_bytes(bytes(content))
+    assert weights.model_fingerprint(str(weights_file.parent), "full") != full
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mrpo.references"):
-        references.model_fingerprint(str(weights.parent), "full")
+    with caplog.at_level(logging.INFO, logger="mrpo.weights"):
+        weights.model_fingerprint(str(weights_file.parent), "full")
     assert "sampled" not in caplog.text
     assert sampled != full  # the two modes never share a store
 
@@ -732,7 +734,7 @@ def test_two_runs_filling_one_store_at_once_score_each_pair_once(tmp_path, model
 def test_a_full_disk_during_a_shard_write_is_one_cache_error_and_leaves_no_temporary(tmp_path, monkeypatch):
     import errno
 
-    from mrpo.references import StoreKey
+    from mrpo.reference_store import StoreKey
 
     store = ReferenceStore.open(tmp_path, StoreKey("fp", "tok", None, "drop", "torch.float32"))
 
@@ -744,3 +746,44 @@ def test_a_full_disk_during_a_shard_write_is_one_cache_error_and_leaves_no_tempo
     with pytest.raises(CacheError, match=r"cannot write a shard .*No space left on device.*rerun resumes"):
         store.write_shard(["a"], torch.tensor([[-1.0, -2.0]]), torch.tensor([[1, 1]]), np.zeros(1, np.uint64))
     assert not list(store.directory.glob("*.tmp")) and not list(store.directory.glob("shard-*"))
+
+
+def _read_only_under(monkeypatch, root: Path) -> None:
+    """Writes under ``root`` fail as on a read-only mount (root ignores chmod, so the mkdir is refused instead)."""
+    import errno
+    import os
+
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).resolve().is_relative_to(root.resolve()):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+def test_a_read_only_cache_is_one_cache_error_naming_the_store(tmp_path, model_dirs, monkeypatch):
+    _read_only_under(monkeypatch, tmp_path / "cache")
+    with pytest.raises(CacheError) as caught:
+        run_precompute(pair_set().pairs[:2], [spec("init", model_dirs["llama"])], tmp_path / "cache")
+    message = str(caught.value)
+    assert message.startswith(f"cannot write the reference store {tmp_path / 'cache'}/store-")
+    assert "read-only" in message and "point cache_dir at a writable directory" in message
+    assert "\n" not in message
+
+
+def test_token_ids_past_the_embedding_are_refused_before_the_forward_naming_the_model(model_dirs, forwards):
+    from mrpo.errors import ModelSourceError
+    from mrpo.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    rows = model.get_input_embeddings().num_embeddings
+    pair = TokenizedPair("p", TokenizedSequence((1, 2, 3), 1), TokenizedSequence((1, 2, rows + 4), 1))
+    view = ModelView(bpe_tokenizer(), name="init")
+    with pytest.raises(ModelSourceError) as caught:
+        references.score_pairs(model, view, TokenizedPairs([pair]), 1000, lambda done: None)
+    assert str(caught.value).startswith(
+        f"init ({model_dirs['llama']}): token id {rows + 4} is past the {rows} rows"
+    )
+    assert forwards.calls == 0

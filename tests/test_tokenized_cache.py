@@ -395,3 +395,167 @@ def test_inspect_names_pairs_gone_from_the_data_in_one_line_not_a_key_error(run_
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("mrpo ")]
     assert "Traceback" not in err and "are no longer in" in line and "data.cache_tokenized=false" in line
+
+
+def _stale_cache(tmp_path, run_setup, data_file):
+    """A cache holding an entry whose data changed since, the current one, a dead and a live build, and two
+    reference stores: one that opens, one without its key."""
+    from mrpo.tokenized_cache import BUILD_LOCK, start_build
+
+    config = write_config(tmp_path, run_setup, data_file)
+    tokenize(config)
+    (old,) = entries(config)
+    rows = data_file.read_text().splitlines()
+    data_file.write_text("\n".join(rows[:-1]) + "\n")
+    tokenize(config)
+    (fresh,) = set(entries(config)) - {old}
+    cache = Path(config.cache_dir)
+    dead = cache / f".tokenized-{'4' * 32}-host-1-abc"
+    dead.mkdir()
+    (dead / BUILD_LOCK).write_bytes(b"")  # nobody holds its lock: the build was stopped
+    live, lock = start_build(cache, "tokenized-" + "5" * 32)
+    (cache / "store-good").mkdir()
+    (cache / "store-good" / "key.json").write_text("{}")
+    (cache / "store-nokey").mkdir()
+    return config, cache, old, fresh, dead, live, lock
+
+
+def test_cache_ls_shows_each_entry_its_source_and_whether_it_still_matches(
+    tmp_path, run_setup, data_file, capsys
+):
+    from mrpo.cli import main
+
+    config, cache, old, fresh, dead, live, lock = _stale_cache(tmp_path, run_setup, data_file)
+    try:
+        capsys.readouterr()
+        assert main(["cache", "ls", "--cache-dir", str(cache)]) == 0
+        out = capsys.readouterr().out
+        line = {name: next(row for row in out.splitlines() if name in row)
+                for name in (old, fresh, dead.name, live.name, "store-good", "store-nokey")}  # fmt: skip
+        assert "*source changed" in line[old] and str(data_file.resolve()) in line[old]
+        assert " current" in line[fresh] and str(data_file.resolve()) in line[fresh]
+        assert "*dead build" in line[dead.name] and " live build" in line[live.name]
+        assert " 0 shards" in line["store-good"] and "*key.json unreadable" in line["store-nokey"]
+        assert all(unit in line[old] for unit in ("KB",)) and "mrpo cache prune --cache-dir" in out
+        # A config names the same cache.
+        assert main(["cache", "ls", str(tmp_path / "config.yaml")]) == 0
+        assert capsys.readouterr().out == out
+    finally:
+        os.close(lock)
+
+
+def test_cache_prune_removes_only_what_cannot_serve_and_dry_run_nothing(
+    tmp_path, run_setup, data_file, capsys
+):
+    from mrpo.cli import main
+
+    config, cache, old, fresh, dead, live, lock = _stale_cache(tmp_path, run_setup, data_file)
+    try:
+        before = sorted(p.name for p in cache.iterdir())
+        capsys.readouterr()
+        assert main(["cache", "prune", "--dry-run", "--cache-dir", str(cache)]) == 0
+        out = capsys.readouterr().out
+        assert sorted(p.name for p in cache.iterdir()) == before
+        assert f"would remove {cache / old}" in out and f"would remove {dead}" in out and "2 entries" in out
+        assert main(["cache", "prune", "--cache-dir", str(cache)]) == 0
+        out = capsys.readouterr().out
+        assert not (cache / old).exists() and not dead.exists()
+        assert (cache / fresh).exists() and live.exists() and (cache / "store-nokey").exists()
+        assert f"removed {cache / old}" in out and "removed 2 entries" in out and "KB freed" in out
+        assert entries(config) == sorted([live.name, fresh])
+        assert main(["cache", "prune", "--references", "--cache-dir", str(cache)]) == 0
+        assert not (cache / "store-nokey").exists() and (cache / "store-good").exists() and live.exists()
+        assert tokenize(config).pairs is None and entries(config) == sorted([live.name, fresh])  # served on
+        assert main(["cache", "prune", "--source", str(data_file), "--cache-dir", str(cache)]) == 0
+        assert not (cache / fresh).exists() and "removed 1 entry" in capsys.readouterr().out
+    finally:
+        os.close(lock)
+
+
+def test_a_build_says_how_many_older_entries_of_its_data_remain_and_how_to_prune(
+    tmp_path, run_setup, data_file, caplog
+):
+    config = write_config(tmp_path, run_setup, data_file)
+    tokenize(config)
+    data_file.write_text(data_file.read_text().splitlines()[0] + "\n")
+    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+        tokenize(config)
+    (line,) = [record.getMessage() for record in caplog.records if "of an older" in record.getMessage()]
+    assert line.startswith(
+        f"Tokenized entries of an older {data_file.resolve()} remain under {config.cache_dir}: 1 "
+    )
+    assert f"`mrpo cache prune --cache-dir {config.cache_dir}` removes them" in line
+
+
+def _one_error_line(capsys, argv) -> str:
+    from mrpo.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("mrpo ")]
+    return line
+
+
+def test_a_read_only_cache_is_one_line_naming_it_and_the_way_out(
+    tmp_path, run_setup, data_file, monkeypatch, capsys
+):
+    import errno
+
+    config = write_config(tmp_path, run_setup, data_file)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # root ignores chmod: the mount's refusal, simulated
+        if Path(path).resolve().is_relative_to(Path(config.cache_dir).resolve()):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
+    assert f"cannot write the tokenized cache under {config.cache_dir}: the file system is read-only" in line
+    assert "data.cache_tokenized=false" in line
+
+
+def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_no_build(
+    tmp_path, run_setup, data_file, monkeypatch, capsys
+):
+    import errno
+
+    from mrpo.token_store import PairWriter
+
+    config = write_config(tmp_path, run_setup, data_file)
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PairWriter, "_flush", full)
+    line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
+    assert f"cannot write the tokenized cache under {config.cache_dir}: no space left on the device" in line
+    assert f"`mrpo cache prune --cache-dir {config.cache_dir}`" in line
+    assert entries(config) == []  # the half-written build was removed
+
+
+def test_a_non_ascii_byte_in_stored_pair_ids_is_one_cache_error_with_a_remedy_that_works(tmp_path):
+    from mrpo.errors import CacheError
+    from mrpo.token_store import PairWriter, TokenizedPair, TokenizedSequence
+
+    writer = PairWriter(tmp_path / "store", remedy="delete it and run the command again")
+    for name in ("aaaa", "bbbb"):
+        writer.append(TokenizedPair(name, TokenizedSequence((1, 2), 1), TokenizedSequence((1, 3), 1)))
+    writer.finish()
+    path = tmp_path / "store" / "pair_ids.txt"
+    path.write_bytes(b"aaaa\nb\xe9bb\n")
+    with pytest.raises(CacheError) as caught:
+        StoredPairs(tmp_path / "store", remedy="delete it and run the command again")
+    assert str(caught.value) == (
+        f"{path}: line 2 holds the byte 0xe9, and pair ids are ASCII: the store was damaged after it was written; "
+        "delete it and run the command again"
+    )
+
+
+def test_truncating_for_two_tokenizers_is_a_config_error_naming_them(tmp_path, run_setup, data_file, capsys):
+    write_config(tmp_path, run_setup, data_file, overflow="truncate")
+    line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
+    assert "data.overflow=truncate needs all models to share one tokenizer" in line
+    assert "policy (" in line and "gemma (" in line and "data.overflow=drop" in line

@@ -449,6 +449,63 @@ def _register_defaults(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_defaults)
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from mrpo.cache_admin import format_listing, format_size, list_cache, prune_cache
+    from mrpo.config import MRPOConfig, load_config
+    from mrpo.errors import ConfigError
+
+    if args.config and args.cache_dir:
+        raise ConfigError(
+            f"give a config or --cache-dir, not both ({args.config}, --cache-dir {args.cache_dir})"
+        )
+    if args.cache_dir:
+        root = args.cache_dir
+    else:
+        config = load_config(args.config, check_training=False) if args.config else None
+        root = config.cache_dir if config else MRPOConfig.__dataclass_fields__["cache_dir"].default
+    if args.cache_command == "ls":
+        print(format_listing(root, list_cache(root)))
+        return 0
+    removed = prune_cache(root, dry_run=args.dry_run, references=args.references, source=args.source)
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in removed:
+        print(f"{verb} {entry.path} ({entry.kind}, {entry.state}, {format_size(entry.size)})")
+    freed = format_size(sum(entry.size for entry in removed))
+    print(f"{root}: {verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, {freed} freed")
+    return 0
+
+
+def _register_cache(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cache",
+        help="list what the cache holds, remove what can no longer serve",
+        description="The tokenized entries, reference stores and build leftovers under cache_dir (of CONFIG, of "
+        "--cache-dir, else .cache/mrpo). An edit of a data file adds a tokenized entry and leaves the old one: "
+        "`mrpo cache prune` removes the entries whose data changed or vanished and the builds that were stopped.",
+    )
+    actions = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    listing = actions.add_parser(
+        "ls", help="each entry's size, age, data file(s) and whether they still match"
+    )
+    prune = actions.add_parser("prune", help="remove tokenized entries whose data changed and dead builds")
+    for action in (listing, prune):
+        action.add_argument("config", nargs="?", help="a config whose cache_dir to look in")
+        action.add_argument("--cache-dir", metavar="DIR", help="the cache directory to look in")
+        action.set_defaults(run=_cache)
+    prune.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    prune.add_argument(
+        "--references",
+        action="store_true",
+        help="also remove reference stores that cannot be opened (key.json missing or unreadable, no run filling "
+        "them); a store that opens is shared by every data set and is kept",
+    )
+    prune.add_argument(
+        "--source",
+        metavar="FILE",
+        help="also remove every tokenized entry read from FILE (or a directory), whether it matches or not",
+    )
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_precompute,
     _register_inspect,
@@ -458,6 +515,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_report,
     _register_defaults,
     _register_lm_eval_tasks,
+    _register_cache,
 ]
 
 

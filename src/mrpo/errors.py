@@ -22,6 +22,7 @@ those.
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import threading
 from collections.abc import Iterator
@@ -138,3 +139,22 @@ class ReportError(MRPOError, ValueError):
 
 class DemoModelError(MRPOError, RuntimeError):
     """A demo model could not be fetched or converted; the message says what failed and what to use instead."""
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def write_failure(error: BaseException, what: str, *, no_space: str, not_writable: str) -> str | None:
+    """One line for a write that failed for want of space or of permission: "cannot write WHAT: no space left on
+    the device (FILE); NO_SPACE" (or "read-only or not writable ...; NOT_WRITABLE"); None for any other failure,
+    which the caller lets through."""
+    number = getattr(error, "errno", None)
+    if number in _NO_SPACE or "No space left on device" in str(error):
+        why, remedy = "no space left on the device", no_space
+    elif number in _NOT_WRITABLE:
+        why, remedy = "the file system is read-only or the directory is not writable", not_writable
+    else:
+        return None
+    filename = getattr(error, "filename", None)
+    return f"cannot write {what}: {why}{f' ({filename})' if filename else ''}; {remedy}"

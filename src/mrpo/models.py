@@ -8,6 +8,8 @@ Every load goes through ``_loading``, so a path that does not load is one ``Mode
 from __future__ import annotations
 
 import contextlib
+import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,8 @@ def _loading(kind: str, source: str, role: str | None) -> Iterator[None]:
     """Turn transformers' failure to load ``source`` into one ModelSourceError naming the role and the path."""
     try:
         yield
+    except pickle.UnpicklingError as error:
+        raise ModelSourceError(_refused_pickle(kind, source, role, error)) from error
     except (OSError, ValueError) as error:
         where = (
             "is not a local directory or .gguf file"
@@ -42,6 +46,24 @@ def _loading(kind: str, source: str, role: str | None) -> Iterator[None]:
             f"{str(error).splitlines()[0]} Point the config at a local model directory, a .gguf file, or a hub id "
             "(reachable unless HF_HUB_OFFLINE=1)."
         ) from error
+
+
+_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refused_pickle(kind: str, source: str, role: str | None, error: Exception) -> str:
+    """One line for weights torch refuses to unpickle (``weights_only``): which file, what it holds, what to do."""
+    path = Path(source)
+    files = [path] if path.is_file() else sorted(p for p in path.glob("*") if p.suffix in _PICKLED_SUFFIXES)
+    named = ", ".join(str(file) for file in files) or source
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    what = f"the object {found.group(1)}" if found else "an object that is not plain tensors"
+    prefix = f"{role}: " if role else ""
+    return (
+        f"{prefix}cannot load the {kind} {source!r}: {named} holds {what}, which torch refuses to unpickle "
+        "(loading it would run code from the file). Use safetensors weights, or re-save the model from a copy "
+        "you trust"
+    )
 
 
 def load_tokenizer(model: str, tokenizer: str | None = None, *, role: str | None = None):

@@ -171,7 +171,7 @@ def run_inspect(
     from tqdm.auto import tqdm
 
     from mrpo.audit import SUSPECT_THRESHOLD
-    from mrpo.references import model_fingerprint
+    from mrpo.weights import model_fingerprint
 
     threshold = SUSPECT_THRESHOLD if suspect_threshold is None else suspect_threshold
     splits = ["train", *(["eval"] if config.data.eval is not None else [])]
@@ -242,7 +242,7 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         raise CacheError(
             f"{len(lost)} {split} pair(s) of the tokenized cache (first: pair id {lost[0]}) are no longer in "
             f"{tokenized.counts.source}: the file changed since it was tokenized. Run again with "
-            "data.cache_tokenized=false, or remove its entries (`mrpo cache prune`)"
+            "data.cache_tokenized=false, or remove its entries (`mrpo cache prune --source {tokenized.counts.source}`)"
         )
     rows = []
     for rank, suspect in enumerate(audit.suspects, start=1):

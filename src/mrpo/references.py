@@ -1,6 +1,6 @@
 """The K-reference cache: each reference scores every pair once, on its own tokenization, into a reusable store.
 
-A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/<name>-<key>/`` where ``key`` hashes
+A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/store-<key>/`` where ``key`` hashes
 everything that changes the numbers except the text: the model's identity and weights, the tokenizer and chat
 template (the view's fingerprint), whose token ids it scores (its own, or the policy's: ``references[].tokens``),
 the overflow policy and ``max_length`` when it truncates (with the default ``overflow="drop"`` a pair is scored
@@ -13,9 +13,8 @@ then rebuilt) reads as missing and is scored again: damage upstream never reache
 shared by every data set, subsample and run that uses the same reference: adding pairs computes only the missing
 ones.
 
-Entries are written in shards. Each shard is written to a temporary name and renamed (atomic), and its file name
-carries the sha256 of its bytes, so a killed run resumes from the finished shards and a truncated, corrupt or
-foreign shard is detected, removed and recomputed, never used.
+Entries are written in shards, each renamed into place whole and named by its checksum (``reference_store``), so
+a killed run resumes from the finished shards and a damaged one is recomputed, never used.
 
 Only one model is in memory at a time. Under ``accelerate launch`` the missing pairs are split across processes,
 each writing its own shards; everyone reads all shards after a barrier.
@@ -23,19 +22,13 @@ each writing its own shards; everyone reads all shards after a barrier.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
 import gc
-import hashlib
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,228 +36,18 @@ import torch
 
 from mrpo.config import ReferenceConfig
 from mrpo.errors import CacheError
-from mrpo.logprobs import LOGPROB_CODE_VERSION, longest_first_groups, pad_batch, sequence_logps
+from mrpo.logprobs import longest_first_groups, pad_batch, sequence_logps
 from mrpo.models import load_model, torch_dtype
-from mrpo.pair_table import PairTable, pair_numbers
+from mrpo.pair_table import pair_numbers
+from mrpo.reference_store import ReferenceStore, StoreKey, store_directory, store_lock
 from mrpo.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.tokenization import ModelView
+from mrpo.weights import check_token_ids, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-ENTRY_COLUMNS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
-ENTRY_WIDTH = len(ENTRY_COLUMNS)
-"""An entry is four float32 numbers (16 bytes): the log-probs are float32 when computed, and a token count is exact
-in float32 below 2**24 tokens a sequence."""
-
-TAGS_COLUMN = "token_tags"
-"""A shard's column of the 64-bit tags of the tokens each entry scored (stored as int64)."""
-
 SHARD_PAIRS = 512
 """Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_FULL_HASH_LIMIT = 1 << 30  # weight files up to 1 GiB in all are hashed whole; larger ones are sampled
-
-
-def model_fingerprint(model: str, hash_weights: str = "auto") -> str:
-    """Identity of a model's weights: content hashes of its weight files (local, or a hub snapshot's).
-
-    ``hash_weights="auto"`` hashes the files whole up to 1 GiB in all; above that each weight file is identified by
-    its size and 64 evenly spaced 1 MiB samples (a line in the log says so): an edit in place between the samples
-    would keep the old cache. ``"full"`` always reads every byte.
-    """
-    path = Path(model)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
-    else:
-        files = _hub_snapshot_files(model)
-    digest = hashlib.sha256()
-    total = sum(f.stat().st_size for f in files)
-    sampled = hash_weights != "full" and total > _FULL_HASH_LIMIT
-    if sampled:
-        logger.info(
-            "Fingerprinting %s (%.1f GiB) from 64 sampled MiB per weight file plus its size; set the reference's "
-            "hash_weights: full to hash every byte.",
-            model,
-            total / 2**30,
-        )
-    for file in files:
-        digest.update(file.name.encode())
-        whole = not sampled or file.suffix == ".json"
-        stat = file.stat()
-        digest.update(_file_digest(file.resolve(), stat.st_size, stat.st_mtime_ns, whole).encode())
-    return digest.hexdigest()
-
-
-def _hub_snapshot_files(model_id: str) -> list[Path]:
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(
-            snapshot_download(model_id, allow_patterns=["*.json", *(f"*{s}" for s in _WEIGHT_SUFFIXES)])
-        )
-    except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear message
-        raise CacheError(
-            f"model {model_id!r} is neither a local file/directory nor a reachable hub model ({error}). "
-            "Point the reference at a local directory or .gguf file, or connect to the hub."
-        ) from error
-    return sorted(p for p in snapshot.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
-
-
-@functools.lru_cache(maxsize=256)
-def _file_digest(file: Path, size: int, mtime_ns: int, whole: bool) -> str:
-    """sha256 of a file (or of samples of it); memoised per process by path, size and modification time, so the
-    train and eval splits of one run do not hash the same weights twice."""
-    digest = hashlib.sha256(str(size).encode())
-    with file.open("rb") as handle:
-        if whole:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        else:
-            # Very large weights: 64 evenly spaced 1 MiB samples plus the size identify a checkpoint in practice
-            # without reading tens of GB on every run.
-            size = file.stat().st_size
-            for i in range(64):
-                handle.seek(size * i // 64)
-                digest.update(handle.read(1 << 20))
-    return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One reference's store
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoreKey:
-    """Everything except the text that changes a reference's log-probs. Content only: the same weights under
-    another path or another reference name share one store (the name is a label in reports)."""
-
-    model_fingerprint: str
-    tokenizer_fingerprint: str
-    max_length: int | None
-    overflow: str
-    dtype: str
-    code_version: int = LOGPROB_CODE_VERSION
-    tokens: str = "own"  # whose token ids were scored: its own or the policy's (references[].tokens)
-
-    def content(self) -> dict:
-        """What the digest hashes: ``tokens`` only when not "own", so stores older than the option keep their keys."""
-        return {name: value for name, value in asdict(self).items() if name != "tokens" or value != "own"}
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class ReferenceStore:
-    """One reference's entries ``pair_id -> (chosen, rejected log-prob, chosen, rejected token count)``, held as a
-    ``PairTable`` (16 bytes of numbers and 8 of key an entry)."""
-
-    directory: Path
-    key: StoreKey
-    entries: PairTable = field(default_factory=lambda: PairTable(ENTRY_WIDTH, np.float32))
-    discarded_shards: int = 0
-
-    @classmethod
-    def open(cls, root: Path, key: StoreKey) -> ReferenceStore:
-        directory = store_directory(root, key)
-        directory.mkdir(parents=True, exist_ok=True)
-        key_file = directory / "key.json"
-        if not key_file.exists():
-            _atomic_write_bytes(key_file, json.dumps(key.content(), indent=2, sort_keys=True).encode())
-        store = cls(directory, key)
-        store.reload()
-        return store
-
-    def reload(self) -> None:
-        """Read every valid shard; delete shards that are corrupt or were written for another key."""
-        self.entries.clear()
-        for shard in sorted(self.directory.glob("shard-*.pt")):
-            content = shard.read_bytes()
-            if not shard.stem.endswith(hashlib.sha256(content).hexdigest()[:16]):
-                self._discard(shard, "its content does not match its checksum")
-                continue
-            try:
-                payload = torch.load(shard, weights_only=True)
-            except Exception as error:  # noqa: BLE001 - a shard that does not load is corrupt, whatever the cause
-                self._discard(shard, f"it does not load ({error})")
-                continue
-            if not isinstance(payload, dict) or payload.get("key") != self.key.digest:
-                self._discard(shard, "it was written for another model, tokenizer or setting")
-                continue
-            if TAGS_COLUMN not in payload:
-                self._discard(shard, "it was written before entries were tagged with the tokens they scored")
-                continue
-            try:
-                pair_ids = list(payload["pair_ids"])
-                columns = [payload[name].float().numpy() for name in ENTRY_COLUMNS]
-                tags = payload[TAGS_COLUMN].numpy().view(np.uint64)
-                if any(column.shape != (len(pair_ids),) for column in [*columns, tags]):
-                    raise ValueError(f"{len(pair_ids)} pair ids but columns of {[c.shape for c in columns]}")
-            except Exception as error:  # noqa: BLE001 - missing fields or ragged columns: not a shard we can use
-                self._discard(
-                    shard, f"its content is not a well-formed shard ({type(error).__name__}: {error})"
-                )
-                continue
-            self.entries.add(pair_ids, np.stack(columns, axis=1), tags)
-
-    def _discard(self, shard: Path, why: str) -> None:
-        logger.warning("Recomputing %s: %s.", shard, why)
-        shard.unlink(missing_ok=True)
-        self.discarded_shards += 1
-
-    def write_shard(
-        self, pair_ids: Sequence[str], values: torch.Tensor, tokens: torch.Tensor, tags: np.ndarray
-    ) -> Path:
-        """Persist one shard atomically. ``values`` is (N, 2) float32 log-probs, ``tokens`` (N, 2) int64 token
-        counts, ``tags`` (N,) uint64 the tags of the tokens scored (``pair_token_tags``)."""
-        tags = np.ascontiguousarray(tags, dtype=np.uint64)
-        payload = {
-            "key": self.key.digest,
-            "pair_ids": list(pair_ids),
-            "chosen_logps": values[:, 0].contiguous(),
-            "rejected_logps": values[:, 1].contiguous(),
-            "chosen_tokens": tokens[:, 0].contiguous(),
-            "rejected_tokens": tokens[:, 1].contiguous(),
-            TAGS_COLUMN: torch.from_numpy(tags.view(np.int64).copy()),
-        }
-        temporary = None
-        try:
-            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-                temporary = Path(handle.name)
-                torch.save(payload, handle)
-            checksum = hashlib.sha256(temporary.read_bytes()).hexdigest()[:16]
-            final = self.directory / f"shard-{time.time_ns()}-{os.getpid()}-{checksum}.pt"
-            os.replace(temporary, final)
-        except OSError as error:  # a full disk, a read-only cache: no half-written file left behind
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
-            raise CacheError(
-                f"cannot write a shard of the reference store {self.directory}: {error.strerror or error}. "
-                "Free space there or point cache_dir elsewhere; the shards written so far are kept (a rerun "
-                "resumes)"
-            ) from error
-        self.entries.add(list(pair_ids), torch.cat([values.float(), tokens.float()], dim=1).numpy(), tags)
-        return final
-
-    def missing(self, pair_ids: Sequence[str], tags: np.ndarray | None = None) -> list[str]:
-        return self.entries.missing(pair_ids, tags)
-
-
-def store_directory(root: Path, key: StoreKey) -> Path:
-    """Where the store of ``key`` lives under the cache root."""
-    return root / f"store-{key.digest}"
-
-
-def _atomic_write_bytes(path: Path, content: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(content)
-    os.replace(handle.name, path)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring: token-budget batches through the one log-prob function
@@ -298,6 +81,7 @@ def score_pairs(
             pad_token_id=view.pad_token_id,
             padding_side=view.padding_side,
         )
+        check_token_ids(model, view.name, tensors["input_ids"])
         result = sequence_logps(
             model,
             tensors["input_ids"].to(device),
@@ -456,7 +240,7 @@ def precompute(
         key = store_key(spec, view, overflow, device)
         # Another run scoring into this store: wait for it and reuse what it wrote (one lock per run, taken by
         # its main process, so the processes of one run still split the work).
-        with _store_lock(store_directory(root, key), enabled=state.is_main_process):
+        with store_lock(store_directory(root, key), enabled=state.is_main_process):
             state.wait_for_everyone()
             store = ReferenceStore.open(root, key)
             # Every process must see the same store before any of them writes to it: a process that opened it
@@ -471,28 +255,6 @@ def precompute(
     if state.is_main_process:
         logger.info("Reference cache under %s:\n%s", root, cache.summary())
     return cache
-
-
-STORE_LOCK = ".lock"
-"""The file in a store whose lock (``fcntl.flock``) a run's main process holds while it fills the store."""
-
-
-@contextlib.contextmanager
-def _store_lock(directory: Path, *, enabled: bool):
-    if not enabled:
-        yield
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = os.open(directory / STORE_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning("Waiting for another run scoring into %s (its pairs are then reused).", directory)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(lock)
 
 
 def _fill_store(

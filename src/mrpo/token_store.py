@@ -239,7 +239,7 @@ class StoredPairs(_FlatPairs):
         self._ends = np.fromfile(self.directory / ENDS_FILE, dtype=np.int64)
         self._prompt_lengths = np.fromfile(self.directory / PROMPTS_FILE, dtype=np.int32)
         self._hashes = np.fromfile(self.directory / HASHES_FILE, dtype=np.uint64)
-        self._pair_ids = PairIds(_read_pair_ids(self.directory / PAIR_IDS_FILE))
+        self._pair_ids = PairIds(_read_pair_ids(self.directory / PAIR_IDS_FILE, self.remedy))
         if not (len(self._ends) == len(self._prompt_lengths) == len(self._hashes) == 2 * len(self._pair_ids)):
             raise ValueError(
                 f"{self.directory}: {len(self._ends)} sequence ends, {len(self._prompt_lengths)} prompt lengths, "
@@ -297,8 +297,18 @@ class StoredPairs(_FlatPairs):
         return f"StoredPairs({len(self)} pairs in {self.directory})"
 
 
-def _read_pair_ids(path: Path) -> np.ndarray:
+def _read_pair_ids(path: Path, remedy: str) -> np.ndarray:
     content = path.read_bytes()
+    # PairWriter writes only ASCII ids: another byte is damage, one line here rather than a UnicodeDecodeError at
+    # the first id read.
+    (foreign,) = np.nonzero(np.frombuffer(content, dtype=np.uint8) >= 128)
+    if len(foreign):
+        at = int(foreign[0])
+        line = content.count(b"\n", 0, at) + 1
+        raise CacheError(
+            f"{path}: line {line} holds the byte 0x{content[at]:02x}, and pair ids are "
+            f"ASCII: the store was damaged after it was written; {remedy}"
+        )
     width = content.find(b"\n")
     if width > 0 and len(content) % (width + 1) == 0:
         rows = np.frombuffer(content, dtype=np.uint8).reshape(-1, width + 1)
@@ -314,8 +324,10 @@ class PairWriter:
 
     BLOCK_TOKENS = 1 << 22  # 16 MiB of ids buffered before a write
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, remedy: str = ""):
         self.directory = Path(directory)
+        self.remedy = remedy
+        """What the ``StoredPairs`` returned by ``finish`` advise when a read finds damage."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files = {
             name: (self.directory / name).open("wb")
@@ -357,7 +369,7 @@ class PairWriter:
             handle.flush()
             os.fsync(handle.fileno())
         self.close()
-        return StoredPairs(self.directory)
+        return StoredPairs(self.directory, remedy=self.remedy)
 
     def close(self) -> None:
         """Close the files (``finish`` does; call it when giving up on a store half written)."""

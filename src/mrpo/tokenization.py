@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol
 
+from mrpo.errors import ConfigError, ModelSourceError
 from mrpo.token_bound import character_bound, too_long_reason, without_provably_long
 from mrpo.token_store import (
     PairWriter,
@@ -222,10 +223,18 @@ class ModelView:
         return _RenderedCompletion(text, append_eos=not (eos and text.endswith(eos)))
 
     def _apply_chat_template(self, messages: Messages, *, add_generation_prompt: bool) -> str:
+        from jinja2.exceptions import SecurityError
+
         # tokenize=False returns the text in transformers 4 and 5 alike (tokenize=True returns a BatchEncoding in 5).
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except SecurityError as error:
+            raise ModelSourceError(
+                f"{self.name} ({self.tokenizer.name_or_path}): its chat template does what the template sandbox "
+                f"forbids ({error}); use a tokenizer whose chat template does not, or set the model's tokenizer"
+            ) from error
 
     # -- tokenization -------------------------------------------------------------------------------------------
 
@@ -393,10 +402,13 @@ def tokenize_for_models(
     limits = _per_view_limits(max_length, len(views))
     if overflow == "truncate":
         if len({view.fingerprint for view in views}) > 1:
-            raise ValueError(
-                "overflow='truncate' needs all models to share one tokenizer: truncating the same text at a token "
-                "limit cuts it at different places for different tokenizers, so their sequence log-probs would not "
-                "be comparable. Use overflow='drop' (the default), or raise max_length."
+            names = ", ".join(f"{view.name} ({view.tokenizer.name_or_path})" for view in views)
+            raise ConfigError(
+                f"data.overflow=truncate needs all models to share one tokenizer, and {names} do not: truncating "
+                "the same text at a token limit cuts it at different places for different tokenizers, so their "
+                "sequence log-probs would not be comparable. Use data.overflow=drop (the default), or raise "
+                "max_length.",
+                key="data.overflow",
             )
         common = [limit for limit in limits if limit is not None]
         limits = [min(common) if common else None] * len(views)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrpo.data import source_identity
+from mrpo.errors import CacheError, write_failure
 from mrpo.pairs import PairCounts, PairStream
 from mrpo.token_store import IDS_FILE, STORE_FILES, PairWriter, StoredPairs
 from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
@@ -85,6 +87,41 @@ def open_or_tokenize(
         # Entries are renamed into place whole, so one without its account was damaged by hand: never a live build.
         logger.warning("Tokenizing again: %s is incomplete (it has no %s).", directory, SPLIT_FILE)
         shutil.rmtree(directory, ignore_errors=True)
+    try:
+        _build(root, directory, content, views, stream, max_length=max_length, overflow=overflow)
+    except OSError as error:
+        message = write_failure(
+            error,
+            f"the tokenized cache under {root}",
+            no_space=f"free space there (`mrpo cache prune --cache-dir {root}` removes stale entries), point "
+            "cache_dir elsewhere, or set data.cache_tokenized=false",
+            not_writable="point cache_dir at a writable directory, or set data.cache_tokenized=false",
+        )
+        if message is None or not _under(error.filename, root):
+            raise  # not the cache's own write (a data file that does not read, say)
+        raise CacheError(message) from error
+    _note_older_entries(root, directory, content.get("source"))
+    return _open(directory, views, found=False)
+
+
+def _under(filename: Any, root: Path) -> bool:
+    """Whether a failed write's file is under ``root`` (a write to an open file names none)."""
+    if filename is None:
+        return True
+    return Path(os.fsdecode(filename)).resolve().is_relative_to(root.resolve())
+
+
+def _build(
+    root: Path,
+    directory: Path,
+    content: dict[str, Any],
+    views: Sequence[ModelView],
+    stream: Callable[[], PairStream],
+    *,
+    max_length: Sequence[int | None],
+    overflow: str,
+) -> None:
+    """Tokenize into a temporary build directory and rename it to ``directory`` when complete."""
     root.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(root)
     building, lock = start_build(root, directory.name)
@@ -104,7 +141,52 @@ def open_or_tokenize(
         raise
     finally:
         os.close(lock)  # releases the build's lock
-    return _open(directory, views, found=False)
+
+
+def entry_source(directory: Path) -> tuple[list[str], str | None]:
+    """A tokenized entry's data files and why it no longer serves (None: its source still matches, or it has no
+    file to check). The same checks as an open: each file's size and modification time, then its checksum."""
+    try:
+        account = json.loads((directory / SPLIT_FILE).read_text(encoding="utf-8"))
+        source, checksums = account["content"].get("source"), account["data_checksums"]
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        return [], f"unreadable ({SPLIT_FILE}: {getattr(error, 'strerror', None) or error})"
+    files = _data_files(source)
+    if not files:
+        return [], None
+    names = [str(file) for file in files]
+    if not Path(source["path"]).exists():
+        return names, "source gone"
+    if source_identity(source["path"], source.get("split") or "train") != source:
+        return names, "source changed (size, time or files)"
+    try:
+        if _data_checksums(source) != checksums:
+            return names, "source changed (same size and time, other bytes)"
+    except OSError:
+        return names, "source changed (a file is gone)"
+    return names, None
+
+
+def _note_older_entries(root: Path, built: Path, source: Any) -> None:
+    """One line after a build when entries of the same data whose source changed remain beside it."""
+    if not _data_files(source):
+        return
+    older = []
+    for directory in root.glob("tokenized-*"):
+        if directory == built or not (directory / SPLIT_FILE).is_file():
+            continue
+        try:
+            theirs = json.loads((directory / SPLIT_FILE).read_text(encoding="utf-8"))["content"].get("source")
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        if isinstance(theirs, dict) and theirs.get("path") == source["path"] and entry_source(directory)[1]:
+            older.append(directory)
+    if older:
+        logger.warning(
+            "Tokenized entries of an older %s remain under %s: %d (`mrpo cache prune --cache-dir %s` removes "
+            "them).",
+            source["path"], root, len(older), root,
+        )  # fmt: skip
 
 
 def _tokenize_into(
@@ -124,7 +206,10 @@ def _tokenize_into(
         views,
         max_length=max_length,
         overflow=overflow,  # type: ignore[arg-type]
-        storage=lambda k: PairWriter(building / f"view-{k}"),
+        # A store damaged as it is written (a failing disk) is found when it is read back: a new build starts afresh.
+        storage=lambda k: PairWriter(
+            building / f"view-{k}", remedy="run the command again (it is tokenized afresh)"
+        ),
     )
     counts = pairs.counts()  # raises what an empty or all-invalid read raises
     return {
@@ -164,28 +249,43 @@ def _umask() -> int:
 
 
 def _sweep_abandoned_builds(root: Path) -> None:
-    """Remove the temporary directories of builds that were stopped (killed, out of memory).
-
-    A build is dead if and only if its lock can be taken: the kernel releases a process's locks when it ends,
-    whatever host name or pid space it had (two containers may share both with separate processes).
-    """
+    """Remove the temporary directories of builds that were stopped (killed, out of memory)."""
     for path in root.glob(".tokenized-*"):
-        try:
-            lock = os.open(path / BUILD_LOCK, os.O_RDWR)
-        except FileNotFoundError:
-            if path.is_dir() and time.time() - path.stat().st_mtime > _UNLOCKED_GRACE_S:
-                _remove_dead_build(path)
-            continue
-        except OSError:
-            continue  # not a directory we wrote, or not ours to open
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live build
-        else:
+        if build_is_dead(path):
             _remove_dead_build(path)
-        finally:
-            os.close(lock)
+
+
+def lock_is_free(lock_file: Path) -> bool | None:
+    """Whether no process holds the ``fcntl.flock`` of ``lock_file`` (None: there is no such file to lock).
+
+    The kernel releases a process's locks when it ends, whatever host name or pid space it had (two containers
+    may share both with separate processes), so a free lock is the one sure sign of a process gone.
+    """
+    try:
+        lock = os.open(lock_file, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False  # not a file we wrote, or not ours to open: never taken for dead
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(lock)
+    return True
+
+
+def build_is_dead(path: Path) -> bool:
+    """Whether the build directory ``path`` was left by a build that was stopped: its lock can be taken, or it
+    has no lock file and is older than a build takes to create one."""
+    free = lock_is_free(path / BUILD_LOCK)
+    if free is None:
+        try:
+            return path.is_dir() and time.time() - path.stat().st_mtime > _UNLOCKED_GRACE_S
+        except OSError:
+            return False  # removed meanwhile
+    return free
 
 
 def _remove_dead_build(path: Path) -> None:

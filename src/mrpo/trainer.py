@@ -26,7 +26,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 
 from mrpo.config import DiagnosticsConfig, LossConfig
-from mrpo.errors import ConfigError, TrainingError
+from mrpo.errors import ConfigError, TrainingError, write_failure
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss
 from mrpo.rundir import mean_train_loss
@@ -118,6 +118,22 @@ class MRPOTrainer(Trainer):
                 "an accumulation step): leave it unset and use training.gradient_accumulation_steps",
                 key="policy.micro_batch_tokens",
             )
+
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        # A full disk or a read-only output directory at a checkpoint: one line, not the Trainer's traceback.
+        try:
+            return super()._save_checkpoint(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - safetensors and torch.save report a failed write as their own
+            message = write_failure(
+                error,
+                f"the checkpoint of step {self.state.global_step} under {self.args.output_dir}",
+                no_space="free space there (the checkpoints written before it are kept: `mrpo train CONFIG "
+                "--resume` goes on from the newest), or lower training.save_total_limit",
+                not_writable="point training.output_dir at a writable directory",
+            )
+            if message is None:
+                raise
+            raise TrainingError(message) from error
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
