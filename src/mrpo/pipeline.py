@@ -242,7 +242,8 @@ def _inspect_split(config: MRPOConfig, split: str, views: Views, threshold: floa
         raise CacheError(
             f"{len(lost)} {split} pair(s) of the tokenized cache (first: pair id {lost[0]}) are no longer in "
             f"{tokenized.counts.source}: the file changed since it was tokenized. Run again with "
-            "data.cache_tokenized=false, or remove its entries (`mrpo cache prune --source {tokenized.counts.source}`)"
+            "data.cache_tokenized=false, or remove its entries "
+            f"(`mrpo cache prune --cache-dir {config.cache_dir} --source {tokenized.counts.source}`)"
         )
     rows = []
     for rank, suspect in enumerate(audit.suspects, start=1):
