@@ -55,6 +55,8 @@ def above(d: tuple[float, float, int], threshold: float = 0.0) -> bool:
 
 def judge(cells, probe: dict[str, Any], teacher: str) -> str:
     """The decision rule (DECISION_RULE) for one teacher."""
+    if "dpo" not in cells:
+        return f"**{teacher}: not judged yet** (no student run has finished)"
     if not teacher_beats_start(probe, teacher):
         return (
             f"**{teacher}: not judged** (it does not beat the start on the teacher-known facts in the probe)"
@@ -222,7 +224,39 @@ def write_plots(cells, directory: Path) -> dict[str, str]:
     return {"paired": "teacher-study/paired.png"}
 
 
-def render(results, settings: Settings, *, commands: str, machine: str, plots: dict[str, str]) -> str:
+def level_lines(audit: dict[str, Any] | None) -> list[str]:
+    """Where each reference's log-probs sit against the start's, and what CTRO keeps of them (``mrpo inspect`` on
+    the probe pairs)."""
+    if not audit:
+        return []
+    split = audit["splits"][0]
+    parts = []
+    for reference in split["references"][1:]:
+        clip = reference.get("clip_alternatives") or {}
+        parts.append(
+            f"{MODEL_LABELS.get(reference['name'], reference['name'])} {reference['level_gap']:+.1f} nats, clipped "
+            f"{clip.get('configured', math.nan):.0%} at the defaults, {clip.get('eps=2', math.nan):.0%} at eps 2, "
+            f"{clip.get('align=pair', math.nan):.0%} with align=pair"
+        )
+    return [
+        "",
+        "Level of each reference's log-probs against the start's (mean over both answers, `mrpo inspect` on the probe "
+        "pairs) and the share CTRO clips: "
+        + "; ".join(parts)
+        + ". A reference clipped everywhere reaches the loss "
+        "only without CTRO (c) or as the single reference (e).",
+    ]
+
+
+def render(
+    results,
+    settings: Settings,
+    *,
+    commands: str,
+    machine: str,
+    plots: dict[str, str],
+    audit: dict | None = None,
+) -> str:
     cells = cells_of(results)
     probe = next((r for r in results if r["group"] == "probe"), {})
     teachers = {r["arm"]: r for r in results if r["group"] == "teacher"}
@@ -256,7 +290,14 @@ def render(results, settings: Settings, *, commands: str, machine: str, plots: d
                 else "does NOT beat the start: not judged."
             )
         )
-    lines += ["", *probe_lines(probe), "", "## Students: held-out policy preference accuracy", ""]
+    lines += [
+        "",
+        *probe_lines(probe),
+        *level_lines(audit),
+        "",
+        "## Students: held-out policy preference accuracy",
+        "",
+    ]
     lines += [
         "Accuracy in %, mean ± 95% t-interval over seeds; Δ: paired difference with DPO at the same beta, in "
         "points (seeds). Clip: mean logged `ctro/clip_rate`.",
@@ -308,16 +349,26 @@ def render(results, settings: Settings, *, commands: str, machine: str, plots: d
         f"{settings.teacher_beta:g}, {settings.teacher_epochs:g} epochs, merged; {settings.known_fraction:.0%} of "
         "the pool facts, wordings 3 and 4 (experiments/reworded_facts.py).",
         "- Every setting here was fixed before any student ran; none was changed after a result.",
-        f"- Ran as: {commands}. Machine: {machine}.",
+        "- Cut from issue 22's list for cost, to run in later sessions: the HH-RLHF family (teachers on a large part, "
+        "students on 64-128 pairs, >= 500 held out), TruthfulQA-MC1 on the students (`mrpo evaluate --truthfulqa`); "
+        "the secondary arms run on 5 seeds.",
+        f"- Ran as: {commands or 'the grid has not completed an invocation yet'}. Machine: {machine}.",
         "- Every run's result: [teacher-study/summary.json](teacher-study/summary.json).",
     ]
     return "\n".join(lines) + "\n"
 
 
 def write_report(
-    results, settings: Settings, invocations: Sequence[dict], docs: Path, *, machine: str
+    results,
+    settings: Settings,
+    invocations: Sequence[dict],
+    docs: Path,
+    *,
+    machine: str,
+    audit: dict | None = None,
 ) -> None:
-    """The page, its plots and ``summary.json``; ``invocations`` are the study's runs of the command so far."""
+    """The page, its plots and ``summary.json``; ``invocations`` are the study's runs of the command so far,
+    ``audit`` the probe's ``inspect.json``."""
     directory = docs.parent / "teacher-study"
     summary = [{k: v for k, v in r.items() if k != "loss_curve"} for r in results]
     write_json_atomic(directory / "summary.json", {"settings": settings.to_json(), "results": summary})
@@ -327,5 +378,6 @@ def write_report(
     )
     plots = write_plots(cells_of(results), directory)
     docs.write_text(
-        render(results, settings, commands=commands or "–", machine=machine, plots=plots), "utf-8"
+        render(results, settings, commands=commands, machine=machine, plots=plots, audit=audit),
+        "utf-8",
     )

@@ -601,7 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; load {load}"
     from teacher_report import write_report
 
-    write_report(results, settings, invocations, Path(args.docs), machine=machine)
+    inspect_file = output_dir / RunSpec("probe", "probe").name / "inspect" / "inspect.json"
+    audit = json.loads(inspect_file.read_text(encoding="utf-8")) if inspect_file.exists() else None
+    write_report(results, settings, invocations, Path(args.docs), machine=machine, audit=audit)
     print(f"report: {args.docs}; {len(results)} results; runtime {runtime / 60:.1f} min", flush=True)
     return 0
 
