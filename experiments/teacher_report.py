@@ -57,6 +57,8 @@ def judge(cells, probe: dict[str, Any], teacher: str) -> str:
     """The decision rule (DECISION_RULE) for one teacher."""
     if "dpo" not in cells:
         return f"**{teacher}: not judged yet** (no student run has finished)"
+    if len(cells["dpo"]) < 2:
+        return f"**{teacher}: not judged yet** ({len(cells['dpo'])} seed finished: no interval; the rule needs them)"
     if not teacher_beats_start(probe, teacher):
         return (
             f"**{teacher}: not judged** (it does not beat the start on the teacher-known facts in the probe)"

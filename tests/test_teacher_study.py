@@ -177,6 +177,11 @@ def test_decision_rule(report, levels, beats, expected):
     assert expected in verdict
 
 
+def test_one_seed_is_not_judged(report):
+    results = _grid({"dpo": 0.70, "mrpo_t1": 0.80, "mrpo_random": 0.70}, seeds=1)
+    assert "not judged yet" in report.judge(report.cells_of(results), _probe(True), "t1")
+
+
 def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     settings = study.Settings(seeds=tuple(range(3)), teachers=("t1",))
     results = _grid({"dpo": 0.7, "mrpo_t1": 0.72, "mrpo_random": 0.7}, seeds=3)
