@@ -53,12 +53,13 @@ def above(d: tuple[float, float, int], threshold: float = 0.0) -> bool:
     return math.isfinite(mean) and math.isfinite(half) and mean >= threshold and mean - half > 0
 
 
-def judge(cells, probe: dict[str, Any], teacher: str) -> str:
-    """The decision rule (DECISION_RULE) for one teacher."""
+def judge(cells, probe: dict[str, Any], teacher: str, seeds_needed: int = 2) -> str:
+    """The decision rule (DECISION_RULE) for one teacher, once DPO has finished ``seeds_needed`` seeds (the report
+    asks for the whole primary grid)."""
     if "dpo" not in cells:
         return f"**{teacher}: not judged yet** (no student run has finished)"
-    if len(cells["dpo"]) < 2:
-        return f"**{teacher}: not judged yet** ({len(cells['dpo'])} seed finished: no interval; the rule needs them)"
+    if len(cells["dpo"]) < seeds_needed:
+        return f"**{teacher}: not judged yet** ({len(cells['dpo'])} of {seeds_needed} seeds finished)"
     if not teacher_beats_start(probe, teacher):
         return (
             f"**{teacher}: not judged** (it does not beat the start on the teacher-known facts in the probe)"
@@ -275,7 +276,7 @@ def render(
         "",
         "## Verdict",
         "",
-        *[f"- {judge(cells, probe, teacher)}" for teacher in settings.teachers],
+        *[f"- {judge(cells, probe, teacher, len(settings.seeds))}" for teacher in settings.teachers],
         "",
         f"Seeds finished per arm: {', '.join(f'{arm} {len(runs)}' for arm, runs in cells.items())}.",
         "",
