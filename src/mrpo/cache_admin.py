@@ -60,7 +60,7 @@ def list_cache(root: str | os.PathLike) -> list[CacheEntry]:
             found.append(_entry(path, "build", "dead build" if dead else "live build", dead))
         elif path.name.startswith(STORE_PREFIX):
             found.append(_store_entry(path))
-    return sorted(found, key=lambda entry: -entry.age_s)
+    return sorted(found, key=lambda entry: (-entry.age_s, str(entry.path)))  # oldest first; ties by path
 
 
 def _store_entry(path: Path) -> CacheEntry:
