@@ -87,7 +87,7 @@ def build_model(shape: dict, vocab_size: int, eos_id: int, dtype: torch.dtype, d
 
 def build_pairs(n: int, words: int, max_words: int, seed: int = 0):
     """Standard string pairs of random words with varied lengths (prompt and completions)."""
-    from mrpo.data import pairs_from_records
+    from mrpo.data.sources import pairs_from_records
 
     rng = random.Random(seed)
 
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args(argv)
 
+    from mrpo.data.tokenization import ModelView, tokenize_for_models
     from mrpo.references import score_pairs
-    from mrpo.tokenization import ModelView, tokenize_for_models
 
     shape = SIZES[args.size]
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

@@ -132,10 +132,10 @@ def run_stage(stage: str, config_path: str) -> dict:
     import logging
 
     logging.disable(logging.WARNING)
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
+    from mrpo.data.token_store import sequence_lengths
     from mrpo.pipeline import run_precompute
     from mrpo.splits import load_views, tokenize_split
-    from mrpo.tokenization import sequence_lengths
 
     config = load_config(config_path)
     result: dict = {"stage": stage, "rss_after_imports_gib": peak_rss_gib()}

@@ -40,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback  # noqa: E402
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset  # noqa: E402
-from mrpo.config import LossConfig  # noqa: E402
+from mrpo.config.schema import LossConfig  # noqa: E402
+from mrpo.data.token_store import TokenizedPair, TokenizedSequence
+from mrpo.data.tokenization import ModelView
 from mrpo.models import compile_decoder_layers  # noqa: E402
 from mrpo.references import score_pairs  # noqa: E402
-from mrpo.tokenization import ModelView, TokenizedPair, TokenizedSequence  # noqa: E402
 from mrpo.trainer import MRPOTrainer  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
@@ -176,7 +177,7 @@ def run_trl(args, rows, tokenizer, config, gradient_checkpointing: bool, n_param
 
 def tokenize(rows, view: ModelView, max_length: int) -> list[TokenizedPair]:
     """Our tokenization of the same strings (EOS appended to completions, like TRL), truncated like TRL."""
-    from mrpo.data import PreferencePair
+    from mrpo.data.pairs import PreferencePair
 
     pairs = []
     for row in rows:

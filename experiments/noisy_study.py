@@ -44,7 +44,7 @@ import stats
 from grid import RESULT_FILE, check_settings, read_jsonl, record_invocation, run_grid, write_json_atomic
 
 from mrpo.demo.pairs import write_jsonl
-from mrpo.report import markdown_table
+from mrpo.report_tables import markdown_table
 
 DECISION_RULE = (
     '"MRPO helps" if (b) or (c) beats (a) by >= 3 points of held-out policy accuracy with the 95% interval above 0; '
@@ -341,7 +341,7 @@ class Runner:
     def keep_mask(self, run: RunSpec, base: Path, records: list[dict], train_filter: str) -> list[bool]:
         if train_filter == "clean":
             return [not record["flipped"] for record in records]
-        from mrpo.audit import find_suspects
+        from mrpo.audit_suspects import find_suspects
         from mrpo.pipeline import prepare_split
 
         config = self.config(run, self.output_dir / "scratch", base, references=("init", "external"))

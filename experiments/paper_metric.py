@@ -65,7 +65,7 @@ def measure(config, names: list[str]) -> dict[str, Any]:
     """Step-0 metrics from the cached columns: the policy is its start, so its log-probs are reference 1's."""
     import dataclasses
 
-    from mrpo.config import LossConfig
+    from mrpo.config.schema import LossConfig
     from mrpo.evaluation import compute_metrics
     from mrpo.pipeline import prepare_split
 

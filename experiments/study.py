@@ -46,7 +46,7 @@ from typing import Any
 from grid import is_finished, run_grid, write_json_atomic
 from stats import loss_statistics, mean_ci
 
-from mrpo.report import markdown_table
+from mrpo.report_tables import markdown_table
 
 REFERENCES = ("init", "external", "divergent")
 """Every reference the study can use, in the order of the shared evaluation columns."""
@@ -352,7 +352,7 @@ class RealRunner:
         reference 1 is Gemma), so runs compare fairly; overall and by kind."""
         import torch
 
-        from mrpo.config import LossConfig
+        from mrpo.config.schema import LossConfig
         from mrpo.evaluation import score_split, split_metrics
         from mrpo.models import load_for_evaluation
 

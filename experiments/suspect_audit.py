@@ -27,7 +27,7 @@ from typing import Any
 import stats
 import synthetic
 
-from mrpo.report import markdown_table
+from mrpo.report_tables import markdown_table
 
 NOISE_RATES = (0.1, 0.2, 0.3, 0.4)
 REFERENCE_SETS: dict[str, tuple[str, ...]] = {
@@ -92,8 +92,8 @@ def ranking_quality(scores: Sequence[float], truth: Sequence[bool]) -> dict[str,
 
 def audit_one(models: dict[str, str], rows: list[dict[str, Any]], references: tuple[str, ...], work: Path):
     """Flag and rank ``rows`` with the given references through the real pipeline; compare with the truth."""
-    from mrpo.audit import SUSPECT_THRESHOLD, find_suspects, suspect_scores
-    from mrpo.config import MRPOConfig
+    from mrpo.audit_suspects import SUSPECT_THRESHOLD, find_suspects, suspect_scores
+    from mrpo.config.schema import MRPOConfig
     from mrpo.pipeline import prepare_split
 
     data = work / "pairs.jsonl"

@@ -36,7 +36,7 @@ from typing import Any
 
 from stats import loss_statistics, mean_ci
 
-from mrpo.report import markdown_table
+from mrpo.report_tables import markdown_table
 
 SETS = ("A", "B", "C")
 RELATIONS: dict[str, tuple[str, ...]] = {
@@ -386,7 +386,7 @@ def clip_statistics(
     """Clip rate and mean alpha of the external reference on the train pairs, per set (reference numbers only)."""
     import torch
 
-    from mrpo.config import LossConfig
+    from mrpo.config.schema import LossConfig
     from mrpo.losses import mrpo_loss
 
     if len(method.references) < 2:

@@ -12,7 +12,7 @@ import stats
 from grid import write_json_atomic
 from teacher_study import ARMS, BASELINE, DECISION_RULE, RANDOM_CONTROL, Settings, teacher_beats_start
 
-from mrpo.report import markdown_table
+from mrpo.report_tables import markdown_table
 
 FAMILIES = ("reworded", "disjoint")
 GROUPS = ("known_flipped", "known_clean", "unknown_flipped", "unknown_clean")

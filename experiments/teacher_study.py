@@ -438,7 +438,7 @@ class Runner:
 
     def family_metrics(self, run: RunSpec, prepared, names, logps, tokens) -> dict[str, Any]:
         """Policy accuracy (overall and by teacher-known x trained-flipped) and the paper's metric."""
-        from mrpo.config import LossConfig
+        from mrpo.config.schema import LossConfig
         from mrpo.evaluation import compute_metrics
 
         correct = (logps[:, 0] > logps[:, 1]).tolist()

@@ -14,8 +14,8 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 import mrpo
-from mrpo.config import ConfigError, load_config
-from mrpo.data import DataError
+from mrpo.config.schema import load_config
+from mrpo.errors import ConfigError, DataError
 from mrpo.pipeline import run_train
 from tiny_models import bpe_tokenizer, tiny_llama
 

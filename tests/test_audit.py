@@ -8,20 +8,11 @@ import math
 import pytest
 import torch
 
-from mrpo.audit import (
-    Rate,
-    audit_split,
-    clip_forecast,
-    clip_rates,
-    clip_severity,
-    find_suspects,
-    format_audit,
-    loss_view,
-    suspect_scores,
-    wilson_interval,
-)
-from mrpo.audit_stats import paired_difference
-from mrpo.config import LossConfig
+from mrpo.audit import audit_split, format_audit
+from mrpo.audit_forecast import clip_forecast, clip_rates, clip_severity, loss_view
+from mrpo.audit_stats import Rate, paired_difference, wilson_interval
+from mrpo.audit_suspects import find_suspects, suspect_scores
+from mrpo.config.schema import LossConfig
 from mrpo.losses import mrpo_loss
 
 

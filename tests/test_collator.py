@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from mrpo.collator import CollatorError, PreferenceCollator, PreferenceDataset
-from mrpo.tokenization import TokenizedPair, TokenizedSequence
+from mrpo.collator import PreferenceCollator, PreferenceDataset
+from mrpo.data.token_store import TokenizedPair, TokenizedSequence
+from mrpo.errors import CollatorError
 
 
 def worked_example() -> list[dict]:

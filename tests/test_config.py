@@ -9,21 +9,21 @@ import pytest
 import torch
 import yaml
 
-from mrpo.config import (
-    ConfigError,
+from mrpo.config.overrides import parse_override
+from mrpo.config.schema import (
     DataConfig,
     LoraConfig,
     LossConfig,
     MRPOConfig,
     PolicyConfig,
     ReferenceConfig,
-    TrainingConfig,
     check_lora_targets,
-    field_docs,
     load_config,
-    parse_override,
     resolve_dtype,
 )
+from mrpo.config.training import TrainingConfig
+from mrpo.config.typecheck import field_docs
+from mrpo.errors import ConfigError
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Every run config we ship: configs/ and any inside the package (lm-eval task definitions are not run configs).
@@ -434,7 +434,7 @@ def test_python_api_rejects_a_plain_mapping_where_a_section_belongs():
     ("text", "value"), [("no", "no"), ("off", "off"), ("yes", "yes"), ("true", True), ("False", False)]
 )
 def test_only_true_and_false_are_booleans(text, value):
-    from mrpo.config import parse_override
+    from mrpo.config.overrides import parse_override
 
     assert parse_override(f"training.eval_strategy={text}") == ("training.eval_strategy", value)
 

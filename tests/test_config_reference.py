@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from mrpo.cli import main
-from mrpo.config import MRPOConfig, load_config
-from mrpo.config_reference import defaults_yaml, reference_markdown
+from mrpo.config.docs import defaults_yaml, reference_markdown
+from mrpo.config.schema import MRPOConfig, load_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

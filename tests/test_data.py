@@ -1,4 +1,4 @@
-"""Tests for mrpo.data: every source type, every row format, pair ids, subsampling and the bad-data corpus."""
+"""Tests for mrpo.data.sources: every source type, every row format, pair ids, subsampling and the bad-data corpus."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mrpo.data import DataError, PairSet, PreferencePair, load_pairs, pairs_from_records, subsample
+from mrpo.data.pairs import PairSet, PreferencePair, subsample
+from mrpo.data.sources import load_pairs, pairs_from_records
+from mrpo.errors import DataError
 
 BAD_DIR = Path(__file__).parent / "data" / "bad"
 

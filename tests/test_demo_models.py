@@ -15,11 +15,11 @@ from mrpo.demo.models import (
     MARKER_FILE,
     SMOLLM2,
     DemoModel,
-    DemoModelError,
     assemble_gguf,
     default_cache_dir,
     ensure_demo_model,
 )
+from mrpo.errors import DemoModelError
 
 PARTS = {"pkg_a/data/model.gguf.part00": b"GGUF" + b"a" * 1000, "pkg_b/data/model.gguf.part01": b"b" * 777}
 

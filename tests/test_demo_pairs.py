@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mrpo.data import load_pairs, pairs_from_records
+from mrpo.data.sources import load_pairs, pairs_from_records
 from mrpo.demo.pairs import (
     CAPITALS,
     ELEMENTS,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from mrpo.audit import clip_severity
-from mrpo.config import DiagnosticsConfig, LossConfig
+from mrpo.audit_forecast import clip_severity
+from mrpo.config.schema import DiagnosticsConfig, LossConfig
 from mrpo.trainer import TrainingWatcher
 
 SETTINGS = DiagnosticsConfig(window=3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mrpo.cli import main
-from mrpo.config import ReferenceConfig, load_config
+from mrpo.config.schema import ReferenceConfig, load_config
 from mrpo.pipeline import prepare_split
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -27,9 +27,11 @@ def test_every_user_error_is_an_mrpo_error_and_says_what_it_is():
 
 
 def test_the_modules_raise_the_family_members():
-    from mrpo import collator, config, data, lm_eval_bridge, models, references, report, trainer
+    from mrpo import collator, lm_eval_bridge, models, references, report, trainer
+    from mrpo.config import schema
+    from mrpo.data import sources
 
-    assert config.ConfigError is errors.ConfigError and data.DataError is errors.DataError
+    assert schema.ConfigError is errors.ConfigError and sources.DataError is errors.DataError
     assert references.CacheError is errors.CacheError and models.ModelSourceError is errors.ModelSourceError
     assert collator.CollatorError is errors.CollatorError and trainer.TrainingError is errors.TrainingError
     assert lm_eval_bridge.LMEvalError is errors.LMEvalError and report.ReportError is errors.ReportError
@@ -73,8 +75,8 @@ def test_weights_torch_refuses_to_unpickle_are_one_line_naming_the_file(tmp_path
 
 
 def test_a_chat_template_the_sandbox_blocks_is_one_line_naming_the_model():
-    from mrpo.pairs import PreferencePair
-    from mrpo.tokenization import ModelView
+    from mrpo.data.pairs import PreferencePair
+    from mrpo.data.tokenization import ModelView
     from tiny_models import char_tokenizer
 
     escaping = (

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mrpo.audit import wilson_interval
-from mrpo.config import LossConfig
+from mrpo.audit_stats import wilson_interval
+from mrpo.config.schema import LossConfig
 from mrpo.evaluation import (
     HeldOutMetrics,
     add_paired_differences,
@@ -189,7 +189,7 @@ def test_different_training_pair_counts_are_said_with_the_drops_that_explain_the
 def test_evaluate_several_checkpoints_writes_intervals_the_paired_difference_and_pair_counts(
     run_setup, capsys
 ):
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
     from mrpo.pipeline import run_evaluate
 
     root = run_setup["root"] / "evaluate-paired"
@@ -286,10 +286,10 @@ def test_training_announces_labels_and_prints_its_held_out_evaluation(run_setup,
 def test_each_pair_keeps_its_own_rows_kind_when_two_rows_share_their_texts():
     from collections import Counter
 
-    from mrpo.data import pairs_from_records
+    from mrpo.data.sources import pairs_from_records
+    from mrpo.data.tokenization import ModelView, tokenize_for_models
     from mrpo.evaluation import split_kinds
     from mrpo.pipeline import PreparedSplit
-    from mrpo.tokenization import ModelView, tokenize_for_models
     from tiny_models import char_tokenizer
 
     records = [{"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no", "kind": "a"} for i in range(11)]
@@ -323,7 +323,7 @@ def _write(path, records):
 
 
 def _overlap_config(tmp_path, train, eval_path, **data):
-    from mrpo.config import MRPOConfig
+    from mrpo.config.schema import MRPOConfig
 
     return MRPOConfig.from_dict(
         {
@@ -359,7 +359,7 @@ def test_eval_pairs_that_are_training_pairs_are_counted_and_said(
 ):
     import logging
 
-    from mrpo.data import load_pairs
+    from mrpo.data.sources import load_pairs
     from mrpo.splits import report_overlap
 
     train = _write(tmp_path / "train.jsonl", _records(0, 8))
@@ -378,7 +378,7 @@ def test_eval_pairs_that_are_training_pairs_are_counted_and_said(
 
 
 def test_overlap_with_a_subsampled_training_split_counts_only_the_subsample(tmp_path):
-    from mrpo.data import load_pairs
+    from mrpo.data.sources import load_pairs
     from mrpo.splits import overlap_message, report_overlap
 
     train = _write(tmp_path / "train.jsonl", _records(0, 200))
@@ -396,7 +396,7 @@ def test_precompute_train_and_evaluate_each_say_the_overlap(run_setup, tmp_path,
     import logging
     import shutil
 
-    from mrpo.config import MRPOConfig
+    from mrpo.config.schema import MRPOConfig
     from mrpo.pipeline import run_evaluate, run_precompute, run_train
 
     eval_copy = shutil.copy(run_setup["train"], tmp_path / "eval-copy.jsonl")  # a copy: the same pairs

@@ -68,7 +68,7 @@ def test_inspect_writes_the_audit_and_the_suspects(run_setup, capsys):
 
 def test_forecast_clip_rate_is_what_the_first_epoch_logs(run_setup, capsys):
     from mrpo.audit import audit_split
-    from mrpo.config import LossConfig, load_config
+    from mrpo.config.schema import LossConfig, load_config
     from mrpo.pipeline import prepare_split
 
     base = load_config(inspect_config(run_setup, "forecast"))
@@ -106,8 +106,8 @@ def test_inspect_measures_length_in_characters_of_the_texts(run_setup, capsys, c
     """The length comparison uses the completion texts' characters (message contents here), aligned by pair id
     with the cached margins: read again from the data when the tokens came from the disk cache, or from memory."""
     from mrpo.audit_stats import correlation
-    from mrpo.config import load_config
-    from mrpo.data import load_pairs
+    from mrpo.config.schema import load_config
+    from mrpo.data.sources import load_pairs
     from mrpo.pipeline import prepare_split
 
     config = inspect_config(run_setup, "lengths")

@@ -8,23 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrpo.config import DataConfig, MRPOConfig, PolicyConfig
-from mrpo.lm_eval_tasks import SHIPPED_TASKS, SOURCED_TASKS, TASK_DIR, TRUTHFULQA_TASK
-from mrpo.lm_eval_tasks.task_data import arithmetic_rows, facts_rows
-from mrpo.lm_eval_tasks.truthfulqa import read_truthfulqa
+from mrpo.config.schema import DataConfig, MRPOConfig, PolicyConfig
+from mrpo.lm_eval_tasks import SOURCED_TASKS, TASK_DIR
+from mrpo.lm_eval_tasks.task_data import SHIPPED_TASKS, arithmetic_rows, facts_rows
+from mrpo.lm_eval_tasks.truthfulqa import TRUTHFULQA_TASK, read_truthfulqa
 from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
 
 pytest.importorskip("lm_eval")
 
 import mrpo.models  # noqa: E402
-from mrpo.lm_eval_bridge import (  # noqa: E402
-    LMEvalError,
-    LMEvalNotInstalledError,
-    LMEvalResult,
-    prepare_task_dir,
-    resolve_lm_eval_tasks,
-    run_lm_eval,
-)
+from mrpo.errors import LMEvalError, LMEvalNotInstalledError
+from mrpo.lm_eval_bridge import LMEvalResult, prepare_task_dir, resolve_lm_eval_tasks, run_lm_eval
 
 TASKS = ["mrpo_arithmetic", "mrpo_facts"]
 TRUTHFULQA_FIXTURE = Path(__file__).parent / "data" / "truthfulqa_mc_fixture.json"

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from mrpo import logprobs
+from mrpo.data.token_store import TokenizedSequence
+from mrpo.data.tokenization import ModelView
 from mrpo.logprobs import pad_batch, sequence_logps
-from mrpo.tokenization import ModelView, TokenizedSequence
 from tiny_models import (
     bpe_tokenizer,
     char_tokenizer,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from mrpo.data.pairs import compute_pair_id
 from mrpo.pair_table import PairTable, pair_numbers
-from mrpo.pairs import compute_pair_id
 
 
 def test_rows_are_found_by_id_and_the_last_row_written_for_an_id_wins():

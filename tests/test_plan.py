@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrpo.cli import main
-from mrpo.config import MRPOConfig
+from mrpo.config.schema import MRPOConfig
 from mrpo.plan import plan_training
 from tiny_models import bpe_tokenizer, save_model_dir, tiny_llama
 
@@ -88,7 +88,7 @@ def saved_activation_bytes(model, input_ids) -> int:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_activation_estimate_matches_what_a_training_forward_saves(llama_dir, lora):
-    from mrpo.config import LoraConfig
+    from mrpo.config.schema import LoraConfig
     from mrpo.models import add_lora
 
     pairs, length = 4, 96

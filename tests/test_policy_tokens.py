@@ -19,13 +19,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mrpo import references
-from mrpo.config import MRPOConfig, ReferenceConfig, load_config
+from mrpo.config.schema import MRPOConfig, ReferenceConfig, load_config
+from mrpo.data.tokenization import ModelView, tokenize_for_models
 from mrpo.errors import ConfigError
 from mrpo.pipeline import prepare_split
 from mrpo.reference_store import StoreKey
 from mrpo.references import precompute
 from mrpo.splits import load_views
-from mrpo.tokenization import ModelView, tokenize_for_models
 from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
 
 ATOL, RTOL = 1e-5, 1e-6
@@ -220,7 +220,7 @@ def test_the_reference_limit_applies_to_the_policy_tokens_and_policy_drops_stay(
 
 
 def _pairs(run_files):
-    from mrpo.data import load_pairs
+    from mrpo.data.sources import load_pairs
 
     return list(load_pairs(run_files["train"]))
 

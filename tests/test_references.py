@@ -17,12 +17,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mrpo import references, weights
-from mrpo.config import ReferenceConfig
-from mrpo.data import pairs_from_records
+from mrpo.config.schema import ReferenceConfig
+from mrpo.data.sources import pairs_from_records
+from mrpo.data.tokenization import ModelView, tokenize_for_models
+from mrpo.errors import CacheError
 from mrpo.models import load_tokenizer
 from mrpo.reference_store import ReferenceStore
-from mrpo.references import CacheError, precompute, token_budget_batches
-from mrpo.tokenization import ModelView, tokenize_for_models
+from mrpo.references import precompute, token_budget_batches
 from tiny_models import (
     CHATML_TEMPLATE,
     GEMMA_LIKE_TEMPLATE,
@@ -170,8 +171,8 @@ def shards(cache_dir: Path) -> list[Path]:
 
 
 def test_prepare_split_matches_naive_logps_per_tokenizer(tmp_path, model_dirs):
-    from mrpo.config import load_config
-    from mrpo.data import load_pairs
+    from mrpo.config.schema import load_config
+    from mrpo.data.sources import load_pairs
     from mrpo.pipeline import prepare_split
 
     data = tmp_path / "train.jsonl"
@@ -660,7 +661,7 @@ def test_the_same_model_under_another_name_or_path_reuses_the_store(tmp_path, mo
 
 
 def test_entries_scored_from_other_tokens_are_scored_again_and_never_served(tmp_path, model_dirs, caplog):
-    from mrpo.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
+    from mrpo.data.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
 
     specs = [spec("init", model_dirs["llama"]), spec("gemma", model_dirs["gemma"])]
     views = [ModelView(load_tokenizer(s.model), name=s.name) for s in specs]
@@ -774,8 +775,8 @@ def test_a_read_only_cache_is_one_cache_error_naming_the_store(tmp_path, model_d
 
 
 def test_token_ids_past_the_embedding_are_refused_before_the_forward_naming_the_model(model_dirs, forwards):
+    from mrpo.data.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
     from mrpo.errors import ModelSourceError
-    from mrpo.token_store import TokenizedPair, TokenizedPairs, TokenizedSequence
 
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     rows = model.get_input_embeddings().num_embeddings

@@ -9,7 +9,8 @@ import yaml
 from mrpo.audit_forecast import PARTIAL_CLIP_RATE, SATURATED_CLIP_RATE, clip_severity
 from mrpo.cli import main
 from mrpo.errors import ReportError
-from mrpo.report import held_out_models, write_report
+from mrpo.report import write_report
+from mrpo.report_tables import held_out_models
 from mrpo.rundir import load_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -288,7 +289,7 @@ def test_report_shows_the_audit_and_marks_live_warnings_on_the_curves(tmp_path, 
     import torch
 
     from mrpo.audit import audit_split
-    from mrpo.config import DiagnosticsConfig, LossConfig
+    from mrpo.config.schema import DiagnosticsConfig, LossConfig
     from mrpo.trainer import TrainingWatcher
 
     run_dir = tmp_path / "mrpo"
@@ -459,7 +460,7 @@ def test_the_starts_reward_accuracy_against_itself_is_not_a_number(tmp_path):
 
     import torch
 
-    from mrpo.config import LossConfig
+    from mrpo.config.schema import LossConfig
     from mrpo.evaluation import format_table, split_metrics
 
     generator = torch.Generator().manual_seed(0)
@@ -490,7 +491,7 @@ def test_the_starts_reward_accuracy_against_itself_is_not_a_number(tmp_path):
 
 
 def test_the_held_out_subsample_is_counted_under_max_eval_pairs(tmp_path):
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
     from mrpo.splits import read_split
 
     pairs = tmp_path / "pairs.jsonl"

@@ -65,7 +65,7 @@ def test_unknown_method_is_refused(study):
 
 
 def test_every_method_has_a_valid_loss_config_for_its_references(study):
-    from mrpo.config import LossConfig
+    from mrpo.config.schema import LossConfig
 
     for method in [*study.METHODS.values(), *study.STABILITY_METHODS.values()]:
         loss = LossConfig(**method.loss)

@@ -74,8 +74,8 @@ def test_world_is_seeded(synthetic):
 
 
 def test_pairs_load_through_mrpo_and_tokenize_to_one_word_answers(synthetic, world):
-    from mrpo.data import pairs_from_records
-    from mrpo.tokenization import ModelView
+    from mrpo.data.sources import pairs_from_records
+    from mrpo.data.tokenization import ModelView
 
     pairs = pairs_from_records(world.train_pairs)
     assert len(pairs) == len(world.train_pairs)
@@ -92,9 +92,9 @@ def test_pairs_load_through_mrpo_and_tokenize_to_one_word_answers(synthetic, wor
 
 
 def test_score_values_matches_mrpo_sequence_logps(synthetic, world):
-    from mrpo.data import pairs_from_records
+    from mrpo.data.sources import pairs_from_records
+    from mrpo.data.tokenization import ModelView
     from mrpo.references import score_pairs
-    from mrpo.tokenization import ModelView
 
     settings = synthetic.WorldSettings(hidden=16, layers=1)
     tokenizer = synthetic.make_tokenizer(world)

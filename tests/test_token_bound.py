@@ -10,10 +10,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import mrpo.tokenization
-from mrpo.data import pairs_from_records
-from mrpo.token_bound import character_bound
-from mrpo.tokenization import ModelView, tokenize_for_models
+import mrpo.data.tokenization
+from mrpo.data.sources import pairs_from_records
+from mrpo.data.token_bound import character_bound
+from mrpo.data.tokenization import ModelView, tokenize_for_models
 from tiny_models import bpe_tokenizer, char_tokenizer
 
 HUGE = 60_000
@@ -51,7 +51,7 @@ def test_a_huge_pair_is_dropped_and_counted_without_being_tokenized(encoded_leng
     assert encoded_lengths and max(encoded_lengths) < 100  # the huge text was never encoded
 
     # Without the bound the same pair is tokenized whole and dropped for the same reason, the rest alike.
-    monkeypatch.setattr(mrpo.tokenization, "character_bound", lambda tokenizer: None)
+    monkeypatch.setattr(mrpo.data.tokenization, "character_bound", lambda tokenizer: None)
     encoded_lengths.clear()
     tokenized = tokenize_for_models(pairs, views, max_length=64)
     assert max(encoded_lengths) > HUGE

@@ -1,11 +1,11 @@
-"""Tests of mrpo.token_store: tokenized pairs in memory and on disk read back the same pairs."""
+"""Tests of mrpo.data.token_store: tokenized pairs in memory and on disk read back the same pairs."""
 
 import pickle
 
 import numpy as np
 import pytest
 
-from mrpo.token_store import (
+from mrpo.data.token_store import (
     PairWriter,
     StoredPairs,
     TokenizedPair,
@@ -15,7 +15,7 @@ from mrpo.token_store import (
     sequence_at,
     sequence_lengths,
 )
-from mrpo.tokenization import ModelView, tokenize_for_models
+from mrpo.data.tokenization import ModelView, tokenize_for_models
 from tiny_models import bpe_tokenizer, char_tokenizer, conversational_pairs, standard_pairs
 
 
@@ -97,8 +97,8 @@ def test_a_store_whose_files_disagree_is_refused(tmp_path):
 
 
 def test_stored_pair_ids_convert_to_numbers_as_the_table_keys_them(tmp_path):
+    from mrpo.data.pairs import compute_pair_id
     from mrpo.pair_table import _number, pair_numbers
-    from mrpo.pairs import compute_pair_id
 
     pairs = [
         TokenizedPair(compute_pair_id(f"p{i}", "c", "r"), p.chosen, p.rejected)

@@ -1,20 +1,18 @@
-"""Tests of mrpo.tokenization: rendering, BOS/EOS, the prompt/completion boundary, overflow and fingerprints."""
+"""Tests of mrpo.data.tokenization: rendering, BOS/EOS, the prompt/completion boundary, overflow and fingerprints."""
 
 import copy
 
 import pytest
 
-from mrpo.logprobs import pad_batch
-from mrpo.tokenization import (
-    ModelView,
-    RenderError,
+from mrpo.data.token_store import (
     TokenizedPairs,
     TokenizedSequence,
     pair_ids_of,
     sequence_at,
     sequence_lengths,
-    tokenize_for_models,
 )
+from mrpo.data.tokenization import ModelView, RenderError, tokenize_for_models
+from mrpo.logprobs import pad_batch
 from tiny_models import (
     GEMMA_LIKE_TEMPLATE,
     Pair,

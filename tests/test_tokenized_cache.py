@@ -1,4 +1,4 @@
-"""Tests of the tokenized-split cache (mrpo.tokenized_cache, through splits.tokenize_split): found again on the
+"""Tests of the tokenized-split cache (mrpo.data.token_cache, through splits.tokenize_split): found again on the
 same data and settings, rebuilt when either changes, never half-written, and the same pairs as in memory."""
 
 import json
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import mrpo.splits as splits
-from mrpo.config import load_config
+from mrpo.config.schema import load_config
+from mrpo.data.token_store import StoredPairs, TokenizedPairs
 from mrpo.errors import DataError
 from mrpo.splits import load_views, tokenize_split
-from mrpo.token_store import StoredPairs, TokenizedPairs
 
 
 def write_config(root, setup, train, **data):
@@ -143,7 +143,7 @@ def test_an_entry_with_a_file_missing_is_rebuilt(tmp_path, run_setup, data_file,
     expected = list(tokenize(config).tokenization.per_view[2])
     (entry,) = (tmp_path / "cache").glob("tokenized-*")
     os.remove(entry / "view-2" / "ends.i64")
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         again = tokenize(config)
     assert "does not open" in caplog.text
     assert list(again.tokenization.per_view[2]) == expected
@@ -152,7 +152,7 @@ def test_an_entry_with_a_file_missing_is_rebuilt(tmp_path, run_setup, data_file,
 def _tokenize_in_process(config_path: str, out: str) -> None:
     import json as _json
 
-    from mrpo.config import load_config as _load
+    from mrpo.config.schema import load_config as _load
 
     split = tokenize(_load(config_path))
     Path(out).write_text(_json.dumps([list(split.tokenization.pair_ids), split.tokenization.summary()]))
@@ -180,7 +180,7 @@ def test_two_processes_building_one_entry_at_once_both_get_it_and_leave_one(tmp_
 
 
 def test_a_build_that_loses_the_race_uses_the_entry_stored_first(tmp_path, run_setup, data_file, monkeypatch):
-    import mrpo.tokenized_cache as tokenized_cache
+    import mrpo.data.token_cache as tokenized_cache
 
     config = write_config(tmp_path, run_setup, data_file)
     rename = os.rename
@@ -216,7 +216,7 @@ def test_a_build_is_removed_only_when_its_lock_is_free_whatever_its_host_and_pid
     import sys
     import time
 
-    from mrpo.tokenized_cache import _HOST, start_build
+    from mrpo.data.token_cache import _HOST, start_build
 
     config = write_config(tmp_path, run_setup, data_file)
     cache = tmp_path / "cache"
@@ -225,7 +225,7 @@ def test_a_build_is_removed_only_when_its_lock_is_free_whatever_its_host_and_pid
                                   capture_output=True, text=True).stdout)  # fmt: skip
     # Killed: its process ended, so its lock is free.
     killed = subprocess.run(
-        [sys.executable, "-c", "from pathlib import Path; import sys; from mrpo.tokenized_cache import start_build; "
+        [sys.executable, "-c", "from pathlib import Path; import sys; from mrpo.data.token_cache import start_build; "
          "print(start_build(Path(sys.argv[1]), 'tokenized-' + '0' * 32)[0])", str(cache)],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
@@ -276,7 +276,7 @@ def test_a_damaged_file_of_the_same_size_is_detected_at_open_and_rebuilt(
     (entry,) = (tmp_path / "cache").glob("tokenized-*")
     path = entry / "view-2" / name
     _flip(path, where(path.stat().st_size), mask)
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         again = tokenize(config)
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert str(entry) in line and f"view-2/{name} does not match the checksum" in line
@@ -286,7 +286,7 @@ def test_a_damaged_file_of_the_same_size_is_detected_at_open_and_rebuilt(
 def test_damage_the_open_samples_miss_is_caught_when_the_sequence_is_read(
     tmp_path, run_setup, data_file, monkeypatch
 ):
-    import mrpo.tokenized_cache as tokenized_cache
+    import mrpo.data.token_cache as tokenized_cache
     from mrpo.errors import CacheError
 
     monkeypatch.setattr(tokenized_cache, "SAMPLE_BYTES", 4)  # ids.i32 "large": 4-byte samples
@@ -308,11 +308,11 @@ def test_an_entry_without_its_account_is_removed_and_rebuilt_once(tmp_path, run_
     expected = list(tokenize(config).tokenization.pair_ids)
     (entry,) = (tmp_path / "cache").glob("tokenized-*")
     (entry / "split.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         assert list(tokenize(config).tokenization.pair_ids) == expected
     assert f"{entry} is incomplete (it has no split.json)" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.INFO, logger="mrpo.data.token_cache"):
         again = tokenize(config)  # found: not tokenized a second time
     assert list(again.tokenization.pair_ids) == expected and "Tokenizing again" not in caplog.text
     assert entries(config) == [entry.name]
@@ -338,13 +338,13 @@ def test_a_data_file_edited_in_place_keeping_size_and_time_is_tokenized_again(
 ):
     config = write_config(tmp_path, run_setup, data_file)
     before = list(tokenize(config).tokenization.pair_ids)
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         tokenize(config)
     (hit,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert hit.startswith("Tokens found in the cache:") and "a checksum of every byte" in hit
     _edit_keeping_size_and_time(data_file, _text_offset(data_file, 0.5))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         after = list(tokenize(config).tokenization.pair_ids)
     assert "changed since it was tokenized (same size and modification time, other bytes)" in caplog.text
     assert after != before and len(after) == len(before)
@@ -354,7 +354,7 @@ def test_a_data_file_edited_in_place_keeping_size_and_time_is_tokenized_again(
 def test_a_large_data_file_is_checked_by_its_ends_and_samples_and_the_hit_says_so(
     tmp_path, run_setup, data_file, caplog, monkeypatch, fraction, seen
 ):
-    import mrpo.tokenized_cache as tokenized_cache
+    import mrpo.data.token_cache as tokenized_cache
 
     size = data_file.stat().st_size
     monkeypatch.setattr(tokenized_cache, "SAMPLE_BYTES", size // 8)  # "first and last MiB": an eighth each
@@ -372,7 +372,7 @@ def test_a_large_data_file_is_checked_by_its_ends_and_samples_and_the_hit_says_s
         at < size // 8 or at >= size - size // 8
     ) == seen  # the edit is inside the ends or between samples
     _edit_keeping_size_and_time(data_file, at)
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         after = list(tokenize(config).tokenization.pair_ids)
     if seen:
         assert "changed since it was tokenized" in caplog.text and after != before
@@ -401,7 +401,7 @@ def test_inspect_names_pairs_gone_from_the_data_in_one_line_not_a_key_error(run_
 def _stale_cache(tmp_path, run_setup, data_file):
     """A cache holding an entry whose data changed since, the current one, a dead and a live build, and two
     reference stores: one that opens, one without its key."""
-    from mrpo.tokenized_cache import BUILD_LOCK, start_build
+    from mrpo.data.token_cache import BUILD_LOCK, start_build
 
     config = write_config(tmp_path, run_setup, data_file)
     tokenize(config)
@@ -484,7 +484,7 @@ def test_a_build_says_how_many_older_entries_of_its_data_remain_and_how_to_prune
     config = write_config(tmp_path, run_setup, data_file)
     tokenize(config)
     data_file.write_text(data_file.read_text().splitlines()[0] + "\n")
-    with caplog.at_level(logging.WARNING, logger="mrpo.tokenized_cache"):
+    with caplog.at_level(logging.WARNING, logger="mrpo.data.token_cache"):
         tokenize(config)
     (line,) = [record.getMessage() for record in caplog.records if "of an older" in record.getMessage()]
     assert line.startswith(
@@ -528,7 +528,7 @@ def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_no_build(
 ):
     import errno
 
-    from mrpo.token_store import PairWriter
+    from mrpo.data.token_store import PairWriter
 
     config = write_config(tmp_path, run_setup, data_file)
 
@@ -543,8 +543,8 @@ def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_no_build(
 
 
 def test_a_non_ascii_byte_in_stored_pair_ids_is_one_cache_error_with_a_remedy_that_works(tmp_path):
+    from mrpo.data.token_store import PairWriter, TokenizedPair, TokenizedSequence
     from mrpo.errors import CacheError
-    from mrpo.token_store import PairWriter, TokenizedPair, TokenizedSequence
 
     writer = PairWriter(tmp_path / "store", remedy="delete it and run the command again")
     for name in ("aaaa", "bbbb"):

@@ -14,9 +14,10 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from mrpo.cli import main
-from mrpo.config import ConfigError, DataConfig, LoraConfig, MRPOConfig, PolicyConfig, load_config
+from mrpo.config.schema import DataConfig, LoraConfig, MRPOConfig, PolicyConfig, load_config
+from mrpo.errors import CacheError, ConfigError
 from mrpo.models import load_policy
-from mrpo.references import CacheError, ReferenceCache
+from mrpo.references import ReferenceCache
 from tiny_models import bpe_tokenizer, save_model_dir
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
@@ -162,8 +163,8 @@ def test_cache_built_for_other_data_is_a_cache_error(run_setup, tmp_path):
     reference = setup.initialising_reference(run_setup["llama"])
     dataset_cache = setup.build_dataset(pairs[:2], [reference], tmp_path / "cache")
     assert len(dataset_cache) == 2
+    from mrpo.data.tokenization import tokenize_for_models
     from mrpo.references import precompute
-    from mrpo.tokenization import tokenize_for_models
 
     tokenized = tokenize_for_models(pairs[:2], [reference[1]], max_length=None)
     cache: ReferenceCache = precompute(

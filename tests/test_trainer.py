@@ -20,11 +20,11 @@ import torch
 from transformers import TrainerCallback
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset
-from mrpo.config import DataConfig, LoraConfig, LossConfig, MRPOConfig, PolicyConfig, ReferenceConfig
+from mrpo.config.schema import DataConfig, LoraConfig, LossConfig, MRPOConfig, PolicyConfig, ReferenceConfig
+from mrpo.data.tokenization import ModelView
 from mrpo.logprobs import sequence_logps
 from mrpo.losses import mrpo_loss
 from mrpo.models import load_policy
-from mrpo.tokenization import ModelView
 from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -590,7 +590,7 @@ def test_token_budget_micro_batches_evaluate_like_the_whole_batch(two_reference_
 
 
 def test_token_budget_is_refused_under_deepspeed(two_reference_dataset, workdir):
-    from mrpo.config import ConfigError
+    from mrpo.errors import ConfigError
 
     args = setup.training_arguments(workdir / "deepspeed-budget")
     trainer = setup.make_trainer(tiny_llama(), two_reference_dataset, args, micro_batch_tokens=64)
@@ -602,7 +602,7 @@ def test_token_budget_is_refused_under_deepspeed(two_reference_dataset, workdir)
 
 
 def test_token_budget_is_refused_with_inputs_for_metrics(two_reference_dataset, workdir):
-    from mrpo.config import ConfigError
+    from mrpo.errors import ConfigError
 
     args = setup.training_arguments(workdir / "inputs-budget", include_for_metrics=["inputs"])
     with pytest.raises(ConfigError, match="include_for_metrics"):
@@ -631,7 +631,7 @@ def test_split_batches_count_their_tokens_and_flops(two_reference_dataset, workd
 
 
 def test_a_diverged_policy_stops_training_naming_the_step_and_pair(dataset, workdir):
-    from mrpo.trainer import TrainingError
+    from mrpo.errors import TrainingError
 
     model = tiny_llama().train()
     with torch.no_grad():
@@ -646,7 +646,7 @@ def test_a_diverged_policy_stops_training_naming_the_step_and_pair(dataset, work
 
 
 def test_a_non_finite_cached_reference_names_the_reference_and_pair(dataset, workdir):
-    from mrpo.trainer import TrainingError
+    from mrpo.errors import TrainingError
 
     chosen = dataset.reference_chosen_logps.clone()
     chosen[0, 2] = float("inf")
@@ -661,7 +661,7 @@ def test_a_non_finite_cached_reference_names_the_reference_and_pair(dataset, wor
 def test_cli_prints_a_training_error_on_one_line(monkeypatch, tmp_path, capsys):
     import mrpo.pipeline
     from mrpo.cli import main
-    from mrpo.trainer import TrainingError
+    from mrpo.errors import TrainingError
 
     def diverge(config, resume=None, overwrite=False):
         raise TrainingError("training step 7: the policy's log-prob of pair 'p1' is not finite")

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from mrpo.data import DataError, load_pairs, pairs_from_records, stream_pairs
-from mrpo.pairs import PairCounts
+from mrpo.data.pairs import PairCounts
+from mrpo.data.sources import load_pairs, pairs_from_records, stream_pairs
+from mrpo.errors import DataError
 
 
 def user(content: str) -> dict:

@@ -123,7 +123,7 @@ def char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
 
 @dataclass(frozen=True)
 class Pair:
-    """Stands in for `mrpo.data.PreferencePair` where a test needs a pair and nothing of the data module."""
+    """Stands in for `mrpo.data.sources.PreferencePair` where a test needs a pair and nothing of the data module."""
 
     pair_id: str
     prompt: str | list[dict[str, str]]

@@ -23,9 +23,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import MRPOConfig
+from mrpo.config.overrides import INITIALISING_REFERENCE_NAME
+from mrpo.config.schema import MRPOConfig
 from mrpo.errors import ConfigError, DataError
-from mrpo.overrides import INITIALISING_REFERENCE_NAME
 
 SECTIONS = ("policy", "data", "loss", "lora", "diagnostics", "training")
 """The config sections ``build_trainer`` takes as keyword mappings (``loss={"beta": 0.1}``)."""

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import MRPOConfig, padding_free_enabled
+from mrpo.config.schema import MRPOConfig, padding_free_enabled
+from mrpo.data.pairs import PairSet
 from mrpo.models import check_lora_before_precompute, load_policy
-from mrpo.pairs import PairSet
 from mrpo.pipeline import PreparedSplit, prepare_split
 from mrpo.rundir import DIAGNOSTICS_FILE, METRICS_FILE
 from mrpo.splits import Views, load_views, report_overlap

@@ -32,17 +32,11 @@ from typing import Any
 
 import torch
 
-# The audit's parts live in audit_forecast, audit_lever, audit_stats and audit_suspects; their public names are
-# re-exported here, so ``from mrpo.audit import ...`` keeps working for every caller.
-from mrpo.audit_forecast import (  # noqa: F401
-    CLIP_SEVERITY,
-    EPS_SWEEP,
-    PARTIAL_CLIP_RATE,
+from mrpo.audit_forecast import (
     SATURATED_CLIP_RATE,
     band_half_width,
     clip_band,
     clip_forecast,
-    clip_rates,
     clip_severity,
     loss_view,
 )
@@ -54,9 +48,9 @@ from mrpo.audit_lever import (
     length_tracking,
     lever_sentence,
 )
-from mrpo.audit_stats import WILSON_Z, Rate, correlation, wilson_interval  # noqa: F401
-from mrpo.audit_suspects import SUSPECT_THRESHOLD, SuspectPair, find_suspects, suspect_scores  # noqa: F401
-from mrpo.config import LossConfig
+from mrpo.audit_stats import Rate, correlation
+from mrpo.audit_suspects import SUSPECT_THRESHOLD, SuspectPair, find_suspects
+from mrpo.config.schema import LossConfig
 from mrpo.losses import MRPOOutput
 
 ALPHA_DOMINANCE = 0.9

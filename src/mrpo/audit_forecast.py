@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mrpo.config import LossConfig
+from mrpo.config.schema import LossConfig
 from mrpo.losses import MRPOOutput, mrpo_loss
 
 EPS_SWEEP = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)

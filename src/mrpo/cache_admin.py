@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrpo.tokenized_cache import build_is_dead, entry_source, lock_is_free
+from mrpo.data.token_cache import build_is_dead, entry_source, lock_is_free
 
 STORE_PREFIX, STORE_KEY_FILE, STORE_LOCK_FILE = "store-", "key.json", ".lock"
 """A reference store's directory prefix, key file and lock (``reference_store.store_directory``, ``store_lock``):

@@ -78,7 +78,7 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace, *, check_training: bool = True):
-    from mrpo.config import load_config
+    from mrpo.config.schema import load_config
 
     return load_config(_config_path(args), args.overrides, check_training=check_training)
 
@@ -405,7 +405,7 @@ def _register_report(subparsers: argparse._SubParsersAction) -> None:
 
 def _lm_eval_tasks(args: argparse.Namespace) -> int:
     from mrpo.lm_eval_bridge import prepare_task_dir, resolve_lm_eval_tasks
-    from mrpo.lm_eval_tasks import SHIPPED_TASKS
+    from mrpo.lm_eval_tasks.task_data import SHIPPED_TASKS
 
     directory = prepare_task_dir(args.directory, truthfulqa=args.truthfulqa)
     print(directory)
@@ -431,7 +431,7 @@ def _register_lm_eval_tasks(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _defaults(args: argparse.Namespace) -> int:
-    from mrpo.config_reference import defaults_yaml, reference_markdown
+    from mrpo.config.docs import defaults_yaml, reference_markdown
 
     print(reference_markdown() if args.markdown else defaults_yaml(), end="")
     return 0
@@ -451,7 +451,7 @@ def _register_defaults(subparsers: argparse._SubParsersAction) -> None:
 
 def _cache(args: argparse.Namespace) -> int:
     from mrpo.cache_admin import format_listing, format_size, list_cache, prune_cache
-    from mrpo.config import MRPOConfig, load_config
+    from mrpo.config.schema import MRPOConfig, load_config
     from mrpo.errors import ConfigError
 
     if args.config and args.cache_dir:

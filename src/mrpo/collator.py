@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
 from mrpo.logprobs import longest_first_groups, pack_sequences, pad_batch, padded_length
-from mrpo.token_store import TokenizedPair, TokenizedSequence
 
 REQUIRED_FIELDS = (
     "chosen_input_ids",

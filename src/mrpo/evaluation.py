@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from mrpo.audit import WILSON_Z, wilson_interval
-from mrpo.config import LossConfig, MRPOConfig
+from mrpo.audit_stats import WILSON_Z, wilson_interval
+from mrpo.config.schema import LossConfig, MRPOConfig
 from mrpo.errors import ConfigError
 from mrpo.losses import mrpo_loss
 

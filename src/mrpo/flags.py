@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import (
+from mrpo.config.overrides import parse_yaml
+from mrpo.config.schema import (
     DataConfig,
     DiagnosticsConfig,
     LoraConfig,
@@ -25,10 +26,9 @@ from mrpo.config import (
     PolicyConfig,
     ReferenceConfig,
 )
+from mrpo.config.training import _training_argument_types, training_argument_names
+from mrpo.config.typecheck import did_you_mean, field_docs
 from mrpo.errors import ConfigError
-from mrpo.overrides import parse_yaml
-from mrpo.training_section import _training_argument_types, training_argument_names
-from mrpo.typecheck import did_you_mean, field_docs
 
 SECTIONS: Mapping[str, type] = {
     "policy": PolicyConfig,

@@ -35,10 +35,11 @@ from typing import Any
 
 import yaml
 
-from mrpo.config import MRPOConfig
+from mrpo.config.schema import MRPOConfig
 from mrpo.errors import LMEvalError, LMEvalNotInstalledError
-from mrpo.lm_eval_tasks import SHIPPED_TASKS, SOURCED_TASKS, TASK_DIR, TRUTHFULQA_TASK
-from mrpo.lm_eval_tasks.truthfulqa import read_truthfulqa
+from mrpo.lm_eval_tasks import SOURCED_TASKS, TASK_DIR
+from mrpo.lm_eval_tasks.task_data import SHIPPED_TASKS
+from mrpo.lm_eval_tasks.truthfulqa import TRUTHFULQA_TASK, read_truthfulqa
 
 INSTALL_HINT = "pip install 'mrpo[eval]'"
 SHIPPED_PREFIX = "mrpo_"

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mrpo.token_store import TokenizedSequence
+from mrpo.data.token_store import TokenizedSequence
 
 LOGPROB_CODE_VERSION = 1
 """Bumped whenever a change here changes the numbers; part of the reference cache key."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mrpo.config import MRPOConfig, check_lora_targets, resolve_dtype
+from mrpo.config.schema import MRPOConfig, check_lora_targets, resolve_dtype
 from mrpo.errors import ModelSourceError
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from mrpo.collator import PreferenceDataset
-from mrpo.config import MRPOConfig
-from mrpo.data import DataError, PairSet
-from mrpo.errors import CacheError, Terminated, TrainingInterrupted, TrainingTerminated
-from mrpo.pairs import PairCounts, PreferencePair
+from mrpo.config.schema import MRPOConfig
+from mrpo.data.pairs import PairCounts, PairSet, PreferencePair
+from mrpo.data.tokenization import TokenizationResult
+from mrpo.errors import CacheError, DataError, Terminated, TrainingInterrupted, TrainingTerminated
 from mrpo.preflight import (
     check_resumable,
     check_services,
@@ -56,7 +56,6 @@ from mrpo.splits import (
     stream_split,
     tokenize_split,
 )
-from mrpo.tokenization import TokenizationResult
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def run_inspect(
     """
     from tqdm.auto import tqdm
 
-    from mrpo.audit import SUSPECT_THRESHOLD
+    from mrpo.audit_suspects import SUSPECT_THRESHOLD
     from mrpo.weights import model_fingerprint
 
     threshold = SUSPECT_THRESHOLD if suspect_threshold is None else suspect_threshold
@@ -322,8 +321,8 @@ def run_train(
     a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
     """
     from mrpo.assemble import assemble_trainer
+    from mrpo.config.training import effective_training_arguments
     from mrpo.evaluation import training_evaluation_summary
-    from mrpo.training_section import effective_training_arguments
 
     config = config.with_absolute_paths()
     args = config.training.to_training_arguments()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mrpo.config import MRPOConfig, resolve_dtype
+from mrpo.config.schema import MRPOConfig, resolve_dtype
 
 LOGITS_CHUNK = 1024
 """Completion positions projected through the LM head at a time (``sequence_logps``' chunk_size default)."""

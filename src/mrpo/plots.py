@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mrpo.rundir import Run, is_number
 
 if TYPE_CHECKING:
-    from mrpo.report import HeldOutModel
+    from mrpo.report_tables import HeldOutModel
 
 
 @dataclass

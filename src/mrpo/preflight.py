@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from mrpo.config import MRPOConfig
+from mrpo.config.schema import MRPOConfig
 from mrpo.errors import ConfigError
 from mrpo.rundir import TRAINER_STATE_FILE, checkpoint_problem, clear_run, latest_checkpoint, previous_run
 

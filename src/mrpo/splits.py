@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import MRPOConfig, ReferenceConfig
-from mrpo.data import DataError, PairSet, load_pairs, pairs_from_records, source_identity, stream_pairs
-from mrpo.errors import ConfigError
+from mrpo.config.schema import MRPOConfig, ReferenceConfig
+from mrpo.data.pairs import PairCounts, PairSet, PairStream, PreferencePair, warn_identical
+from mrpo.data.rows import ROW_RULES_VERSION
+from mrpo.data.sources import load_pairs, pairs_from_records, source_identity, stream_pairs
+from mrpo.data.token_cache import CachedSplit, open_or_tokenize
+from mrpo.data.tokenization import ModelView, TokenizationResult, tokenize_for_models
+from mrpo.errors import ConfigError, DataError
 from mrpo.models import load_model_config, load_tokenizer, model_position_limit
-from mrpo.pairs import PairCounts, PairStream, PreferencePair, warn_identical
-from mrpo.row_rules import ROW_RULES_VERSION
-from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
-from mrpo.tokenized_cache import CachedSplit, open_or_tokenize
 
 logger = logging.getLogger(__name__)
 

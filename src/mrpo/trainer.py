@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 
-from mrpo.config import DiagnosticsConfig, LossConfig
+from mrpo.config.schema import DiagnosticsConfig, LossConfig
 from mrpo.errors import ConfigError, TrainingError, write_failure
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss

@@ -30,10 +30,11 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 from mrpo.collator import PreferenceCollator, PreferenceDataset  # noqa: E402
-from mrpo.config import LossConfig, ReferenceConfig  # noqa: E402
-from mrpo.data import PreferencePair, pairs_from_records  # noqa: E402
+from mrpo.config.schema import LossConfig, ReferenceConfig  # noqa: E402
+from mrpo.data.pairs import PreferencePair  # noqa: E402
+from mrpo.data.sources import pairs_from_records  # noqa: E402
+from mrpo.data.tokenization import ModelView, tokenize_for_models  # noqa: E402
 from mrpo.references import precompute  # noqa: E402
-from mrpo.tokenization import ModelView, tokenize_for_models  # noqa: E402
 from mrpo.trainer import MRPOTrainer  # noqa: E402
 from tiny_models import bpe_tokenizer  # noqa: E402
 

@@ -4,8 +4,9 @@
 converts them once into plain HF directories in the cache.
 """
 
-from mrpo.demo.models import GEMMA3, SMOLLM2, DemoModel, DemoModelError, default_cache_dir, ensure_demo_model
+from mrpo.demo.models import GEMMA3, SMOLLM2, DemoModel, default_cache_dir, ensure_demo_model
 from mrpo.demo.pairs import generate_pairs, train_test_split, write_demo_data
+from mrpo.errors import DemoModelError
 
 __all__ = [
     "GEMMA3",

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from mrpo.config import MRPOConfig
+from mrpo.config.schema import MRPOConfig
 
 FRAME_TRAINING: Mapping[str, Any] = {
     "lr_scheduler_type": "constant",

@@ -17,7 +17,7 @@ one-sentence question, in conversational form::
 * ``opposites``: rejected is a synonym instead of an antonym (hot → warm);
 * ``letters``: letter counts of words; rejected is off by one.
 
-``kind`` and ``answer`` (the key fact of the chosen answer) are extra columns: :func:`mrpo.data.load_pairs` keeps
+``kind`` and ``answer`` (the key fact of the chosen answer) are extra columns: :func:`mrpo.data.sources.load_pairs` keeps
 them in ``PreferencePair.metadata``. Everything is deterministic given the seed.
 """
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mrpo.config import MRPOConfig
+from mrpo.config.schema import MRPOConfig
 from mrpo.demo.config import run_config
 
 

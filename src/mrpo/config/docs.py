@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from mrpo.config import (
+from mrpo.config.schema import (
     LORA_LEARNING_RATE,
     DataConfig,
     DiagnosticsConfig,
@@ -19,8 +19,8 @@ from mrpo.config import (
     PolicyConfig,
     ReferenceConfig,
 )
-from mrpo.training_section import TrainingConfig
-from mrpo.typecheck import describe, field_docs
+from mrpo.config.training import TrainingConfig
+from mrpo.config.typecheck import describe, field_docs
 
 SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("policy", PolicyConfig, "The model being trained (required: `policy.model`)."),

@@ -29,15 +29,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, overload
 
+from mrpo.data.rows import TRANSCRIPT_FORMAT, RowError, Text, is_transcript, parse_row, row_format
 from mrpo.errors import DataError
-from mrpo.row_rules import TRANSCRIPT_FORMAT, RowError, Text, is_transcript, parse_row, row_format
 
 __all__ = [
     "PairCounts",
     "PairSet",
     "PairStream",
     "PreferencePair",
-    "RowError",
     "build_pair_set",
     "compute_pair_id",
 ]

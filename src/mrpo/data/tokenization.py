@@ -59,31 +59,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol
 
-from mrpo.errors import ConfigError, ModelSourceError
-from mrpo.token_bound import character_bound, too_long_reason, without_provably_long
-from mrpo.token_store import (
+from mrpo.data.token_bound import character_bound, too_long_reason, without_provably_long
+from mrpo.data.token_store import (
     PairWriter,
     StoredPairs,
     TokenizedPair,
     TokenizedPairs,
     TokenizedSequence,
-    pair_ids_of,
-    sequence_at,
-    sequence_lengths,
 )
+from mrpo.errors import ConfigError, ModelSourceError
 
 __all__ = [
     "ModelView",
-    "PairWriter",
     "RenderError",
-    "StoredPairs",
     "TokenizationResult",
-    "TokenizedPair",
-    "TokenizedPairs",
-    "TokenizedSequence",
-    "pair_ids_of",
-    "sequence_at",
-    "sequence_lengths",
     "tokenize_for_models",
 ]
 
@@ -97,7 +86,7 @@ Messages = list[dict[str, str]]
 
 
 class PairLike(Protocol):
-    """What this module needs of a preference pair (``mrpo.data.PreferencePair`` is one)."""
+    """What this module needs of a preference pair (``mrpo.data.sources.PreferencePair`` is one)."""
 
     pair_id: str
     prompt: str | Messages

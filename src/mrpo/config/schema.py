@@ -27,10 +27,15 @@ from typing import Any, Literal
 
 import yaml
 
-from mrpo.errors import ConfigError
-from mrpo.overrides import INITIALISING_REFERENCE_NAME, apply_override, parse_override, parse_yaml, source_of
-from mrpo.training_section import TrainingConfig
-from mrpo.typecheck import (
+from mrpo.config.overrides import (
+    INITIALISING_REFERENCE_NAME,
+    apply_override,
+    parse_override,
+    parse_yaml,
+    source_of,
+)
+from mrpo.config.training import TrainingConfig
+from mrpo.config.typecheck import (
     check_field_types,
     did_you_mean,
     fail,
@@ -38,6 +43,7 @@ from mrpo.typecheck import (
     require_at_least,
     require_text,
 )
+from mrpo.errors import ConfigError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit"]

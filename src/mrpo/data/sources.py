@@ -16,30 +16,22 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mrpo.errors import DataError
-from mrpo.pairs import (
+from mrpo.data.pairs import (
     Format,
     OnError,
     PairSet,
     PairStream,
-    PreferencePair,
-    RowError,
     Rows,
     build_pair_set,
-    compute_pair_id,
-    subsample,
 )
+from mrpo.data.rows import RowError
+from mrpo.errors import DataError
 
 __all__ = [
-    "DataError",
-    "PairSet",
-    "PreferencePair",
-    "compute_pair_id",
     "load_pairs",
     "pairs_from_records",
     "source_identity",
     "stream_pairs",
-    "subsample",
 ]
 
 SUPPORTED_SOURCES = (

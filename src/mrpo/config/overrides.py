@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from mrpo.config.typecheck import did_you_mean
 from mrpo.errors import ConfigError
-from mrpo.typecheck import did_you_mean
 
 INITIALISING_REFERENCE_NAME = "init"
 """The name of the reference a config that lists none gets: the policy's starting model."""

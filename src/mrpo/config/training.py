@@ -11,8 +11,8 @@ import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from mrpo.config.typecheck import conform, did_you_mean
 from mrpo.errors import ConfigError
-from mrpo.typecheck import conform, did_you_mean
 
 
 @functools.cache

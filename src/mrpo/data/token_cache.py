@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrpo.data import source_identity
+from mrpo.data.pairs import PairCounts, PairStream
+from mrpo.data.sources import source_identity
+from mrpo.data.token_store import IDS_FILE, STORE_FILES, PairWriter, StoredPairs
+from mrpo.data.tokenization import ModelView, TokenizationResult, tokenize_for_models
 from mrpo.errors import CacheError, write_failure
-from mrpo.pairs import PairCounts, PairStream
-from mrpo.token_store import IDS_FILE, STORE_FILES, PairWriter, StoredPairs
-from mrpo.tokenization import ModelView, TokenizationResult, tokenize_for_models
 
 logger = logging.getLogger(__name__)
 
