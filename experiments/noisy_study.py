@@ -342,7 +342,7 @@ class Runner:
         if train_filter == "clean":
             return [not record["flipped"] for record in records]
         from mrpo.audit_suspects import find_suspects
-        from mrpo.pipeline import prepare_split
+        from mrpo.prepared_split import prepare_split
 
         config = self.config(run, self.output_dir / "scratch", base, references=("init", "external"))
         prepared = prepare_split(config, "train", show_progress=False)
@@ -361,7 +361,7 @@ class Runner:
     def prepared(self, key: str, data: Path):
         """A held-out split with the initialising reference's column (tokenized and cached once)."""
         if key not in self._prepared:
-            from mrpo.pipeline import prepare_split
+            from mrpo.prepared_split import prepare_split
 
             config = self.config(
                 RunSpec("start", "start", 0),

@@ -67,7 +67,7 @@ def measure(config, names: list[str]) -> dict[str, Any]:
 
     from mrpo.config.schema import LossConfig
     from mrpo.evaluation import compute_metrics
-    from mrpo.pipeline import prepare_split
+    from mrpo.prepared_split import prepare_split
 
     prepared = prepare_split(config, "train", show_progress=False)
     chosen, rejected = prepared.dataset.reference_chosen_logps, prepared.dataset.reference_rejected_logps

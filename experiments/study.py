@@ -319,7 +319,7 @@ class RealRunner:
     def prepared_test(self):
         """The test split with every reference's column (one tokenization, one cache fill, shared by all runs)."""
         if self._prepared is None:
-            from mrpo.pipeline import prepare_split
+            from mrpo.prepared_split import prepare_split
 
             config = self.config(
                 RunSpec(START, START, 0, 0),

@@ -94,7 +94,7 @@ def audit_one(models: dict[str, str], rows: list[dict[str, Any]], references: tu
     """Flag and rank ``rows`` with the given references through the real pipeline; compare with the truth."""
     from mrpo.audit_suspects import SUSPECT_THRESHOLD, find_suspects, suspect_scores
     from mrpo.config.schema import MRPOConfig
-    from mrpo.pipeline import prepare_split
+    from mrpo.prepared_split import prepare_split
 
     data = work / "pairs.jsonl"
     synthetic.write_jsonl(data, rows)

@@ -333,7 +333,8 @@ class Runner:
     def probe(self, run_dir: Path) -> dict[str, Any]:
         """What each model knows, before any student: `mrpo inspect` on the pool facts in wording 0 (true labels),
         and each reference's label agreement against the start's, by teacher-known / unknown facts."""
-        from mrpo.pipeline import prepare_split, run_inspect
+        from mrpo.pipeline import run_inspect
+        from mrpo.prepared_split import prepare_split
 
         names = ("init", *self.settings.teachers, "gemma", "random")
         results: dict[str, Any] = {}
@@ -394,7 +395,7 @@ class Runner:
         """A held-out split with every model's reference column (tokenized and scored once per seed)."""
         key = "disjoint" if family == "disjoint" else f"reworded-s{seed}"
         if key not in self._prepared:
-            from mrpo.pipeline import prepare_split
+            from mrpo.prepared_split import prepare_split
 
             data = self.data_dir / ("disjoint.jsonl" if family == "disjoint" else f"s{seed}/reworded.jsonl")
             names = ("init", *self.settings.teachers, "gemma", "random")

@@ -12,7 +12,7 @@ import pytest
 
 from mrpo.cli import main
 from mrpo.config.schema import ReferenceConfig, load_config
-from mrpo.pipeline import prepare_split
+from mrpo.prepared_split import prepare_split
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -289,7 +289,7 @@ def test_each_pair_keeps_its_own_rows_kind_when_two_rows_share_their_texts():
     from mrpo.data.sources import pairs_from_records
     from mrpo.data.tokenization import ModelView, tokenize_for_models
     from mrpo.evaluation import split_kinds
-    from mrpo.pipeline import PreparedSplit
+    from mrpo.prepared_split import PreparedSplit
     from tiny_models import char_tokenizer
 
     records = [{"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no", "kind": "a"} for i in range(11)]

@@ -69,7 +69,7 @@ def test_inspect_writes_the_audit_and_the_suspects(run_setup, capsys):
 def test_forecast_clip_rate_is_what_the_first_epoch_logs(run_setup, capsys):
     from mrpo.audit import audit_split
     from mrpo.config.schema import LossConfig, load_config
-    from mrpo.pipeline import prepare_split
+    from mrpo.prepared_split import prepare_split
 
     base = load_config(inspect_config(run_setup, "forecast"))
     columns = prepare_split(base, "train", show_progress=False).dataset
@@ -108,7 +108,7 @@ def test_inspect_measures_length_in_characters_of_the_texts(run_setup, capsys, c
     from mrpo.audit_stats import correlation
     from mrpo.config.schema import load_config
     from mrpo.data.sources import load_pairs
-    from mrpo.pipeline import prepare_split
+    from mrpo.prepared_split import prepare_split
 
     config = inspect_config(run_setup, "lengths")
     override = f"data.cache_tokenized={str(cache_tokenized).lower()}"

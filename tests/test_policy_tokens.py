@@ -22,7 +22,7 @@ from mrpo import references
 from mrpo.config.schema import MRPOConfig, ReferenceConfig, load_config
 from mrpo.data.tokenization import ModelView, tokenize_for_models
 from mrpo.errors import ConfigError
-from mrpo.pipeline import prepare_split
+from mrpo.prepared_split import prepare_split
 from mrpo.reference_store import StoreKey
 from mrpo.references import precompute
 from mrpo.splits import load_views

@@ -173,7 +173,7 @@ def shards(cache_dir: Path) -> list[Path]:
 def test_prepare_split_matches_naive_logps_per_tokenizer(tmp_path, model_dirs):
     from mrpo.config.schema import load_config
     from mrpo.data.sources import load_pairs
-    from mrpo.pipeline import prepare_split
+    from mrpo.prepared_split import prepare_split
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in conversational_records()))

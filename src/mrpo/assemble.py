@@ -1,7 +1,7 @@
 """A ready ``MRPOTrainer`` from a validated config: the one code path behind ``mrpo train`` and ``mrpo.build_trainer``.
 
-Read and tokenize the splits jointly, fill the reference cache (``pipeline.prepare_split``), seed, build the policy
-(loaded from ``policy.model``, or the model object the caller passed), and wire the collator, the metrics and
+Read and tokenize the splits jointly, fill the reference cache (``prepared_split.prepare_split``), seed, build the
+policy (loaded from ``policy.model``, or the model object the caller passed), and wire the collator, the metrics and
 diagnostics callbacks and the loss into the trainer. What happens around it (claiming the run directory, saving the
 config, training, saving the model) is the caller's.
 """
@@ -15,7 +15,7 @@ from typing import Any
 from mrpo.config.schema import MRPOConfig, padding_free_enabled
 from mrpo.data.pairs import PairSet
 from mrpo.models import check_lora_before_precompute, load_policy
-from mrpo.pipeline import PreparedSplit, prepare_split
+from mrpo.prepared_split import PreparedSplit, prepare_split
 from mrpo.rundir import DIAGNOSTICS_FILE, METRICS_FILE
 from mrpo.splits import Views, load_views, report_overlap
 

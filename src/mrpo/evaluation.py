@@ -221,7 +221,7 @@ def evaluate_model(
     show_progress: bool = True,
     initialising: bool = False,
 ) -> HeldOutMetrics:
-    """Score ``model`` on a prepared split (see ``pipeline.prepare_split``) and compute its metrics.
+    """Score ``model`` on a prepared split (see ``prepared_split.prepare_split``) and compute its metrics.
 
     ``initialising``: the model is the initialising reference itself (the untrained start), see ``split_metrics``.
     """

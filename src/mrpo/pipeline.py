@@ -1,9 +1,9 @@
-"""Pipeline steps behind the CLI: precompute the reference cache, build training data, train.
+"""Pipeline steps behind the CLI: precompute the reference cache, inspect it, train, evaluate.
 
-Each step takes a validated ``MRPOConfig``. The data path is the same for every step: read the pairs and tokenize
-them for the policy and every reference jointly (``splits.py``: a pair too long for any model is dropped for all;
-the tokens kept on disk by ``tokenized_cache.py``), make sure every reference's cache holds them
-(``references.py``), and attach the K cached columns to the policy's tokens (``collator.py``).
+Each step takes a validated ``MRPOConfig`` and starts from the same data path, ``prepared_split.prepare_split``:
+read the pairs and tokenize them for the policy and every reference jointly (``splits.py``: a pair too long for any
+model is dropped for all), make sure every reference's cache holds them (``references.py``), and attach the K cached
+columns to the policy's tokens (``collator.py``). ``mrpo train`` builds its trainer with ``assemble.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrpo.collator import PreferenceDataset
+from mrpo.assemble import assemble_trainer
 from mrpo.config.schema import MRPOConfig
-from mrpo.data.pairs import PairCounts, PairSet, PreferencePair
-from mrpo.data.tokenization import TokenizationResult
 from mrpo.errors import CacheError, DataError, Terminated, TrainingInterrupted, TrainingTerminated
 from mrpo.preflight import (
     check_resumable,
@@ -33,7 +31,7 @@ from mrpo.preflight import (
     finished_step,
     resume_checkpoint,
 )
-from mrpo.references import ReferenceCache, precompute
+from mrpo.prepared_split import PreparedSplit, prepare_split
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
@@ -52,77 +50,11 @@ from mrpo.splits import (
     find_pairs,
     load_views,
     report_overlap,
-    show_plain_renderings,
     stream_split,
     tokenize_split,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedSplit:
-    """One split, ready to train or evaluate on."""
-
-    counts: PairCounts
-    tokenization: TokenizationResult
-    cache: ReferenceCache
-    dataset: PreferenceDataset
-    views: Views
-    split: str
-    pairs: PairSet | None = None
-    """The pairs in memory, or None when the split's tokens came from the disk cache (see ``TokenizedSplit``)."""
-    read_again: Callable[[], Iterable[PreferencePair]] | None = None
-
-    def text_pairs(self) -> Iterable[PreferencePair]:
-        """Every pair of the split with its text and metadata: from memory, or read again from the source."""
-        if self.pairs is not None:
-            return self.pairs
-        assert self.read_again is not None
-        return self.read_again()
-
-    def summary(self) -> str:
-        return "\n".join([self.counts.summary(), self.tokenization.summary(), self.cache.summary()])
-
-
-def prepare_split(
-    config: MRPOConfig,
-    split: str,
-    views: Views | None = None,
-    *,
-    show_progress: bool = True,
-    pairs: PairSet | None = None,
-) -> PreparedSplit:
-    """Read, tokenize jointly, fill the reference cache, and build the training dataset for one split.
-
-    ``pairs``: the split already in memory (``splits.read_records``) instead of read from its source."""
-    views = views or load_views(config)
-    tokenized = tokenize_split(config, split, views, pairs)
-    show_plain_renderings(config, split, views, tokenized)
-    cache = precompute(
-        tokenized.references,
-        views.references,
-        tokenized.tokenization.per_view[1:],
-        config.cache_dir,
-        overflow=config.data.overflow,
-        show_progress=show_progress,
-    )
-    columns = cache.columns(tokenized.tokenization.pair_ids)
-    dataset = PreferenceDataset(
-        tokenized.tokenization.per_view[0],
-        columns["reference_chosen_logps"],
-        columns["reference_rejected_logps"],
-    )
-    return PreparedSplit(
-        tokenized.counts,
-        tokenized.tokenization,
-        cache,
-        dataset,
-        views,
-        split,
-        tokenized.pairs,
-        lambda: stream_split(config, split),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,7 +252,6 @@ def run_train(
     A fresh run refuses a directory that holds another run unless ``overwrite`` (which clears what that run wrote);
     a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
     """
-    from mrpo.assemble import assemble_trainer
     from mrpo.config.training import effective_training_arguments
     from mrpo.evaluation import training_evaluation_summary
 
