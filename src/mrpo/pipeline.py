@@ -253,7 +253,6 @@ def run_train(
     a resumed run refuses settings that would change its maths. Both are checked before anything is loaded.
     """
     from mrpo.config.training import effective_training_arguments
-    from mrpo.evaluation import training_evaluation_summary
 
     config = config.with_absolute_paths()
     args = config.training.to_training_arguments()
@@ -280,10 +279,28 @@ def run_train(
     # One writer: the model card reads it back, while another process would be rewriting it.
     if PartialState().is_main_process:
         _write_json(output_dir / DATA_SUMMARY_FILE, _data_summary(run.train, eval_split))
-    metrics_file = output_dir / METRICS_FILE
+    train_output = _train_or_say_where_it_stopped(trainer, checkpoint, output_dir)
+    eval_metrics, eval_summary = None, None
+    if eval_split is not None:
+        eval_metrics, eval_summary = _evaluate_at_the_end(
+            trainer, config, eval_split, output_dir, show_progress
+        )
+    final_dir, merged_dir = save_final_model(trainer, config, views, output_dir)
+    if trainer.is_world_process_zero():
+        summary = json.loads((output_dir / DATA_SUMMARY_FILE).read_text(encoding="utf-8"))
+        write_model_card(output_dir, config.to_dict(), summary)
+    return TrainResult(
+        output_dir, output_dir / METRICS_FILE, final_dir, merged_dir, train_output.metrics, eval_metrics,
+        eval_summary,
+    )  # fmt: skip
+
+
+def _train_or_say_where_it_stopped(trainer, checkpoint: str | None, output_dir: Path) -> Any:
+    """``trainer.train()`` (from ``checkpoint`` when resuming); a Ctrl-C or SIGTERM (cli raises Terminated for it)
+    becomes TrainingInterrupted or TrainingTerminated, saying the step and the last complete checkpoint."""
     try:
-        train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli raises Terminated for it)
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except KeyboardInterrupt as stop:
         saved, _ = latest_checkpoint(output_dir)
         where = f"the last complete checkpoint is {saved.name}" if saved else "no checkpoint was saved yet"
         error, what = (
@@ -293,29 +310,22 @@ def run_train(
         )
         step = trainer.state.global_step
         raise error(f"{what} at step {step} ({where})", step=step) from None
-    eval_metrics = eval_summary = None
-    if eval_split is not None:
-        if show_progress and trainer.is_world_process_zero():
-            print(
-                _evaluation_notice(config, len(eval_split.dataset), trainer.state.global_step),
-                file=sys.stderr,
-            )
-        eval_metrics = trainer.evaluate()
-        eval_summary = training_evaluation_summary(
-            eval_metrics,
-            len(eval_split.dataset),
-            trainer.state.global_step,
-            config.loss,
-            len(config.references),
-            output_dir / CONFIG_FILE,
-        )
-    final_dir, merged_dir = save_final_model(trainer, config, views, output_dir)
-    if trainer.is_world_process_zero():
-        summary = json.loads((output_dir / DATA_SUMMARY_FILE).read_text(encoding="utf-8"))
-        write_model_card(output_dir, config.to_dict(), summary)
-    return TrainResult(
-        output_dir, metrics_file, final_dir, merged_dir, train_output.metrics, eval_metrics, eval_summary
+
+
+def _evaluate_at_the_end(
+    trainer, config: MRPOConfig, eval_split: PreparedSplit, output_dir: Path, show_progress: bool
+) -> tuple[dict[str, Any], str]:
+    """The trained policy's held-out metrics (``trainer.evaluate()``), announced first, and their summary."""
+    from mrpo.evaluation import training_evaluation_summary
+
+    pairs, step = len(eval_split.dataset), trainer.state.global_step
+    if show_progress and trainer.is_world_process_zero():
+        print(_evaluation_notice(config, pairs, step), file=sys.stderr)
+    metrics = trainer.evaluate()
+    summary = training_evaluation_summary(
+        metrics, pairs, step, config.loss, len(config.references), output_dir / CONFIG_FILE
     )
+    return metrics, summary
 
 
 def _evaluation_notice(config: MRPOConfig, pairs: int, step: int) -> str:
