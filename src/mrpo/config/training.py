@@ -16,8 +16,9 @@ from mrpo.errors import ConfigError
 
 
 @functools.cache
-def _training_argument_types() -> dict[str, Any]:
-    """TrainingArguments' constructor fields and their annotations (imports transformers, without building one)."""
+def training_argument_types() -> dict[str, Any]:
+    """TrainingArguments' constructor fields and their annotations (imports transformers, without building one).
+    Cached: copy it before changing it."""
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
@@ -37,7 +38,7 @@ _RENAMED_TRAINING_ARGUMENTS = {
 
 def _current_argument_names(arguments: dict[str, Any]) -> dict[str, Any]:
     """Rename arguments to the names the installed TrainingArguments uses, so no version warns or fails."""
-    allowed = _training_argument_types()
+    allowed = training_argument_types()
     renamed = dict(arguments)
     for old, new in _RENAMED_TRAINING_ARGUMENTS.items():
         if new in allowed and old in renamed and new not in renamed:
@@ -73,7 +74,7 @@ class TrainingConfig(Mapping[str, Any]):
 
     def __init__(self, arguments: Mapping[str, Any] | None = None, /, **keyword_arguments: Any):
         merged = {**self.DEFAULTS, **(arguments or {}), **keyword_arguments}
-        allowed = dict(_training_argument_types())
+        allowed = dict(training_argument_types())
         for old_name, new_name in _RENAMED_TRAINING_ARGUMENTS.items():  # either name, whichever is installed
             if (old_name in allowed) != (new_name in allowed):
                 allowed.setdefault(old_name, allowed.get(new_name))
@@ -169,7 +170,7 @@ class TrainingConfig(Mapping[str, Any]):
                 raise
             key = unexpected.group(1)
             raise ConfigError(
-                f"unknown key 'training.{key}'{did_you_mean(key, _training_argument_types(), 'training')} — this"
+                f"unknown key 'training.{key}'{did_you_mean(key, training_argument_types(), 'training')} — this"
                 " version of transformers.TrainingArguments does not take it",
                 key=f"training.{key}",
             ) from None
@@ -214,7 +215,7 @@ def effective_training_arguments(arguments: Any) -> dict[str, Any]:
 def training_argument_names() -> list[str]:
     """Every key the training section takes (the installed TrainingArguments' fields, either name of a renamed
     one)."""
-    names = set(_training_argument_types()) | {"resume_from_checkpoint"}
+    names = set(training_argument_types()) | {"resume_from_checkpoint"}
     for old, new in _RENAMED_TRAINING_ARGUMENTS.items():
         if old in names or new in names:
             names |= {old, new}
