@@ -388,22 +388,7 @@ def tokenize_for_models(
     """
     if not views:
         raise ValueError("tokenize_for_models needs at least one view")
-    limits = _per_view_limits(max_length, len(views))
-    if overflow == "truncate":
-        if len({view.fingerprint for view in views}) > 1:
-            names = ", ".join(f"{view.name} ({view.tokenizer.name_or_path})" for view in views)
-            raise ConfigError(
-                f"data.overflow=truncate needs all models to share one tokenizer, and {names} do not: truncating "
-                "the same text at a token limit cuts it at different places for different tokenizers, so their "
-                "sequence log-probs would not be comparable. Use data.overflow=drop (the default), or raise "
-                "max_length.",
-                key="data.overflow",
-            )
-        common = [limit for limit in limits if limit is not None]
-        limits = [min(common) if common else None] * len(views)
-    elif overflow != "drop":
-        raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
-
+    limits = _overflow_limits(views, max_length, overflow)
     # Views that share one tokenizer object produce the same ids (the policy and its initialising reference, as
     # ``splits.load_views`` loads a tokenizer named twice once): each pair is tokenized once for them, and they
     # share one storage. Their kept pairs are the same, since a limit only drops a pair for all views (or truncates
@@ -445,6 +430,29 @@ def tokenize_for_models(
         dropped=dropped,
         owners=owners,
     )
+
+
+def _overflow_limits(
+    views: Sequence[ModelView], max_length: int | Sequence[int | None] | None, overflow: str
+) -> list[int | None]:
+    """Each view's token limit under ``overflow``: its own with "drop"; with "truncate" the smallest, which needs
+    one shared tokenizer (the same text cut at a token limit ends at different places for different ones)."""
+    limits = _per_view_limits(max_length, len(views))
+    if overflow == "drop":
+        return limits
+    if overflow != "truncate":
+        raise ValueError(f"overflow must be 'drop' or 'truncate', got {overflow!r}")
+    if len({view.fingerprint for view in views}) > 1:
+        names = ", ".join(f"{view.name} ({view.tokenizer.name_or_path})" for view in views)
+        raise ConfigError(
+            f"data.overflow=truncate needs all models to share one tokenizer, and {names} do not: truncating "
+            "the same text at a token limit cuts it at different places for different tokenizers, so their "
+            "sequence log-probs would not be comparable. Use data.overflow=drop (the default), or raise "
+            "max_length.",
+            key="data.overflow",
+        )
+    common = [limit for limit in limits if limit is not None]
+    return [min(common) if common else None] * len(views)
 
 
 TOKENIZE_BLOCK = 256
