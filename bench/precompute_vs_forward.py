@@ -130,7 +130,7 @@ def time_round_robin(paths: dict[str, Callable[[], object]], device: str, repeat
 
 
 def bare_forward(model, view, tokenized, batch_tokens: int, device: str) -> Callable[[], None]:
-    from mrpo.logprobs import pad_batch
+    from mrpo.batching import pad_batch
     from mrpo.references import token_budget_batches
 
     sequences = [s for pair in tokenized for s in (pair.chosen, pair.rejected)]

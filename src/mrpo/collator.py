@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mrpo.batching import longest_first_groups, pack_sequences, pad_batch, padded_length
 from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
-from mrpo.logprobs import longest_first_groups, pack_sequences, pad_batch, padded_length
 
 REQUIRED_FIELDS = (
     "chosen_input_ids",
@@ -96,7 +96,7 @@ class PreferenceDataset(Dataset):
 class PreferenceCollator:
     """Pads a list of examples into one batch of 2B sequences (chosen first) plus ``(K, B)`` reference columns.
 
-    With ``padding_free=True`` the 2B sequences are packed into one row instead (``logprobs.pack_sequences``:
+    With ``padding_free=True`` the 2B sequences are packed into one row instead (``batching.pack_sequences``:
     ``input_ids``, ``position_ids``, ``completion_mask``, ``sequence_index``), for attention kernels that respect
     document boundaries; the trainer picks the matching log-prob path from the batch's keys.
 

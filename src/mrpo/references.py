@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrpo.batching import longest_first_groups, pad_batch
 from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
-from mrpo.logprobs import longest_first_groups, pad_batch, sequence_logps
+from mrpo.logprobs import sequence_logps
 from mrpo.models import load_model, torch_dtype
 from mrpo.pair_table import pair_numbers
 from mrpo.reference_store import ReferenceStore, StoreKey, store_directory, store_lock
