@@ -1,9 +1,10 @@
 """Batching: the rules that cut pairs into rows and micro-batches, on the host, before any model runs.
 
 Padded rows (``pad_batch``), packed rows without padding (``pack_sequences``), the rounding of a row's length
-(``padded_length``), the positions that predict completion tokens (``prediction_positions``) and the grouping of
-items under a token budget (``longest_first_groups``: precompute batches and training micro-batches). The
-log-probs of the rows are ``mrpo.logprobs``'s; this module knows nothing of models.
+(``padded_length``), the positions that predict completion tokens (``prediction_positions``), and the token
+budget: the grouping of items under it (``longest_first_groups``: precompute batches and training micro-batches),
+what a policy forward over pairs costs (``forward_tokens``) and the pairs' micro-batches (``token_budget_groups``).
+The log-probs of the rows are ``mrpo.logprobs``'s; this module knows nothing of models.
 """
 
 from __future__ import annotations
@@ -138,3 +139,40 @@ def pack_sequences(
         "sequence_index": sequence_index[None],
         "prediction_positions": prediction_positions(completion_mask[None]),
     }
+
+
+def forward_tokens(
+    lengths: Sequence[tuple[int, int]], *, padded: bool, pad_to_multiple_of: int | None = None
+) -> int:
+    """Tokens one policy forward over these pairs' chosen and rejected sequences processes, padding included."""
+    if padded:
+        return 2 * len(lengths) * padded_length(max(max(pair) for pair in lengths), pad_to_multiple_of)
+    return padded_length(sum(sum(pair) for pair in lengths), pad_to_multiple_of)
+
+
+def token_budget_groups(
+    lengths: Sequence[tuple[int, int]],
+    budget: int,
+    *,
+    padded: bool,
+    pad_to_multiple_of: int | None = None,
+) -> list[list[int]]:
+    """Split pairs into micro-batches whose forward costs at most ``budget`` tokens (``forward_tokens``).
+
+    ``lengths`` holds each pair's (chosen, rejected) sequence lengths. Pairs are taken longest first and a group is
+    closed when the next pair would take it over the budget, so the padded path pads short pairs only to other
+    short pairs. The two sequences of a pair always share a micro-batch (the loss needs both); a pair that alone
+    exceeds the budget is a micro-batch of its own. Returns indices into ``lengths``, every index exactly once.
+
+    Example, padded, budget 40: lengths [(3, 4), (9, 10), (4, 2), (8, 8)] -> [[1, 3], [0, 2]]
+    (pairs 1 and 3 cost 2 x 2 x 10 = 40; adding pair 0 would cost 60, so it opens the next group).
+    """
+    if budget < 1:
+        raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
+
+    def cost(group: list[int]) -> int:
+        return forward_tokens(
+            [lengths[i] for i in group], padded=padded, pad_to_multiple_of=pad_to_multiple_of
+        )
+
+    return longest_first_groups([max(pair) for pair in lengths], budget, cost)
