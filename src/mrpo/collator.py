@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mrpo.batching import pack_sequences, pad_batch, token_budget_groups
+from mrpo.config.schema import PaddingFree
 from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
 
@@ -90,6 +91,17 @@ class PreferenceDataset(Dataset):
             "reference_chosen_logps": self.reference_chosen_logps[:, index],
             "reference_rejected_logps": self.reference_rejected_logps[:, index],
         }
+
+
+DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention kernels that skip the work across packed documents; with sdpa/eager packing needs a dense mask."""
+
+
+def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) -> bool:
+    """Whether to pack sequences without padding: "auto" packs where the attention kernel makes it pay."""
+    if setting == "auto":
+        return attn_implementation in DOCUMENT_AWARE_ATTENTION
+    return bool(setting)
 
 
 @dataclass
