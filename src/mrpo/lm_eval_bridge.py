@@ -252,11 +252,9 @@ def run_lm_eval(
     if builtin_needed:
         check_task_names(tasks, task_manager.all_tasks)
 
-    import torch
+    from mrpo.models import default_device, load_for_evaluation, load_tokenizer
 
-    from mrpo.models import load_for_evaluation, load_tokenizer
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = load_for_evaluation(config, checkpoint, device)
     tokenizer = load_tokenizer(config.policy.model, config.policy.tokenizer)
     # lm-eval warns that a model object (not a path) was passed: that is how this bridge works, not a problem.

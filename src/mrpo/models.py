@@ -98,6 +98,11 @@ def model_position_limit(model: str) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+def default_device() -> torch.device:
+    """Where a model runs when the caller names no device: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_dtype(dtype: Dtype, *, cuda: bool) -> str:
     """The concrete dtype name for a configured one: "auto" is bfloat16 on CUDA and float32 elsewhere."""
     if dtype == "auto":
@@ -141,7 +146,7 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None, *, model
     its dtype and device included)."""
     if model is None:
         # On the CPU for now; the dtype is the one for where the Trainer will train.
-        accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        accelerator = default_device()
         model = load_model(
             config.policy.model,
             torch_dtype(config.policy.dtype, accelerator),

@@ -40,7 +40,7 @@ from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, s
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
 from mrpo.logprobs import sequence_logps
-from mrpo.models import load_model, torch_dtype
+from mrpo.models import default_device, load_model, torch_dtype
 from mrpo.pair_table import pair_numbers
 from mrpo.reference_store import ReferenceStore, StoreKey, store_directory, store_lock
 from mrpo.weights import check_token_ids, model_fingerprint
@@ -319,7 +319,7 @@ def open_cache(
     Raises CacheError naming the first reference whose store is absent or lacks some of ``pair_ids``, and the
     command that fills it.
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     root = Path(cache_dir)
     fill = f"`mrpo precompute {config_path}`" if config_path else "`mrpo precompute` with this config"
     stores = []
@@ -343,10 +343,6 @@ def open_cache(
             )
         stores.append(store)
     return ReferenceCache([spec.name for spec in specs], stores, token_tags=token_tags)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _compute_missing(
