@@ -1,10 +1,18 @@
 """Tests of mrpo.batching: padded and packed rows (their log-probs are tests/test_logprobs.py's) and token-budget
 micro-batches (the collator's use of them is tests/test_collator.py's)."""
 
+import random
+
 import pytest
 import torch
 
-from mrpo.batching import forward_tokens, pack_sequences, pad_batch, token_budget_groups
+from mrpo.batching import (
+    forward_tokens,
+    pack_sequences,
+    pad_batch,
+    token_budget_batches,
+    token_budget_groups,
+)
 from mrpo.data.token_store import TokenizedSequence
 
 
@@ -70,3 +78,25 @@ def test_token_budget_groups_respect_the_budget_and_cover_every_pair_once():
 def test_token_budget_groups_refuse_a_budget_below_one():
     with pytest.raises(ValueError, match="budget"):
         token_budget_groups([(3, 4)], 0, padded=True)
+
+
+def test_token_budget_batches_exact():
+    assert token_budget_batches([3, 10, 4, 2, 9], batch_tokens=20) == [[1, 4], [2, 0, 3]]
+    assert token_budget_batches([30, 5, 5], batch_tokens=10) == [[0], [1, 2]]
+    assert token_budget_batches([], batch_tokens=10) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_token_budget_batches_cover_every_index_within_budget(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 300))]
+    budget = rng.choice([50, 100, 256, 1000])
+    batches = token_budget_batches(lengths, budget)
+    flat = [index for batch in batches for index in batch]
+    assert sorted(flat) == list(range(len(lengths)))
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= budget or len(batch) == 1
+    # Longest first, and greedy: no batch could have taken the next batch's first sequence.
+    for batch in batches[:-1]:
+        assert (len(batch) + 1) * max(lengths[i] for i in batch) > budget

@@ -2,8 +2,9 @@
 
 Padded rows (``pad_batch``), packed rows without padding (``pack_sequences``), the rounding of a row's length
 (``padded_length``), the positions that predict completion tokens (``prediction_positions``), and the token
-budget: the grouping of items under it (``longest_first_groups``: precompute batches and training micro-batches),
-what a policy forward over pairs costs (``forward_tokens``) and the pairs' micro-batches (``token_budget_groups``).
+budget: the grouping of items under it (``longest_first_groups``), the reference precompute's padded batches of
+sequences (``token_budget_batches``), what a policy forward over pairs costs (``forward_tokens``) and the training
+pairs' micro-batches (``token_budget_groups``).
 The log-probs of the rows are ``mrpo.logprobs``'s; this module knows nothing of models.
 """
 
@@ -139,6 +140,16 @@ def pack_sequences(
         "sequence_index": sequence_index[None],
         "prediction_positions": prediction_positions(completion_mask[None]),
     }
+
+
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices, longest first, so that (batch size x longest length) stays within the budget.
+
+    A sequence longer than the budget gets a batch of its own.
+    """
+    return longest_first_groups(
+        lengths, batch_tokens, lambda group: len(group) * max(lengths[i] for i in group)
+    )
 
 
 def forward_tokens(

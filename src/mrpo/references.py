@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrpo.batching import longest_first_groups, pad_batch
+from mrpo.batching import pad_batch, token_budget_batches
 from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
@@ -51,18 +51,8 @@ SHARD_PAIRS = 512
 """Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring: token-budget batches through the one log-prob function
+# Scoring: token-budget batches (``batching.token_budget_batches``) through the one log-prob function
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices, longest first, so that (batch size x longest length) stays within the budget.
-
-    A sequence longer than the budget gets a batch of its own.
-    """
-    return longest_first_groups(
-        lengths, batch_tokens, lambda group: len(group) * max(lengths[i] for i in group)
-    )
 
 
 @torch.inference_mode()
