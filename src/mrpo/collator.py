@@ -2,7 +2,9 @@
 
 A training example is one pair as the *policy* tokenizes it, with the K references' cached sequence log-probs
 attached. The collator pads the 2B sequences of a batch into one tensor, chosen rows first, so the trainer gets
-both responses' log-probs from a single forward.
+both responses' log-probs from a single forward; or packs them into one row without padding, where
+``padding_free_enabled`` says so for the configured attention kernel. The rows and micro-batches are cut by
+``mrpo.batching``'s rules.
 
 Worked example (pad id 0, right padding, K = 2)::
 

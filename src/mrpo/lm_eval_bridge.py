@@ -1,7 +1,7 @@
 """lm-evaluation-harness on an mrpo policy: the starting model, a LoRA adapter dir or a full model dir.
 
 Needs the ``eval`` extra (``pip install 'mrpo[eval]'``). The model is loaded the way ``mrpo evaluate`` loads it
-(``evaluation.load_for_evaluation``) and handed to lm-eval as an object (``HFLM(pretrained=model, ...)``), so a
+(``models.load_for_evaluation``) and handed to lm-eval as an object (``HFLM(pretrained=model, ...)``), so a
 LoRA adapter is evaluated on top of its base without merging files on disk.
 
 Two tasks ship with mrpo and run offline: ``mrpo_arithmetic`` (generate the answer of "What is 17 + 25?", exact

@@ -2,7 +2,9 @@
 
 Every load goes through ``_loading``, so a path that does not load is one ``ModelSourceError`` naming the role
 (policy, references.N (name)) and the path, never a transformers traceback. Also the policy as training builds it
-(LoRA adapters, compiled layers) and the models ``mrpo evaluate`` scores (the start, an adapter, a full model).
+(LoRA adapters, compiled layers) and the models ``mrpo evaluate`` scores (the start, an adapter, a full model), and
+the rules a load applies: the default device (``default_device``), the dtype "auto" stands for (``resolve_dtype``)
+and the LoRA targets checked against the model's linear layers (``check_lora_targets``).
 """
 
 from __future__ import annotations

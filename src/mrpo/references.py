@@ -1,17 +1,21 @@
 """The K-reference cache: each reference scores every pair once, on its own tokenization, into a reusable store.
 
-A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/store-<key>/`` where ``key`` hashes
-everything that changes the numbers except the text: the model's identity and weights, the tokenizer and chat
-template (the view's fingerprint), whose token ids it scores (its own, or the policy's: ``references[].tokens``),
-the overflow policy and ``max_length`` when it truncates (with the default ``overflow="drop"`` a pair is scored
-whole or not at all, so the limit changes no stored number), the dtype and ``LOGPROB_CODE_VERSION``.
-The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an entry ``pair_id ->
-log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact token ids it scored
-(``token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this reference's view); a
-lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a tokenized entry damaged,
-then rebuilt) reads as missing and is scored again: damage upstream never reaches a store. A store is therefore
-shared by every data set, subsample and run that uses the same reference: adding pairs computes only the missing
-ones.
+Here: scoring pairs (``score_pairs``: ``batching``'s token-budget batches through ``logprobs.sequence_logps``),
+filling each reference's store with the pairs it lacks (``precompute``) and serving the stores as ``(K, N)``
+columns (``open_cache``, ``ReferenceCache``). The store on disk (its key, shards and lock) is ``reference_store``'s.
+
+A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/store-<key>/`` where ``key``
+(``store_key``) hashes everything that changes the numbers except the text: the model's identity and weights, the
+tokenizer and chat template (the view's fingerprint), whose token ids it scores (its own, or the policy's:
+``references[].tokens``), the overflow policy and ``max_length`` when it truncates (with the default
+``overflow="drop"`` a pair is scored whole or not at all, so the limit changes no stored number), the dtype and
+``LOGPROB_CODE_VERSION``. The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an
+entry ``pair_id -> log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact
+token ids it scored (``data.token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this
+reference's view); a lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a
+tokenized entry damaged, then rebuilt) reads as missing and is scored again: damage upstream never reaches a store.
+A store is therefore shared by every data set, subsample and run that uses the same reference: adding pairs
+computes only the missing ones.
 
 Entries are written in shards, each renamed into place whole and named by its checksum (``reference_store``), so
 a killed run resumes from the finished shards and a damaged one is recomputed, never used.

@@ -12,8 +12,12 @@ List items are addressed by position from 0 (``references.1.max_length``) or, fo
 (``references.gemma.max_length``). Values are parsed as YAML, so ``1e-5`` is a number, ``true`` a bool,
 ``[q_proj,v_proj]`` a list and an empty value (``data.eval=``) or ``null`` is None.
 
-This module imports nothing of ours; transformers is imported lazily, only to check and build the ``training``
-section.
+This module holds the sections, their checks of field values and ``load_config``. Reading the text (the YAML
+dialect, ``key=value`` overrides) is ``mrpo.config.overrides``', the field type checks ``mrpo.config.typecheck``'s
+and the ``training`` section (checked against ``transformers.TrainingArguments``, imported lazily)
+``mrpo.config.training``'s. Rules that act when a run loads live where they act: the dtype "auto" stands for and
+the check of LoRA targets against a model in ``mrpo.models``, whether to pack without padding in
+``mrpo.collator``. It imports only ``mrpo.config`` modules and ``mrpo.errors``.
 """
 
 import dataclasses
