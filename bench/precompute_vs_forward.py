@@ -4,7 +4,7 @@ All three score the same model on the same token sequences in one process, and e
 tokens per second:
 
   bare   ``model(input_ids, attention_mask).logits`` under ``torch.inference_mode`` over the batches mrpo builds
-         (length-sorted, padded, ``token_budget_batches`` with ``--batch-tokens``). No log-softmax at all; it
+         (length-sorted, padded, ``batching.token_budget_batches`` with ``--batch-tokens``). No log-softmax at all; it
          runs the LM head on every position (mrpo only on completion positions), so mrpo can edge past it.
   mrpo   ``mrpo.references.score_pairs`` on the same ``TokenizedPair`` list and token budget (it batches, pads,
          runs ``sequence_logps`` and gathers the completion log-probs). Excludes model loading and cache I/O.
@@ -130,8 +130,7 @@ def time_round_robin(paths: dict[str, Callable[[], object]], device: str, repeat
 
 
 def bare_forward(model, view, tokenized, batch_tokens: int, device: str) -> Callable[[], None]:
-    from mrpo.logprobs import pad_batch
-    from mrpo.references import token_budget_batches
+    from mrpo.batching import pad_batch, token_budget_batches
 
     sequences = [s for pair in tokenized for s in (pair.chosen, pair.rejected)]
     batches = [

@@ -130,49 +130,6 @@ def test_dataset_rejects_reference_columns_of_the_wrong_shape(chosen_shape, reje
 # Token-budget micro-batches
 
 
-def test_token_budget_groups_the_docstring_example():
-    from mrpo.collator import token_budget_groups
-
-    lengths = [(3, 4), (9, 10), (4, 2), (8, 8)]
-    assert token_budget_groups(lengths, 40, padded=True) == [[1, 3], [0, 2]]
-    # Packed, the cost is the total length: 19 + 16 = 35 fits 40, adding 7 would not; then 7 + 6.
-    assert token_budget_groups(lengths, 40, padded=False) == [[1, 3], [0, 2]]
-    assert token_budget_groups(lengths, 19, padded=False) == [[1], [3], [0, 2]]
-    # Rounded up to multiples of 16, every pair alone costs 2 x 16 = 32 padded and any two cost 64.
-    assert token_budget_groups(lengths, 40, padded=True, pad_to_multiple_of=16) == [[1], [3], [0], [2]]
-
-
-def test_token_budget_groups_respect_the_budget_and_cover_every_pair_once():
-    from mrpo.collator import forward_tokens, token_budget_groups
-
-    generator = torch.Generator().manual_seed(0)
-    for padded in (True, False):
-        for _ in range(50):
-            n = int(torch.randint(1, 20, (1,), generator=generator))
-            lengths = [
-                tuple(int(x) for x in torch.randint(1, 60, (2,), generator=generator)) for _ in range(n)
-            ]
-            budget = int(torch.randint(1, 400, (1,), generator=generator))
-            groups = token_budget_groups(lengths, budget, padded=padded)
-            assert sorted(i for group in groups for i in group) == list(range(n))
-            for group in groups:
-                cost = forward_tokens([lengths[i] for i in group], padded=padded)
-                assert (
-                    cost <= budget or len(group) == 1
-                )  # only a pair over the budget on its own may exceed it
-            # Greedy: merging a group with the first pair of the next one would break the budget.
-            for group, following in zip(groups, groups[1:], strict=False):
-                merged = [lengths[i] for i in [*group, following[0]]]
-                assert forward_tokens(merged, padded=padded) > budget
-
-
-def test_token_budget_groups_refuse_a_budget_below_one():
-    from mrpo.collator import token_budget_groups
-
-    with pytest.raises(ValueError, match="budget"):
-        token_budget_groups([(3, 4)], 0, padded=True)
-
-
 def _pairs_of_lengths(lengths):
     return [
         {"pair_id": str(i), "chosen_input_ids": list(range(1, c + 1)), "chosen_prompt_length": 1,
@@ -210,7 +167,7 @@ def test_collator_within_the_budget_returns_one_plain_batch():
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_forward_tokens_is_the_size_of_the_batch_the_collator_builds(padding_free, pad_to_multiple_of):
-    from mrpo.collator import forward_tokens
+    from mrpo.batching import forward_tokens
 
     lengths = [(3, 4), (9, 10), (4, 2)]
     batch = PreferenceCollator(
@@ -218,3 +175,12 @@ def test_forward_tokens_is_the_size_of_the_batch_the_collator_builds(padding_fre
     )(_pairs_of_lengths(lengths))
     expected = forward_tokens(lengths, padded=not padding_free, pad_to_multiple_of=pad_to_multiple_of)
     assert batch["input_ids"].numel() == expected
+
+
+def test_padding_free_auto_packs_only_with_a_document_aware_kernel():
+    from mrpo.collator import DOCUMENT_AWARE_ATTENTION, padding_free_enabled
+
+    for kernel in DOCUMENT_AWARE_ATTENTION:
+        assert padding_free_enabled("auto", kernel)
+    assert not padding_free_enabled("auto", "sdpa") and not padding_free_enabled("auto", None)
+    assert padding_free_enabled(True, "sdpa") and not padding_free_enabled(False, "flex_attention")

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from mrpo import logprobs
+from mrpo.batching import pack_sequences, pad_batch
 from mrpo.data.token_store import TokenizedSequence
 from mrpo.data.tokenization import ModelView
-from mrpo.logprobs import pad_batch, sequence_logps
+from mrpo.logprobs import sequence_logps
 from tiny_models import (
     bpe_tokenizer,
     char_tokenizer,
@@ -52,18 +53,6 @@ def family(request):
     make_model, make_tokenizer = FAMILIES[request.param]
     tokenizer = make_tokenizer()
     return make_model(), tokenizer, sequences_for(tokenizer)
-
-
-def test_pad_batch_exact_tensors():
-    sequences = [TokenizedSequence((5, 6, 7), 2), TokenizedSequence((8, 9), 1)]
-    right = pad_batch(sequences, pad_token_id=0)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert right["completion_mask"].tolist() == [[0, 0, 1], [0, 1, 0]]
-    left = pad_batch(sequences, pad_token_id=0, padding_side="left", pad_to_multiple_of=4)
-    assert left["input_ids"].tolist() == [[0, 5, 6, 7], [0, 0, 8, 9]]
-    assert left["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
-    assert left["completion_mask"].tolist() == [[0, 0, 0, 1], [0, 0, 0, 1]]
 
 
 def test_matches_the_naive_loop(family):
@@ -262,23 +251,10 @@ def test_matches_trl_precomputed_reference_logps(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_pack_sequences_worked_example():
-    from mrpo.logprobs import pack_sequences
-
-    packed = pack_sequences(
-        [TokenizedSequence((5, 6, 7), 2), TokenizedSequence((8, 9), 1)], pad_to_multiple_of=4
-    )
-    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
-    assert packed["completion_mask"].tolist() == [[0, 0, 1, 0, 1, 0, 0, 0]]
-    assert packed["sequence_index"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1]]
-    assert packed["prediction_positions"].tolist() == [[0, 0], [1, 3]]
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("bucket", [None, 64])
 def test_packed_equals_padded(family, bucket):
-    from mrpo.logprobs import pack_sequences, packed_sequence_logps
+    from mrpo.logprobs import packed_sequence_logps
 
     if family == "llama":
         model, view = tiny_llama(), ModelView(bpe_tokenizer(), name="bpe")

@@ -23,7 +23,7 @@ from mrpo.data.tokenization import ModelView, tokenize_for_models
 from mrpo.errors import CacheError
 from mrpo.models import load_tokenizer
 from mrpo.reference_store import ReferenceStore
-from mrpo.references import precompute, token_budget_batches
+from mrpo.references import precompute
 from tiny_models import (
     CHATML_TEMPLATE,
     GEMMA_LIKE_TEMPLATE,
@@ -538,33 +538,7 @@ def test_ranks_split_missing_pairs_disjointly(tmp_path, model_dirs, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Token-budget batches
-
-
-def test_token_budget_batches_exact():
-    assert token_budget_batches([3, 10, 4, 2, 9], batch_tokens=20) == [[1, 4], [2, 0, 3]]
-    assert token_budget_batches([30, 5, 5], batch_tokens=10) == [[0], [1, 2]]
-    assert token_budget_batches([], batch_tokens=10) == []
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_token_budget_batches_cover_every_index_within_budget(seed):
-    rng = random.Random(seed)
-    lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 300))]
-    budget = rng.choice([50, 100, 256, 1000])
-    batches = token_budget_batches(lengths, budget)
-    flat = [index for batch in batches for index in batch]
-    assert sorted(flat) == list(range(len(lengths)))
-    for batch in batches:
-        padded = len(batch) * max(lengths[i] for i in batch)
-        assert padded <= budget or len(batch) == 1
-    # Longest first, and greedy: no batch could have taken the next batch's first sequence.
-    for batch in batches[:-1]:
-        assert (len(batch) + 1) * max(lengths[i] for i in batch) > budget
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 8. The command line
+# 7. The command line
 
 
 def test_cli_precompute_prints_summary_and_second_run_computes_nothing(

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 
+from mrpo.batching import pad_batch
 from mrpo.data.token_store import (
     TokenizedPairs,
     TokenizedSequence,
@@ -12,7 +13,6 @@ from mrpo.data.token_store import (
     sequence_lengths,
 )
 from mrpo.data.tokenization import ModelView, RenderError, tokenize_for_models
-from mrpo.logprobs import pad_batch
 from tiny_models import (
     GEMMA_LIKE_TEMPLATE,
     Pair,

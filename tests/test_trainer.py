@@ -527,7 +527,7 @@ def test_compiled_decoder_layers_train_like_eager(two_reference_dataset, workdir
 
 def _budget_that_splits_unevenly(dataset, batch_size: int, padded: bool) -> int:
     """A budget under which the first batch splits into micro-batches of different sizes."""
-    from mrpo.collator import token_budget_groups
+    from mrpo.batching import token_budget_groups
 
     lengths = [
         (len(dataset[i]["chosen_input_ids"]), len(dataset[i]["rejected_input_ids"]))

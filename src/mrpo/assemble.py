@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrpo.config.schema import MRPOConfig, padding_free_enabled
+from mrpo.config.schema import MRPOConfig
 from mrpo.data.pairs import PairSet
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.prepared_split import PreparedSplit, prepare_split
@@ -47,7 +47,7 @@ def assemble_trainer(
     """
     from transformers import set_seed
 
-    from mrpo.collator import PreferenceCollator
+    from mrpo.collator import PreferenceCollator, padding_free_enabled
     from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
 
     pairs = pairs or {}

@@ -503,7 +503,7 @@ def format_audit(audit: SplitAudit) -> str:
         lines.append("margin against the length difference (characters, len(rejected) - len(chosen)):")
         for ref in audit.references:
             lines.append(
-                f"  {ref.index} {ref.name}: correlation {_signed(ref.length.correlation)}, the shorter answer wins on "
+                f"  {ref.index} {ref.name}: correlation {_correlation(ref.length.correlation)}, the shorter answer wins on "
                 f"{ref.length.shorter_wins.text()}"
             )
     lines.append("verdict:")
@@ -532,12 +532,13 @@ def _forecast_lines(audit: SplitAudit) -> list[str]:
     for row in audit.pairwise:
         lines.append(
             f"pair {row['references'][0]} / {row['references'][1]}: same preference on {row['agreement']:.0%}, "
-            f"margin correlation {_signed(row['margin_correlation'])}, level difference "
+            f"margin correlation {_correlation(row['margin_correlation'])}, level difference "
             f"{row['mean_abs_level_difference']:.1f} nats"
         )
     return lines
 
 
-def _signed(value: float) -> str:
-    """A correlation for the table; "n/a" where it is undefined (a constant margin)."""
+def _correlation(value: float) -> str:
+    """A correlation for the table, to two decimals; "n/a" where it is undefined (a constant margin). Not
+    ``formatting.signed``: a correlation is always a number, and "—" there means a value that was not logged."""
     return "n/a" if math.isnan(value) else f"{value:+.2f}"

@@ -2,7 +2,9 @@
 
 A training example is one pair as the *policy* tokenizes it, with the K references' cached sequence log-probs
 attached. The collator pads the 2B sequences of a batch into one tensor, chosen rows first, so the trainer gets
-both responses' log-probs from a single forward.
+both responses' log-probs from a single forward; or packs them into one row without padding, where
+``padding_free_enabled`` says so for the configured attention kernel. The rows and micro-batches are cut by
+``mrpo.batching``'s rules.
 
 Worked example (pad id 0, right padding, K = 2)::
 
@@ -31,9 +33,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mrpo.batching import pack_sequences, pad_batch, token_budget_groups
+from mrpo.config.schema import PaddingFree
 from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
-from mrpo.logprobs import longest_first_groups, pack_sequences, pad_batch, padded_length
 
 REQUIRED_FIELDS = (
     "chosen_input_ids",
@@ -92,19 +95,31 @@ class PreferenceDataset(Dataset):
         }
 
 
+DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+"""Attention kernels that skip the work across packed documents; with sdpa/eager packing needs a dense mask."""
+
+
+def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) -> bool:
+    """Whether to pack sequences without padding: "auto" packs where the attention kernel makes it pay."""
+    if setting == "auto":
+        return attn_implementation in DOCUMENT_AWARE_ATTENTION
+    return bool(setting)
+
+
 @dataclass
 class PreferenceCollator:
     """Pads a list of examples into one batch of 2B sequences (chosen first) plus ``(K, B)`` reference columns.
 
-    With ``padding_free=True`` the 2B sequences are packed into one row instead (``logprobs.pack_sequences``:
+    With ``padding_free=True`` the 2B sequences are packed into one row instead (``batching.pack_sequences``:
     ``input_ids``, ``position_ids``, ``completion_mask``, ``sequence_index``), for attention kernels that respect
     document boundaries; the trainer picks the matching log-prob path from the batch's keys.
 
     With ``micro_batch_tokens`` set, a batch whose forward would cost more tokens than that (padded: 2 x pairs x
-    longest sequence; packed: the total length) is split by ``token_budget_groups`` into length-grouped micro-batches,
-    returned as ``{"micro_batches": [batch, ...]}``; each carries ``loss_weight`` = its share of the pairs, so that the
-    weighted sum of the micro-batch losses is the loss of the whole batch (the MRPO loss is a mean over pairs, and
-    nothing in it couples two pairs). A batch within the budget is returned as one batch, as without the option.
+    longest sequence; packed: the total length) is split by ``batching.token_budget_groups`` into length-grouped
+    micro-batches, returned as ``{"micro_batches": [batch, ...]}``; each carries ``loss_weight`` = its share of the
+    pairs, so that the weighted sum of the micro-batch losses is the loss of the whole batch (the MRPO loss is a
+    mean over pairs, and nothing in it couples two pairs). A batch within the budget is returned as one batch, as
+    without the option.
     """
 
     pad_token_id: int
@@ -178,40 +193,3 @@ class PreferenceCollator:
                 [torch.as_tensor(e[f"reference_{side}_logps"], dtype=torch.float32) for e in examples], dim=1
             )
         return batch
-
-
-def forward_tokens(
-    lengths: Sequence[tuple[int, int]], *, padded: bool, pad_to_multiple_of: int | None = None
-) -> int:
-    """Tokens one policy forward over these pairs' chosen and rejected sequences processes, padding included."""
-    if padded:
-        return 2 * len(lengths) * padded_length(max(max(pair) for pair in lengths), pad_to_multiple_of)
-    return padded_length(sum(sum(pair) for pair in lengths), pad_to_multiple_of)
-
-
-def token_budget_groups(
-    lengths: Sequence[tuple[int, int]],
-    budget: int,
-    *,
-    padded: bool,
-    pad_to_multiple_of: int | None = None,
-) -> list[list[int]]:
-    """Split pairs into micro-batches whose forward costs at most ``budget`` tokens (``forward_tokens``).
-
-    ``lengths`` holds each pair's (chosen, rejected) sequence lengths. Pairs are taken longest first and a group is
-    closed when the next pair would take it over the budget, so the padded path pads short pairs only to other
-    short pairs. The two sequences of a pair always share a micro-batch (the loss needs both); a pair that alone
-    exceeds the budget is a micro-batch of its own. Returns indices into ``lengths``, every index exactly once.
-
-    Example, padded, budget 40: lengths [(3, 4), (9, 10), (4, 2), (8, 8)] -> [[1, 3], [0, 2]]
-    (pairs 1 and 3 cost 2 x 2 x 10 = 40; adding pair 0 would cost 60, so it opens the next group).
-    """
-    if budget < 1:
-        raise ValueError(f"micro-batch token budget must be >= 1, got {budget}")
-
-    def cost(group: list[int]) -> int:
-        return forward_tokens(
-            [lengths[i] for i in group], padded=padded, pad_to_multiple_of=pad_to_multiple_of
-        )
-
-    return longest_first_groups([max(pair) for pair in lengths], budget, cost)

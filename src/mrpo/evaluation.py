@@ -31,6 +31,7 @@ import torch
 from mrpo.audit_stats import WILSON_Z, wilson_interval
 from mrpo.config.schema import LossConfig, MRPOConfig
 from mrpo.errors import ConfigError
+from mrpo.formatting import percent, signed
 from mrpo.losses import mrpo_loss
 
 
@@ -45,10 +46,8 @@ class Metric:
     log-probs, several per pair and not independent: it gets none.)"""
 
     def format(self, value: Any) -> str:
-        """``75.0%`` or ``+0.805``; ``—`` when there is no number."""
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            return "—"
-        return f"{float(value):.1%}" if self.kind == "rate" else f"{float(value):+.3f}"
+        """``75.0%`` or ``+0.805``; ``—`` when there is no number (``mrpo.formatting``'s rule)."""
+        return percent(value) if self.kind == "rate" else signed(value)
 
 
 METRICS = {

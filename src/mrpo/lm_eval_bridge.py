@@ -1,7 +1,7 @@
 """lm-evaluation-harness on an mrpo policy: the starting model, a LoRA adapter dir or a full model dir.
 
 Needs the ``eval`` extra (``pip install 'mrpo[eval]'``). The model is loaded the way ``mrpo evaluate`` loads it
-(``evaluation.load_for_evaluation``) and handed to lm-eval as an object (``HFLM(pretrained=model, ...)``), so a
+(``models.load_for_evaluation``) and handed to lm-eval as an object (``HFLM(pretrained=model, ...)``), so a
 LoRA adapter is evaluated on top of its base without merging files on disk.
 
 Two tasks ship with mrpo and run offline: ``mrpo_arithmetic`` (generate the answer of "What is 17 + 25?", exact
@@ -252,11 +252,9 @@ def run_lm_eval(
     if builtin_needed:
         check_task_names(tasks, task_manager.all_tasks)
 
-    import torch
+    from mrpo.models import default_device, load_for_evaluation, load_tokenizer
 
-    from mrpo.models import load_for_evaluation, load_tokenizer
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model = load_for_evaluation(config, checkpoint, device)
     tokenizer = load_tokenizer(config.policy.model, config.policy.tokenizer)
     # lm-eval warns that a model object (not a path) was passed: that is how this bridge works, not a problem.

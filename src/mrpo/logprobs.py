@@ -29,14 +29,14 @@ only the float32 log-softmax is chunked.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mrpo.data.token_store import TokenizedSequence
+from mrpo.batching import prediction_positions
 
 LOGPROB_CODE_VERSION = 1
 """Bumped whenever a change here changes the numbers; part of the reference cache key."""
@@ -58,128 +58,6 @@ class SequenceLogps:
     """(N,) int64: number of completion tokens summed."""
 
 
-def padded_length(length: int, pad_to_multiple_of: int | None) -> int:
-    """``length`` rounded up to a multiple of ``pad_to_multiple_of`` (unchanged when it is None): the one rounding
-    rule of ``pad_batch``, ``pack_sequences`` and the collator's token budget."""
-    return -(-length // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else length
-
-
-def longest_first_groups(
-    sizes: Sequence[int], budget: int, cost: Callable[[list[int]], int]
-) -> list[list[int]]:
-    """The one grouping rule of batches under a token budget (precompute batches, training micro-batches).
-
-    Items are taken longest first (``sizes``; ties in input order) and a group is closed when adding the next item
-    would make ``cost(group)`` exceed ``budget``, so items are padded only to items of similar length. An item
-    that alone exceeds the budget is a group of its own. Returns indices into ``sizes``, every index exactly once.
-    """
-    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        candidate = [*current, index]
-        if current and cost(candidate) > budget:
-            groups.append(current)
-            candidate = [index]
-        current = candidate
-    if current:
-        groups.append(current)
-    return groups
-
-
-def pad_batch(
-    sequences: Sequence[TokenizedSequence],
-    *,
-    pad_token_id: int,
-    padding_side: str = "right",
-    pad_to_multiple_of: int | None = None,
-) -> dict[str, Tensor]:
-    """Pad tokenized sequences into a batch.
-
-    Returns ``input_ids``, ``attention_mask`` and ``completion_mask``, each (N, T) int64, where T is the longest
-    sequence (rounded up to ``pad_to_multiple_of``), and ``prediction_positions`` (see ``sequence_logps``).
-    ``completion_mask[i, t] = 1`` where token t of sequence i is a completion token. Example, right padding with pad
-    id 0, sequences ``(5, 6, 7)`` with ``prompt_length=2`` and ``(8, 9)`` with ``prompt_length=1``::
-
-        input_ids            [[5, 6, 7], [8, 9, 0]]
-        attention_mask       [[1, 1, 1], [1, 1, 0]]
-        completion_mask      [[0, 0, 1], [0, 1, 0]]
-        prediction_positions [[0, 1], [1, 0]]        # (row, column) of the states that predict (5,6,7)[2], (8,9)[1]
-    """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if not sequences:
-        raise ValueError("pad_batch needs at least one sequence")
-    length = padded_length(max(len(s.input_ids) for s in sequences), pad_to_multiple_of)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    completion_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        n = len(sequence.input_ids)
-        start = 0 if padding_side == "right" else length - n
-        input_ids[i, start : start + n] = torch.tensor(sequence.input_ids, dtype=torch.long)
-        attention_mask[i, start : start + n] = 1
-        completion_mask[i, start + sequence.prompt_length : start + n] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "prediction_positions": prediction_positions(completion_mask),
-    }
-
-
-def prediction_positions(completion_mask: Tensor) -> Tensor:
-    """(2, M) int64 rows and columns of the hidden states that predict a completion token (its left neighbour).
-
-    Computed on the host by the collators, so that the training step needs no data-dependent ``nonzero`` (a
-    host-device sync) on the accelerator.
-    """
-    rows, cols = completion_mask[:, 1:].nonzero(as_tuple=True)
-    return torch.stack([rows, cols])
-
-
-def pack_sequences(
-    sequences: Sequence[TokenizedSequence], *, pad_to_multiple_of: int | None = None
-) -> dict[str, Tensor]:
-    """Pack tokenized sequences into one row without padding, for ``packed_sequence_logps``.
-
-    Returns ``input_ids``, ``position_ids``, ``completion_mask`` and ``sequence_index``, each (1, T) int64, and
-    ``prediction_positions`` (2, M) (see ``sequence_logps``), where T is the total length (rounded up to ``pad_to_multiple_of`` with a filler document whose ``sequence_index`` is
-    -1 and whose tokens count for nothing, so that compiled models see few distinct shapes). Example: sequences
-    ``(5, 6, 7)`` with ``prompt_length=2`` and ``(8, 9)`` with ``prompt_length=1``::
-
-        input_ids       [[5, 6, 7, 8, 9]]
-        position_ids    [[0, 1, 2, 0, 1]]
-        completion_mask [[0, 0, 1, 0, 1]]
-        sequence_index  [[0, 0, 0, 1, 1]]
-    """
-    if not sequences:
-        raise ValueError("pack_sequences needs at least one sequence")
-    length = padded_length(sum(len(s.input_ids) for s in sequences), pad_to_multiple_of)
-    input_ids = torch.zeros(length, dtype=torch.long)
-    position_ids = torch.arange(length, dtype=torch.long)
-    completion_mask = torch.zeros(length, dtype=torch.long)
-    sequence_index = torch.full((length,), -1, dtype=torch.long)
-    start = 0
-    for index, sequence in enumerate(sequences):
-        n = len(sequence.input_ids)
-        if sequence.prompt_length < 1:
-            raise ValueError(f"sequence {index} has no prompt token: packing needs one before the completion")
-        input_ids[start : start + n] = torch.tensor(sequence.input_ids, dtype=torch.long)
-        position_ids[start : start + n] = torch.arange(n)
-        completion_mask[start + sequence.prompt_length : start + n] = 1
-        sequence_index[start : start + n] = index
-        start += n
-    position_ids[start:] = torch.arange(length - start)  # the filler is a document of its own
-    return {
-        "input_ids": input_ids[None],
-        "position_ids": position_ids[None],
-        "completion_mask": completion_mask[None],
-        "sequence_index": sequence_index[None],
-        "prediction_positions": prediction_positions(completion_mask[None]),
-    }
-
-
 def sequence_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -199,8 +77,8 @@ def sequence_logps(
         completion_mask: (N, T) 1 where the token is a completion token, whose log-prob given the tokens before
             it counts; must be 0 at position 0 (nothing predicts it) and on padding.
         prediction_positions: optional (2, M) rows and columns of the hidden states that predict completion
-            tokens, as ``pad_batch`` computes them on the host; when given, ``completion_mask`` is trusted and
-            neither checked nor searched on the device (no host-device sync).
+            tokens, as ``batching.pad_batch`` computes them on the host; when given, ``completion_mask`` is
+            trusted and neither checked nor searched on the device (no host-device sync).
         chunk_size: completion positions projected through the LM head at a time; bounds the float32 logits to
             (chunk_size, vocabulary).
 
@@ -259,7 +137,7 @@ def packed_sequence_logps(
         sequence_index: (R, T) int64, which output sequence (0..num_sequences-1) a token belongs to; -1 for
             filler tokens (bucket padding), which must form their own document (positions restarting at 0).
         num_sequences: N, the number of packed sequences.
-        prediction_positions: optional (2, M), as in ``sequence_logps`` (``pack_sequences`` computes it).
+        prediction_positions: optional (2, M), as in ``sequence_logps`` (``batching.pack_sequences`` computes it).
 
     Returns:
         ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64, in sequence_index order.

@@ -2,7 +2,9 @@
 
 Every load goes through ``_loading``, so a path that does not load is one ``ModelSourceError`` naming the role
 (policy, references.N (name)) and the path, never a transformers traceback. Also the policy as training builds it
-(LoRA adapters, compiled layers) and the models ``mrpo evaluate`` scores (the start, an adapter, a full model).
+(LoRA adapters, compiled layers) and the models ``mrpo evaluate`` scores (the start, an adapter, a full model), and
+the rules a load applies: the default device (``default_device``), the dtype "auto" stands for (``resolve_dtype``)
+and the LoRA targets checked against the model's linear layers (``check_lora_targets``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from mrpo.config.schema import MRPOConfig, check_lora_targets, resolve_dtype
-from mrpo.errors import ModelSourceError
+from mrpo.config.schema import Dtype, LoraConfig, MRPOConfig
+from mrpo.config.typecheck import did_you_mean
+from mrpo.errors import ConfigError, ModelSourceError
 
 
 def split_gguf(path: str) -> tuple[str, dict[str, str]]:
@@ -97,8 +100,20 @@ def model_position_limit(model: str) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+def default_device() -> torch.device:
+    """Where a model runs when the caller names no device: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: Dtype, *, cuda: bool) -> str:
+    """The concrete dtype name for a configured one: "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return "bfloat16" if cuda else "float32"
+    return dtype
+
+
 def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of a configured one ("auto": bfloat16 on CUDA, float32 elsewhere; see config.resolve_dtype)."""
+    """The torch dtype of a configured one ("auto": bfloat16 on CUDA, float32 elsewhere; see ``resolve_dtype``)."""
     return getattr(torch, resolve_dtype(dtype, cuda=device.type == "cuda"))
 
 
@@ -133,7 +148,7 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None, *, model
     its dtype and device included)."""
     if model is None:
         # On the CPU for now; the dtype is the one for where the Trainer will train.
-        accelerator = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        accelerator = default_device()
         model = load_model(
             config.policy.model,
             torch_dtype(config.policy.dtype, accelerator),
@@ -169,6 +184,38 @@ def add_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
                 task_type="CAUSAL_LM",
             ),
         )
+
+
+def check_lora_targets(config: LoraConfig, module_names: Iterable[str]) -> None:
+    """Raise a ConfigError if a LoRA target module matches none of the model's module names.
+
+    ``module_names`` are the names of the model's linear modules, e.g.
+    ``[name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]``. A target matches
+    a module whose name is the target or ends with ``"." + target`` (peft's rule). Nothing to check when LoRA is
+    off or the target is "all-linear".
+    """
+    if not config.enabled or config.target_modules == "all-linear":
+        return
+    names = list(module_names)
+    missing = [
+        target
+        for target in config.target_modules
+        if not any(_lora_target_matches(target, name) for name in names)
+    ]
+    if not missing:
+        return
+    available = sorted({name.rsplit(".", 1)[-1] for name in names})
+    shown = ", ".join(available[:20]) + (", ..." if len(available) > 20 else "") if available else "none"
+    hint = did_you_mean(missing[0], available) if len(missing) == 1 else ""
+    raise ConfigError(
+        f"'lora.target_modules' = {config.target_modules!r}: the model has no module named {', '.join(map(repr, missing))}"
+        f'{hint}; its linear modules are named: {shown} (or use "all-linear")',
+        key="lora.target_modules",
+    )
+
+
+def _lora_target_matches(target: str, module_name: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
 
 
 @contextlib.contextmanager

@@ -444,14 +444,14 @@ def run_evaluate(
         score_split,
         split_metrics,
     )
-    from mrpo.models import load_for_evaluation
+    from mrpo.models import default_device, load_for_evaluation
 
     if config.data.eval is None:
         raise DataError("data.eval is not set: name the held-out pairs to evaluate on (data.eval=PATH)")
     checkpoints = evaluation_checkpoints(config, checkpoints)
     prepared = prepare_split(config, "eval", show_progress=show_progress)
     report_overlap(config, prepared.tokenization.pair_ids)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     results, correct = [], {}
     for label, checkpoint in checkpoints.items():
         model = load_for_evaluation(config, checkpoint, device)

@@ -4,7 +4,7 @@ The policy is built from its config on PyTorch's meta device (shapes, no memory)
 its linear layers, and the plan says what a step holds: pairs and tokens per optimizer step, per device and in all,
 and an *estimate* of the memory per device. The estimate is arithmetic on the shapes, not a measurement. With ``d``
 the bytes per element of the dtype the run will use on the planned device (``policy.dtype: auto`` is float32 on
-CPU, bfloat16 on CUDA: ``config.resolve_dtype``), ``T`` the tokens of one micro-batch at its upper bound (every
+CPU, bfloat16 on CUDA: ``models.resolve_dtype``), ``T`` the tokens of one micro-batch at its upper bound (every
 sequence ``data.max_length`` tokens, or ``policy.micro_batch_tokens``), ``h`` the hidden size, ``kv`` the key/value
 width (kv heads x head dim), ``i`` the MLP width, ``L`` the layers and ``V`` the vocabulary:
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mrpo.config.schema import MRPOConfig, resolve_dtype
+from mrpo.config.schema import MRPOConfig
 
 LOGITS_CHUNK = 1024
 """Completion positions projected through the LM head at a time (``sequence_logps``' chunk_size default)."""
@@ -155,7 +155,7 @@ def plan_training(
     ``training.use_cpu`` is not set (it decides the dtype "auto" stands for)."""
     from transformers import AutoModelForCausalLM
 
-    from mrpo.models import load_model_config
+    from mrpo.models import load_model_config, resolve_dtype
 
     training = config.training.to_dict()
     if cuda is None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mrpo.rundir import Run, is_number
+from mrpo.formatting import is_number
+from mrpo.rundir import Run
 
 if TYPE_CHECKING:
     from mrpo.report_tables import HeldOutModel

@@ -1,17 +1,21 @@
 """The K-reference cache: each reference scores every pair once, on its own tokenization, into a reusable store.
 
-A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/store-<key>/`` where ``key`` hashes
-everything that changes the numbers except the text: the model's identity and weights, the tokenizer and chat
-template (the view's fingerprint), whose token ids it scores (its own, or the policy's: ``references[].tokens``),
-the overflow policy and ``max_length`` when it truncates (with the default ``overflow="drop"`` a pair is scored
-whole or not at all, so the limit changes no stored number), the dtype and ``LOGPROB_CODE_VERSION``.
-The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an entry ``pair_id ->
-log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact token ids it scored
-(``token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this reference's view); a
-lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a tokenized entry damaged,
-then rebuilt) reads as missing and is scored again: damage upstream never reaches a store. A store is therefore
-shared by every data set, subsample and run that uses the same reference: adding pairs computes only the missing
-ones.
+Here: scoring pairs (``score_pairs``: ``batching``'s token-budget batches through ``logprobs.sequence_logps``),
+filling each reference's store with the pairs it lacks (``precompute``) and serving the stores as ``(K, N)``
+columns (``open_cache``, ``ReferenceCache``). The store on disk (its key, shards and lock) is ``reference_store``'s.
+
+A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/store-<key>/`` where ``key``
+(``store_key``) hashes everything that changes the numbers except the text: the model's identity and weights, the
+tokenizer and chat template (the view's fingerprint), whose token ids it scores (its own, or the policy's:
+``references[].tokens``), the overflow policy and ``max_length`` when it truncates (with the default
+``overflow="drop"`` a pair is scored whole or not at all, so the limit changes no stored number), the dtype and
+``LOGPROB_CODE_VERSION``. The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an
+entry ``pair_id -> log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact
+token ids it scored (``data.token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this
+reference's view); a lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a
+tokenized entry damaged, then rebuilt) reads as missing and is scored again: damage upstream never reaches a store.
+A store is therefore shared by every data set, subsample and run that uses the same reference: adding pairs
+computes only the missing ones.
 
 Entries are written in shards, each renamed into place whole and named by its checksum (``reference_store``), so
 a killed run resumes from the finished shards and a damaged one is recomputed, never used.
@@ -34,12 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrpo.batching import pad_batch, token_budget_batches
 from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
-from mrpo.logprobs import longest_first_groups, pad_batch, sequence_logps
-from mrpo.models import load_model, torch_dtype
+from mrpo.logprobs import sequence_logps
+from mrpo.models import default_device, load_model, torch_dtype
 from mrpo.pair_table import pair_numbers
 from mrpo.reference_store import ReferenceStore, StoreKey, store_directory, store_lock
 from mrpo.weights import check_token_ids, model_fingerprint
@@ -50,18 +55,8 @@ SHARD_PAIRS = 512
 """Pairs per shard: small enough that a killed run loses little, large enough that a store has few files."""
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring: token-budget batches through the one log-prob function
+# Scoring: token-budget batches (``batching.token_budget_batches``) through the one log-prob function
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices, longest first, so that (batch size x longest length) stays within the budget.
-
-    A sequence longer than the budget gets a batch of its own.
-    """
-    return longest_first_groups(
-        lengths, batch_tokens, lambda group: len(group) * max(lengths[i] for i in group)
-    )
 
 
 @torch.inference_mode()
@@ -318,7 +313,7 @@ def open_cache(
     Raises CacheError naming the first reference whose store is absent or lacks some of ``pair_ids``, and the
     command that fills it.
     """
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     root = Path(cache_dir)
     fill = f"`mrpo precompute {config_path}`" if config_path else "`mrpo precompute` with this config"
     stores = []
@@ -342,10 +337,6 @@ def open_cache(
             )
         stores.append(store)
     return ReferenceCache([spec.name for spec in specs], stores, token_tags=token_tags)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _compute_missing(

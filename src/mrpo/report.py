@@ -21,22 +21,19 @@ from typing import Any
 
 from mrpo.audit_forecast import PARTIAL_CLIP_RATE, SATURATED_CLIP_RATE, clip_severity
 from mrpo.errors import ReportError
+from mrpo.formatting import is_number, percent, plain, signed
 from mrpo.plots import curve_plots, plot_curves, plot_held_out
 from mrpo.report_tables import (
     HeldOutModel,
     held_out_models,
     held_out_section,
     markdown_table,
-    percent,
-    plain,
-    signed,
 )
 from mrpo.rundir import (
     CONFIG_FILE,
     DATA_SUMMARY_FILE,
     REPORT_FILE,
     Run,
-    is_number,
     load_run,
 )
 

@@ -1,6 +1,7 @@
-"""The tables of ``mrpo report``: markdown and the cell formats, and the held-out section (each run's evaluated
-models side by side with their 95% intervals and paired differences, the training's own last evaluation, what to run
-when a run has no ``eval_results.json``, and a note when the models were not evaluated on the same pairs)."""
+"""The tables of ``mrpo report``: markdown (its cells written by ``mrpo.formatting``) and the held-out section
+(each run's evaluated models side by side with their 95% intervals and paired differences, the training's own last
+evaluation, what to run when a run has no ``eval_results.json``, and a note when the models were not evaluated on
+the same pairs)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mrpo.rundir import CONFIG_FILE, EVAL_RESULTS_FILE, FINAL_DIR, Run, is_number
+from mrpo.formatting import percent, plain, signed
+from mrpo.rundir import CONFIG_FILE, EVAL_RESULTS_FILE, FINAL_DIR, Run
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cells and tables
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def percent(value: Any) -> str:
-    return f"{float(value):.1%}" if is_number(value) else "—"
-
-
-def signed(value: Any) -> str:
-    return f"{float(value):+.3f}" if is_number(value) else "—"
-
-
-def plain(value: Any) -> str:
-    return f"{float(value):.4g}" if is_number(value) else "—"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -15,7 +15,6 @@ report.md, *.png     the report                               report
 """
 
 import json
-import math
 import re
 import warnings
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from mrpo.errors import ReportError
+from mrpo.formatting import is_number, percent, plain, signed
 
 CONFIG_FILE = "mrpo_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -282,10 +282,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return content
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def previous_run(output_dir: Path) -> list[str]:
     """What in ``output_dir`` shows that a run already wrote there (names, for the message); empty when none."""
     if not output_dir.is_dir():
@@ -431,7 +427,7 @@ _NOT_METRICS = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
 
 def held_out_table(record: dict[str, Any], reference_names: list[Any]) -> list[str]:
     """A logged evaluation (``eval_*`` keys) as a markdown table of named, formatted metrics."""
-    formats = {"rate": "{:.1%}", "signed": "{:+.3f}", "plain": "{:.4g}"}
+    formats = {"rate": percent, "signed": signed, "plain": plain}
     rows = []
     for key, value in record.items():
         name = key.removeprefix("eval_")
@@ -443,5 +439,5 @@ def held_out_table(record: dict[str, Any], reference_names: list[Any]) -> list[s
             k = int(alpha.group(1))
             known = 0 < k <= len(reference_names) and reference_names[k - 1]
             label, kind = f"mean weight alpha of {f'`{known}`' if known else f'reference {k}'}", "plain"
-        rows.append(f"| {label} | {formats[kind].format(float(value))} |")
+        rows.append(f"| {label} | {formats[kind](value)} |")
     return ["| metric | value |", "|---|---|", *rows] if rows else ["(no metric logged)"]

@@ -12,8 +12,12 @@ List items are addressed by position from 0 (``references.1.max_length``) or, fo
 (``references.gemma.max_length``). Values are parsed as YAML, so ``1e-5`` is a number, ``true`` a bool,
 ``[q_proj,v_proj]`` a list and an empty value (``data.eval=``) or ``null`` is None.
 
-This module imports nothing of ours; transformers is imported lazily, only to check and build the ``training``
-section.
+This module holds the sections, their checks of field values and ``load_config``. Reading the text (the YAML
+dialect, ``key=value`` overrides) is ``mrpo.config.overrides``', the field type checks ``mrpo.config.typecheck``'s
+and the ``training`` section (checked against ``transformers.TrainingArguments``, imported lazily)
+``mrpo.config.training``'s. Rules that act when a run loads live where they act: the dtype "auto" stands for and
+the check of LoRA targets against a model in ``mrpo.models``, whether to pack without padding in
+``mrpo.collator``. It imports only ``mrpo.config`` modules and ``mrpo.errors``.
 """
 
 import dataclasses
@@ -21,7 +25,7 @@ import math
 import re
 import typing
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,25 +53,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit"]
 PaddingFree = Literal["auto"] | bool
 
-DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
-"""Attention kernels that skip the work across packed documents; with sdpa/eager packing needs a dense mask."""
-
-
-def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) -> bool:
-    """Whether to pack sequences without padding: "auto" packs where the attention kernel makes it pay."""
-    if setting == "auto":
-        return attn_implementation in DOCUMENT_AWARE_ATTENTION
-    return bool(setting)
-
-
 _REFERENCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def resolve_dtype(dtype: Dtype, *, cuda: bool) -> str:
-    """The concrete dtype name for a configured one: "auto" is bfloat16 on CUDA and float32 elsewhere."""
-    if dtype == "auto":
-        return "bfloat16" if cuda else "float32"
-    return dtype
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,38 +287,6 @@ class DiagnosticsConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 fail("diagnostics", name, value, "must be a share in (0, 1]")
-
-
-def check_lora_targets(config: LoraConfig, module_names: Iterable[str]) -> None:
-    """Raise a ConfigError if a LoRA target module matches none of the model's module names.
-
-    ``module_names`` are the names of the model's linear modules, e.g.
-    ``[name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]``. A target matches
-    a module whose name is the target or ends with ``"." + target`` (peft's rule). Nothing to check when LoRA is
-    off or the target is "all-linear".
-    """
-    if not config.enabled or config.target_modules == "all-linear":
-        return
-    names = list(module_names)
-    missing = [
-        target
-        for target in config.target_modules
-        if not any(_lora_target_matches(target, name) for name in names)
-    ]
-    if not missing:
-        return
-    available = sorted({name.rsplit(".", 1)[-1] for name in names})
-    shown = ", ".join(available[:20]) + (", ..." if len(available) > 20 else "") if available else "none"
-    hint = did_you_mean(missing[0], available) if len(missing) == 1 else ""
-    raise ConfigError(
-        f"'lora.target_modules' = {config.target_modules!r}: the model has no module named {', '.join(map(repr, missing))}"
-        f'{hint}; its linear modules are named: {shown} (or use "all-linear")',
-        key="lora.target_modules",
-    )
-
-
-def _lora_target_matches(target: str, module_name: str) -> bool:
-    return module_name == target or module_name.endswith("." + target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
