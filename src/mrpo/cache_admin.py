@@ -1,6 +1,6 @@
 """What lies under a cache_dir, and removing what can no longer serve: ``mrpo cache ls`` and ``mrpo cache prune``.
 
-Three kinds of directories live there. A tokenized entry (``tokenized-<key>/``, ``tokenized_cache``) serves as long
+Three kinds of directories live there. A tokenized entry (``tokenized-<key>/``, ``data/token_cache.py``) serves as long
 as its data file is the one it was tokenized from (the checks an open makes); every edit of a data file adds an
 entry and the old one is never read again. A build directory (``.tokenized-<key>-…``) is either a live build or
 the leftover of one that was stopped: dead if and only if its lock can be taken. A reference store (``store-<key>/``,

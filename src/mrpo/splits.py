@@ -1,6 +1,6 @@
 """One split of the data read and tokenized for the policy and every reference: the views (how each model reads
 text), the split's source, its pairs read into memory or streamed, and its tokens from the tokenized cache
-(``tokenized_cache.py``) or made in memory. Everything before a reference scores anything.
+(``data/token_cache.py``) or made in memory. Everything before a reference scores anything.
 """
 
 from __future__ import annotations

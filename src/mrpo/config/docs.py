@@ -55,7 +55,7 @@ def reference_markdown() -> str:
     lines = [
         "# Config reference",
         "",
-        "Generated from the schema (`src/mrpo/config.py`) by `mrpo defaults --markdown`; a test keeps it current.",
+        "Generated from the schema (`src/mrpo/config/schema.py`) by `mrpo defaults --markdown`; a test keeps it current.",
         "`mrpo defaults` prints the same as a YAML file to start from. Every key can be overridden on the command",
         "line as `section.key=value` (values are YAML), or TRL-style as `--key value` when the name is unique.",
         "A name the references share with the policy or data section means theirs, as in TRL: `--max_length` is",

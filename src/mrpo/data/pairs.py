@@ -1,5 +1,5 @@
 """A preference pair, a validated set of them (``PairSet``, in memory) or a validated stream of them
-(``PairStream``, one row at a time, leaving ``PairCounts``); the rules for one row are ``row_rules.py``'s.
+(``PairStream``, one row at a time, leaving ``PairCounts``); the rules for one row are ``rows.py``'s.
 
 Three row formats are accepted, as in TRL:
 
@@ -14,7 +14,7 @@ Three row formats are accepted, as in TRL:
 Every row is either kept as a :class:`PreferencePair` or, with ``on_error="drop"``, counted under a short reason
 in :attr:`PairSet.dropped`; with ``on_error="raise"`` the first bad row raises a :class:`DataError` naming the
 source, the row and the field. Each pair carries a content hash (``pair_id``) so caches keyed by it survive
-reordering and subsampling of the data. Reading files and datasets is ``data.py``'s.
+reordering and subsampling of the data. Reading files and datasets is ``sources.py``'s.
 """
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ def _check_files(directory: Path, expected: dict[str, str]) -> None:
 
 
 def _data_files(source: Any) -> list[Path]:
-    """The files of a source identity (``data.source_identity``), or none for another form of content."""
+    """The files of a source identity (``sources.source_identity``), or none for another form of content."""
     if not isinstance(source, dict) or "files" not in source:
         return []
     path = Path(source["path"])
