@@ -6,6 +6,10 @@ the collator delivers; a batch the collator split under ``policy.micro_batch_tok
 micro-batch. Whatever K is, no reference model is in memory. The loss maths lives in ``losses.py``; this file wires
 it in, accumulates method.md §5's statistics between logging steps and writes them to ``metrics.jsonl``. The live
 warnings that watch those statistics are ``diagnostics.py``'s.
+
+MRPOTrainer uses the Trainer's public API, except for the few private parts ``TRAINER_INTERNALS`` lists with the
+reason for each; they sit in one marked section of the class, and tests/test_trainer.py fails when transformers
+changes one of them.
 """
 
 from __future__ import annotations
@@ -75,14 +79,42 @@ def logged_statistics(output: MRPOOutput) -> dict[str, torch.Tensor]:
     return {name: value for name, value in statistics.items() if not name.startswith(K1_MEANINGLESS_PREFIXES)}
 
 
+def is_evaluation_log(logs: dict[str, Any]) -> bool:
+    """Whether ``logs`` is the line ``Trainer.evaluate`` logs: its ``{prefix}_runtime`` and every other key under the
+    same prefix. The end-of-training line has ``train_runtime`` too, but also ``total_flos``; a step's has ``loss``."""
+    prefixes = [key[: -len("runtime")] for key in logs if key.endswith("_runtime")]
+    return any(all(key.startswith(prefix) for key in logs) for prefix in prefixes)
+
+
+TRAINER_INTERNALS = {
+    "_save_checkpoint": "overridden: the one place the Trainer writes a checkpoint (model, optimizer, scheduler, RNG "
+    "and state); a full disk or a read-only directory there becomes one line instead of a traceback. No public hook "
+    "wraps the write (on_save runs after it).",
+    "_track_num_input_tokens": "overridden: the Trainer counts tokens only under include_num_input_tokens_seen, from "
+    "the batch's input_ids / attention_mask (a split batch has neither); MRPO always counts the collator's real "
+    "tokens (num_tokens, as TRL logs it). Replacing the hook is the only way to keep the Trainer from counting twice.",
+    "_prepare_inputs": "called by prediction_step: an evaluation batch goes where the Trainer's training_step puts a "
+    "training batch (the device; under DeepSpeed, float tensors in its dtype), as Trainer.prediction_step does.",
+    "model_accepts_loss_kwargs": "set to False: transformers 5.17 and 5.18, before the public loss_is_scaled_for_ga "
+    "(5.19), decide from it whether to divide the loss by the accumulation steps; drop it once pyproject requires "
+    "transformers>=5.19.",
+}
+"""The private parts of ``transformers.Trainer`` that MRPOTrainer relies on, and why; everything else it uses is
+public. tests/test_trainer.py checks that transformers still has and uses each, and that this file uses no other."""
+
+
 class MRPOTrainer(Trainer):
     """``transformers.Trainer`` whose loss is MRPO (DPO when K = 1) against cached reference log-probs.
 
     Use with ``collator.PreferenceDataset`` / ``PreferenceCollator`` (padded or padding-free batches: the batch's
-    keys pick the log-prob path). ``TrainingArguments.remove_unused_columns`` is turned off: the Trainer would
-    otherwise strip every column the model's forward does not name. Everything else -- checkpoints, resume,
-    gradient accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
+    keys pick the log-prob path). The Trainer gets a copy of the caller's ``TrainingArguments`` with
+    ``remove_unused_columns`` off (``trainer_arguments``: it would otherwise strip every column the model's forward
+    does not name); the caller's object is left as it was. Everything else -- checkpoints, resume, gradient
+    accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
     """
+
+    # Our loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps (public since 5.19).
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, loss: LossConfig | None = None, **kwargs: Any):
         if len(args) > 1:
@@ -90,13 +122,10 @@ class MRPOTrainer(Trainer):
         elif kwargs.get("args") is not None:
             kwargs["args"] = trainer_arguments(kwargs["args"])
         super().__init__(*args, **kwargs)
+        self._set_trainer_internals()
         self.add_callback(LogLastAndSavedStepsCallback())
         self.loss_config = loss or LossConfig()
         self._loss_kwargs = dataclasses.asdict(self.loss_config)
-        # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps, whatever the
-        # model's forward signature suggests (that heuristic is about token-count-normalised LM losses).
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self._tokens_since_log = 0
         self._refuse_unsupported_micro_batches()
@@ -117,6 +146,14 @@ class MRPOTrainer(Trainer):
                 key="policy.micro_batch_tokens",
             )
 
+    # ------------------------------------------------------------------------------------------------------------
+    # The Trainer's private parts, all here (TRAINER_INTERNALS says why each is needed)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _set_trainer_internals(self) -> None:
+        # Before transformers 5.19 the Trainer reads this instead of loss_is_scaled_for_ga.
+        self.model_accepts_loss_kwargs = False
+
     def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         # A full disk or a read-only output directory at a checkpoint: one line, not the Trainer's traceback.
         try:
@@ -133,40 +170,40 @@ class MRPOTrainer(Trainer):
                 raise
             raise TrainingError(message) from error
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Count the batch's real (non-padding) tokens, chosen and rejected, from the collator's count: no device
+        work here; the processes' counts are summed once per log line (``num_tokens``, as TRL logs it)."""
+        for batch in inputs.get("micro_batches", [inputs]):
+            self._tokens_since_log += int(batch.get("num_tokens", 0))
+
+    def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self._prepare_inputs(inputs)
+
+    # ------------------------------------------------------------------------------------------------------------
+
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         """One batch; a batch the collator split under its token budget is a forward and backward per micro-batch.
 
         Gradients add up across the micro-batches (each loss carries its share of the pairs as ``loss_weight``).
-        Under DDP (compiled or not) only the last backward synchronises them; FSDP reduces after every micro-batch
-        (correct, just not deferred).
+        Under DDP (compiled or not) only the last backward synchronises them (accelerate's ``no_sync``, as the
+        Trainer defers it across accumulation steps); FSDP reduces after every micro-batch (correct, just not
+        deferred: its ``no_sync`` would hold unsharded gradients).
         """
         micro_batches = inputs.get("micro_batches")
         if micro_batches is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
         losses = []
         for index, micro_batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            sync = (
-                ddp.no_sync()
-                if not last and isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
-                else contextlib.nullcontext()
-            )
-            with sync:
+            defer = index < len(micro_batches) - 1 and not self.is_fsdp_enabled
+            with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
                 losses.append(super().training_step(model, micro_batch, num_items_in_batch))
         return torch.stack(losses).sum()
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         count = super().floating_point_ops
         return sum(count(batch) for batch in inputs.get("micro_batches", [inputs]))
-
-    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-        """Count the batch's real (non-padding) tokens, chosen and rejected, from the collator's count: no device
-        work here; the processes' counts are summed once per log line (``num_tokens``, as TRL logs it)."""
-        for batch in inputs.get("micro_batches", [inputs]):
-            self._tokens_since_log += int(batch.get("num_tokens", 0))
 
     def compute_loss(
         self,
@@ -242,40 +279,55 @@ class MRPOTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._on_device(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = sum(self.compute_loss(model, batch) for batch in inputs.get("micro_batches", [inputs]))
         return loss.detach(), None, None
 
-    def evaluate(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
-        self._eval_prefix = metric_key_prefix  # so that log() files the statistics under the caller's prefix
-        return super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """The Trainer's loop, with the statistics of every pair it evaluated under ``metric_key_prefix``."""
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        means = self._metrics["eval"].pop_means(self._sum_across_processes)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in means.items()})
+        return output
 
     def train(self, *args: Any, **kwargs: Any):
         output = super().train(*args, **kwargs)
         return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not is_evaluation_log(logs):  # an evaluation's statistics are in already (evaluation_loop)
+            self._add_train_statistics(logs)
+        super().log(logs, start_time)
+
+    def _add_train_statistics(self, logs: dict[str, float]) -> None:
+        """The run's mean train loss, the statistics of the pairs trained on since the last line and, on a step's
+        line, the real tokens seen so far."""
         if "train_loss" in logs:
             # The Trainer's own mean covers only the steps since a resume; the run's is over every step logged
             # (the saved state carries the lines before the checkpoint), as the report computes it.
             run_mean = mean_train_loss(self.state.log_history)
             logs["train_loss"] = logs["train_loss"] if run_mean is None else run_mean
-        eval_prefix = getattr(self, "_eval_prefix", "eval") + "_"
-        split = "eval" if any(key.startswith(eval_prefix) for key in logs) else "train"
-        prefix = eval_prefix if split == "eval" else ""
-        means = self._metrics[split].pop_means(
-            lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
-        )
-        logs.update({f"{prefix}{name}": value for name, value in means.items()})
-        if split == "train" and "loss" in logs:
+        logs.update(self._metrics["train"].pop_means(self._sum_across_processes))
+        if "loss" in logs:
             counted = torch.tensor(self._tokens_since_log, device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += int(self.accelerator.reduce(counted, reduction="sum"))
+            self.state.num_input_tokens_seen += int(self._sum_across_processes(counted))
             self._tokens_since_log = 0
             logs["num_tokens"] = float(
                 self.state.num_input_tokens_seen
             )  # saved with the state: survives a resume
-        super().log(logs, start_time)
+
+    def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
 
 
 def trainer_arguments(training_args):
