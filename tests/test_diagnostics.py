@@ -1,4 +1,4 @@
-"""Live diagnostics (trainer.TrainingWatcher): each condition fires once on a crafted metric stream that has it,
+"""Live diagnostics (diagnostics.TrainingWatcher): each condition fires once on a crafted metric stream that has it,
 and nothing fires on a healthy one."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from mrpo.audit_forecast import clip_severity
 from mrpo.config.schema import DiagnosticsConfig, LossConfig
-from mrpo.trainer import TrainingWatcher
+from mrpo.diagnostics import TrainingWatcher
 
 SETTINGS = DiagnosticsConfig(window=3)
 

@@ -290,7 +290,7 @@ def test_report_shows_the_audit_and_marks_live_warnings_on_the_curves(tmp_path, 
 
     from mrpo.audit import audit_split
     from mrpo.config.schema import DiagnosticsConfig, LossConfig
-    from mrpo.trainer import TrainingWatcher
+    from mrpo.diagnostics import TrainingWatcher
 
     run_dir = tmp_path / "mrpo"
     write_fake_run(run_dir, clip_rate=0.99)

@@ -25,6 +25,7 @@ from mrpo.data.tokenization import ModelView
 from mrpo.logprobs import sequence_logps
 from mrpo.losses import mrpo_loss
 from mrpo.models import load_policy
+from mrpo.trainer import MRPOTrainer
 from tiny_models import bpe_tokenizer, char_tokenizer, save_model_dir, tiny_gemma3, tiny_llama
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -474,8 +475,112 @@ def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, wor
         )
     # Trainer repeats each batch's mean loss eval_batch_size times and cuts at the number of pairs: the pair mean.
     assert metrics["eval_loss"] == pytest.approx(expected["loss"].mean().item(), rel=1e-5, abs=1e-6)
-    # The train accumulator was not touched by evaluation, and the eval one was emptied by the log.
+    # The train accumulator was not touched by evaluation, and the eval one was emptied by the evaluation loop.
     assert trainer._metrics["train"].sums is None and trainer._metrics["eval"].sums is None
+
+
+def test_evaluation_statistics_go_under_the_callers_prefix_and_leave_the_train_window_alone(
+    two_reference_dataset, workdir
+):
+    runs = []
+    for evaluating in (False, True):
+        overrides = {"eval_strategy": "steps", "eval_steps": 1} if evaluating else {}
+        args = setup.training_arguments(
+            workdir / f"eval-window-{evaluating}", per_device_train_batch_size=2, max_steps=2, logging_steps=2,
+            **overrides,
+        )  # fmt: skip
+        eval_dataset = two_reference_dataset if evaluating else None
+        trainer = setup.make_trainer(
+            tiny_llama().train(), two_reference_dataset, args, eval_dataset=eval_dataset
+        )
+        trainer.train()
+        runs.append(trainer)
+    plain, evaluated = runs
+    # An evaluation at step 1, between two train lines, leaves the train window (steps 1 and 2) whole.
+    (plain_line,), (evaluated_line,) = train_logs(plain), train_logs(evaluated)
+    for name in ("loss", "num_tokens", *spec_metric_names(2)):
+        assert evaluated_line[name] == pytest.approx(plain_line[name], rel=1e-6), name
+    assert [entry["step"] for entry in evaluated.state.log_history if "eval_loss" in entry] == [1, 2]
+    metrics = evaluated.evaluate(metric_key_prefix="held_out")
+    assert {f"held_out_{name}" for name in spec_metric_names(2)} <= set(metrics)
+    assert not [key for key in metrics if not key.startswith("held_out_") and key != "epoch"]
+    assert evaluated.state.log_history[-1] == {**metrics, "step": 2}
+
+
+def test_only_an_evaluations_line_counts_as_one():
+    from mrpo.trainer import is_evaluation_log
+
+    evaluation = {
+        "held_loss": 0.6,
+        "held_ref1/accuracy": 0.5,
+        "held_runtime": 0.1,
+        "held_samples_per_second": 9.0,
+    }
+    assert is_evaluation_log(evaluation)
+    assert is_evaluation_log({"train_loss": 0.6, "train_runtime": 0.1})  # evaluate(metric_key_prefix="train")
+    summary = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "total_flos": 3.0, "train_loss": 0.6}
+    assert not is_evaluation_log(summary)
+    assert not is_evaluation_log({"loss": 0.6, "grad_norm": 1.0, "learning_rate": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MRPOTrainer on transformers' public API: the few private parts it needs are listed, and checked here
+
+
+def test_the_private_trainer_parts_mrpo_uses_are_listed_and_transformers_still_uses_them():
+    """Fails when transformers renames, removes or stops calling one of ``TRAINER_INTERNALS`` (an override that is
+    no longer called would be silently ignored), and when trainer.py uses a private part it does not list."""
+    import ast
+    import inspect
+    import re
+
+    import transformers.trainer
+    from transformers import Trainer
+
+    from mrpo import trainer as mrpo_trainer
+    from mrpo.trainer import TRAINER_INTERNALS
+
+    source = inspect.getsource(transformers.trainer)
+    for name in TRAINER_INTERNALS:
+        assert re.search(rf"\bself\.{name}\b", source), f"transformers.Trainer no longer uses {name}"
+    for hook in ("_save_checkpoint", "_track_num_input_tokens", "_prepare_inputs"):
+        assert callable(getattr(Trainer, hook, None)), f"transformers.Trainer.{hook} is gone"
+        assert f"self.{hook}(" in source, f"transformers.Trainer no longer calls {hook}"
+
+    def trainer_uses(name: str) -> bool:
+        return hasattr(Trainer, name) or re.search(rf"\bself\.{name}\b", source) is not None
+
+    tree = ast.parse(inspect.getsource(mrpo_trainer))
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, (ast.Name, ast.Call))
+        and (
+            getattr(node.value, "id", None) == "self"
+            or getattr(getattr(node.value, "func", None), "id", None) == "super"
+        )
+    }
+    used |= {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    private = sorted(
+        name for name in used if name.startswith("_") and not name.startswith("__") and trainer_uses(name)
+    )
+    assert private == sorted(name for name in TRAINER_INTERNALS if name.startswith("_"))
+
+
+def test_the_callers_training_arguments_are_left_as_they_were(dataset, workdir):
+    import dataclasses
+
+    args = setup.training_arguments(workdir / "arguments", remove_unused_columns=True)
+    before = dataclasses.asdict(args)
+    for trainer in (
+        setup.make_trainer(tiny_llama(), dataset, args),
+        MRPOTrainer(
+            tiny_llama(), args, train_dataset=dataset, data_collator=PreferenceCollator(pad_token_id=0)
+        ),
+    ):
+        assert trainer.args is not args and not trainer.args.remove_unused_columns
+    assert dataclasses.asdict(args) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------

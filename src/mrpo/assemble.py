@@ -48,7 +48,8 @@ def assemble_trainer(
     from transformers import set_seed
 
     from mrpo.collator import PreferenceCollator, padding_free_enabled
-    from mrpo.trainer import DiagnosticsCallback, JsonlMetricsCallback, MRPOTrainer
+    from mrpo.diagnostics import DiagnosticsCallback
+    from mrpo.trainer import JsonlMetricsCallback, MRPOTrainer
 
     pairs = pairs or {}
     check_lora_before_precompute(config)

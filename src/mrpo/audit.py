@@ -57,7 +57,10 @@ ALPHA_DOMINANCE = 0.9
 """A reference "takes" a pair when its weight on it exceeds this."""
 
 NEAR_IDENTICAL_GAP = 0.05
-"""Mean |l_j(y) - l_k(y)| in nats below which two references are near-identical."""
+"""Mean |l_j(y) - l_k(y)| in nats below which two references are near-identical..."""
+
+NEAR_IDENTICAL_SHARE = 0.99
+"""...when they also prefer the same answer on at least this share of pairs (``near_identical``)."""
 
 UNRELATED_GAP_PER_TOKEN = 3.0
 """An external reference whose log-probs sit this many nats per token (or more) below the initialising one's looks
@@ -461,12 +464,15 @@ def _suspects_sentence(audit: SplitAudit) -> str:
     )
 
 
+def near_identical(row: dict[str, Any]) -> bool:
+    """Whether a ``pairwise_agreement`` row is two near-identical references: the one rule behind inspect's verdict
+    and the live warning before the first step (``diagnostics.TrainingWatcher.check_references``)."""
+    return row["mean_abs_level_difference"] < NEAR_IDENTICAL_GAP and row["agreement"] >= NEAR_IDENTICAL_SHARE
+
+
 def _near_identical(audit: SplitAudit, first: str, second: str) -> dict[str, Any] | None:
-    for row in audit.pairwise:
-        if row["references"] == [first, second]:
-            if row["mean_abs_level_difference"] < NEAR_IDENTICAL_GAP and row["agreement"] >= 0.99:
-                return row
-    return None
+    rows = (row for row in audit.pairwise if row["references"] == [first, second] and near_identical(row))
+    return next(rows, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ CLIP_SEVERITY = (
     (SATURATED_CLIP_RATE, "clipped away ≈ DPO"),
 )
 """The one scale of clip-rate severity (lower bound, words), used by ``mrpo inspect``'s verdict, the live warning
-(``trainer.TrainingWatcher``) and the report: below 25% an external reference enters the loss, from 25% it enters
+(``diagnostics.TrainingWatcher``) and the report: below 25% an external reference enters the loss, from 25% it enters
 only partly, from 90% it is clipped away and the run trains almost as DPO."""
 
 

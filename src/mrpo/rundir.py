@@ -3,7 +3,7 @@
 
 mrpo_config.yaml     the resolved config                      written by train, read by report / evaluate
 metrics.jsonl        one JSON object per Trainer log line     train; report
-diagnostics.jsonl    live warnings, one per condition         train (trainer.DiagnosticsCallback); report
+diagnostics.jsonl    live warnings, one per condition         train (diagnostics.DiagnosticsCallback); report
 data_summary.json    rows read, pairs used, drops             train; report
 eval_results.json    held-out metrics                         evaluate; report
 inspect.json         the reference audit                      inspect; report

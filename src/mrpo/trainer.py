@@ -1,11 +1,15 @@
-"""MRPOTrainer: transformers.Trainer with the MRPO loss on cached references, its metrics and live diagnostics.
+"""MRPOTrainer: transformers.Trainer with the MRPO loss on cached references, its metrics and its callbacks.
 
 A step is one policy forward over the batch's chosen and rejected sequences (through ``logprobs.sequence_logps``,
 the same function that built the reference cache) and ``losses.mrpo_loss`` against the K cached reference columns
 the collator delivers; a batch the collator split under ``policy.micro_batch_tokens`` is a forward and backward per
 micro-batch. Whatever K is, no reference model is in memory. The loss maths lives in ``losses.py``; this file wires
-it in, accumulates method.md §5's statistics between logging steps, writes them to ``metrics.jsonl``, and watches
-them for degenerate training (``TrainingWatcher``: clip saturation, alpha collapse, divergence).
+it in, accumulates method.md §5's statistics between logging steps and writes them to ``metrics.jsonl``. The live
+warnings that watch those statistics are ``diagnostics.py``'s.
+
+MRPOTrainer uses the Trainer's public API, except for the few private parts ``TRAINER_INTERNALS`` lists with the
+reason for each; they sit in one marked section of the class, and tests/test_trainer.py fails when transformers
+changes one of them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 
-from mrpo.config.schema import DiagnosticsConfig, LossConfig
+from mrpo.config.schema import LossConfig
 from mrpo.errors import ConfigError, TrainingError, write_failure
 from mrpo.logprobs import packed_sequence_logps, sequence_logps
 from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss
@@ -77,14 +79,42 @@ def logged_statistics(output: MRPOOutput) -> dict[str, torch.Tensor]:
     return {name: value for name, value in statistics.items() if not name.startswith(K1_MEANINGLESS_PREFIXES)}
 
 
+def is_evaluation_log(logs: dict[str, Any]) -> bool:
+    """Whether ``logs`` is the line ``Trainer.evaluate`` logs: its ``{prefix}_runtime`` and every other key under the
+    same prefix. The end-of-training line has ``train_runtime`` too, but also ``total_flos``; a step's has ``loss``."""
+    prefixes = [key[: -len("runtime")] for key in logs if key.endswith("_runtime")]
+    return any(all(key.startswith(prefix) for key in logs) for prefix in prefixes)
+
+
+TRAINER_INTERNALS = {
+    "_save_checkpoint": "overridden: the one place the Trainer writes a checkpoint (model, optimizer, scheduler, RNG "
+    "and state); a full disk or a read-only directory there becomes one line instead of a traceback. No public hook "
+    "wraps the write (on_save runs after it).",
+    "_track_num_input_tokens": "overridden: the Trainer counts tokens only under include_num_input_tokens_seen, from "
+    "the batch's input_ids / attention_mask (a split batch has neither); MRPO always counts the collator's real "
+    "tokens (num_tokens, as TRL logs it). Replacing the hook is the only way to keep the Trainer from counting twice.",
+    "_prepare_inputs": "called by prediction_step: an evaluation batch goes where the Trainer's training_step puts a "
+    "training batch (the device; under DeepSpeed, float tensors in its dtype), as Trainer.prediction_step does.",
+    "model_accepts_loss_kwargs": "set to False: transformers 5.17 and 5.18, before the public loss_is_scaled_for_ga "
+    "(5.19), decide from it whether to divide the loss by the accumulation steps; drop it once pyproject requires "
+    "transformers>=5.19.",
+}
+"""The private parts of ``transformers.Trainer`` that MRPOTrainer relies on, and why; everything else it uses is
+public. tests/test_trainer.py checks that transformers still has and uses each, and that this file uses no other."""
+
+
 class MRPOTrainer(Trainer):
     """``transformers.Trainer`` whose loss is MRPO (DPO when K = 1) against cached reference log-probs.
 
     Use with ``collator.PreferenceDataset`` / ``PreferenceCollator`` (padded or padding-free batches: the batch's
-    keys pick the log-prob path). ``TrainingArguments.remove_unused_columns`` is turned off: the Trainer would
-    otherwise strip every column the model's forward does not name. Everything else -- checkpoints, resume,
-    gradient accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
+    keys pick the log-prob path). The Trainer gets a copy of the caller's ``TrainingArguments`` with
+    ``remove_unused_columns`` off (``trainer_arguments``: it would otherwise strip every column the model's forward
+    does not name); the caller's object is left as it was. Everything else -- checkpoints, resume, gradient
+    accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
     """
+
+    # Our loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps (public since 5.19).
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, loss: LossConfig | None = None, **kwargs: Any):
         if len(args) > 1:
@@ -92,13 +122,10 @@ class MRPOTrainer(Trainer):
         elif kwargs.get("args") is not None:
             kwargs["args"] = trainer_arguments(kwargs["args"])
         super().__init__(*args, **kwargs)
+        self._set_trainer_internals()
         self.add_callback(LogLastAndSavedStepsCallback())
         self.loss_config = loss or LossConfig()
         self._loss_kwargs = dataclasses.asdict(self.loss_config)
-        # Our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps, whatever the
-        # model's forward signature suggests (that heuristic is about token-count-normalised LM losses).
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self._tokens_since_log = 0
         self._refuse_unsupported_micro_batches()
@@ -119,6 +146,14 @@ class MRPOTrainer(Trainer):
                 key="policy.micro_batch_tokens",
             )
 
+    # ------------------------------------------------------------------------------------------------------------
+    # The Trainer's private parts, all here (TRAINER_INTERNALS says why each is needed)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _set_trainer_internals(self) -> None:
+        # Before transformers 5.19 the Trainer reads this instead of loss_is_scaled_for_ga.
+        self.model_accepts_loss_kwargs = False
+
     def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         # A full disk or a read-only output directory at a checkpoint: one line, not the Trainer's traceback.
         try:
@@ -135,40 +170,40 @@ class MRPOTrainer(Trainer):
                 raise
             raise TrainingError(message) from error
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Count the batch's real (non-padding) tokens, chosen and rejected, from the collator's count: no device
+        work here; the processes' counts are summed once per log line (``num_tokens``, as TRL logs it)."""
+        for batch in inputs.get("micro_batches", [inputs]):
+            self._tokens_since_log += int(batch.get("num_tokens", 0))
+
+    def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self._prepare_inputs(inputs)
+
+    # ------------------------------------------------------------------------------------------------------------
+
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         """One batch; a batch the collator split under its token budget is a forward and backward per micro-batch.
 
         Gradients add up across the micro-batches (each loss carries its share of the pairs as ``loss_weight``).
-        Under DDP (compiled or not) only the last backward synchronises them; FSDP reduces after every micro-batch
-        (correct, just not deferred).
+        Under DDP (compiled or not) only the last backward synchronises them (accelerate's ``no_sync``, as the
+        Trainer defers it across accumulation steps); FSDP reduces after every micro-batch (correct, just not
+        deferred: its ``no_sync`` would hold unsharded gradients).
         """
         micro_batches = inputs.get("micro_batches")
         if micro_batches is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
         losses = []
         for index, micro_batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            sync = (
-                ddp.no_sync()
-                if not last and isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
-                else contextlib.nullcontext()
-            )
-            with sync:
+            defer = index < len(micro_batches) - 1 and not self.is_fsdp_enabled
+            with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
                 losses.append(super().training_step(model, micro_batch, num_items_in_batch))
         return torch.stack(losses).sum()
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         count = super().floating_point_ops
         return sum(count(batch) for batch in inputs.get("micro_batches", [inputs]))
-
-    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-        """Count the batch's real (non-padding) tokens, chosen and rejected, from the collator's count: no device
-        work here; the processes' counts are summed once per log line (``num_tokens``, as TRL logs it)."""
-        for batch in inputs.get("micro_batches", [inputs]):
-            self._tokens_since_log += int(batch.get("num_tokens", 0))
 
     def compute_loss(
         self,
@@ -244,40 +279,55 @@ class MRPOTrainer(Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ):
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._on_device(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = sum(self.compute_loss(model, batch) for batch in inputs.get("micro_batches", [inputs]))
         return loss.detach(), None, None
 
-    def evaluate(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> dict[str, float]:
-        self._eval_prefix = metric_key_prefix  # so that log() files the statistics under the caller's prefix
-        return super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        """The Trainer's loop, with the statistics of every pair it evaluated under ``metric_key_prefix``."""
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        means = self._metrics["eval"].pop_means(self._sum_across_processes)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in means.items()})
+        return output
 
     def train(self, *args: Any, **kwargs: Any):
         output = super().train(*args, **kwargs)
         return output._replace(training_loss=output.metrics.get("train_loss", output.training_loss))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not is_evaluation_log(logs):  # an evaluation's statistics are in already (evaluation_loop)
+            self._add_train_statistics(logs)
+        super().log(logs, start_time)
+
+    def _add_train_statistics(self, logs: dict[str, float]) -> None:
+        """The run's mean train loss, the statistics of the pairs trained on since the last line and, on a step's
+        line, the real tokens seen so far."""
         if "train_loss" in logs:
             # The Trainer's own mean covers only the steps since a resume; the run's is over every step logged
             # (the saved state carries the lines before the checkpoint), as the report computes it.
             run_mean = mean_train_loss(self.state.log_history)
             logs["train_loss"] = logs["train_loss"] if run_mean is None else run_mean
-        eval_prefix = getattr(self, "_eval_prefix", "eval") + "_"
-        split = "eval" if any(key.startswith(eval_prefix) for key in logs) else "train"
-        prefix = eval_prefix if split == "eval" else ""
-        means = self._metrics[split].pop_means(
-            lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
-        )
-        logs.update({f"{prefix}{name}": value for name, value in means.items()})
-        if split == "train" and "loss" in logs:
+        logs.update(self._metrics["train"].pop_means(self._sum_across_processes))
+        if "loss" in logs:
             counted = torch.tensor(self._tokens_since_log, device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += int(self.accelerator.reduce(counted, reduction="sum"))
+            self.state.num_input_tokens_seen += int(self._sum_across_processes(counted))
             self._tokens_since_log = 0
             logs["num_tokens"] = float(
                 self.state.num_input_tokens_seen
             )  # saved with the state: survives a resume
-        super().log(logs, start_time)
+
+    def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
 
 
 def trainer_arguments(training_args):
@@ -368,229 +418,3 @@ class HeldOutProgressCallback(ProgressCallback):
                 desc=f"held-out {self.split}: {self.pairs} pairs, policy at step {state.global_step}",
             )
         super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Live diagnostics
-# ----------------------------------------------------------------------------------------------------------------
-
-DIVERGENCE_TOLERANCE = 0.05
-"""Loss divergence: the window's mean loss exceeds the first window's by more than max(this, 10% of it)."""
-
-MARGIN_PEAK = 0.1
-"""Margin collapse: the window's mean reward margin has fallen below 0 after a window mean above this."""
-
-
-@dataclass(frozen=True)
-class Diagnostic:
-    """One warning: which condition, at which step, the figure that tripped it and what to do."""
-
-    condition: str
-    step: int
-    value: float
-    message: str
-    remedy: str
-
-    def line(self) -> str:
-        return f"step {self.step}: {self.message} {self.remedy}"
-
-
-class TrainingWatcher:
-    """Judges the stream of train log lines; each condition fires at most once (per reference for alpha).
-
-    Conditions, each over a window of ``settings.window`` consecutive train log lines:
-
-    - ``clip_partial`` / ``clip_saturation``: mean ``ctro/clip_rate`` in the audit's partial band (from 25%) or at
-      ``settings.clip_saturation`` and above -- the external references enter the loss only partly, or are clipped
-      into the trust region so MRPO trains as DPO (the words of ``audit.clip_severity``, the same as inspect's);
-    - ``alpha_collapse``: one reference's mean ``alpha/ref{k}`` above ``settings.alpha_collapse``;
-    - ``loss_divergence``: mean loss above the first window's mean by more than max(0.05, 10%);
-    - ``margin_collapse``: mean ``rewards/margins`` below 0 after a window mean above 0.1;
-    - ``non_finite``: a logged value (e.g. grad_norm) is NaN or infinite (a non-finite loss already stops training);
-    - ``near_identical_reference`` (from the cached columns, before the first step): an external reference within
-      0.05 nats of the initialising one that prefers the same answer on 99% of pairs.
-    """
-
-    def __init__(self, settings: DiagnosticsConfig, reference_names: list[str] | None = None):
-        self.settings = settings
-        self.reference_names = reference_names or []
-        self.history: list[dict[str, float]] = []
-        self.fired: set[str] = set()
-        self.first_window_loss: float | None = None
-        self.margin_peak = -math.inf
-
-    def check_references(
-        self, reference_chosen: torch.Tensor, reference_rejected: torch.Tensor
-    ) -> list[Diagnostic]:
-        from mrpo.audit import NEAR_IDENTICAL_GAP, pairwise_agreement
-
-        names = self.reference_names or [f"ref{k + 1}" for k in range(reference_chosen.shape[0])]
-        found = []
-        for row in pairwise_agreement(names, reference_chosen, reference_rejected)[: len(names) - 1]:
-            first, other = row["references"]
-            if row["mean_abs_level_difference"] < NEAR_IDENTICAL_GAP and row["agreement"] >= 0.99:
-                k = names.index(other) + 1
-                found += self._fire(
-                    f"near_identical_reference/ref{k}",
-                    0,
-                    row["mean_abs_level_difference"],
-                    f"reference {k} ({other!r}) is near-identical to the initialising reference ({first!r}): mean "
-                    f"level difference {row['mean_abs_level_difference']:.3f} nats, same preference on "
-                    f"{row['agreement']:.0%} of pairs, so it cannot change the loss.",
-                    "Use a reference that differs from the policy's start (another model, size or family).",
-                )
-        return found
-
-    def observe(self, step: int, logs: dict[str, float]) -> list[Diagnostic]:
-        """Feed one train log line; returns the warnings it fires."""
-        found = self._non_finite(step, logs)
-        if "loss" not in logs:
-            return found
-        self.history.append({k: float(v) for k, v in logs.items() if isinstance(v, int | float)})
-        if len(self.history) < self.settings.window:
-            return found
-        for check in (
-            self._clip_saturation,
-            self._alpha_collapse,
-            self._loss_divergence,
-            self._margin_collapse,
-        ):
-            found += check(step)
-        return found
-
-    def _window_mean(self, key: str) -> float | None:
-        """The mean of ``key`` over the last window of train logs, when every one of them logged it."""
-        recent = self.history[-self.settings.window :]
-        values = [row[key] for row in recent if key in row and math.isfinite(row[key])]
-        return sum(values) / len(values) if len(values) == len(recent) else None
-
-    def _non_finite(self, step: int, logs: dict[str, float]) -> list[Diagnostic]:
-        found = []
-        for key, value in logs.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                found += self._fire(
-                    "non_finite", step, value, f"the logged {key} is {value}.",
-                    "Lower training.learning_rate or keep training.max_grad_norm above 0; train in float32 or "
-                    "bfloat16 rather than float16.",
-                )  # fmt: skip
-        return found
-
-    def _clip_saturation(self, step: int) -> list[Diagnostic]:
-        """The window's clip rate on the audit's one scale (``audit.CLIP_SEVERITY``): a warning when it enters the
-        partial band (``clip_partial``) and one when it enters the clipped-away band (``clip_saturation``, from
-        ``settings.clip_saturation``), never the milder one after the stronger."""
-        from mrpo.audit_forecast import clip_band, clip_severity
-
-        clip = self._window_mean("ctro/clip_rate")
-        if clip is None or len(self.reference_names) == 1:
-            return []
-        band = clip_band(clip, self.settings.clip_saturation)
-        if band == 0 or "clip_saturation" in self.fired:
-            return []
-        figure = (
-            f"the external references were clipped on {clip:.0%} of their log-probs over the last "
-            f"{self.settings.window} logs: {clip_severity(clip, self.settings.clip_saturation)} — "
-        )
-        remedy = (
-            "Run `mrpo inspect` for the clip rate at other settings; widen loss.eps, set loss.align=pair, or "
-            "loss.clip=off."
-        )
-        if band == 1:
-            return self._fire(
-                "clip_partial", step, clip,
-                figure + "on those log-probs the trust region puts a scaled copy of the initialising reference in "
-                "their place, so only part of what they know reaches the loss.",
-                remedy,
-            )  # fmt: skip
-        return self._fire(
-            "clip_saturation", step, clip,
-            figure + "the trust region holds them at the initialising reference, so this run trains as DPO.",
-            remedy,
-        )  # fmt: skip
-
-    def _alpha_collapse(self, step: int) -> list[Diagnostic]:
-        if len(self.reference_names) == 1:  # with one reference alpha is 1 by construction
-            return []
-        found = []
-        for key in sorted(k for k in self.history[-1] if k.startswith("alpha/ref")):
-            alpha = self._window_mean(key)
-            if alpha is None or alpha <= self.settings.alpha_collapse:
-                continue
-            k = int(key.rsplit("ref", 1)[1])
-            name = self.reference_names[k - 1] if k <= len(self.reference_names) else key
-            found += self._fire(
-                f"alpha_collapse/ref{k}", step, alpha,
-                f"reference {k} ({name!r}) holds a mean weight alpha of {alpha:.2f} over the last "
-                f"{self.settings.window} logs: the virtual reference is that one reference.",
-                "Fixed loss.weights spread the weight; a reference whose margins dwarf the others' may be "
-                "miscalibrated (see `mrpo inspect`).",
-            )  # fmt: skip
-        return found
-
-    def _loss_divergence(self, step: int) -> list[Diagnostic]:
-        loss = self._window_mean("loss")
-        if self.first_window_loss is None:
-            self.first_window_loss = loss
-            return []
-        tolerance = max(DIVERGENCE_TOLERANCE, 0.1 * abs(self.first_window_loss))
-        if loss is None or loss <= self.first_window_loss + tolerance:
-            return []
-        window = self.settings.window
-        return self._fire(
-            "loss_divergence", step, loss,
-            f"the mean loss over the last {window} logs ({loss:.3f}) is above the first {window} logs' "
-            f"({self.first_window_loss:.3f}): training is diverging.",
-            "Lower training.learning_rate; with external references, keep the trust region on (loss.clip).",
-        )  # fmt: skip
-
-    def _margin_collapse(self, step: int) -> list[Diagnostic]:
-        margin = self._window_mean("rewards/margins")
-        if margin is None:
-            return []
-        found = []
-        if margin < 0 and self.margin_peak > MARGIN_PEAK:
-            found = self._fire(
-                "margin_collapse", step, margin,
-                f"the mean reward margin fell to {margin:+.3f} over the last {self.settings.window} logs after "
-                f"reaching {self.margin_peak:+.3f}: the policy now prefers the rejected answers against its "
-                "reference.",
-                "Lower training.learning_rate or loss.beta, or check the labels (`mrpo inspect` lists suspect "
-                "pairs).",
-            )  # fmt: skip
-        self.margin_peak = max(self.margin_peak, margin)
-        return found
-
-    def _fire(self, condition: str, step: int, value: float, message: str, remedy: str) -> list[Diagnostic]:
-        if condition in self.fired:
-            return []
-        self.fired.add(condition)
-        return [Diagnostic(condition, step, float(value), message, remedy)]
-
-
-class DiagnosticsCallback(TrainerCallback):
-    """Warns once per condition (see ``TrainingWatcher``) in the log and in ``OUTPUT/diagnostics.jsonl``."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        settings: DiagnosticsConfig,
-        reference_names: list[str],
-        reference_columns: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ):
-        self.path = Path(path)
-        self.watcher = TrainingWatcher(settings, reference_names)
-        self.reference_columns = reference_columns
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.reference_columns is not None and state.is_world_process_zero:
-            self._emit(self.watcher.check_references(*self.reference_columns), state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self._emit(self.watcher.observe(state.global_step, logs), state.global_step)
-
-    def _emit(self, diagnostics: list[Diagnostic], step: int) -> None:
-        for diagnostic in diagnostics:
-            logger.warning("%s", diagnostic.line())
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(dataclasses.asdict(diagnostic)) + "\n")
