@@ -356,9 +356,23 @@ def render(
         "students on 64-128 pairs, >= 500 held out), TruthfulQA-MC1 on the students (`mrpo evaluate --truthfulqa`); "
         "the secondary arms run on 5 seeds.",
         f"- Ran as: {commands or 'the grid has not completed an invocation yet'}. Machine: {machine}.",
+        *reuse_lines(results),
         "- Every run's result: [teacher-study/summary.json](teacher-study/summary.json).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def reuse_lines(results) -> list[str]:
+    """Say which runs were taken from a committed summary (``--reuse``) rather than run in this directory."""
+    reused = [r for r in results if r.get("reused_from")]
+    if not reused:
+        return []
+    seeds = sorted({r["seed"] for r in reused})
+    return [
+        f"- {len(reused)} runs (seeds {', '.join(map(str, seeds))}) were taken from an earlier machine's committed "
+        "summary (`--reuse`), after the teachers rebuilt here equalled that machine's to the last digit (training "
+        "statistics and every probe number); the rest ran here."
+    ]
 
 
 def write_report(

@@ -19,6 +19,12 @@ start, at step 0 and after training, next to the share of pairs whose chosen ans
 
     .venv/bin/python experiments/teacher_study.py --quick     # 1 seed, t1 only (1 teacher epoch), 3 arms (~15 min)
     .venv/bin/python experiments/teacher_study.py --resume    # the full grid; finished runs are skipped
+    .venv/bin/python experiments/teacher_study.py --resume --reuse docs/teacher-study/summary.json
+
+``--reuse`` takes the student results of a committed ``summary.json`` (another machine's run directory) once this
+directory's teachers and probe are finished and equal the summary's to the last digit (training statistics, probe
+numbers and, where the summary has them, the merged weights' SHA-256): the rebuilt teachers are then the same
+models, and the grid continues where the summary stopped instead of running its seeds again.
 
 Layout of ``--output-dir`` (default ``runs/teacher-study``): ``settings.json``, ``data/``, ``teachers/<name>/``
 (each teacher's run, its merged model in ``merged/``), ``probe/`` (the teachers' knowledge, ``mrpo inspect``'s
@@ -30,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -44,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import reworded_facts
-from grid import RESULT_FILE, check_settings, read_jsonl, record_invocation, run_grid
+from grid import RESULT_FILE, check_settings, read_jsonl, record_invocation, run_grid, write_json_atomic
 from noisy_study import Arm, training_statistics
 
 from mrpo.demo.pairs import write_jsonl
@@ -325,6 +333,7 @@ class Runner:
         return {
             "base": base,
             "merged": str(result.merged_model_dir),
+            "weights_sha256": weights_sha256(Path(result.merged_model_dir)),
             "pairs": len(read_jsonl(self.data_dir / "teacher-train.jsonl")),
             "train": statistics,
             "seconds_train": round(time.perf_counter() - begin, 1),
@@ -535,6 +544,66 @@ def teacher_beats_start(probe: dict[str, Any], teacher: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Reusing a committed summary
+# ------------------------------------------------------------------------------------------------------------
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over a saved model's weight files (``*.safetensors``, by name), what a teacher is identified by."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def reuse_summary(summary_path: Path, output_dir: Path, runs: Sequence[RunSpec], log=print) -> int:
+    """Write the summary's student results into ``output_dir`` as finished runs, if this directory's teachers and
+    probe are finished and equal the summary's; return how many runs were taken. Refuses (SystemExit) when they
+    differ: the summary's students were trained against other teachers."""
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    recorded = {RunSpec(r["group"], r["arm"], r["seed"]).name: r for r in summary["results"]}
+    gate = [run for run in runs if run.group in ("teacher", "probe")]
+    if not all((output_dir / run.name / RESULT_FILE).exists() for run in gate):
+        return 0  # the teachers and the probe come first; the caller asks again once they are finished
+    for run in gate:
+        path = output_dir / run.name / RESULT_FILE
+        mine, theirs = json.loads(path.read_text(encoding="utf-8")), recorded.get(run.name)
+        if theirs is None:
+            raise SystemExit(f"--reuse: {summary_path} has no {run.name}; it cannot be compared")
+        if run.group == "teacher":
+            if "weights_sha256" not in mine:  # built before the hash was recorded: add it
+                mine["weights_sha256"] = weights_sha256(Path(mine["merged"]))
+                write_json_atomic(path, mine)
+            same = (
+                mine["train"] == theirs["train"]
+                and theirs.get("weights_sha256", mine["weights_sha256"]) == (mine["weights_sha256"])
+            )
+        else:
+            same = mine["probe"] == theirs["probe"] and mine["disjoint"] == theirs["disjoint"]
+        if not same:
+            raise SystemExit(
+                f"--reuse: {run.name} differs from {summary_path}'s; its students trained against other teachers"
+            )
+    taken = 0
+    for run in runs:
+        result = recorded.get(run.name)
+        run_dir = output_dir / run.name
+        if run.group in ("teacher", "probe") or result is None or (run_dir / RESULT_FILE).exists():
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        write_json_atomic(run_dir / RESULT_FILE, {**result, "reused_from": str(summary_path)})
+        taken += 1
+    log(
+        f"--reuse: teachers and probe equal {summary_path}'s to the last digit; {taken} finished runs taken from it"
+    )
+    return taken
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
 
@@ -553,6 +622,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--report-only", action="store_true", help="render the report from finished runs only"
+    )
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="a committed summary.json whose student results are taken once the teachers and probe equal its own",
     )
     args = parser.parse_args(argv)
 
@@ -591,6 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(message)
         print(message, flush=True)
 
+    if args.reuse and not args.report_only:
+        gate = [run for run in runs if run.group in ("teacher", "probe")]
+        run_grid(gate, output_dir, runner, log=log)
+        reuse_summary(Path(args.reuse), output_dir, runs, log=log)
     results = run_grid(runs, output_dir, runner, log=log)
     runtime = time.perf_counter() - started
     command = " ".join(

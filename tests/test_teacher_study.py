@@ -211,3 +211,75 @@ def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     assert len(summary["results"]) == len(results)
     assert (docs.parent / "teacher-study" / "paired.png").exists()
     assert not math.isnan(summary["settings"]["learning_rate"])
+
+
+def _finished(directory: Path, result: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "result.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+def _study_dir(study, root: Path, *, teacher_loss: float) -> tuple[Path, list]:
+    """A run directory whose teachers and probe are finished (tiny weight files), and the grid's runs."""
+    output = root / "runs"
+    settings = study.Settings(seeds=(0, 1), arms=("dpo", "mrpo_t1"), secondary_arms=(), secondary_seeds=())
+    runs = study.expand_grid(settings)
+    for name in settings.teachers:
+        merged = output / "teachers" / name / "merged"
+        merged.mkdir(parents=True)
+        (merged / "model.safetensors").write_bytes(name.encode() * 8)
+        _finished(
+            output / "teachers" / name,
+            {
+                "group": "teacher",
+                "arm": name,
+                "seed": 0,
+                "merged": str(merged),
+                "train": {"loss": teacher_loss},
+            },
+        )
+    _finished(
+        output / "probe", {"group": "probe", "arm": "probe", "seed": 0, "probe": {"a": 1}, "disjoint": {}}
+    )
+    return output, runs
+
+
+def test_reuse_takes_the_summary_students_only_when_the_teachers_are_the_same(study, tmp_path):
+    source, runs = _study_dir(study, tmp_path / "earlier", teacher_loss=0.25)
+    for name in ("t1", "t2"):
+        merged = source / "teachers" / name / "merged"
+        result = json.loads((source / "teachers" / name / "result.json").read_text())
+        result["weights_sha256"] = study.weights_sha256(merged)
+        (source / "teachers" / name / "result.json").write_text(json.dumps(result))
+    recorded = [json.loads(p.read_text()) for p in sorted(source.glob("**/result.json"))]
+    recorded.append({"group": "start", "arm": "start", "seed": 0, "eval": {"x": 1}})
+    recorded.append({"group": "main", "arm": "dpo", "seed": 0, "eval": {"x": 2}})
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"settings": {}, "results": recorded}))
+
+    same, _ = _study_dir(study, tmp_path / "same", teacher_loss=0.25)
+    _finished(same / "students" / "dpo" / "s0", {"group": "main", "arm": "dpo", "seed": 0, "eval": {"x": 9}})
+    assert study.reuse_summary(summary, same, runs, log=lambda _: None) == 1  # start/s0; its own dpo/s0 kept
+    start = json.loads((same / "start" / "s0" / "result.json").read_text())
+    assert start["eval"] == {"x": 1} and start["reused_from"] == str(summary)
+    assert json.loads((same / "students" / "dpo" / "s0" / "result.json").read_text())["eval"] == {"x": 9}
+    assert not (same / "students" / "mrpo_t1" / "s0").exists()  # not in the summary: still to run
+    teacher = json.loads((same / "teachers" / "t1" / "result.json").read_text())
+    assert teacher["weights_sha256"] == study.weights_sha256(same / "teachers" / "t1" / "merged")
+
+    other, _ = _study_dir(study, tmp_path / "other", teacher_loss=0.5)  # a teacher trained otherwise
+    with pytest.raises(SystemExit, match="teachers/t1 differs"):
+        study.reuse_summary(summary, other, runs, log=lambda _: None)
+    assert not (other / "start").exists()
+
+    changed, _ = _study_dir(study, tmp_path / "changed", teacher_loss=0.25)  # same statistics, other weights
+    (changed / "teachers" / "t2" / "merged" / "model.safetensors").write_bytes(b"other")
+    with pytest.raises(SystemExit, match="teachers/t2 differs"):
+        study.reuse_summary(summary, changed, runs, log=lambda _: None)
+
+
+def test_reuse_waits_for_the_teachers_and_probe(study, tmp_path):
+    output, runs = _study_dir(study, tmp_path, teacher_loss=0.25)
+    (output / "probe" / "result.json").unlink()
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"settings": {}, "results": []}))
+    assert study.reuse_summary(summary, output, runs, log=lambda _: None) == 0
