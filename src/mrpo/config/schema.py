@@ -78,11 +78,11 @@ class PolicyConfig:
     padding_free: PaddingFree = "auto"
     """Pack each micro-batch's sequences into one row without padding (true/false); "auto" packs with flex/flash attention."""
     pad_to_multiple_of: int | None = None
-    """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes."""
+    """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes; under micro_batch_tokens, null = four lengths per doubling (..., 96, 112, 128, 160, ...) and 1 = exact lengths."""
     compile: bool = False
     """torch.compile the decoder layers (worth it on GPUs; pair it with pad_to_multiple_of, e.g. 4096, packed)."""
     micro_batch_tokens: int | None = None
-    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; both rounded up to pad_to_multiple_of) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. null = one forward per batch."""
+    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; both rounded up to pad_to_multiple_of) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. Each micro-batch's length is rounded up to a bucket (pad_to_multiple_of) so that shapes repeat. null = one forward per batch."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "policy")
