@@ -184,12 +184,14 @@ class DataConfig:
     """Drop pairs whose chosen and rejected completions are identical (they carry no preference)."""
     cache_tokenized: bool = True
     """Keep the tokenized pairs on disk under cache_dir, read pair by pair (memory does not grow with the data) and reused by the next run on the same file, tokenizers and settings; false = read and tokenize in memory on every run. Applies to local files and directories without max_pairs / max_eval_pairs."""
+    num_proc: int | None = None
+    """Processes that tokenize, as in datasets' map: null or 1 = this process; N > 1 spawns N worker processes, each tokenizing blocks of 256 pairs (at most two each in flight, so a stream stays a stream), with the same tokens, order and drops as one process and the same tokenized cache entry. Under accelerate launch the machine's first process builds the cache with all N while the others wait; without the cache each of the machine's processes uses N / their number. A Python script that sets it needs the `if __name__ == "__main__":` guard (spawned workers import the script)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
         for name in ("train", "eval", "train_split", "eval_split"):
             require_text(self, "data", name)
-        for name in ("max_length", "max_pairs", "max_eval_pairs"):
+        for name in ("max_length", "max_pairs", "max_eval_pairs", "num_proc"):
             require_at_least(self, "data", name, 1)
 
 
