@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mrpo.batching import (
+    bucket_length,
     forward_tokens,
     pack_sequences,
     pad_batch,
@@ -100,3 +101,27 @@ def test_token_budget_batches_cover_every_index_within_budget(seed):
     # Longest first, and greedy: no batch could have taken the next batch's first sequence.
     for batch in batches[:-1]:
         assert (len(batch) + 1) * max(lengths[i] for i in batch) > budget
+
+
+def test_bucket_length_is_four_lengths_per_doubling_or_the_multiple():
+    assert [bucket_length(n) for n in (1, 5, 8, 9, 11, 16, 17, 33, 100, 129, 1000, 1025)] == [
+        1, 5, 8, 10, 12, 16, 20, 40, 112, 160, 1024, 1280,
+    ]  # fmt: skip
+    buckets = {bucket_length(n) for n in range(65, 129)}
+    assert buckets == {80, 96, 112, 128}
+    for n in range(1, 5000):
+        assert n <= bucket_length(n) <= max(n, 1.25 * (n - 1))  # at most 25% padding
+        assert bucket_length(bucket_length(n)) == bucket_length(n)  # a bucket is its own bucket
+    assert bucket_length(100, 64) == 128 and bucket_length(100, 1) == 100
+
+
+def test_bucketed_budget_groups_keep_the_budget_at_the_bucketed_length():
+    rng = random.Random(1)
+    lengths = [(rng.randint(3, 300), rng.randint(3, 300)) for _ in range(64)]
+    for padded in (True, False):
+        for budget in (200, 700, 2500):
+            groups = token_budget_groups(lengths, budget, padded=padded, bucketed=True)
+            assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+            for group in groups:
+                cost = forward_tokens([lengths[i] for i in group], padded=padded, bucketed=True)
+                assert cost <= budget or len(group) == 1

@@ -154,14 +154,83 @@ def test_collator_splits_over_the_budget_and_weights_each_micro_batch_by_its_pai
     assert first["pair_ids"] == ["1", "3"] and second["pair_ids"] == ["0", "2"]
 
 
-def test_collator_within_the_budget_returns_one_plain_batch():
+def test_collator_within_the_budget_returns_one_batch_padded_to_its_bucket():
     examples = _pairs_of_lengths([(3, 4), (9, 10)])
-    for padding_free in (False, True):
-        plain = PreferenceCollator(pad_token_id=0, padding_free=padding_free)(examples)
+    for padding_free, bucket in ((False, 10), (True, 28)):  # the longest 10 is a bucket; a packed 26 is not
         budgeted = PreferenceCollator(pad_token_id=0, padding_free=padding_free, micro_batch_tokens=1000)(
             examples
         )
+        plain = PreferenceCollator(pad_token_id=0, padding_free=padding_free, pad_to_multiple_of=bucket)(
+            examples
+        )
         assert as_lists(budgeted) == as_lists(plain)
+        assert budgeted["input_ids"].shape[-1] == bucket
+
+
+def _ultrafeedback_like_lengths(pairs: int, seed: int = 0) -> list[tuple[int, int]]:
+    """The GPU bench's lengths (bench/train_vs_trl.py's make_rows): prompt ~ lognormal median 150 tokens,
+    completions ~ median 250, cut at 1024."""
+    import math
+    import random
+
+    rng = random.Random(seed)
+
+    def length(median: float, sigma: float, cap: int) -> int:
+        return min(int(rng.lognormvariate(math.log(median), sigma)) + 8, cap)
+
+    lengths = []
+    for _ in range(pairs):
+        prompt = length(150, 0.8, 600)
+        lengths.append(tuple(min(prompt + length(250, 0.6, 700) + 1, 1024) for _ in range(2)))
+    return lengths
+
+
+def _micro_batch_shapes(collator: PreferenceCollator, lengths, pairs_per_step: int) -> list[tuple[int, ...]]:
+    shapes = []
+    for start in range(0, len(lengths), pairs_per_step):
+        batch = collator(_pairs_of_lengths(lengths[start : start + pairs_per_step]))
+        shapes += [tuple(b["input_ids"].shape) for b in batch.get("micro_batches", [batch])]
+    return shapes
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_bucketed_micro_batches_repeat_their_shapes(padding_free):
+    """The bench's setting (8 pairs a step, a budget of 4 x the longest pair, 60 steps): exact lengths make a new
+    shape at nearly every micro-batch; the default buckets a few, pad_to_multiple_of (the multiples the compile
+    warning suggests: 256 padded, a quarter of the budget packed) fewer still."""
+    lengths = _ultrafeedback_like_lengths(480)
+    budget = 4 * max(max(pair) for pair in lengths)
+    suggested = budget // 4 if padding_free else 256
+    counts = {}
+    for multiple in (1, None, suggested):
+        collator = PreferenceCollator(
+            pad_token_id=0, padding_free=padding_free, micro_batch_tokens=budget, pad_to_multiple_of=multiple
+        )
+        shapes = _micro_batch_shapes(collator, lengths, 8)
+        counts[multiple] = len(set(shapes))
+        for shape in shapes:  # the bucketed forward stays within the budget (no pair here is over it alone)
+            assert shape[0] * shape[1] <= budget
+    exact, default, multiple = counts[1], counts[None], counts[suggested]
+    assert exact > 100 and default <= 20 and multiple <= 8, counts
+    print(f"distinct micro-batch shapes, {'packed' if padding_free else 'padded'}: {counts}")
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_bucketed_forward_tokens_is_the_size_of_the_budgeted_batch(padding_free, pad_to_multiple_of):
+    from mrpo.batching import forward_tokens
+
+    lengths = [(3, 4), (19, 10), (4, 2)]
+    batch = PreferenceCollator(
+        pad_token_id=0,
+        padding_free=padding_free,
+        pad_to_multiple_of=pad_to_multiple_of,
+        micro_batch_tokens=1000,
+    )(_pairs_of_lengths(lengths))
+    expected = forward_tokens(
+        lengths, padded=not padding_free, pad_to_multiple_of=pad_to_multiple_of, bucketed=True
+    )
+    assert batch["input_ids"].numel() == expected
 
 
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 8])

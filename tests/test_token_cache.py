@@ -565,3 +565,74 @@ def test_truncating_for_two_tokenizers_is_a_config_error_naming_them(tmp_path, r
     line = _one_error_line(capsys, ["precompute", str(tmp_path / "config.yaml")])
     assert "data.overflow=truncate needs all models to share one tokenizer" in line
     assert "policy (" in line and "gemma (" in line and "data.overflow=drop" in line
+
+
+def test_worker_processes_store_the_entry_one_process_stores_under_the_same_key(
+    tmp_path, run_setup, monkeypatch
+):
+    import random
+
+    import mrpo.data.tokenization as tokenization
+    from tiny_models import CORPUS
+
+    monkeypatch.setattr(tokenization, "TOKENIZE_BLOCK", 4)  # blocks > what two workers hold at once
+    rng = random.Random(0)
+    words = " ".join(CORPUS).split()
+
+    def text(most: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, most)))
+
+    train = tmp_path / "train.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": text(30)}], "chosen": [{"role": "assistant", "content": text(40)}],
+         "rejected": [{"role": "assistant", "content": text(40)}]}
+        for _ in range(40)
+    ]  # fmt: skip
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    built = {}
+    for num_proc in (None, 2):
+        root = tmp_path / f"num_proc-{num_proc}"
+        root.mkdir()
+        config = write_config(root, run_setup, train, max_length=250, num_proc=num_proc)
+        built[num_proc] = (config, tokenize(config))
+    (one_config, one), (two_config, two) = built[None], built[2]
+    assert two.pairs is None and all(isinstance(view, StoredPairs) for view in two.tokenization.per_view)
+    assert entries(one_config) == entries(two_config)  # num_proc is not part of the key
+    assert one.tokenization.dropped and 10 < len(one.tokenization.pair_ids) < len(rows)
+    assert list(two.tokenization.pair_ids) == list(one.tokenization.pair_ids)
+    assert two.tokenization.dropped == one.tokenization.dropped and two.counts == one.counts
+    # The entries hold the same bytes: every store file and the account.
+    (one_entry,), (two_entry,) = (
+        list(Path(config.cache_dir).glob("tokenized-*")) for config in (one_config, two_config)
+    )
+    files = sorted(path.relative_to(one_entry) for path in one_entry.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(two_entry) for path in two_entry.rglob("*") if path.is_file())
+    for name in files:
+        if name.name != ".build.lock":
+            assert (one_entry / name).read_bytes() == (two_entry / name).read_bytes(), name
+    # In memory (no cache) with worker processes: the same pairs again.
+    memory = tokenize(
+        write_config(
+            tmp_path / "num_proc-2", run_setup, train, max_length=250, num_proc=2, cache_tokenized=False
+        )
+    )
+    assert isinstance(memory.tokenization.per_view[0], TokenizedPairs)
+    assert memory.tokenization.summary() == one.tokenization.summary()
+    for mine, stored in zip(memory.tokenization.per_view, one.tokenization.per_view, strict=True):
+        assert mine == stored
+    # A run with num_proc finds the entry a run without it stored, without reading the data.
+    monkeypatch.setattr(splits, "stream_split", lambda *args: pytest.fail("the data was read again"))
+    found = tokenize(write_config(tmp_path / "num_proc-None", run_setup, train, max_length=250, num_proc=2))
+    assert list(found.tokenization.pair_ids) == list(one.tokenization.pair_ids)
+    assert entries(one_config) == entries(two_config)
+
+
+def test_num_proc_is_shared_by_a_machines_processes_when_each_tokenizes_in_memory(monkeypatch):
+    from mrpo.config.schema import DataConfig
+    from mrpo.errors import ConfigError
+
+    assert splits._num_proc_per_process(8) == 8 and splits._num_proc_per_process(None) is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # accelerate launch on 4 GPUs: every process tokenizes
+    assert [splits._num_proc_per_process(n) for n in (None, 1, 3, 8)] == [None, 1, 1, 2]
+    with pytest.raises(ConfigError, match="data.num_proc"):
+        DataConfig(train="pairs.jsonl", num_proc=0)

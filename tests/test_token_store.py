@@ -61,6 +61,26 @@ def test_stored_pairs_read_back_what_was_written_across_flushes(tmp_path, monkey
     assert (tmp_path / "store" / "ids.i32").stat().st_size == 4 * sum(sequence_lengths(pairs))
 
 
+def test_blocks_appended_whole_store_what_pair_by_pair_stores(tmp_path, monkeypatch):
+    monkeypatch.setattr(PairWriter, "BLOCK_TOKENS", 50)  # flushes between and inside blocks
+    pairs = random_pairs(40)
+    by_pair = write(tmp_path / "by-pair", pairs)
+    writer, memory = PairWriter(tmp_path / "by-block"), TokenizedPairs()
+    for start in range(0, 40, 7):  # a worker process's blocks (tokenization's num_proc)
+        block = TokenizedPairs(pairs[start : start + 7])
+        writer.extend(block)
+        memory.extend(block)
+    by_block = writer.finish()
+    assert by_block == pairs and memory == pairs and (memory.pair_tags() == by_pair.pair_tags()).all()
+    for name in ("ids.i32", "ends.i64", "prompts.i32", "hashes.u64", "pair_ids.txt"):
+        assert (tmp_path / "by-block" / name).read_bytes() == (tmp_path / "by-pair" / name).read_bytes()
+    assert memory.nbytes == TokenizedPairs(pairs).nbytes
+    with pytest.raises(ValueError, match="cannot be stored"):
+        PairWriter(tmp_path / "bad").extend(
+            TokenizedPairs([TokenizedPair("a\nb", pairs[0].chosen, pairs[0].rejected)])
+        )
+
+
 def test_stored_pairs_travel_to_a_data_loader_worker(tmp_path):
     pairs = random_pairs(5)
     stored = write(tmp_path / "store", pairs)

@@ -320,3 +320,74 @@ def test_padding_side_and_pad_id_follow_the_tokenizer():
     n = len(sequences[shorter].input_ids)
     assert batch["input_ids"][shorter, -n:].tolist() == list(sequences[shorter].input_ids)
     assert batch["attention_mask"][shorter].tolist() == [0] * (batch["input_ids"].shape[1] - n) + [1] * n
+
+
+# -- several processes ------------------------------------------------------------------------------------------
+
+
+def varied_pairs(n: int = 40) -> list:
+    """Standard and conversational pairs of varied lengths; among them one too long to tokenize (provably, for
+    the byte-level BPE), and one whose completion opens with a user turn (no rendering takes it). Of the data
+    module's ``PreferencePair``: the workers unpickle them without importing tiny_models' torch."""
+    import random
+
+    from mrpo.data.pairs import PreferencePair as Pair
+    from tiny_models import CORPUS
+
+    rng = random.Random(0)
+
+    def text(words: int) -> str:
+        return " ".join(rng.choice(" ".join(CORPUS).split()) for _ in range(words))
+
+    pairs: list[Pair] = []
+    for i in range(n):
+        prompt, chosen, rejected = (
+            text(rng.randint(1, 30)),
+            text(rng.randint(1, 40)),
+            text(rng.randint(1, 40)),
+        )
+        if i % 2:
+            pairs.append(Pair(f"s{i}", prompt, " " + chosen, " " + rejected))
+        else:
+            turn = [{"role": "user", "content": prompt}]
+            pairs.append(
+                Pair(
+                    f"c{i}",
+                    turn,
+                    [{"role": "assistant", "content": chosen}],
+                    [{"role": "assistant", "content": rejected}],
+                )
+            )
+    pairs[7] = Pair("huge", text(20), " " + "x" * 60_000, " no")
+    pairs[12] = Pair(
+        "user-first", [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Hi"}], []
+    )
+    return pairs
+
+
+def test_worker_processes_give_the_tokens_ids_drops_and_order_of_one_process(monkeypatch):
+    import mrpo.data.tokenization as tokenization
+
+    monkeypatch.setattr(tokenization, "TOKENIZE_BLOCK", 4)  # ten blocks, more than two workers hold at once
+    shared = bpe_tokenizer()
+    views = [
+        ModelView(shared, name="policy"),
+        ModelView(shared, name="init"),  # one tokenizer object with the policy: one storage
+        ModelView(char_tokenizer(), name="char"),  # no chat template: the plain rendering
+        ModelView(char_tokenizer(GEMMA_LIKE_TEMPLATE), name="gemma"),
+    ]
+    pairs = varied_pairs()
+    limits = [400, None, 280, None]
+    one = tokenize_for_models(pairs, views, max_length=limits)
+    two = tokenize_for_models(iter(pairs), views, max_length=limits, num_proc=2)
+    reasons = set(one.dropped)
+    assert "longer than 400 tokens for policy" in reasons  # the huge pair, dropped before tokenizing
+    assert "longer than 280 tokens for char" in reasons
+    assert "chat template renders the prompt differently alone for policy" in reasons  # the user-first pair
+    assert 20 < len(one.pair_ids) < len(pairs)
+    assert list(two.pair_ids) == list(one.pair_ids)
+    assert two.dropped == one.dropped and two.summary() == one.summary()
+    assert two.owners == one.owners == [0, 0, 2, 3] and two.per_view[0] is two.per_view[1]
+    for mine, theirs in zip(two.per_view, one.per_view, strict=True):
+        assert list(mine) == list(theirs)
+        assert (mine.pair_tags() == theirs.pair_tags()).all()  # the checksums computed in the workers

@@ -639,7 +639,7 @@ def _budget_that_splits_unevenly(dataset, batch_size: int, padded: bool) -> int:
         for i in range(batch_size)
     ]
     for budget in range(1, 10_000):
-        sizes = {len(group) for group in token_budget_groups(lengths, budget, padded=padded)}
+        sizes = {len(group) for group in token_budget_groups(lengths, budget, padded=padded, bucketed=True)}
         if len(sizes) > 1:
             return budget
     raise AssertionError("no budget splits the batch unevenly")
@@ -651,6 +651,15 @@ def test_token_budget_micro_batches_train_like_the_whole_batch(two_reference_dat
     padded = not padding_free
     uneven_of_8 = _budget_that_splits_unevenly(two_reference_dataset, 8, padded=padded)
     uneven_of_4 = _budget_that_splits_unevenly(two_reference_dataset, 4, padded=padded)
+    # The micro-batches' rows are padded to their length buckets (batching.bucket_length), beyond their pairs.
+    split = PreferenceCollator(pad_token_id=0, padding_free=padding_free, micro_batch_tokens=uneven_of_8)(
+        [two_reference_dataset[i] for i in range(8)]
+    )["micro_batches"]
+    real = [
+        int((b["sequence_index"] >= 0).sum() if padding_free else b["attention_mask"].sum(1).max())
+        for b in split
+    ]
+    assert any(b["input_ids"].shape[-1] > n for b, n in zip(split, real, strict=True))
     results = []
     # 8 pairs per optimizer step throughout: one batch of 8 whole, split per pair, split unevenly, and two
     # accumulated batches of 4, each split unevenly (micro-batch weights inside accumulation steps).

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mrpo.batching import pack_sequences, pad_batch, token_budget_groups
+from mrpo.batching import bucket_length, pack_sequences, pad_batch, token_budget_groups
 from mrpo.config.schema import PaddingFree
 from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
@@ -118,8 +118,9 @@ class PreferenceCollator:
     longest sequence; packed: the total length) is split by ``batching.token_budget_groups`` into length-grouped
     micro-batches, returned as ``{"micro_batches": [batch, ...]}``; each carries ``loss_weight`` = its share of the
     pairs, so that the weighted sum of the micro-batch losses is the loss of the whole batch (the MRPO loss is a
-    mean over pairs, and nothing in it couples two pairs). A batch within the budget is returned as one batch, as
-    without the option.
+    mean over pairs, and nothing in it couples two pairs). A batch within the budget is returned as one batch.
+    Under a budget every row's length is rounded up by ``batching.bucket_length`` (to ``pad_to_multiple_of``, or
+    four lengths per doubling without it), so that micro-batch shapes repeat; the padding is masked.
     """
 
     pad_token_id: int
@@ -138,6 +139,7 @@ class PreferenceCollator:
             self.micro_batch_tokens,
             padded=not self.padding_free,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            bucketed=True,
         )
         if len(groups) == 1:
             return self._collate(examples)
@@ -171,14 +173,19 @@ class PreferenceCollator:
             for side in ("chosen", "rejected")
             for e in examples
         ]
+        multiple = self.pad_to_multiple_of
+        if self.micro_batch_tokens is not None:
+            # The row's bucket: padding to a multiple of a length at least the row's own pads to that length.
+            lengths = [len(sequence.input_ids) for sequence in sequences]
+            multiple = bucket_length(sum(lengths) if self.padding_free else max(lengths), multiple)
         if self.padding_free:
-            batch = pack_sequences(sequences, pad_to_multiple_of=self.pad_to_multiple_of)
+            batch = pack_sequences(sequences, pad_to_multiple_of=multiple)
         else:
             batch = pad_batch(
                 sequences,
                 pad_token_id=self.pad_token_id,
                 padding_side=self.padding_side,
-                pad_to_multiple_of=self.pad_to_multiple_of,
+                pad_to_multiple_of=multiple,
             )
         batch["pair_ids"] = [str(e.get("pair_id", position)) for position, e in enumerate(examples)]
         batch["num_tokens"] = sum(

@@ -10,6 +10,7 @@ and the LoRA targets checked against the model's linear layers (``check_lora_tar
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 import re
 from collections.abc import Iterable, Iterator
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from mrpo.config.schema import Dtype, LoraConfig, MRPOConfig
+from mrpo.config.schema import Dtype, LoraConfig, MRPOConfig, PolicyConfig
 from mrpo.config.typecheck import did_you_mean
 from mrpo.errors import ConfigError, ModelSourceError
+
+logger = logging.getLogger(__name__)
 
 
 def split_gguf(path: str) -> tuple[str, dict[str, str]]:
@@ -160,8 +163,38 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None, *, model
     if config.lora.enabled:
         model = add_lora(model, config.lora)
     if config.policy.compile:
+        warn_compile_without_bucket(config.policy)
         compile_decoder_layers(model)
     return model
+
+
+_COMPILE_WARNINGS_SAID: set[str] = set()
+
+
+def warn_compile_without_bucket(policy: PolicyConfig) -> None:
+    """Once per process: compiled layers meet token-budget micro-batches without a bucket the user chose.
+
+    Every new (rows, length) shape compiles the layers again, and past torch._dynamo's recompile limit (8 by
+    default) they run uncompiled. The default buckets (``batching.bucket_length``: four per doubling) still make
+    a dozen or more shapes over a run, exact lengths (``pad_to_multiple_of: 1``) about one per micro-batch."""
+    if not (policy.compile and policy.micro_batch_tokens) or (policy.pad_to_multiple_of or 0) > 1:
+        return
+    buckets = (
+        "exact lengths (policy.pad_to_multiple_of=1): about one new shape per micro-batch"
+        if policy.pad_to_multiple_of == 1
+        else "no policy.pad_to_multiple_of: the default buckets (four lengths per doubling) still make a dozen "
+        "or more shapes over a run"
+    )
+    message = (
+        f"policy.compile with policy.micro_batch_tokens={policy.micro_batch_tokens} and {buckets}. Each new "
+        "micro-batch shape compiles the decoder layers again, and past torch's recompile limit (8) they run "
+        "uncompiled. Set policy.pad_to_multiple_of so that shapes repeat: e.g. 256 with padded rows (4 shapes on "
+        "UltraFeedback-like lengths with a budget of 4 x the longest pair) or a quarter of the budget with "
+        "packed rows (policy.padding_free)."
+    )
+    if message not in _COMPILE_WARNINGS_SAID:
+        _COMPILE_WARNINGS_SAID.add(message)
+        logger.warning(message)
 
 
 def add_lora(model: torch.nn.Module, lora) -> torch.nn.Module:

@@ -92,7 +92,7 @@ MATHS_SECTIONS = ("policy", "references", "data", "loss", "lora")
 HOW_NOT_WHAT = re.compile(
     r"^(policy\.(attn_implementation|padding_free|pad_to_multiple_of|compile|micro_batch_tokens)"
     r"|references\.\d+\.(batch_tokens|hash_weights)"
-    r"|data\.(eval|eval_split|max_eval_pairs|cache_tokenized))$"
+    r"|data\.(eval|eval_split|max_eval_pairs|cache_tokenized|num_proc))$"
 )
 """...except these keys, which change how it is computed or what is evaluated, not what is trained."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -197,7 +198,13 @@ def tokenize_split(
     else:
         pairs = pairs if pairs is not None else read_split(config, split)
         counts = pairs.counts()
-        tokenization = tokenize_for_models(pairs, all_views, max_length=limits, overflow=config.data.overflow)
+        tokenization = tokenize_for_models(
+            pairs,
+            all_views,
+            max_length=limits,
+            overflow=config.data.overflow,
+            num_proc=_num_proc_per_process(config.data.num_proc),
+        )
     if not tokenization.pair_ids:
         raise DataError(
             f"no {split} pair is left after tokenization ({tokenization.summary()}); raise data.max_length or "
@@ -245,7 +252,16 @@ def _tokenize_to_cache(
             lambda: stream_split(config, split),
             max_length=limits,
             overflow=config.data.overflow,
+            num_proc=config.data.num_proc,  # the others wait: the builder may use the machine
         )
+
+
+def _num_proc_per_process(num_proc: int | None) -> int | None:
+    """``data.num_proc`` for a tokenization that every process of the machine does at once (in memory, under
+    accelerate launch): shared among them, so that the machine runs about ``num_proc`` workers, not that many per
+    process."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, num_proc // processes) if num_proc and processes > 1 else num_proc
 
 
 def effective_limits(config: MRPOConfig, references: list[ReferenceConfig]) -> list[int]:

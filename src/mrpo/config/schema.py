@@ -78,11 +78,11 @@ class PolicyConfig:
     padding_free: PaddingFree = "auto"
     """Pack each micro-batch's sequences into one row without padding (true/false); "auto" packs with flex/flash attention."""
     pad_to_multiple_of: int | None = None
-    """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes."""
+    """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes; under micro_batch_tokens, null = four lengths per doubling (..., 96, 112, 128, 160, ...) and 1 = exact lengths."""
     compile: bool = False
     """torch.compile the decoder layers (worth it on GPUs; pair it with pad_to_multiple_of, e.g. 4096, packed)."""
     micro_batch_tokens: int | None = None
-    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; both rounded up to pad_to_multiple_of) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. null = one forward per batch."""
+    """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; both rounded up to pad_to_multiple_of) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. Each micro-batch's length is rounded up to a bucket (pad_to_multiple_of) so that shapes repeat. null = one forward per batch."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "policy")
@@ -184,12 +184,14 @@ class DataConfig:
     """Drop pairs whose chosen and rejected completions are identical (they carry no preference)."""
     cache_tokenized: bool = True
     """Keep the tokenized pairs on disk under cache_dir, read pair by pair (memory does not grow with the data) and reused by the next run on the same file, tokenizers and settings; false = read and tokenize in memory on every run. Applies to local files and directories without max_pairs / max_eval_pairs."""
+    num_proc: int | None = None
+    """Processes that tokenize, as in datasets' map: null or 1 = this process; N > 1 spawns N worker processes, each tokenizing blocks of 256 pairs (at most two each in flight, so a stream stays a stream), with the same tokens, order and drops as one process and the same tokenized cache entry. Under accelerate launch the machine's first process builds the cache with all N while the others wait; without the cache each of the machine's processes uses N / their number. A Python script that sets it needs the `if __name__ == "__main__":` guard (spawned workers import the script)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
         for name in ("train", "eval", "train_split", "eval_split"):
             require_text(self, "data", name)
-        for name in ("max_length", "max_pairs", "max_eval_pairs"):
+        for name in ("max_length", "max_pairs", "max_eval_pairs", "num_proc"):
             require_at_least(self, "data", name, 1)
 
 

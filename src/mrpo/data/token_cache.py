@@ -70,9 +70,11 @@ def open_or_tokenize(
     *,
     max_length: Sequence[int | None],
     overflow: str,
+    num_proc: int | None = None,
 ) -> CachedSplit:
     """The split stored under ``root`` for ``content``; if absent, read ``stream()`` once, tokenizing for every view
-    straight to disk (``tokenize_for_models`` with a ``PairWriter`` per tokenizer), and store it."""
+    straight to disk (``tokenize_for_models`` with a ``PairWriter`` per tokenizer, in ``num_proc`` worker
+    processes), and store it. ``num_proc`` is not part of the key: the tokens are the same."""
     root = Path(root)
     directory = root / f"tokenized-{split_key(content)[:32]}"
     if (directory / SPLIT_FILE).is_file():
@@ -88,7 +90,16 @@ def open_or_tokenize(
         logger.warning("Tokenizing again: %s is incomplete (it has no %s).", directory, SPLIT_FILE)
         shutil.rmtree(directory, ignore_errors=True)
     try:
-        _build(root, directory, content, views, stream, max_length=max_length, overflow=overflow)
+        _build(
+            root,
+            directory,
+            content,
+            views,
+            stream,
+            max_length=max_length,
+            overflow=overflow,
+            num_proc=num_proc,
+        )
     except OSError as error:
         message = write_failure(
             error,
@@ -120,13 +131,16 @@ def _build(
     *,
     max_length: Sequence[int | None],
     overflow: str,
+    num_proc: int | None,
 ) -> None:
     """Tokenize into a temporary build directory and rename it to ``directory`` when complete."""
     root.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(root)
     building, lock = start_build(root, directory.name)
     try:
-        account = _tokenize_into(building, content, views, stream, max_length=max_length, overflow=overflow)
+        account = _tokenize_into(
+            building, content, views, stream, max_length=max_length, overflow=overflow, num_proc=num_proc
+        )
         (building / SPLIT_FILE).write_text(json.dumps(account, indent=2, sort_keys=True), encoding="utf-8")
         building.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep other users of a shared cache out
         try:
@@ -197,6 +211,7 @@ def _tokenize_into(
     *,
     max_length: Sequence[int | None],
     overflow: str,
+    num_proc: int | None,
 ) -> dict[str, Any]:
     """Read ``stream()`` once, tokenizing for every view into ``building``; the entry's account."""
     data_checksums = _data_checksums(content.get("source"))  # before the read: what it reads is no older
@@ -210,6 +225,7 @@ def _tokenize_into(
         storage=lambda k: PairWriter(
             building / f"view-{k}", remedy="run the command again (it is tokenized afresh)"
         ),
+        num_proc=num_proc,
     )
     counts = pairs.counts()  # raises what an empty or all-invalid read raises
     return {

@@ -161,6 +161,11 @@ class TokenizedPairs(_FlatPairs):
             self._hashes.append(sequence_hash(_native_ids(self._ids, start), sequence.prompt_length))
         self._pair_ids.append(pair.pair_id)
 
+    def extend(self, pairs: TokenizedPairs) -> None:
+        """Append every pair of ``pairs`` (a block tokenized elsewhere), its checksums as they were computed."""
+        _extend_flat(self, pairs, offset=len(self._ids))
+        self._pair_ids.extend(pairs.pair_ids)
+
     def finish(self) -> TokenizedPairs:
         """Nothing to flush in memory (``PairWriter.finish`` returns the stored pairs)."""
         return self
@@ -179,6 +184,14 @@ class TokenizedPairs(_FlatPairs):
 
     def __repr__(self) -> str:
         return f"TokenizedPairs({len(self)} pairs, {len(self._ids)} tokens)"
+
+
+def _extend_flat(into: TokenizedPairs | PairWriter, pairs: TokenizedPairs, offset: int) -> None:
+    """Append the arrays of ``pairs`` to those of ``into``, its sequence ends moved by ``offset`` tokens."""
+    into._ids.extend(pairs._ids)
+    into._ends.frombytes((np.frombuffer(pairs._ends, dtype=np.int64) + offset).tobytes())
+    into._prompt_lengths.extend(pairs._prompt_lengths)
+    into._hashes.extend(pairs._hashes)
 
 
 def _native_ids(ids: array, start: int) -> memoryview:
@@ -345,9 +358,17 @@ class PairWriter:
             self._ends.append(self._written_tokens + len(self._ids))
             self._prompt_lengths.append(sequence.prompt_length)
             self._hashes.append(sequence_hash(_native_ids(self._ids, start), sequence.prompt_length))
-        if "\n" in pair.pair_id or not pair.pair_id.isascii():
-            raise ValueError(f"pair id {pair.pair_id!r} cannot be stored: ids are ASCII without newlines")
+        _check_storable(pair.pair_id)
         self._pair_ids.write(pair.pair_id + "\n")
+        if len(self._ids) >= self.BLOCK_TOKENS:
+            self._flush()
+
+    def extend(self, pairs: TokenizedPairs) -> None:
+        """Append every pair of ``pairs`` (a block tokenized elsewhere), its checksums as they were computed."""
+        for pair_id in pairs.pair_ids:
+            _check_storable(pair_id)
+        _extend_flat(self, pairs, offset=self._written_tokens + len(self._ids))
+        self._pair_ids.write("".join(pair_id + "\n" for pair_id in pairs.pair_ids))
         if len(self._ids) >= self.BLOCK_TOKENS:
             self._flush()
 
@@ -375,6 +396,11 @@ class PairWriter:
         """Close the files (``finish`` does; call it when giving up on a store half written)."""
         for handle in (*self._files.values(), self._pair_ids):
             handle.close()
+
+
+def _check_storable(pair_id: str) -> None:
+    if "\n" in pair_id or not pair_id.isascii():
+        raise ValueError(f"pair id {pair_id!r} cannot be stored: ids are ASCII without newlines")
 
 
 def sequence_lengths(pairs: Sequence[TokenizedPair]) -> Sequence[int]:

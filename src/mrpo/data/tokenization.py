@@ -48,8 +48,7 @@ pair whose text alone proves it over a limit (``token_bound.py``) is dropped, fo
 
 from __future__ import annotations
 
-import ctypes
-import functools
+import contextlib
 import hashlib
 import itertools
 import json
@@ -59,7 +58,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal, Protocol
 
-from mrpo.data.token_bound import character_bound, too_long_reason, without_provably_long
+from mrpo.data.processes import ordered_map, return_freed_memory
+from mrpo.data.token_bound import CharacterBound, character_bound, too_long_reason, without_provably_long
 from mrpo.data.token_store import (
     PairWriter,
     StoredPairs,
@@ -374,6 +374,7 @@ def tokenize_for_models(
     max_length: int | Sequence[int | None] | None,
     overflow: Literal["drop", "truncate"] = "drop",
     storage: Callable[[int], TokenizedPairs | PairWriter] | None = None,
+    num_proc: int | None = None,
 ) -> TokenizationResult:
     """Tokenize every pair for every view, keeping only the pairs that every view can score.
 
@@ -385,39 +386,27 @@ def tokenize_for_models(
 
     ``storage(k)`` makes the storage of view k's pairs: ``TokenizedPairs`` in memory by default, or a
     ``PairWriter`` that streams them to disk (``pairs`` is then read as it comes and never held whole).
+
+    ``num_proc`` > 1 tokenizes blocks of ``TOKENIZE_BLOCK`` pairs in that many worker processes
+    (``processes.ordered_map``: spawned, at most two blocks each in flight), each with the same views; this
+    process reads the pairs and stores each block's pairs in the pairs' order, so the tokens, pair ids, drops
+    and order are those of one process. None or 1: all in this process.
     """
     if not views:
         raise ValueError("tokenize_for_models needs at least one view")
-    limits = _overflow_limits(views, max_length, overflow)
-    # Views that share one tokenizer object produce the same ids (the policy and its initialising reference, as
-    # ``splits.load_views`` loads a tokenizer named twice once): each pair is tokenized once for them, and they
-    # share one storage. Their kept pairs are the same, since a limit only drops a pair for all views (or truncates
-    # at the common limit). Identity, not the fingerprint, which would serialise every vocabulary once more.
-    first_view: dict[int, int] = {}
-    owners = [first_view.setdefault(id(view.tokenizer), k) for k, view in enumerate(views)]
+    plan = _plan(views, max_length, overflow)
     make = storage or (lambda k: TokenizedPairs())
-    sinks = {k: make(k) for k in sorted(set(owners))}
+    sinks = {k: make(k) for k in plan.stored}
     dropped: Counter[str] = Counter()
-    bounds = [
-        character_bound(view.tokenizer) if overflow == "drop" and limit is not None else None
-        for view, limit in zip(views, limits, strict=True)
-    ]
+    blocks = ordered_map(_tokenize_block, plan, _blocks(pairs, TOKENIZE_BLOCK), num_proc=num_proc)
     try:
-        for block in _blocks(pairs, TOKENIZE_BLOCK):
-            if any(bounds):
-                block = without_provably_long(block, views, limits, bounds, dropped)
-            encoded = {k: views[k].tokenize_many(block) for k in sinks}
-            for i in range(len(block)):
-                kept = _within_limits(
-                    [encoded[owners[k]][i] for k in range(len(views))], views, limits, overflow
-                )
-                if isinstance(kept, str):
-                    dropped[kept] += 1
-                    continue
+        with contextlib.closing(blocks):
+            for parts, block_dropped in blocks:
+                dropped.update(block_dropped)
                 for k, sink in sinks.items():
-                    sink.append(kept[k])
-            if storage is not None:
-                _return_freed_memory()
+                    sink.extend(parts[k])
+                if storage is not None:
+                    return_freed_memory()
     except BaseException:
         for sink in sinks.values():
             if isinstance(sink, PairWriter):
@@ -426,10 +415,59 @@ def tokenize_for_models(
     finished = {k: sink.finish() for k, sink in sinks.items()}
     return TokenizationResult(
         view_names=[v.name for v in views],
-        per_view=[finished[owners[k]] for k in range(len(views))],
+        per_view=[finished[plan.owners[k]] for k in range(len(views))],
         dropped=dropped,
-        owners=owners,
+        owners=plan.owners,
     )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What tokenizing a block needs (pickled once into each worker process)."""
+
+    views: Sequence[ModelView]
+    owners: list[int]
+    """``owners[k]``: the view whose storage view k reads (the first view with its tokenizer object)."""
+    limits: list[int | None]
+    bounds: list[CharacterBound | None]
+    overflow: str
+    stored: list[int]
+    """The views whose storages hold the pairs (one per tokenizer object)."""
+
+
+def _plan(views: Sequence[ModelView], max_length: int | Sequence[int | None] | None, overflow: str) -> _Plan:
+    limits = _overflow_limits(views, max_length, overflow)
+    # Views that share one tokenizer object produce the same ids (the policy and its initialising reference, as
+    # ``splits.load_views`` loads a tokenizer named twice once): each pair is tokenized once for them, and they
+    # share one storage. Their kept pairs are the same, since a limit only drops a pair for all views (or truncates
+    # at the common limit). Identity, not the fingerprint, which would serialise every vocabulary once more.
+    first_view: dict[int, int] = {}
+    owners = [first_view.setdefault(id(view.tokenizer), k) for k, view in enumerate(views)]
+    bounds = [
+        character_bound(view.tokenizer) if overflow == "drop" and limit is not None else None
+        for view, limit in zip(views, limits, strict=True)
+    ]
+    return _Plan(list(views), owners, limits, bounds, overflow, sorted(set(owners)))
+
+
+def _tokenize_block(plan: _Plan, block: list[PairLike]) -> tuple[dict[int, TokenizedPairs], Counter[str]]:
+    """One block's kept pairs per stored view, in the block's order, and its drops by reason."""
+    views, owners, limits = plan.views, plan.owners, plan.limits
+    dropped: Counter[str] = Counter()
+    if any(plan.bounds):
+        block = without_provably_long(block, views, limits, plan.bounds, dropped)
+    encoded = {k: views[k].tokenize_many(block) for k in plan.stored}
+    parts = {k: TokenizedPairs() for k in plan.stored}
+    for i in range(len(block)):
+        kept = _within_limits(
+            [encoded[owners[k]][i] for k in range(len(views))], views, limits, plan.overflow
+        )
+        if isinstance(kept, str):
+            dropped[kept] += 1
+            continue
+        for k, part in parts.items():
+            part.append(kept[k])
+    return parts, dropped
 
 
 def _overflow_limits(
@@ -457,26 +495,6 @@ def _overflow_limits(
 
 TOKENIZE_BLOCK = 256
 """Pairs per batched tokenizer call (per view): enough to amortise the call, few enough to hold in memory."""
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Hand the memory freed by a block back to the system (glibc's ``malloc_trim``).
-
-    A fast tokenizer encodes a batch on several threads, and glibc gives each thread its own heap; the blocks freed
-    there stay in the process, fragmented, so a stream of a million pairs crept up by ~35 MB per 100k pairs
-    (measured on this project's scale benchmark). Trimming after each block keeps the streamed tokenization flat.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _blocks(pairs: Iterable[PairLike], size: int) -> Iterator[list[PairLike]]:
