@@ -77,6 +77,8 @@ class PolicyConfig:
     """Attention kernel for from_pretrained ("sdpa", "eager", "flex_attention", "flash_attention_2"...); null = transformers' choice."""
     padding_free: PaddingFree = "auto"
     """Pack each micro-batch's sequences into one row without padding (true/false); "auto" packs with flex/flash attention."""
+    prefix_shared: bool = False
+    """Score each pair in one row, its prompt computed once: [prompt | chosen | rejected], a mask keeping the rejected answer from seeing the chosen one (the same log-probs up to float rounding, fewer tokens; needs sdpa, eager or flex attention, not flash). Also how training's held-out evaluation and `mrpo evaluate` score. Replaces padding_free (true is refused alongside it)."""
     pad_to_multiple_of: int | None = None
     """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes."""
     compile: bool = False
@@ -90,6 +92,21 @@ class PolicyConfig:
             require_text(self, "policy", name)
         require_at_least(self, "policy", "pad_to_multiple_of", 1)
         require_at_least(self, "policy", "micro_batch_tokens", 1)
+        if self.prefix_shared and self.padding_free is True:
+            fail(
+                "policy",
+                "padding_free",
+                True,
+                "cannot be combined with policy.prefix_shared: choose one row layout",
+            )
+        if self.prefix_shared and (self.attn_implementation or "").startswith("flash"):
+            fail(
+                "policy",
+                "prefix_shared",
+                True,
+                f"needs an attention kernel that takes a 4D mask (sdpa, eager, flex_attention), not "
+                f"{self.attn_implementation!r}",
+            )
         if (
             self.micro_batch_tokens
             and self.pad_to_multiple_of
@@ -125,6 +142,8 @@ class ReferenceConfig:
     """Longest prompt + completion in this reference's tokens (with tokens: policy, in the policy's tokens); null = data.max_length."""
     batch_tokens: int = 16384
     """Token budget of one precompute batch (padding included); lower it if the precompute runs out of memory."""
+    prefix_shared: bool = False
+    """Score each pair in one row, its prompt computed once (see policy.prefix_shared); not part of the store key: the numbers differ from padded rows by float rounding only, as with another batch_tokens."""
     hash_weights: Literal["auto", "full"] = "auto"
     """How the cache identifies the weights: "auto" hashes them whole up to 1 GiB, then 64 sampled MiB per file (fast; an in-place edit between samples goes unseen); "full" reads every byte."""
 
