@@ -322,6 +322,41 @@ def test_training_steps_equal_the_padded_ones(tmp_path):
         torch.testing.assert_close(value, trained[0][name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_build_trainer_gives_the_collator_the_setting_and_trains_like_padded(run_setup, tmp_path):
+    import json
+
+    import mrpo
+
+    rows = [json.loads(line) for line in run_setup["train"].read_text().splitlines()]
+    losses = []
+    for prefix_shared in (False, True):
+        trainer = mrpo.build_trainer(
+            model=str(run_setup["llama"]),
+            train_dataset=rows,
+            args=TrainingArguments(
+                output_dir=str(tmp_path / str(prefix_shared)),
+                per_device_train_batch_size=2,
+                max_steps=2,
+                logging_steps=1,
+                learning_rate=0.1,
+                optim="sgd",
+                use_cpu=True,
+                disable_tqdm=True,
+                report_to="none",
+                seed=0,
+            ),
+            processing_class=bpe_tokenizer(),
+            references=[str(run_setup["llama"]), str(run_setup["gemma"])],
+            policy={"prefix_shared": prefix_shared},
+            cache_dir=tmp_path / "cache",
+            show_progress=False,
+        )
+        assert trainer.data_collator.prefix_shared is prefix_shared and not trainer.data_collator.padding_free
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+
+
 def test_the_policy_setting_refuses_two_layouts_and_flash_attention():
     assert not PolicyConfig(model="m").prefix_shared
     PolicyConfig(model="m", prefix_shared=True)  # padding_free "auto" gives way
@@ -329,6 +364,29 @@ def test_the_policy_setting_refuses_two_layouts_and_flash_attention():
         PolicyConfig(model="m", prefix_shared=True, padding_free=True)
     with pytest.raises(ConfigError, match="4D mask"):
         PolicyConfig(model="m", prefix_shared=True, attn_implementation="flash_attention_2")
+
+
+def test_a_run_saved_before_the_setting_resumes_with_it_on_or_off(tmp_path):
+    import yaml
+
+    from mrpo.config.schema import MRPOConfig
+    from mrpo.preflight import check_resumable
+
+    def config(prefix_shared: bool) -> MRPOConfig:
+        return MRPOConfig.from_dict(
+            {
+                "policy": {"model": "m", "prefix_shared": prefix_shared},
+                "references": [{"name": "init", "model": "m", "prefix_shared": prefix_shared}],
+                "data": {"train": "pairs.jsonl"},
+            }
+        )
+
+    saved = config(False).to_dict()
+    del saved["policy"]["prefix_shared"], saved["references"][0]["prefix_shared"]  # as an older run saved it
+    saved_file = tmp_path / "mrpo_config.yaml"
+    saved_file.write_text(yaml.safe_dump(saved), encoding="utf-8")
+    for prefix_shared in (False, True):  # how the log-probs are computed, not what: no refusal
+        check_resumable(saved_file, config(prefix_shared), {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
