@@ -11,11 +11,12 @@ tokenizer and chat template (the view's fingerprint), whose token ids it scores 
 ``references[].tokens``), the overflow policy and ``max_length`` when it truncates (with the default
 ``overflow="drop"`` a pair is scored whole or not at all, so the limit changes no stored number), the dtype and
 ``LOGPROB_CODE_VERSION``; not the rows' layout (padded or prefix-shared) nor ``batch_tokens``, which change the
-numbers by float rounding only (~1e-6 nats). The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an
-entry ``pair_id -> log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact
-token ids it scored (``data.token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this
-reference's view); a lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a
-tokenized entry damaged, then rebuilt) reads as missing and is scored again: damage upstream never reaches a store.
+numbers by float rounding only (~1e-6 nats). The text itself is in the entries' keys: a pair id is a hash of the
+pair's content, so an entry ``pair_id -> log-probs`` can never be served for other text. Beside each entry is a
+64-bit tag of the exact token ids it scored (``data.token_store.pair_token_tags``: the chosen and rejected prompt +
+completion ids for this reference's view); a lookup asks for the tags of the tokens at hand, so an entry scored
+from other tokens (a tokenized entry damaged, then rebuilt) reads as missing and is scored again: damage upstream
+never reaches a store.
 A store is therefore shared by every data set, subsample and run that uses the same reference: adding pairs
 computes only the missing ones.
 
