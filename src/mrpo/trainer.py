@@ -109,8 +109,9 @@ class MRPOTrainer(Trainer):
     Use with ``collator.PreferenceDataset`` / ``PreferenceCollator`` (padded, padding-free or prefix-shared
     batches: the batch's keys pick the log-prob path, ``policy_logps``). The Trainer gets a copy of the caller's
     ``TrainingArguments`` with ``remove_unused_columns`` off (``trainer_arguments``: it would otherwise strip every
-    column the model's forward does not name); the caller's object is left as it was. Everything else -- checkpoints, resume, gradient
-    accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
+    column the model's forward does not name); the caller's object is left as it was. Everything else --
+    checkpoints, resume, gradient accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the
+    Trainer's.
     """
 
     # Our loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps (public since 5.19).
