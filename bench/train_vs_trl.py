@@ -1,7 +1,8 @@
 """Training throughput: TRL's DPOTrainer vs mrpo's MRPOTrainer, same model, data and global batch, one process.
 
 What is compared (every variant trains the same randomly initialised model on the same pairs, 8 pairs per optimizer
-step, steps WARMUP+1..STEPS timed, tokens counted without padding):
+step, steps WARMUP+1..STEPS timed, tokens counted as TRL counts them for every variant: prompt + chosen + prompt +
+rejected, no padding -- so a variant that computes the prompt once is credited with the work it saved):
 
 - ``trl_gc0`` / ``trl_gc1``: TRL 1.16 ``DPOTrainer`` with precomputed reference log-probs, without / with its
   default gradient checkpointing (the baseline of the speed goal);
@@ -13,7 +14,12 @@ step, steps WARMUP+1..STEPS timed, tokens counted without padding):
   four cached references. The four columns are the one computed reference plus shifted copies: a step's cost
   does not depend on the values, and references are never in memory during training -- that is the claim measured;
 - ``mrpo_k1_packed_compiled``: the same with the decoder compiled (``--compile``), rows padded to a multiple of
-  ``--bucket`` tokens so the compiler sees few shapes.
+  ``--bucket`` tokens so the compiler sees few shapes;
+- ``mrpo_k1_shared``: prefix-shared rows (``policy.prefix_shared``): one row per pair, [prompt | chosen | rejected],
+  the prompt computed once, sdpa with a 4D mask.
+
+``--shape`` picks the data: ``ultrafeedback`` (default; prompts shorter than the answers) or ``long-prompt``
+(multi-turn-like prompts, at least 3x each answer's length, as in HH-RLHF, where the prompt is most of the tokens).
 
 Prints one ``RESULT {json}`` line per variant (real tokens/s, MFU against the GPU's dense bf16 peak, step time, peak
 memory) and a table of ratios to ``trl_gc0``. ``--size tiny`` runs on a CPU in a few minutes; ``--size qwen0.5b``
@@ -60,12 +66,18 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
-def make_rows(num_pairs: int, vocab_size: int, tiny: bool, seed: int = 0) -> list[dict[str, str]]:
-    """UltraFeedback-like lengths: prompt ~ lognormal median 150 words, completions ~ median 250 (tiny: short)."""
+def make_rows(
+    num_pairs: int, vocab_size: int, tiny: bool, seed: int = 0, shape: str = "ultrafeedback"
+) -> list[dict[str, str]]:
+    """UltraFeedback-like lengths: prompt ~ lognormal median 150 words, completions ~ median 250 (tiny: short);
+    ``shape="long-prompt"``: ``long_prompt_rows``."""
     rng = random.Random(seed)
 
     def words(n: int) -> str:
         return " ".join(f"w{rng.randrange(2, vocab_size)}" for _ in range(n))
+
+    if shape == "long-prompt":
+        return long_prompt_rows(num_pairs, tiny, rng, words)
 
     def prompt_length() -> int:
         return rng.randint(8, 40) if tiny else min(int(rng.lognormvariate(math.log(150), 0.8)) + 8, 600)
@@ -81,6 +93,33 @@ def make_rows(num_pairs: int, vocab_size: int, tiny: bool, seed: int = 0) -> lis
         }
         for _ in range(num_pairs)
     ]
+
+
+def long_prompt_rows(num_pairs: int, tiny: bool, rng: random.Random, words) -> list[dict[str, str]]:
+    """Multi-turn-like pairs: a prompt of several turns (each opened by a speaker word, "w2" or "w3"), at least 3x as
+    long as either answer, everything within 1,024 tokens (tiny: 2-5 turns of 8-30 words, answers of 4-20)."""
+
+    def answer_length() -> int:
+        return rng.randint(4, 20) if tiny else min(int(rng.lognormvariate(math.log(80), 0.5)) + 8, 230)
+
+    def turn_length() -> int:
+        return rng.randint(8, 30) if tiny else min(int(rng.lognormvariate(math.log(60), 0.6)) + 4, 200)
+
+    rows = []
+    for _ in range(num_pairs):
+        chosen, rejected = answer_length(), answer_length()
+        turns = []
+        for turn in range(rng.randint(2, 5) if tiny else rng.randint(3, 8)):
+            turns.append(f"w{2 + turn % 2} " + words(turn_length()))
+        prompt = " ".join(turns)
+        length = len(prompt.split())
+        if length < 3 * max(chosen, rejected):  # pad the last turn up to 3x the longer answer
+            prompt += " " + words(3 * max(chosen, rejected) - length)
+        prompt = " ".join(prompt.split()[:760])
+        rows.append(
+            {"prompt": prompt + " w3", "chosen": " " + words(chosen), "rejected": " " + words(rejected)}
+        )
+    return rows
 
 
 def model_config(size: str, vocab_size: int) -> Qwen2Config:
@@ -191,10 +230,11 @@ def tokenize(rows, view: ModelView, max_length: int) -> list[TokenizedPair]:
 
 def run_mrpo(
     args, pairs, view, reference_logps, config, *, name, references, packed, compiled, n_params, peak,
-    micro_batch_tokens=None,
+    micro_batch_tokens=None, prefix_shared=False,
 ):  # fmt: skip
     from transformers import TrainingArguments
 
+    # Prefix-shared rows carry a 4D mask, which sdpa takes as is (flex would add it densely to every score).
     attn = ("flex_attention" if args.device == "cuda" else "sdpa") if packed else "sdpa"
     chosen = torch.stack([reference_logps[:, 0] - 0.5 * k for k in range(references)])
     rejected = torch.stack([reference_logps[:, 1] - 0.7 * k for k in range(references)])
@@ -204,6 +244,7 @@ def run_mrpo(
         padding_free=packed,
         pad_to_multiple_of=args.bucket if compiled else None,
         micro_batch_tokens=micro_batch_tokens,
+        prefix_shared=prefix_shared,
     )
     training_args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="mrpo-bench-"),
@@ -239,19 +280,15 @@ def run_mrpo(
 
 
 class CountingTrainer(MRPOTrainer):
-    """Counts each step's real tokens from the batch while it is still on the host (no device sync)."""
+    """Counts each step's tokens as TRL does (prompt + chosen + prompt + rejected, no padding: the collator's
+    ``num_tokens``, whatever the rows' layout) while the batch is still on the host (no device sync)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_step: list[int] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        tokens = 0
-        for batch in inputs.get("micro_batches", [inputs]):
-            if "sequence_index" in batch:
-                tokens += int((batch["sequence_index"] >= 0).sum())
-            else:
-                tokens += int(batch["attention_mask"].sum())
+        tokens = sum(int(batch["num_tokens"]) for batch in inputs.get("micro_batches", [inputs]))
         self.tokens_per_step.append(tokens)
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -275,6 +312,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=["tiny", "qwen0.5b"], default="tiny")
+    parser.add_argument(
+        "--shape",
+        choices=["ultrafeedback", "long-prompt"],
+        default="ultrafeedback",
+        help="pair lengths: UltraFeedback-like, or multi-turn-like prompts >= 3x the answers",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 12 tiny, 60 GPU)")
     parser.add_argument(
@@ -312,10 +355,16 @@ def main() -> None:
     )
     tokenizer = word_tokenizer(vocab_size)
     config = model_config(args.size, vocab_size)
-    rows = make_rows(args.steps * args.pairs_per_step + 16, vocab_size, tiny)
+    rows = make_rows(args.steps * args.pairs_per_step + 16, vocab_size, tiny, shape=args.shape)
     n_params = sum(p.numel() for p in new_model(config, args).parameters())
     cleanup(args)
-    print(f"model: {n_params / 1e6:.1f}M parameters; {len(rows)} pairs", flush=True)
+    prompt_words = sum(len(row["prompt"].split()) for row in rows)
+    answer_words = sum(len(row[side].split()) for row in rows for side in ("chosen", "rejected")) / 2
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters; {len(rows)} pairs, shape {args.shape} "
+        f"(prompt / answer length {prompt_words / answer_words:.2f})",
+        flush=True,
+    )
 
     view = ModelView(tokenizer, name="bench")
     pairs = tokenize(rows, view, args.max_length)
@@ -340,6 +389,9 @@ def main() -> None:
                                            references=1, packed=True, compiled=False, **common),
         "mrpo_k4_packed": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k4_packed",
                                            references=4, packed=True, compiled=False, **common),
+        "mrpo_k1_shared": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k1_shared",
+                                           references=1, packed=False, compiled=False, prefix_shared=True,
+                                           **common),
     }  # fmt: skip
     if args.compile:
         variants["mrpo_k1_packed_compiled"] = lambda: run_mrpo(
@@ -364,7 +416,9 @@ def main() -> None:
             print(f"FAILED {name}: {error!r}"[:400], flush=True)
     report(results)
     if args.output:
-        Path(args.output).write_text(json.dumps({"device": device_name, "results": results}, indent=2))
+        Path(args.output).write_text(
+            json.dumps({"device": device_name, "shape": args.shape, "results": results}, indent=2)
+        )
 
 
 def report(results: dict) -> None:
@@ -378,6 +432,7 @@ def report(results: dict) -> None:
     for a, b, label in (
         ("mrpo_k4_packed", "mrpo_k1_packed", "K=4 vs K=1 step time"),
         ("mrpo_k1_packed", "mrpo_k1_padded", "packed vs padded step time"),
+        ("mrpo_k1_shared", "mrpo_k1_padded", "prefix-shared vs padded step time"),
         (
             "mrpo_k1_padded_budget",
             "mrpo_k1_padded",

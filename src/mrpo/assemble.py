@@ -84,8 +84,10 @@ def assemble_trainer(
             pad_token_id=views.policy.pad_token_id,
             padding_side=views.policy.padding_side,
             pad_to_multiple_of=config.policy.pad_to_multiple_of,
-            padding_free=padding_free_enabled(config.policy.padding_free, config.policy.attn_implementation),
+            padding_free=not config.policy.prefix_shared
+            and padding_free_enabled(config.policy.padding_free, config.policy.attn_implementation),
             micro_batch_tokens=config.policy.micro_batch_tokens,
+            prefix_shared=config.policy.prefix_shared,
         ),
         processing_class=views.policy.tokenizer,
         loss=config.loss,

@@ -1,10 +1,11 @@
 """Batching: the rules that cut pairs into rows and micro-batches, on the host, before any model runs.
 
-Padded rows (``pad_batch``), packed rows without padding (``pack_sequences``), the rounding of a row's length
+Padded rows (``pad_batch``), packed rows without padding (``pack_sequences``), prefix-shared rows that hold a pair's
+prompt once (``prefix_shared_batch``, ``prefix_shared_attention``), the rounding of a row's length
 (``padded_length``), the positions that predict completion tokens (``prediction_positions``), and the token
-budget: the grouping of items under it (``longest_first_groups``), the reference precompute's padded batches of
-sequences (``token_budget_batches``), what a policy forward over pairs costs (``forward_tokens``), the training
-pairs' micro-batches (``token_budget_groups``) and the length buckets their rows are padded to (``bucket_length``).
+budget: the grouping of items under it (``longest_first_groups``), padded batches of sequences or rows
+(``token_budget_batches``), what a policy forward over pairs costs (``forward_tokens``), the training pairs'
+micro-batches (``token_budget_groups``) and the length buckets their rows are padded to (``bucket_length``).
 The log-probs of the rows are ``mrpo.logprobs``'s; this module knows nothing of models.
 """
 
@@ -162,13 +163,18 @@ def pack_sequences(
     }
 
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices, longest first, so that (batch size x longest length) stays within the budget.
+def token_budget_batches(
+    lengths: Sequence[int], batch_tokens: int, *, pad_to_multiple_of: int | None = None
+) -> list[list[int]]:
+    """Group row indices, longest first, so that (batch size x longest length, rounded up to
+    ``pad_to_multiple_of``) stays within the budget: the precompute's padded sequences, prefix-shared rows.
 
-    A sequence longer than the budget gets a batch of its own.
+    A row longer than the budget gets a batch of its own.
     """
     return longest_first_groups(
-        lengths, batch_tokens, lambda group: len(group) * max(lengths[i] for i in group)
+        lengths,
+        batch_tokens,
+        lambda group: len(group) * padded_length(max(lengths[i] for i in group), pad_to_multiple_of),
     )
 
 
@@ -218,3 +224,111 @@ def token_budget_groups(
         )
 
     return longest_first_groups([max(pair) for pair in lengths], budget, cost)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prefix-shared rows: one row per pair, [shared prefix | chosen tail | rejected tail], the prompt computed once
+# ----------------------------------------------------------------------------------------------------------------
+
+PREFIX, CHOSEN, REJECTED, FILLER = 0, 1, 2, 3
+"""``segment_ids`` of a prefix-shared row: the shared prefix, the chosen tail, the rejected tail, row padding."""
+
+
+def shared_prefix_length(chosen: TokenizedSequence, rejected: TokenizedSequence) -> int:
+    """The longest common prefix of the two sequences' ids, capped at the shorter prompt: it holds no completion
+    token (usually it is the whole prompt; shorter where the two prompts tokenize differently at their ends)."""
+    limit = min(chosen.prompt_length, rejected.prompt_length)
+    length = 0
+    while length < limit and chosen.input_ids[length] == rejected.input_ids[length]:
+        length += 1
+    return length
+
+
+def prefix_shared_length(chosen: TokenizedSequence, rejected: TokenizedSequence) -> int:
+    """Tokens of the pair's prefix-shared row: chosen + rejected, less the shared prefix counted once."""
+    return len(chosen.input_ids) + len(rejected.input_ids) - shared_prefix_length(chosen, rejected)
+
+
+def prefix_shared_batch(
+    pairs: Sequence[tuple[TokenizedSequence, TokenizedSequence]],
+    *,
+    pad_token_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, Tensor]:
+    """One row per (chosen, rejected) pair: [shared prefix | chosen tail | rejected tail], right-padded.
+
+    For ``logprobs.prefix_shared_sequence_logps``. With s the shared prefix (``shared_prefix_length``), c and r the
+    tails' lengths, a row holds the chosen sequence whole (columns 0..s+c-1) and then the rejected tail; the
+    rejected tail's positions continue from the prefix (s..s+r-1), and ``prefix_shared_attention`` lets it see the
+    prefix and itself, never the chosen tail. Returns, all computed here on the host:
+
+    - ``input_ids``, ``position_ids``, ``segment_ids`` (B, T) int64 (``PREFIX``, ``CHOSEN``, ``REJECTED``,
+      ``FILLER``), T the longest row rounded up to ``pad_to_multiple_of``;
+    - ``prediction_positions`` (2, M) rows and columns of the hidden states that predict completion tokens,
+      ``prediction_targets`` (M,) the token each predicts, ``prediction_owners`` (M,) its sequence: pair b's
+      chosen is b, its rejected B + b (the order of ``pad_batch``'s rows: chosen first).
+
+    Completion token j of a sequence is predicted by that sequence's token j - 1 (in the prefix when j - 1 < s).
+    Example: chosen (5, 6, 7) and rejected (5, 6, 8, 9), prompt length 2 each::
+
+        input_ids            [[5, 6, 7, 8, 9]]
+        position_ids         [[0, 1, 2, 2, 3]]
+        segment_ids          [[0, 0, 1, 2, 2]]
+        prediction_positions [[0, 0, 0], [1, 1, 3]]
+        prediction_targets   [7, 8, 9]
+        prediction_owners    [0, 1, 1]
+    """
+    if not pairs:
+        raise ValueError("prefix_shared_batch needs at least one pair")
+    shared = [shared_prefix_length(chosen, rejected) for chosen, rejected in pairs]
+    longest = max(len(c.input_ids) + len(r.input_ids) - s for (c, r), s in zip(pairs, shared, strict=True))
+    length = padded_length(longest, pad_to_multiple_of)
+    input_ids = torch.full((len(pairs), length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(pairs), length), dtype=torch.long)
+    segment_ids = torch.full((len(pairs), length), FILLER, dtype=torch.long)
+    rows, cols, targets, owners = [], [], [], []
+    for b, ((chosen, rejected), s) in enumerate(zip(pairs, shared, strict=True)):
+        for side, sequence in (("chosen", chosen), ("rejected", rejected)):
+            if sequence.prompt_length < 1:
+                raise ValueError(f"the {side} sequence of pair {b} has no prompt token before its completion")
+        n, tail = len(chosen.input_ids), rejected.input_ids[s:]
+        input_ids[b, :n] = torch.tensor(chosen.input_ids, dtype=torch.long)
+        input_ids[b, n : n + len(tail)] = torch.tensor(tail, dtype=torch.long)
+        position_ids[b, :n] = torch.arange(n)
+        position_ids[b, n : n + len(tail)] = torch.arange(s, len(rejected.input_ids))
+        segment_ids[b, :s], segment_ids[b, s:n], segment_ids[b, n : n + len(tail)] = PREFIX, CHOSEN, REJECTED
+        # Chosen token j sits at column j, so column j - 1 predicts it.
+        chosen_sources = torch.arange(chosen.prompt_length - 1, n - 1)
+        # Rejected token i sits at column i in the prefix, at n + (i - s) in the tail.
+        rejected_sources = torch.arange(rejected.prompt_length - 1, len(rejected.input_ids) - 1)
+        rejected_sources = torch.where(rejected_sources < s, rejected_sources, rejected_sources + n - s)
+        for owner, sources, sequence in (
+            (b, chosen_sources, chosen),
+            (len(pairs) + b, rejected_sources, rejected),
+        ):
+            rows.append(torch.full_like(sources, b))
+            cols.append(sources)
+            targets.append(torch.tensor(sequence.input_ids[sequence.prompt_length :], dtype=torch.long))
+            owners.append(torch.full_like(sources, owner))
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "prediction_positions": torch.stack([torch.cat(rows), torch.cat(cols)]),
+        "prediction_targets": torch.cat(targets),
+        "prediction_owners": torch.cat(owners),
+    }
+
+
+def prefix_shared_attention(segment_ids: Tensor) -> Tensor:
+    """(B, 1, T, T) bool, True where query q may attend key k in a prefix-shared row (``prefix_shared_batch``).
+
+    Causal, and a key outside the prefix only for a query of its own segment: the prefix sees the prefix, a chosen
+    token the prefix and earlier chosen tokens, a rejected token the prefix and earlier rejected tokens, never the
+    chosen tail. Row padding (``FILLER``) sees the prefix and itself, so no query row is fully masked (no NaN) and
+    no real token sees padding. Elementwise, so it runs where ``segment_ids`` is (the device: no (T, T) transfer).
+    """
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    queries, keys = segment_ids[:, :, None], segment_ids[:, None, :]
+    return (causal & ((keys == PREFIX) | (keys == queries)))[:, None]

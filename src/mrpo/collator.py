@@ -3,8 +3,8 @@
 A training example is one pair as the *policy* tokenizes it, with the K references' cached sequence log-probs
 attached. The collator pads the 2B sequences of a batch into one tensor, chosen rows first, so the trainer gets
 both responses' log-probs from a single forward; or packs them into one row without padding, where
-``padding_free_enabled`` says so for the configured attention kernel. The rows and micro-batches are cut by
-``mrpo.batching``'s rules.
+``padding_free_enabled`` says so for the configured attention kernel; or puts each pair in one prefix-shared row,
+its prompt once (``policy.prefix_shared``). The rows and micro-batches are cut by ``mrpo.batching``'s rules.
 
 Worked example (pad id 0, right padding, K = 2)::
 
@@ -33,7 +33,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from mrpo.batching import bucket_length, pack_sequences, pad_batch, token_budget_groups
+from mrpo.batching import (
+    bucket_length,
+    longest_first_groups,
+    pack_sequences,
+    pad_batch,
+    prefix_shared_batch,
+    prefix_shared_length,
+    token_budget_groups,
+)
 from mrpo.config.schema import PaddingFree
 from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
@@ -112,10 +120,14 @@ class PreferenceCollator:
 
     With ``padding_free=True`` the 2B sequences are packed into one row instead (``batching.pack_sequences``:
     ``input_ids``, ``position_ids``, ``completion_mask``, ``sequence_index``), for attention kernels that respect
-    document boundaries; the trainer picks the matching log-prob path from the batch's keys.
+    document boundaries; the trainer picks the matching log-prob path from the batch's keys. With
+    ``prefix_shared=True`` each pair is one row, [shared prefix | chosen tail | rejected tail]
+    (``batching.prefix_shared_batch``: ``input_ids``, ``position_ids``, ``segment_ids``, ``prediction_positions``,
+    ``prediction_targets``, ``prediction_owners``), padded on the right whatever ``padding_side`` is.
 
     With ``micro_batch_tokens`` set, a batch whose forward would cost more tokens than that (padded: 2 x pairs x
-    longest sequence; packed: the total length) is split by ``batching.token_budget_groups`` into length-grouped
+    longest sequence; packed: the total length; prefix-shared: pairs x longest row) is split by
+    ``batching.token_budget_groups`` (prefix-shared: ``token_budget_batches`` of its rows) into length-grouped
     micro-batches, returned as ``{"micro_batches": [batch, ...]}``; each carries ``loss_weight`` = its share of the
     pairs, so that the weighted sum of the micro-batch losses is the loss of the whole batch (the MRPO loss is a
     mean over pairs, and nothing in it couples two pairs). A batch within the budget is returned as one batch.
@@ -128,19 +140,17 @@ class PreferenceCollator:
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
     micro_batch_tokens: int | None = None
+    prefix_shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefix_shared and self.padding_free:
+            raise ValueError("padding_free and prefix_shared are two row layouts: choose one")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         self._check(examples)
         if self.micro_batch_tokens is None:
             return self._collate(examples)
-        lengths = [(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
-        groups = token_budget_groups(
-            lengths,
-            self.micro_batch_tokens,
-            padded=not self.padding_free,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            bucketed=True,
-        )
+        groups = self._groups(examples)
         if len(groups) == 1:
             return self._collate(examples)
         micro_batches = []
@@ -149,6 +159,31 @@ class PreferenceCollator:
             batch["loss_weight"] = len(group) / len(examples)
             micro_batches.append(batch)
         return {"micro_batches": micro_batches}
+
+    def _groups(self, examples: Sequence[dict[str, Any]]) -> list[list[int]]:
+        assert self.micro_batch_tokens is not None
+        if self.prefix_shared:
+            rows = [prefix_shared_length(*_sequences(e)) for e in examples]
+            return longest_first_groups(
+                rows,
+                self.micro_batch_tokens,
+                lambda group: len(group) * bucket_length(max(rows[i] for i in group), self.pad_to_multiple_of),
+            )
+        lengths = [(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
+        return token_budget_groups(
+            lengths,
+            self.micro_batch_tokens,
+            padded=not self.padding_free,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            bucketed=True,
+        )
+
+    def _row_length(self, pairs: Sequence[tuple[TokenizedSequence, TokenizedSequence]]) -> int:
+        """The length a batch of these pairs pads to: its longest row (a packed row: all its tokens)."""
+        if self.prefix_shared:
+            return max(prefix_shared_length(chosen, rejected) for chosen, rejected in pairs)
+        lengths = [len(sequence.input_ids) for pair in pairs for sequence in pair]
+        return sum(lengths) if self.padding_free else max(lengths)
 
     def _check(self, examples: Sequence[dict[str, Any]]) -> None:
         if not examples:
@@ -168,17 +203,15 @@ class PreferenceCollator:
                 )
 
     def _collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        sequences = [
-            TokenizedSequence(tuple(e[f"{side}_input_ids"]), int(e[f"{side}_prompt_length"]))
-            for side in ("chosen", "rejected")
-            for e in examples
-        ]
+        pairs = [_sequences(e) for e in examples]
+        sequences = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
         multiple = self.pad_to_multiple_of
         if self.micro_batch_tokens is not None:
             # The row's bucket: padding to a multiple of a length at least the row's own pads to that length.
-            lengths = [len(sequence.input_ids) for sequence in sequences]
-            multiple = bucket_length(sum(lengths) if self.padding_free else max(lengths), multiple)
-        if self.padding_free:
+            multiple = bucket_length(self._row_length(pairs), multiple)
+        if self.prefix_shared:
+            batch = prefix_shared_batch(pairs, pad_token_id=self.pad_token_id, pad_to_multiple_of=multiple)
+        elif self.padding_free:
             batch = pack_sequences(sequences, pad_to_multiple_of=multiple)
         else:
             batch = pad_batch(
@@ -200,3 +233,12 @@ class PreferenceCollator:
                 [torch.as_tensor(e[f"reference_{side}_logps"], dtype=torch.float32) for e in examples], dim=1
             )
         return batch
+
+
+def _sequences(example: dict[str, Any]) -> tuple[TokenizedSequence, TokenizedSequence]:
+    """An example's chosen and rejected sequences."""
+    chosen, rejected = (
+        TokenizedSequence(tuple(example[f"{side}_input_ids"]), int(example[f"{side}_prompt_length"]))
+        for side in ("chosen", "rejected")
+    )
+    return chosen, rejected

@@ -225,23 +225,37 @@ def evaluate_model(
     ``initialising``: the model is the initialising reference itself (the untrained start), see ``split_metrics``.
     """
     logps, tokens = score_split(
-        model, prepared, label, batch_tokens=batch_tokens, show_progress=show_progress
+        model,
+        prepared,
+        label,
+        batch_tokens=batch_tokens,
+        show_progress=show_progress,
+        prefix_shared=config.policy.prefix_shared,
     )
     return split_metrics(label, model_source, prepared, config.loss, logps, tokens, initialising=initialising)
 
 
 def score_split(
-    model, prepared, label: str = "model", *, batch_tokens: int = 8192, show_progress: bool = True
+    model,
+    prepared,
+    label: str = "model",
+    *,
+    batch_tokens: int = 8192,
+    show_progress: bool = True,
+    prefix_shared: bool = False,
 ):
     """The model's sequence log-probs ``(N, 2)`` (chosen, rejected) and completion token counts ``(N, 2)`` on a
-    prepared split, in the split's pair order."""
+    prepared split, in the split's pair order; ``prefix_shared``: each pair in one row, its prompt once
+    (``policy.prefix_shared``)."""
     from tqdm.auto import tqdm
 
     from mrpo.references import score_pairs
 
     dataset = prepared.dataset
     with tqdm(total=len(dataset), unit="pair", desc=f"evaluate {label}", disable=not show_progress) as bar:
-        return score_pairs(model, prepared.views.policy, dataset.pairs, batch_tokens, bar.update)
+        return score_pairs(
+            model, prepared.views.policy, dataset.pairs, batch_tokens, bar.update, prefix_shared=prefix_shared
+        )
 
 
 def split_metrics(

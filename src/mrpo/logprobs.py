@@ -1,7 +1,9 @@
 """Sequence log-probs: the ONE function from a causal LM and a token batch to per-sequence completion log-probs.
 
 The same `sequence_logps` serves the reference precompute (under ``torch.no_grad``), policy training (with
-gradient, through DDP / accelerate / PEFT wrappers) and evaluation, so the numbers cannot drift apart.
+gradient, through DDP / accelerate / PEFT wrappers) and evaluation, so the numbers cannot drift apart; its row
+layouts, padding-free (``packed_sequence_logps``) and prefix-shared (``prefix_shared_sequence_logps``: a pair's
+prompt computed once), give the same numbers up to float rounding through the same LM-head code.
 
 How it avoids float32 logits for the whole batch x sequence x vocabulary:
 
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mrpo.batching import prediction_positions
+from mrpo.batching import prediction_positions, prefix_shared_attention
 
 LOGPROB_CODE_VERSION = 1
 """Bumped whenever a change here changes the numbers; part of the reference cache key."""
@@ -105,8 +107,10 @@ def sequence_logps(
     # matters for absolute position embeddings; rotary ones are shift-invariant anyway).
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    rows, cols, token_logps = _completion_token_logps(
-        model, model_inputs, completion_mask, prediction_positions, chunk_size
+    rows, cols = _prediction_rows_cols(completion_mask, prediction_positions, input_ids.device)
+    # Hidden state (row, col) predicts the token at (row, col + 1).
+    token_logps = _completion_token_logps(
+        model, model_inputs, rows, cols, input_ids[rows, cols + 1], chunk_size
     )
     logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     logps = logps.index_add(0, rows, token_logps)
@@ -150,31 +154,134 @@ def packed_sequence_logps(
         )
     completion_mask = completion_mask.bool()
     model_inputs = {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids}
-    rows, cols, token_logps = _completion_token_logps(
-        model, model_inputs, completion_mask, prediction_positions, chunk_size
+    rows, cols = _prediction_rows_cols(completion_mask, prediction_positions, input_ids.device)
+    token_logps = _completion_token_logps(
+        model, model_inputs, rows, cols, input_ids[rows, cols + 1], chunk_size
     )
-    owners = sequence_index[rows, cols + 1]
-    logps = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+    return _sums_by_owner(token_logps, sequence_index[rows, cols + 1], num_sequences)
+
+
+def prefix_shared_sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    segment_ids: Tensor,
+    prediction_positions: Tensor,
+    prediction_targets: Tensor,
+    prediction_owners: Tensor,
+    num_sequences: int,
+    *,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """Prefix-shared variant of ``sequence_logps``: one row per pair, its prompt computed once.
+
+    The rows are ``batching.prefix_shared_batch``'s: [shared prefix | chosen tail | rejected tail], the rejected
+    tail's positions continuing from the prefix and a 4D mask (``batching.prefix_shared_attention``, expanded here
+    on the device) that keeps it from seeing the chosen tail. Every token then sees what it sees in its own padded
+    row at the same positions, so the log-probs are the padded path's up to float rounding.
+
+    The mask reaches the attention as transformers' custom 4D mask: an additive float mask (0 where allowed, the
+    dtype's minimum elsewhere), which eager, sdpa and flex attention all add to the scores, and which
+    ``transformers.masking_utils.create_causal_mask`` returns as it is ("an already prepared 4D mask"). Flash
+    attention takes no such mask and is refused. Models with sliding-window layers get the window applied here
+    (in positions) and, where they mix full and sliding layers, the masks keyed by layer type, as their forward
+    takes a mapping ``{"full_attention": ..., "sliding_attention": ...}`` in place of the 2D mask.
+
+    Args:
+        input_ids, position_ids, segment_ids: (B, T) int64 as ``prefix_shared_batch`` returns them.
+        prediction_positions: (2, M) rows and columns of the states that predict completion tokens.
+        prediction_targets: (M,) the token each predicts; prediction_owners: (M,) its sequence (0..N-1).
+        num_sequences: N = 2B: the chosen sequences of the B pairs, then their rejected ones.
+
+    Returns:
+        ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64, in the order the padded
+        and packed paths use (chosen 0..B-1, then rejected).
+    """
+    if not (input_ids.shape == position_ids.shape == segment_ids.shape) or input_ids.ndim != 2:
+        raise ValueError(
+            "input_ids, position_ids and segment_ids must share one (B, T) shape, got "
+            f"{tuple(input_ids.shape)}, {tuple(position_ids.shape)}, {tuple(segment_ids.shape)}"
+        )
+    device = input_ids.device
+    mask = prefix_shared_masks(unwrap_model(model), segment_ids, position_ids)
+    model_inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+    rows, cols = prediction_positions[0].to(device), prediction_positions[1].to(device)
+    targets = prediction_targets.to(device)
+    token_logps = _completion_token_logps(model, model_inputs, rows, cols, targets, chunk_size)
+    return _sums_by_owner(token_logps, prediction_owners.to(device), num_sequences)
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+"""``config.layer_types`` entries prefix-shared rows know how to mask; another (chunked, linear) is refused."""
+
+
+def prefix_shared_masks(
+    base: nn.Module, segment_ids: Tensor, position_ids: Tensor
+) -> Tensor | dict[str, Tensor]:
+    """The additive 4D mask(s) of prefix-shared rows for ``base`` (see ``prefix_shared_sequence_logps``)."""
+    config = getattr(base, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or ""
+    if implementation.startswith("flash") or implementation.startswith("paged"):
+        raise ValueError(
+            f"prefix-shared rows need an attention kernel that takes a 4D mask (sdpa, eager, flex_attention), "
+            f"not {implementation!r}"
+        )
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    unknown = sorted(set(layer_types or ()) - set(ATTENTION_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"prefix-shared rows cannot mask {', '.join(unknown)} layers; use padded rows")
+    embeddings = base.get_input_embeddings().weight
+    dtype = (
+        embeddings.dtype if embeddings.is_floating_point() else torch.float32
+    )  # as transformers' own masks
+    allowed = prefix_shared_attention(segment_ids)
+    full = _additive(allowed, dtype)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return full
+    # transformers' sliding window keeps key k for query q when q - k < window; here in positions, so that the
+    # rejected tail counts its distance to the prefix as in its own padded row.
+    distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]
+    windowed = _additive(allowed & (distance < window), dtype)
+    if layer_types is None:  # every layer slides (Mistral-like)
+        return windowed
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask as an additive one: 0 where allowed, the dtype's minimum elsewhere (transformers' eager mask)."""
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _sums_by_owner(token_logps: Tensor, owners: Tensor, num_sequences: int) -> SequenceLogps:
+    """Token log-probs (M,) summed, and counted, into the sequences ``owners`` (M,) names."""
+    logps = torch.zeros(num_sequences, dtype=torch.float32, device=token_logps.device)
     logps = logps.index_add(0, owners, token_logps)
-    counts = torch.zeros(num_sequences, dtype=torch.long, device=input_ids.device)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=token_logps.device)
     counts = counts.index_add(0, owners, torch.ones_like(owners))
     return SequenceLogps(logps=logps, token_counts=counts)
 
 
-def _completion_token_logps(
-    model: nn.Module,
-    model_inputs: dict[str, Tensor | None],
-    completion_mask: Tensor,
-    positions: Tensor | None,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Positions (rows, cols) whose hidden state predicts a completion token, and that token's log-prob."""
-    # Hidden state (row, col) predicts the token at (row, col + 1).
-    input_ids = model_inputs["input_ids"]
+def _prediction_rows_cols(
+    completion_mask: Tensor, positions: Tensor | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Rows and columns of the hidden states that predict completion tokens: the host's, or found here."""
     if positions is None:
         positions = prediction_positions(completion_mask)
-    rows, cols = positions[0].to(input_ids.device), positions[1].to(input_ids.device)
-    targets = input_ids[rows, cols + 1]
+    return positions[0].to(device), positions[1].to(device)
+
+
+def _completion_token_logps(
+    model: nn.Module,
+    model_inputs: dict[str, Tensor | dict[str, Tensor] | None],
+    rows: Tensor,
+    cols: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+) -> Tensor:
+    """log p(target) (M,) float32 predicted by the hidden states at (rows, cols) of one forward of ``model``."""
     base = unwrap_model(model)
     head = _reproducible_head(base)
     if head is None:
@@ -182,7 +289,7 @@ def _completion_token_logps(
         token_logps = _chunked_target_logps(logits, rows, cols, targets, _to_float32, chunk_size)
     else:
         token_logps = _hidden_state_path(model, base, head, model_inputs, rows, cols, targets, chunk_size)
-    return rows, cols, token_logps
+    return token_logps
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -252,7 +359,7 @@ def _hidden_state_path(
     model: nn.Module,
     base: nn.Module,
     head: _LogitHead,
-    model_inputs: dict[str, Tensor | None],
+    model_inputs: dict[str, Tensor | dict[str, Tensor] | None],
     rows: Tensor,
     cols: Tensor,
     targets: Tensor,

@@ -455,7 +455,9 @@ def run_evaluate(
     results, correct = [], {}
     for label, checkpoint in checkpoints.items():
         model = load_for_evaluation(config, checkpoint, device)
-        logps, tokens = score_split(model, prepared, label, show_progress=show_progress)
+        logps, tokens = score_split(
+            model, prepared, label, show_progress=show_progress, prefix_shared=config.policy.prefix_shared
+        )
         del model
         result = split_metrics(
             label,

@@ -90,8 +90,8 @@ def claim_output_dir(output_dir: Path, *, overwrite: bool) -> None:
 MATHS_SECTIONS = ("policy", "references", "data", "loss", "lora")
 """Sections a resumed run must keep as they were: changing them changes what the run computes..."""
 HOW_NOT_WHAT = re.compile(
-    r"^(policy\.(attn_implementation|padding_free|pad_to_multiple_of|compile|micro_batch_tokens)"
-    r"|references\.\d+\.(batch_tokens|hash_weights)"
+    r"^(policy\.(attn_implementation|padding_free|prefix_shared|pad_to_multiple_of|compile|micro_batch_tokens)"
+    r"|references\.\d+\.(batch_tokens|prefix_shared|hash_weights)"
     r"|data\.(eval|eval_split|max_eval_pairs|cache_tokenized|num_proc))$"
 )
 """...except these keys, which change how it is computed or what is evaluated, not what is trained."""

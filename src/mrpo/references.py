@@ -1,6 +1,7 @@
 """The K-reference cache: each reference scores every pair once, on its own tokenization, into a reusable store.
 
-Here: scoring pairs (``score_pairs``: ``batching``'s token-budget batches through ``logprobs.sequence_logps``),
+Here: scoring pairs (``score_pairs``: ``batching``'s token-budget batches through ``logprobs.sequence_logps``, or
+prefix-shared rows through ``logprobs.prefix_shared_sequence_logps`` with ``references[].prefix_shared``),
 filling each reference's store with the pairs it lacks (``precompute``) and serving the stores as ``(K, N)``
 columns (``open_cache``, ``ReferenceCache``). The store on disk (its key, shards and lock) is ``reference_store``'s.
 
@@ -9,11 +10,13 @@ A *store* holds one reference's sequence log-probs. It lives in ``cache_dir/stor
 tokenizer and chat template (the view's fingerprint), whose token ids it scores (its own, or the policy's:
 ``references[].tokens``), the overflow policy and ``max_length`` when it truncates (with the default
 ``overflow="drop"`` a pair is scored whole or not at all, so the limit changes no stored number), the dtype and
-``LOGPROB_CODE_VERSION``. The text itself is in the entries' keys: a pair id is a hash of the pair's content, so an
-entry ``pair_id -> log-probs`` can never be served for other text. Beside each entry is a 64-bit tag of the exact
-token ids it scored (``data.token_store.pair_token_tags``: the chosen and rejected prompt + completion ids for this
-reference's view); a lookup asks for the tags of the tokens at hand, so an entry scored from other tokens (a
-tokenized entry damaged, then rebuilt) reads as missing and is scored again: damage upstream never reaches a store.
+``LOGPROB_CODE_VERSION``; not the rows' layout (padded or prefix-shared) nor ``batch_tokens``, which change the
+numbers by float rounding only (~1e-6 nats). The text itself is in the entries' keys: a pair id is a hash of the
+pair's content, so an entry ``pair_id -> log-probs`` can never be served for other text. Beside each entry is a
+64-bit tag of the exact token ids it scored (``data.token_store.pair_token_tags``: the chosen and rejected prompt +
+completion ids for this reference's view); a lookup asks for the tags of the tokens at hand, so an entry scored
+from other tokens (a tokenized entry damaged, then rebuilt) reads as missing and is scored again: damage upstream
+never reaches a store.
 A store is therefore shared by every data set, subsample and run that uses the same reference: adding pairs
 computes only the missing ones.
 
@@ -38,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrpo.batching import pad_batch, token_budget_batches
+from mrpo.batching import pad_batch, prefix_shared_batch, prefix_shared_length, token_budget_batches
 from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
-from mrpo.logprobs import sequence_logps
+from mrpo.logprobs import prefix_shared_sequence_logps, sequence_logps
 from mrpo.models import default_device, load_model, torch_dtype
 from mrpo.pair_table import pair_numbers
 from mrpo.reference_store import ReferenceStore, StoreKey, store_directory, store_lock
@@ -61,9 +64,20 @@ SHARD_PAIRS = 512
 
 @torch.inference_mode()
 def score_pairs(
-    model, view: ModelView, pairs: Sequence[TokenizedPair], batch_tokens: int, progress: Callable[[int], None]
+    model,
+    view: ModelView,
+    pairs: Sequence[TokenizedPair],
+    batch_tokens: int,
+    progress: Callable[[int], None],
+    *,
+    prefix_shared: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (N, 2) float32 and token counts (N, 2) of chosen/rejected for ``pairs`` under ``model``."""
+    """Log-probs (N, 2) float32 and token counts (N, 2) of chosen/rejected for ``pairs`` under ``model``.
+
+    ``prefix_shared``: one row per pair, its prompt computed once (``batching.prefix_shared_batch``); the same
+    numbers up to float rounding."""
+    if prefix_shared:
+        return _score_prefix_shared(model, view, pairs, batch_tokens, progress)
     # Sequences are read batch by batch: compact ``TokenizedPairs`` are never expanded into tuples all at once.
     lengths = sequence_lengths(pairs)
     logps = torch.empty(len(lengths), dtype=torch.float32)
@@ -91,6 +105,40 @@ def score_pairs(
         before, done_sequences = done_sequences, done_sequences + len(batch)
         progress(done_sequences // 2 - before // 2)
     return logps.view(-1, 2), counts.view(-1, 2)
+
+
+PREFIX_SHARED_WINDOW = 1024
+"""Pairs read into memory at a time by the prefix-shared precompute, to measure their rows and batch them."""
+
+
+def _score_prefix_shared(
+    model, view: ModelView, pairs: Sequence[TokenizedPair], batch_tokens: int, progress: Callable[[int], None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``score_pairs`` on prefix-shared rows: windows of pairs read once, batched longest row first."""
+    logps = torch.empty(len(pairs), 2, dtype=torch.float32)
+    counts = torch.empty(len(pairs), 2, dtype=torch.int64)
+    device = next(model.parameters()).device
+    for start in range(0, len(pairs), PREFIX_SHARED_WINDOW):
+        window = [(pair.chosen, pair.rejected) for pair in pairs[start : start + PREFIX_SHARED_WINDOW]]
+        rows = [prefix_shared_length(chosen, rejected) for chosen, rejected in window]
+        for batch in token_budget_batches(rows, batch_tokens):
+            tensors = prefix_shared_batch([window[i] for i in batch], pad_token_id=view.pad_token_id)
+            check_token_ids(model, view.name, tensors["input_ids"])
+            result = prefix_shared_sequence_logps(
+                model,
+                tensors["input_ids"].to(device),
+                tensors["position_ids"].to(device),
+                tensors["segment_ids"].to(device),
+                tensors["prediction_positions"],
+                tensors["prediction_targets"],
+                tensors["prediction_owners"],
+                num_sequences=2 * len(batch),
+            )
+            index = start + torch.tensor(batch)
+            logps[index] = result.logps.float().cpu().view(2, -1).T
+            counts[index] = result.token_counts.cpu().view(2, -1).T
+            progress(len(batch))
+    return logps, counts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,7 +416,9 @@ def _compute_missing(
     try:
         for indices in mine:
             shard = [pairs[i] for i in indices]  # one shard's pairs in memory at a time
-            values, tokens = score_pairs(model, view, shard, spec.batch_tokens, bar.update)
+            values, tokens = score_pairs(
+                model, view, shard, spec.batch_tokens, bar.update, prefix_shared=spec.prefix_shared
+            )
             # The tags of the very tokens scored (a stored read was checked against its checksum).
             store.write_shard([pair.pair_id for pair in shard], values, tokens, pair_token_tags(shard))
     finally:

@@ -29,7 +29,7 @@ from transformers.trainer_utils import has_length
 
 from mrpo.config.schema import LossConfig
 from mrpo.errors import ConfigError, TrainingError, write_failure
-from mrpo.logprobs import packed_sequence_logps, sequence_logps
+from mrpo.logprobs import SequenceLogps, packed_sequence_logps, prefix_shared_sequence_logps, sequence_logps
 from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss
 from mrpo.rundir import mean_train_loss
 
@@ -106,11 +106,12 @@ public. tests/test_trainer.py checks that transformers still has and uses each, 
 class MRPOTrainer(Trainer):
     """``transformers.Trainer`` whose loss is MRPO (DPO when K = 1) against cached reference log-probs.
 
-    Use with ``collator.PreferenceDataset`` / ``PreferenceCollator`` (padded or padding-free batches: the batch's
-    keys pick the log-prob path). The Trainer gets a copy of the caller's ``TrainingArguments`` with
-    ``remove_unused_columns`` off (``trainer_arguments``: it would otherwise strip every column the model's forward
-    does not name); the caller's object is left as it was. Everything else -- checkpoints, resume, gradient
-    accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the Trainer's.
+    Use with ``collator.PreferenceDataset`` / ``PreferenceCollator`` (padded, padding-free or prefix-shared
+    batches: the batch's keys pick the log-prob path, ``policy_logps``). The Trainer gets a copy of the caller's
+    ``TrainingArguments`` with ``remove_unused_columns`` off (``trainer_arguments``: it would otherwise strip every
+    column the model's forward does not name); the caller's object is left as it was. Everything else --
+    checkpoints, resume, gradient accumulation, DDP/FSDP/DeepSpeed through accelerate, ``report_to`` -- is the
+    Trainer's.
     """
 
     # Our loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps (public since 5.19).
@@ -215,25 +216,7 @@ class MRPOTrainer(Trainer):
         reference_chosen = inputs["reference_chosen_logps"]
         reference_rejected = inputs["reference_rejected_logps"]
         batch_size = reference_chosen.shape[1]
-        # One forward for both responses: the collator puts the chosen sequences first, then the rejected ones.
-        if "sequence_index" in inputs:  # padding-free: the collator packed the 2B sequences into one row
-            policy = packed_sequence_logps(
-                model,
-                inputs["input_ids"],
-                inputs["position_ids"],
-                inputs["completion_mask"],
-                inputs["sequence_index"],
-                num_sequences=2 * batch_size,
-                prediction_positions=inputs.get("prediction_positions"),
-            )
-        else:
-            policy = sequence_logps(
-                model,
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                inputs["completion_mask"],
-                prediction_positions=inputs.get("prediction_positions"),
-            )
+        policy = policy_logps(model, inputs, batch_size)
         try:
             output = mrpo_loss(
                 policy.logps[:batch_size],
@@ -328,6 +311,39 @@ class MRPOTrainer(Trainer):
 
     def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
+
+
+def policy_logps(model: torch.nn.Module, inputs: dict[str, Any], batch_size: int) -> SequenceLogps:
+    """The policy's log-probs of a batch's 2B sequences, chosen first: one forward, the path the batch's keys name
+    (prefix-shared rows, packed rows or padded rows, as the collator built them)."""
+    if "segment_ids" in inputs:  # prefix-shared: one row per pair, its prompt once
+        return prefix_shared_sequence_logps(
+            model,
+            inputs["input_ids"],
+            inputs["position_ids"],
+            inputs["segment_ids"],
+            inputs["prediction_positions"],
+            inputs["prediction_targets"],
+            inputs["prediction_owners"],
+            num_sequences=2 * batch_size,
+        )
+    if "sequence_index" in inputs:  # padding-free: the collator packed the 2B sequences into one row
+        return packed_sequence_logps(
+            model,
+            inputs["input_ids"],
+            inputs["position_ids"],
+            inputs["completion_mask"],
+            inputs["sequence_index"],
+            num_sequences=2 * batch_size,
+            prediction_positions=inputs.get("prediction_positions"),
+        )
+    return sequence_logps(
+        model,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        inputs["completion_mask"],
+        prediction_positions=inputs.get("prediction_positions"),
+    )
 
 
 def trainer_arguments(training_args):
