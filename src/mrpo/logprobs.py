@@ -10,7 +10,7 @@ How it avoids float32 logits for the whole batch x sequence x vocabulary:
 2. A forward hook on the decoder (``get_decoder()`` of the unwrapped model) takes the final hidden states — still
    inside the model's forward, where sharded parameters are gathered — and projects only the positions that predict
    completion tokens through ``get_output_embeddings()`` (a LoRA-wrapped head included), ``chunk_size`` positions
-   at a time, with the log-softmax in float32. With gradient, each chunk is recomputed in the backward pass
+   at a time (by default sized by the vocabulary: ``default_chunk_size``), with the log-softmax in float32. With gradient, each chunk is recomputed in the backward pass
    (activation checkpointing), so one chunk of logits lives at a time in both passes.
 3. The head transforms that model forwards apply to logits are reproduced from the config, as TRL's fused LM head
    does: ``final_logit_softcapping`` (Gemma 2/3/3n/4, NanoChat, ...) or ``logits_soft_cap`` (RecurrentGemma), and a
@@ -48,6 +48,17 @@ FULL_LOGITS_MODEL_TYPES: set[str] = {
 """``config.model_type`` values scored from the model's own full logits (see the module docstring)."""
 
 
+LOGITS_CHUNK_ELEMENTS = 2**26
+"""Float32 logits per LM-head chunk by default (positions x vocabulary): 256 MiB, whatever the vocabulary."""
+
+
+def default_chunk_size(vocabulary: int) -> int:
+    """Completion positions per LM-head chunk for a ``vocabulary``-word head: ``LOGITS_CHUNK_ELEMENTS / vocabulary``,
+    at least 1 (256 rows for Gemma-3's 262,144 words, 2,048 for a 32k vocabulary). Chunking splits positions only:
+    the numbers do not depend on it."""
+    return max(1, LOGITS_CHUNK_ELEMENTS // max(1, int(vocabulary)))
+
+
 @dataclass(frozen=True)
 class SequenceLogps:
     """Per-sequence sums of completion-token log-probs."""
@@ -65,7 +76,7 @@ def sequence_logps(
     completion_mask: Tensor,
     *,
     prediction_positions: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> SequenceLogps:
     """Sum of completion-token log-probs of each sequence under ``model``.
 
@@ -80,7 +91,7 @@ def sequence_logps(
             tokens, as ``batching.pad_batch`` computes them on the host; when given, ``completion_mask`` is
             trusted and neither checked nor searched on the device (no host-device sync).
         chunk_size: completion positions projected through the LM head at a time; bounds the float32 logits to
-            (chunk_size, vocabulary).
+            (chunk_size, vocabulary). Default: ``default_chunk_size(vocabulary)`` (256 MiB of logits a chunk).
 
     Returns:
         ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64.
@@ -90,7 +101,7 @@ def sequence_logps(
             "input_ids, attention_mask and completion_mask must share one (N, T) shape, got "
             f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
         )
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     completion_mask = completion_mask.bool()
     if prediction_positions is None:
@@ -122,7 +133,7 @@ def packed_sequence_logps(
     num_sequences: int,
     *,
     prediction_positions: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> SequenceLogps:
     """Padding-free variant of ``sequence_logps``: sequences packed one after another in rows.
 
@@ -166,7 +177,7 @@ def _completion_token_logps(
     model_inputs: dict[str, Tensor | None],
     completion_mask: Tensor,
     positions: Tensor | None,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Positions (rows, cols) whose hidden state predicts a completion token, and that token's log-prob."""
     # Hidden state (row, col) predicts the token at (row, col + 1).
@@ -208,6 +219,12 @@ class _LogitHead:
     module: nn.Module
     scale: float | None
     softcap: float | None
+
+    @property
+    def vocabulary(self) -> int:
+        """Rows of the head: the width of its logits."""
+        out_features = getattr(self.module, "out_features", None)
+        return int(out_features) if out_features is not None else int(self.module.weight.shape[0])
 
     def __call__(self, hidden: Tensor) -> Tensor:
         # The projection runs in the model's dtype, like the model's own head; everything after it in float32.
@@ -256,7 +273,7 @@ def _hidden_state_path(
     rows: Tensor,
     cols: Tensor,
     targets: Tensor,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Tensor:
     """Completion-token log-probs (M,) from the decoder's final hidden states, captured inside ``model(...)``."""
     captured: dict[str, Tensor] = {}
@@ -306,13 +323,17 @@ def _chunked_target_logps(
     cols: Tensor,
     targets: Tensor,
     project: Callable[[Tensor], Tensor],
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Tensor:
     """log p(target) (M,) float32 for the positions (rows, cols) of ``source`` (N, T, H or V), chunk by chunk.
 
     ``project`` maps (n, H or V) to float32 logits (n, V). With gradient enabled each chunk is checkpointed: only
-    its inputs are kept, and its logits are recomputed in the backward pass.
+    its inputs are kept, and its logits are recomputed in the backward pass. ``chunk_size`` None: sized by the
+    vocabulary (``default_chunk_size``).
     """
+    if chunk_size is None:
+        vocabulary = project.vocabulary if isinstance(project, _LogitHead) else source.shape[-1]
+        chunk_size = default_chunk_size(vocabulary)
     pieces = []
     for start in range(0, rows.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
