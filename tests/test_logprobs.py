@@ -216,6 +216,34 @@ def test_unreproduced_logit_transform_raises_and_full_logits_fallback(monkeypatc
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-6)
 
 
+def test_deferred_head_checks_stay_on_the_device_and_raise_the_same_error_when_read():
+    """Precompute checks the head once per shard: inside ``deferred_head_checks`` a call only records its check,
+    ``raise_if_head_differs`` raises the very error the call would have; ``score_pairs`` does both."""
+    from mrpo.references import score_pairs
+
+    model = tiny_llama()
+    tokenizer = bpe_tokenizer()
+    sequences = sequences_for(tokenizer)
+    with torch.no_grad(), logprobs.deferred_head_checks() as checks:
+        batched_logps(model, sequences)
+    assert len(checks) == 1 and checks[0].shape == (2,)
+    logprobs.raise_if_head_differs(model, torch.stack(checks))  # a faithful head passes
+
+    def halve_logits(_module, _args, output):
+        output.logits = output.logits / 2
+        return output
+
+    model.register_forward_hook(halve_logits)
+    with torch.no_grad(), logprobs.deferred_head_checks() as checks:
+        batched_logps(model, sequences)
+    with pytest.raises(RuntimeError, match="FULL_LOGITS_MODEL_TYPES"):
+        logprobs.raise_if_head_differs(model, torch.stack(checks))
+    view = ModelView(tokenizer)
+    pairs = [view.tokenize(pair) for pair in standard_pairs()]
+    with pytest.raises(RuntimeError, match="transforms its logits in a way mrpo does not reproduce"):
+        score_pairs(model, view, pairs, 200, lambda done: None)
+
+
 def test_rejects_inconsistent_masks():
     model = tiny_llama()
     batch = pad_batch([TokenizedSequence((5, 6, 7), 1), TokenizedSequence((8, 9), 1)], pad_token_id=0)

@@ -18,7 +18,9 @@ How it avoids float32 logits for the whole batch x sequence x vocabulary:
    Granite and MiniCPM3, ``logits_scaling`` for HyperCLOVA X).
 4. Safety net: when the head is in eval mode (always during precompute) the model's own last-position logits are
    compared with the reproduced head's; a model whose forward does something else to its logits raises an error
-   instead of returning wrong numbers.
+   instead of returning wrong numbers. The comparison costs one host sync per call; inside
+   ``deferred_head_checks()`` it stays on the device and the caller checks every call's at once
+   (``raise_if_head_differs``): precompute does so once per shard.
 
 Models whose ``config.model_type`` is in ``FULL_LOGITS_MODEL_TYPES`` (their head does something not reproduced
 here), models whose forward takes no ``logits_to_keep`` and models without a separate decoder are scored from the
@@ -28,8 +30,10 @@ only the float32 log-softmax is chunked.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -184,7 +188,7 @@ def _completion_token_logps(
     input_ids = model_inputs["input_ids"]
     if positions is None:
         positions = prediction_positions(completion_mask)
-    rows, cols = positions[0].to(input_ids.device), positions[1].to(input_ids.device)
+    rows, cols = positions.to(input_ids.device, non_blocking=True)  # no wait: nothing reads them on the host
     targets = input_ids[rows, cols + 1]
     base = unwrap_model(model)
     head = _reproducible_head(base)
@@ -299,12 +303,47 @@ def _hidden_state_path(
     return captured["token_logps"]
 
 
+_DEFERRED_HEAD_CHECKS: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
+    "deferred_head_checks", default=None
+)
+
+
+@contextlib.contextmanager
+def deferred_head_checks() -> Iterator[list[Tensor]]:
+    """Within it, each forward's head check is appended to the yielded list as a (2,) float32 device tensor
+    ``(difference, tolerance)`` instead of being read on the host; pass them (stacked, on the host or not) to
+    ``raise_if_head_differs``. Nothing syncs with the device until the caller reads them."""
+    checks: list[Tensor] = []
+    token = _DEFERRED_HEAD_CHECKS.set(checks)
+    try:
+        yield checks
+    finally:
+        _DEFERRED_HEAD_CHECKS.reset(token)
+
+
 def _check_head(base: nn.Module, reproduced: Tensor, actual: Tensor) -> None:
-    """Raise if the model's own logits (N, V) differ from the reproduced head's beyond its dtype's rounding."""
+    """Raise if the model's own logits (N, V) differ from the reproduced head's beyond its dtype's rounding (one
+    host sync), or hand the comparison to ``deferred_head_checks``."""
     # Tolerance from the dtype the model computed its logits in: a bf16 head rounds the soft-cap in bf16.
-    tolerance = max(1e-4, 8 * torch.finfo(actual.dtype).eps) * max(1.0, actual.detach().abs().max().item())
-    difference = (reproduced - actual.detach().float()).abs().nan_to_num(nan=0.0).max().item()
-    if difference > tolerance:
+    relative = max(1e-4, 8 * torch.finfo(actual.dtype).eps)
+    largest = actual.detach().abs().max().float().nan_to_num(nan=1.0, posinf=float("inf"))
+    tolerance = relative * largest.clamp(min=1.0)
+    difference = (reproduced - actual.detach().float()).abs().nan_to_num(nan=0.0).max()
+    check = torch.stack([difference, tolerance])
+    deferred = _DEFERRED_HEAD_CHECKS.get()
+    if deferred is not None:
+        deferred.append(check)
+    else:
+        raise_if_head_differs(base, check)
+
+
+def raise_if_head_differs(model: nn.Module, checks: Tensor) -> None:
+    """Raise if any head check ``(difference, tolerance)`` of ``checks`` (2,) or (n, 2) exceeds its tolerance."""
+    values = checks.reshape(-1, 2).tolist()  # the one host sync
+    failed = [(difference, tolerance) for difference, tolerance in values if difference > tolerance]
+    if failed:
+        difference, tolerance = failed[0]
+        base = unwrap_model(model)
         model_type = base.config.model_type
         raise RuntimeError(
             f"{type(base).__name__} transforms its logits in a way mrpo does not reproduce (the last position's "
@@ -352,4 +391,15 @@ def _target_logps(
 ) -> Tensor:
     logits = project(source[rows, cols])  # (n, V) float32
     # log_softmax gathered at the target, without a second (n, V) tensor for the full log_softmax.
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+    if torch.is_grad_enabled():
+        return target_logits - logits.logsumexp(dim=-1)
+    return target_logits - _logsumexp_in_place(logits)
+
+
+def _logsumexp_in_place(logits: Tensor) -> Tensor:
+    """``logits.logsumexp(-1)`` by the same steps as torch's, overwriting ``logits`` (a fresh tensor) with its
+    exponentials instead of allocating a second (n, V) tensor: while scoring, the head holds one chunk of logits."""
+    largest = logits.amax(dim=-1, keepdim=True)
+    largest = largest.masked_fill(largest.abs() == float("inf"), 0.0)
+    return logits.sub_(largest).exp_().sum(dim=-1).log_().add_(largest.squeeze(-1))
