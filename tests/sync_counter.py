@@ -9,10 +9,9 @@ Device tensors are
 - the parameters and buffers of the modules given to ``SyncCounter(...)``, and their gradients;
 - the result of moving a host tensor to a device (``Tensor.to`` naming a device or a tensor, ``.cuda()``,
   ``torch.tensor(data, device=...)``);
+- tensors a factory makes with an explicit ``device=`` (``torch.arange(n, device=x.device)``), when called from
+  outside torch (``torch.load`` makes host tensors so too);
 - whatever a torch function computes from a device tensor.
-
-A factory's tensor (``torch.zeros(n, device=x.device)``) is not one until it meets a device tensor: on the CPU
-``device=`` cannot tell the device from the host (``torch.load`` makes its tensors so too).
 
 Everything else (a collator's batch, ``torch.tensor(list)``, an optimizer's step counter) is a host tensor, as it
 would be on a GPU. A *sync* is then
@@ -55,6 +54,20 @@ _SHAPES = {
     "bincount",
 }
 _UPLOADS = {"new_tensor", "tensor", "as_tensor"}
+_FACTORIES = {
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "linspace",
+    "eye",
+    "new_ones",
+}
+_FACTORIES |= {"new_zeros", "new_empty", "new_full"}
 
 
 class SyncCounter(TorchFunctionMode):
@@ -157,6 +170,8 @@ class SyncCounter(TorchFunctionMode):
             return name not in _READS
         if name in ("to", "cuda"):
             return _moves_to_device(name, args, kwargs)
+        if name in _FACTORIES and kwargs.get("device") is not None:
+            return "/torch/" not in traceback.extract_stack(sys._getframe(2), limit=1)[0].filename
         return name in _UPLOADS and kwargs.get("device") is not None
 
 
