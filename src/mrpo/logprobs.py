@@ -10,8 +10,9 @@ How it avoids float32 logits for the whole batch x sequence x vocabulary:
 2. A forward hook on the decoder (``get_decoder()`` of the unwrapped model) takes the final hidden states — still
    inside the model's forward, where sharded parameters are gathered — and projects only the positions that predict
    completion tokens through ``get_output_embeddings()`` (a LoRA-wrapped head included), ``chunk_size`` positions
-   at a time (by default sized by the vocabulary: ``default_chunk_size``), with the log-softmax in float32. With gradient, each chunk is recomputed in the backward pass
-   (activation checkpointing), so one chunk of logits lives at a time in both passes.
+   at a time (by default sized by the vocabulary: ``default_chunk_size``), with the log-softmax in float32. With
+   gradient, each chunk is recomputed in the backward pass (activation checkpointing), so one chunk of logits
+   lives at a time in both passes; without, the log-sum-exp runs in place on the chunk's logits.
 3. The head transforms that model forwards apply to logits are reproduced from the config, as TRL's fused LM head
    does: ``final_logit_softcapping`` (Gemma 2/3/3n/4, NanoChat, ...) or ``logits_soft_cap`` (RecurrentGemma), and a
    scale (``logit_scale`` for Cohere, ``output_multiplier``, ``lm_head_multiplier``, ``1 / logits_scaling`` for
@@ -58,7 +59,7 @@ LOGITS_CHUNK_ELEMENTS = 2**26
 
 def default_chunk_size(vocabulary: int) -> int:
     """Completion positions per LM-head chunk for a ``vocabulary``-word head: ``LOGITS_CHUNK_ELEMENTS / vocabulary``,
-    at least 1 (256 rows for Gemma-3's 262,144 words, 2,048 for a 32k vocabulary). Chunking splits positions only:
+    at least 1 (256 rows for Gemma-3's 262,144 words, 2,048 for 32,768). Chunking splits positions only:
     the numbers do not depend on it."""
     return max(1, LOGITS_CHUNK_ELEMENTS // max(1, int(vocabulary)))
 
