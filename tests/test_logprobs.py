@@ -43,7 +43,7 @@ def naive_logps(model, sequences) -> torch.Tensor:
     return torch.stack(totals)
 
 
-def batched_logps(model, sequences, *, pad_token_id=0, padding_side="right", chunk_size=1024):
+def batched_logps(model, sequences, *, pad_token_id=0, padding_side="right", chunk_size=None):
     batch = pad_batch(sequences, pad_token_id=pad_token_id, padding_side=padding_side)
     return sequence_logps(model, **batch, chunk_size=chunk_size)
 
@@ -81,6 +81,44 @@ def test_invariant_to_batch_composition_padding_side_and_chunk_size(family):
     for result in results:
         torch.testing.assert_close(result[0], alone, atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(result, results[0], atol=1e-5, rtol=1e-6)
+
+
+def test_the_default_chunk_is_sized_by_the_vocabulary():
+    assert logprobs.default_chunk_size(262_144) == 256  # Gemma-3: 256 MiB of float32 logits a chunk
+    assert logprobs.default_chunk_size(32_000) == 2_097
+    assert logprobs.default_chunk_size(2**27) == 1  # never less than one position
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_the_default_chunk_follows_the_vocabulary_and_changes_no_number(family, monkeypatch, full_logits):
+    """Three positions' worth of logits a chunk: every chunk of the default has 3 rows (the last fewer), on the
+    hidden-state path and on the full-logits path, with and without gradient, and the log-probs are those of one
+    chunk for everything."""
+    model, _, sequences = family
+    vocabulary = model.config.vocab_size
+    if full_logits:
+        monkeypatch.setattr(logprobs, "FULL_LOGITS_MODEL_TYPES", {model.config.model_type})
+    with torch.no_grad():
+        whole = batched_logps(model, sequences, chunk_size=100_000).logps
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_ELEMENTS", 3 * vocabulary + 1)
+    chunks = []
+    original = logprobs._target_logps
+
+    def recorded(source, rows, *args):
+        chunks.append(rows.numel())
+        return original(source, rows, *args)
+
+    monkeypatch.setattr(logprobs, "_target_logps", recorded)
+    with torch.no_grad():
+        default = batched_logps(model, sequences).logps
+    completion_tokens = sum(s.completion_length for s in sequences)
+    assert chunks[:-1] == [3] * (len(chunks) - 1) and 1 <= chunks[-1] <= 3
+    assert sum(chunks) == completion_tokens
+    torch.testing.assert_close(default, whole, atol=1e-5, rtol=1e-6)
+    chunks.clear()
+    with_gradient = batched_logps(model, sequences).logps
+    assert max(chunks) == 3  # the checkpointed chunks, recomputed in the backward pass, are just as small
+    torch.testing.assert_close(with_gradient.detach(), whole, atol=1e-5, rtol=1e-6)
 
 
 def test_lm_head_sees_only_completion_positions(family):
@@ -176,6 +214,34 @@ def test_unreproduced_logit_transform_raises_and_full_logits_fallback(monkeypatc
     finally:
         handle.remove()
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-6)
+
+
+def test_deferred_head_checks_stay_on_the_device_and_raise_the_same_error_when_read():
+    """Precompute checks the head once per shard: inside ``deferred_head_checks`` a call only records its check,
+    ``raise_if_head_differs`` raises the very error the call would have; ``score_pairs`` does both."""
+    from mrpo.references import score_pairs
+
+    model = tiny_llama()
+    tokenizer = bpe_tokenizer()
+    sequences = sequences_for(tokenizer)
+    with torch.no_grad(), logprobs.deferred_head_checks() as checks:
+        batched_logps(model, sequences)
+    assert len(checks) == 1 and checks[0].shape == (2,)
+    logprobs.raise_if_head_differs(model, torch.stack(checks))  # a faithful head passes
+
+    def halve_logits(_module, _args, output):
+        output.logits = output.logits / 2
+        return output
+
+    model.register_forward_hook(halve_logits)
+    with torch.no_grad(), logprobs.deferred_head_checks() as checks:
+        batched_logps(model, sequences)
+    with pytest.raises(RuntimeError, match="FULL_LOGITS_MODEL_TYPES"):
+        logprobs.raise_if_head_differs(model, torch.stack(checks))
+    view = ModelView(tokenizer)
+    pairs = [view.tokenize(pair) for pair in standard_pairs()]
+    with pytest.raises(RuntimeError, match="transforms its logits in a way mrpo does not reproduce"):
+        score_pairs(model, view, pairs, 200, lambda done: None)
 
 
 def test_rejects_inconsistent_masks():

@@ -762,3 +762,45 @@ def test_token_ids_past_the_embedding_are_refused_before_the_forward_naming_the_
         f"init ({model_dirs['llama']}): token id {rows + 4} is past the {rows} rows"
     )
     assert forwards.calls == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-device syncs: one per shard
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_precompute_syncs_with_the_device_once_per_shard(tmp_path, model_dirs, monkeypatch, forwards, name):
+    """Counted on the CPU as they would happen on an accelerator (tests/sync_counter.py): scoring a shard reads
+    the device once -- every batch's log-probs, token counts and LM-head checks in one copy -- and uploads
+    without waiting. Before: a ``.cpu()`` pair and two ``.item()`` a batch, and five blocking uploads. The model's
+    forward is not mrpo's: with sdpa, transformers' mask builder adds a sync or two a batch (it asks whether the
+    padding mask is all ones)."""
+    from sync_counter import SyncCounter
+
+    counter = SyncCounter()
+    per_shard = []
+    loaded, scored = references.load_model, references.score_pairs
+
+    def watched(*args, **kwargs):
+        model = loaded(*args, **kwargs)
+        counter.watch(model)
+        return model
+
+    def counted(*args, **kwargs):
+        counter.reset()
+        with counter:
+            result = scored(*args, **kwargs)
+        per_shard.append((counter.count, counter.made_by("transformers"), counter.table()))
+        return result
+
+    monkeypatch.setattr(references, "load_model", watched)
+    monkeypatch.setattr(references, "score_pairs", counted)
+    monkeypatch.setattr(references, "SHARD_PAIRS", 4)  # 11 pairs: 3 shards
+    reference = spec("init", model_dirs[name], batch_tokens=60)  # a few sequences a batch
+    cache, result = run_precompute(pair_set(), [reference], tmp_path)
+    assert len(per_shard) == len(shards(tmp_path)) == 3 and forwards.calls > 6
+    for count, by_transformers, table in per_shard:
+        assert count - by_transformers == 1, table
+    model = AutoModelForCausalLM.from_pretrained(model_dirs[name])
+    expected = naive_logps(model, result.per_view[0])
+    torch.testing.assert_close(values(cache, result.pair_ids)[:, 0].T, expected, atol=ATOL, rtol=RTOL)

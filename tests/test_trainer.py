@@ -731,13 +731,64 @@ def test_split_batches_count_their_tokens_and_flops(two_reference_dataset, workd
             include_num_input_tokens_seen="all",
         )  # fmt: skip
         trainer = setup.make_trainer(
-            tiny_llama().train(), two_reference_dataset, args, padding_free=True, micro_batch_tokens=budget
+            tiny_llama().train(),
+            two_reference_dataset,
+            args,
+            padding_free=True,
+            micro_batch_tokens=budget,
+            pad_to_multiple_of=1,  # exact lengths: a bucket would add padding to the split rows' work
         )
         trainer.train()
         counted.append((trainer.state.num_input_tokens_seen, trainer.state.total_flos))
     (tokens, flos), (split_tokens, split_flos) = counted
     assert tokens > 0 and split_tokens == tokens  # packed rows: every token is a real one, split or not
     assert flos > 0 and split_flos == pytest.approx(flos)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-device syncs of a training step
+
+
+class StepSyncs(TrainerCallback):
+    """The syncs (tests/sync_counter.py) made from the start of one step to the start of the next."""
+
+    def __init__(self, counter):
+        self.counter, self.starts = counter, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.starts.append(len(self.counter.syncs))
+
+    def step(self, index: int) -> list[tuple[str, str, str]]:
+        return self.counter.syncs[self.starts[index] : self.starts[index + 1]]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_training_step_makes_one_sync_of_its_own(dataset, workdir, split):
+    """Counted on the CPU as they would happen on an accelerator, over a step without a log line. mrpo's own: one,
+    the check of the loss's inputs before the optimizer step, whatever the number of micro-batches. Before: a
+    check and a blocking upload (the metric count) per forward, and the Trainer's NaN filter (two reads of the
+    loss) -- 4 a padded step, 2 + 2 per micro-batch a split one. What remains is not mrpo's: accelerate's blocking
+    upload of each batch tensor and, with sdpa, transformers' mask builder (two reads a forward on padded rows)."""
+    from sync_counter import SyncCounter
+
+    model = tiny_llama().train()
+    budget = _budget_that_splits_unevenly(dataset, 4, padded=True) if split else None
+    args = setup.training_arguments(
+        workdir / f"syncs-{split}", max_steps=3, logging_steps=100, max_grad_norm=1.0
+    )
+    trainer = setup.make_trainer(model, dataset, args, micro_batch_tokens=budget)
+    counter = SyncCounter(model)
+    steps = StepSyncs(counter)
+    trainer.add_callback(steps)
+    with counter:
+        trainer.train()
+    syncs = steps.step(1)  # the second step: no log line, nothing built for the first time
+    table = "\n".join(f"{kind} {name} {where}" for kind, name, where in syncs)
+    own = [where for _, _, where in syncs if "/mrpo/" in where]
+    assert len(own) == 1 and "_check_step_logps" in own[0], table
+    assert not [where for _, _, where in syncs if "/transformers/trainer.py" in where], table
+    if not split:
+        assert len(syncs) == 9, table  # 1 + 6 batch tensors uploaded + 2 mask reads
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -167,7 +167,9 @@ class PreferenceCollator:
             return longest_first_groups(
                 rows,
                 self.micro_batch_tokens,
-                lambda group: len(group) * bucket_length(max(rows[i] for i in group), self.pad_to_multiple_of),
+                lambda group: (
+                    len(group) * bucket_length(max(rows[i] for i in group), self.pad_to_multiple_of)
+                ),
             )
         lengths = [(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
         return token_budget_groups(

@@ -58,11 +58,17 @@ def choose_fast_path(policy: PolicyConfig, *, cuda: bool) -> FastPath:
     document_aware = kernel in DOCUMENT_AWARE_ATTENTION
     rows, why_rows = _rows(policy, kernel, document_aware, cuda)
     if policy.compile != "auto":
-        compile_layers, why_compile = bool(policy.compile), f"compile {'on' if policy.compile else 'off'} (set)"
+        compile_layers, why_compile = (
+            bool(policy.compile),
+            f"compile {'on' if policy.compile else 'off'} (set)",
+        )
     elif cuda and rows == "packed":
         compile_layers, why_compile = True, "compile on (auto: CUDA with packed rows)"
     else:
-        compile_layers, why_compile = False, f"compile off (auto: {'CUDA without packed rows' if cuda else 'CPU'})"
+        compile_layers, why_compile = (
+            False,
+            f"compile off (auto: {'CUDA without packed rows' if cuda else 'CPU'})",
+        )
     bucket = compile_layers and policy.pad_to_multiple_of is None
     if bucket:
         why_bucket = "rows rounded to four lengths per doubling (compiled layers need repeating shapes)"
@@ -70,7 +76,9 @@ def choose_fast_path(policy: PolicyConfig, *, cuda: bool) -> FastPath:
         why_bucket = f"rows rounded to multiples of {policy.pad_to_multiple_of} (set)"
     else:
         why_bucket = "rows at their own length" + (
-            " (token-budget micro-batches rounded to four lengths per doubling)" if policy.micro_batch_tokens else ""
+            " (token-budget micro-batches rounded to four lengths per doubling)"
+            if policy.micro_batch_tokens
+            else ""
         )
     return FastPath(rows, compile_layers, bucket, (why_rows, why_compile, why_bucket))
 

@@ -12,15 +12,18 @@ How it avoids float32 logits for the whole batch x sequence x vocabulary:
 2. A forward hook on the decoder (``get_decoder()`` of the unwrapped model) takes the final hidden states — still
    inside the model's forward, where sharded parameters are gathered — and projects only the positions that predict
    completion tokens through ``get_output_embeddings()`` (a LoRA-wrapped head included), ``chunk_size`` positions
-   at a time, with the log-softmax in float32. With gradient, each chunk is recomputed in the backward pass
-   (activation checkpointing), so one chunk of logits lives at a time in both passes.
+   at a time (by default sized by the vocabulary: ``default_chunk_size``), with the log-softmax in float32. With
+   gradient, each chunk is recomputed in the backward pass (activation checkpointing), so one chunk of logits
+   lives at a time in both passes; without, the log-sum-exp runs in place on the chunk's logits.
 3. The head transforms that model forwards apply to logits are reproduced from the config, as TRL's fused LM head
    does: ``final_logit_softcapping`` (Gemma 2/3/3n/4, NanoChat, ...) or ``logits_soft_cap`` (RecurrentGemma), and a
    scale (``logit_scale`` for Cohere, ``output_multiplier``, ``lm_head_multiplier``, ``1 / logits_scaling`` for
    Granite and MiniCPM3, ``logits_scaling`` for HyperCLOVA X).
 4. Safety net: when the head is in eval mode (always during precompute) the model's own last-position logits are
    compared with the reproduced head's; a model whose forward does something else to its logits raises an error
-   instead of returning wrong numbers.
+   instead of returning wrong numbers. The comparison costs one host sync per call; inside
+   ``deferred_head_checks()`` it stays on the device and the caller checks every call's at once
+   (``raise_if_head_differs``): precompute does so once per shard.
 
 Models whose ``config.model_type`` is in ``FULL_LOGITS_MODEL_TYPES`` (their head does something not reproduced
 here), models whose forward takes no ``logits_to_keep`` and models without a separate decoder are scored from the
@@ -30,8 +33,10 @@ only the float32 log-softmax is chunked.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +53,17 @@ FULL_LOGITS_MODEL_TYPES: set[str] = {
     "xlstm",  # soft-caps logits chunk-wise and differently in training and inference
 }
 """``config.model_type`` values scored from the model's own full logits (see the module docstring)."""
+
+
+LOGITS_CHUNK_ELEMENTS = 2**26
+"""Float32 logits per LM-head chunk by default (positions x vocabulary): 256 MiB, whatever the vocabulary."""
+
+
+def default_chunk_size(vocabulary: int) -> int:
+    """Completion positions per LM-head chunk for a ``vocabulary``-word head: ``LOGITS_CHUNK_ELEMENTS / vocabulary``,
+    at least 1 (256 rows for Gemma-3's 262,144 words, 2,048 for 32,768). Chunking splits positions only:
+    the numbers do not depend on it."""
+    return max(1, LOGITS_CHUNK_ELEMENTS // max(1, int(vocabulary)))
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ def sequence_logps(
     completion_mask: Tensor,
     *,
     prediction_positions: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> SequenceLogps:
     """Sum of completion-token log-probs of each sequence under ``model``.
 
@@ -82,7 +98,7 @@ def sequence_logps(
             tokens, as ``batching.pad_batch`` computes them on the host; when given, ``completion_mask`` is
             trusted and neither checked nor searched on the device (no host-device sync).
         chunk_size: completion positions projected through the LM head at a time; bounds the float32 logits to
-            (chunk_size, vocabulary).
+            (chunk_size, vocabulary). Default: ``default_chunk_size(vocabulary)`` (256 MiB of logits a chunk).
 
     Returns:
         ``SequenceLogps`` with ``logps`` (N,) float32 and ``token_counts`` (N,) int64.
@@ -92,7 +108,7 @@ def sequence_logps(
             "input_ids, attention_mask and completion_mask must share one (N, T) shape, got "
             f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_mask.shape)}"
         )
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     completion_mask = completion_mask.bool()
     if prediction_positions is None:
@@ -126,7 +142,7 @@ def packed_sequence_logps(
     num_sequences: int,
     *,
     prediction_positions: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> SequenceLogps:
     """Padding-free variant of ``sequence_logps``: sequences packed one after another in rows.
 
@@ -171,7 +187,7 @@ def prefix_shared_sequence_logps(
     prediction_owners: Tensor,
     num_sequences: int,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> SequenceLogps:
     """Prefix-shared variant of ``sequence_logps``: one row per pair, its prompt computed once.
 
@@ -205,8 +221,8 @@ def prefix_shared_sequence_logps(
     device = input_ids.device
     mask = prefix_shared_masks(unwrap_model(model), segment_ids, position_ids)
     model_inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-    rows, cols = prediction_positions[0].to(device), prediction_positions[1].to(device)
-    targets = prediction_targets.to(device)
+    rows, cols = prediction_positions.to(device, non_blocking=True)
+    targets = prediction_targets.to(device, non_blocking=True)
     token_logps = _completion_token_logps(model, model_inputs, rows, cols, targets, chunk_size)
     return _sums_by_owner(token_logps, prediction_owners.to(device), num_sequences)
 
@@ -270,7 +286,8 @@ def _prediction_rows_cols(
     """Rows and columns of the hidden states that predict completion tokens: the host's, or found here."""
     if positions is None:
         positions = prediction_positions(completion_mask)
-    return positions[0].to(device), positions[1].to(device)
+    rows, cols = positions.to(device, non_blocking=True)  # no wait: nothing reads them on the host
+    return rows, cols
 
 
 def _completion_token_logps(
@@ -279,7 +296,7 @@ def _completion_token_logps(
     rows: Tensor,
     cols: Tensor,
     targets: Tensor,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Tensor:
     """log p(target) (M,) float32 predicted by the hidden states at (rows, cols) of one forward of ``model``."""
     base = unwrap_model(model)
@@ -315,6 +332,12 @@ class _LogitHead:
     module: nn.Module
     scale: float | None
     softcap: float | None
+
+    @property
+    def vocabulary(self) -> int:
+        """Rows of the head: the width of its logits."""
+        out_features = getattr(self.module, "out_features", None)
+        return int(out_features) if out_features is not None else int(self.module.weight.shape[0])
 
     def __call__(self, hidden: Tensor) -> Tensor:
         # The projection runs in the model's dtype, like the model's own head; everything after it in float32.
@@ -363,7 +386,7 @@ def _hidden_state_path(
     rows: Tensor,
     cols: Tensor,
     targets: Tensor,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Tensor:
     """Completion-token log-probs (M,) from the decoder's final hidden states, captured inside ``model(...)``."""
     captured: dict[str, Tensor] = {}
@@ -389,12 +412,47 @@ def _hidden_state_path(
     return captured["token_logps"]
 
 
+_DEFERRED_HEAD_CHECKS: contextvars.ContextVar[list[Tensor] | None] = contextvars.ContextVar(
+    "deferred_head_checks", default=None
+)
+
+
+@contextlib.contextmanager
+def deferred_head_checks() -> Iterator[list[Tensor]]:
+    """Within it, each forward's head check is appended to the yielded list as a (2,) float32 device tensor
+    ``(difference, tolerance)`` instead of being read on the host; pass them (stacked, on the host or not) to
+    ``raise_if_head_differs``. Nothing syncs with the device until the caller reads them."""
+    checks: list[Tensor] = []
+    token = _DEFERRED_HEAD_CHECKS.set(checks)
+    try:
+        yield checks
+    finally:
+        _DEFERRED_HEAD_CHECKS.reset(token)
+
+
 def _check_head(base: nn.Module, reproduced: Tensor, actual: Tensor) -> None:
-    """Raise if the model's own logits (N, V) differ from the reproduced head's beyond its dtype's rounding."""
+    """Raise if the model's own logits (N, V) differ from the reproduced head's beyond its dtype's rounding (one
+    host sync), or hand the comparison to ``deferred_head_checks``."""
     # Tolerance from the dtype the model computed its logits in: a bf16 head rounds the soft-cap in bf16.
-    tolerance = max(1e-4, 8 * torch.finfo(actual.dtype).eps) * max(1.0, actual.detach().abs().max().item())
-    difference = (reproduced - actual.detach().float()).abs().nan_to_num(nan=0.0).max().item()
-    if difference > tolerance:
+    relative = max(1e-4, 8 * torch.finfo(actual.dtype).eps)
+    largest = actual.detach().abs().max().float().nan_to_num(nan=1.0, posinf=float("inf"))
+    tolerance = relative * largest.clamp(min=1.0)
+    difference = (reproduced - actual.detach().float()).abs().nan_to_num(nan=0.0).max()
+    check = torch.stack([difference, tolerance])
+    deferred = _DEFERRED_HEAD_CHECKS.get()
+    if deferred is not None:
+        deferred.append(check)
+    else:
+        raise_if_head_differs(base, check)
+
+
+def raise_if_head_differs(model: nn.Module, checks: Tensor) -> None:
+    """Raise if any head check ``(difference, tolerance)`` of ``checks`` (2,) or (n, 2) exceeds its tolerance."""
+    values = checks.reshape(-1, 2).tolist()  # the one host sync
+    failed = [(difference, tolerance) for difference, tolerance in values if difference > tolerance]
+    if failed:
+        difference, tolerance = failed[0]
+        base = unwrap_model(model)
         model_type = base.config.model_type
         raise RuntimeError(
             f"{type(base).__name__} transforms its logits in a way mrpo does not reproduce (the last position's "
@@ -413,13 +471,17 @@ def _chunked_target_logps(
     cols: Tensor,
     targets: Tensor,
     project: Callable[[Tensor], Tensor],
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> Tensor:
     """log p(target) (M,) float32 for the positions (rows, cols) of ``source`` (N, T, H or V), chunk by chunk.
 
     ``project`` maps (n, H or V) to float32 logits (n, V). With gradient enabled each chunk is checkpointed: only
-    its inputs are kept, and its logits are recomputed in the backward pass.
+    its inputs are kept, and its logits are recomputed in the backward pass. ``chunk_size`` None: sized by the
+    vocabulary (``default_chunk_size``).
     """
+    if chunk_size is None:
+        vocabulary = project.vocabulary if isinstance(project, _LogitHead) else source.shape[-1]
+        chunk_size = default_chunk_size(vocabulary)
     pieces = []
     for start in range(0, rows.numel(), chunk_size):
         chunk = slice(start, start + chunk_size)
@@ -438,4 +500,15 @@ def _target_logps(
 ) -> Tensor:
     logits = project(source[rows, cols])  # (n, V) float32
     # log_softmax gathered at the target, without a second (n, V) tensor for the full log_softmax.
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+    if torch.is_grad_enabled():
+        return target_logits - logits.logsumexp(dim=-1)
+    return target_logits - _logsumexp_in_place(logits)
+
+
+def _logsumexp_in_place(logits: Tensor) -> Tensor:
+    """``logits.logsumexp(-1)`` by the same steps as torch's, overwriting ``logits`` (a fresh tensor) with its
+    exponentials instead of allocating a second (n, V) tensor: while scoring, the head holds one chunk of logits."""
+    largest = logits.amax(dim=-1, keepdim=True)
+    largest = largest.masked_fill(largest.abs() == float("inf"), 0.0)
+    return logits.sub_(largest).exp_().sum(dim=-1).log_().add_(largest.squeeze(-1))

@@ -287,7 +287,7 @@ def mrpo_loss(
             DPO losses; its rewards are measured against the alpha-weighted geometric reference).
         align: ``"none"`` or ``"pair"`` (§2b level alignment before CTRO).
         check_finite: raise on NaN/inf or positive inputs (one host sync); turn off only where inputs are known
-            valid.
+            valid or checked elsewhere (``valid_logps`` then ``check_logps``, as the trainer does once a step).
     """
     _check_inputs(
         policy_chosen_logps,
@@ -308,7 +308,7 @@ def mrpo_loss(
     reference_chosen = reference_chosen_logps.detach().to(dtype=dtype, device=policy_chosen.device)
     reference_rejected = reference_rejected_logps.detach().to(dtype=dtype, device=policy_chosen.device)
     if check_finite:
-        _check_values(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+        check_logps(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
 
     alpha = reference_weights(reference_chosen, reference_rejected, weights)  # §1, on unclipped log-probs
     aligned_chosen, aligned_rejected = align_levels(reference_chosen, reference_rejected, align)  # §2b
@@ -437,16 +437,23 @@ class NonFiniteLogpsError(ValueError):
         self.reference = reference
 
 
-def _check_values(
+def valid_logps(*logps: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on the inputs' device: every log-prob finite and <= 0 (a sequence log-prob is a sum of
+    log-probabilities). No host sync: a caller can combine many and read them once, then ``check_logps`` the
+    inputs to name the first bad pair."""
+    return torch.stack([(torch.isfinite(t) & (t <= 0)).all() for t in logps]).all()
+
+
+def check_logps(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     reference_chosen: torch.Tensor,
     reference_rejected: torch.Tensor,
 ) -> None:
+    """Raise ``NonFiniteLogpsError`` naming the first pair (and reference) with a NaN/inf log-prob, or ValueError
+    for a positive one; policy ``(B,)``, references ``(K, B)``. One host sync when they are valid."""
     tensors = (policy_chosen, policy_rejected, reference_chosen, reference_rejected)
-    # Finite and <= 0 (a sequence log-prob is a sum of log-probabilities), in one reduction: the one host sync.
-    valid = torch.stack([(torch.isfinite(t) & (t <= 0)).all() for t in tensors]).all()
-    if bool(valid):
+    if bool(valid_logps(*tensors)):
         return
     for name, tensor in (("policy_chosen_logps", policy_chosen), ("policy_rejected_logps", policy_rejected)):
         bad = (~torch.isfinite(tensor)).nonzero().flatten().tolist()

@@ -20,8 +20,8 @@ width (kv heads x head dim), ``i`` the MLP width, ``L`` the layers and ``V`` the
   ``2 x heads x max_length x d``. The total is ``T x L x`` that, plus ``3 h x d`` per token outside the layers
   (embeddings, final norm). With gradient checkpointing a layer keeps only its input (``h x d`` per token) and one
   layer at a time holds its full activations again in the backward pass;
-- the LM head: log-probs are computed ``LOGITS_CHUNK`` positions at a time (``mrpo.logprobs``), each chunk's
-  float32 logits, their log-softmax and its gradient: ``3 x min(T, LOGITS_CHUNK) x V x 4`` bytes.
+- the LM head: log-probs are computed ``C = logprobs.default_chunk_size(V)`` positions at a time (about 2^26 / V),
+  each chunk's float32 logits, their log-softmax and its gradient: ``3 x min(T, C) x V x 4`` bytes.
 
 Measured against the tensors a training forward saves, the activation formula is 5-8% over per layer at
 SmolLM2-135M's shapes (with and without LoRA) and 20-25% over at the test suite's tiny ones (tests/test_plan.py);
@@ -37,9 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from mrpo.config.schema import MRPOConfig
-
-LOGITS_CHUNK = 1024
-"""Completion positions projected through the LM head at a time (``sequence_logps``' chunk_size default)."""
+from mrpo.logprobs import default_chunk_size
 
 
 @dataclass
@@ -120,7 +118,10 @@ class TrainPlan:
             * state_bytes
             / shards,  # gradient + two AdamW moments
             "activations (one micro-batch)": self.activation_bytes(),
-            "LM head logits": 3 * min(self.tokens_per_forward, LOGITS_CHUNK) * self.vocabulary * 4,
+            "LM head logits": 3
+            * min(self.tokens_per_forward, default_chunk_size(self.vocabulary))
+            * self.vocabulary
+            * 4,
         }
         gib = {name: value / 2**30 for name, value in parts.items()}
         gib["total"] = sum(gib.values())

@@ -46,7 +46,12 @@ from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
-from mrpo.logprobs import prefix_shared_sequence_logps, sequence_logps
+from mrpo.logprobs import (
+    deferred_head_checks,
+    prefix_shared_sequence_logps,
+    raise_if_head_differs,
+    sequence_logps,
+)
 from mrpo.models import default_device, load_model, torch_dtype
 from mrpo.pair_table import pair_numbers
 from mrpo.reference_store import ReferenceStore, StoreKey, store_directory, store_lock
@@ -74,36 +79,37 @@ def score_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (N, 2) float32 and token counts (N, 2) of chosen/rejected for ``pairs`` under ``model``.
 
-    ``prefix_shared``: one row per pair, its prompt computed once (``batching.prefix_shared_batch``); the same
-    numbers up to float rounding."""
+    One host-device sync for all of ``pairs`` (precompute passes a shard): every batch's results stay on the
+    device, with its LM-head check (``logprobs.deferred_head_checks``), and come back in one copy at the end. On
+    CUDA the batches go up from pinned memory without waiting, so the host pads the next batch while the device
+    scores this one. ``prefix_shared``: one row per pair, its prompt computed once
+    (``batching.prefix_shared_batch``); the same numbers up to float rounding.
+    """
     if prefix_shared:
         return _score_prefix_shared(model, view, pairs, batch_tokens, progress)
     # Sequences are read batch by batch: compact ``TokenizedPairs`` are never expanded into tuples all at once.
     lengths = sequence_lengths(pairs)
-    logps = torch.empty(len(lengths), dtype=torch.float32)
-    counts = torch.empty(len(lengths), dtype=torch.int64)
     device = next(model.parameters()).device
+    order: list[int] = []
+    results: list[torch.Tensor] = []
     done_sequences = 0
-    for batch in token_budget_batches(lengths, batch_tokens):
-        tensors = pad_batch(
-            [sequence_at(pairs, j) for j in batch],
-            pad_token_id=view.pad_token_id,
-            padding_side=view.padding_side,
-        )
-        check_token_ids(model, view.name, tensors["input_ids"])
-        result = sequence_logps(
-            model,
-            tensors["input_ids"].to(device),
-            tensors["attention_mask"].to(device),
-            tensors["completion_mask"].to(device),
-            prediction_positions=tensors["prediction_positions"],
-        )
-        index = torch.tensor(batch)
-        logps[index] = result.logps.float().cpu()
-        counts[index] = result.token_counts.cpu()
-        # Progress is reported in pairs (two sequences each); integer division keeps the total exact.
-        before, done_sequences = done_sequences, done_sequences + len(batch)
-        progress(done_sequences // 2 - before // 2)
+    with deferred_head_checks() as head_checks:
+        for batch in token_budget_batches(lengths, batch_tokens):
+            tensors = pad_batch(
+                [sequence_at(pairs, j) for j in batch],
+                pad_token_id=view.pad_token_id,
+                padding_side=view.padding_side,
+            )
+            check_token_ids(model, view.name, tensors["input_ids"])
+            tensors = _pinned(tensors, device)
+            inputs = [tensors[name].to(device, non_blocking=True) for name in _MODEL_INPUTS]
+            result = sequence_logps(model, *inputs, prediction_positions=tensors["prediction_positions"])
+            order.extend(batch)
+            results.append(torch.stack([result.logps.float(), result.token_counts.float()]))
+            # Progress is reported in pairs (two sequences each); integer division keeps the total exact.
+            before, done_sequences = done_sequences, done_sequences + len(batch)
+            progress(done_sequences // 2 - before // 2)
+    logps, counts = _to_host(model, order, results, head_checks, len(lengths))
     return logps.view(-1, 2), counts.view(-1, 2)
 
 
@@ -114,30 +120,65 @@ PREFIX_SHARED_WINDOW = 1024
 def _score_prefix_shared(
     model, view: ModelView, pairs: Sequence[TokenizedPair], batch_tokens: int, progress: Callable[[int], None]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``score_pairs`` on prefix-shared rows: windows of pairs read once, batched longest row first."""
-    logps = torch.empty(len(pairs), 2, dtype=torch.float32)
-    counts = torch.empty(len(pairs), 2, dtype=torch.int64)
+    """``score_pairs`` on prefix-shared rows: windows of pairs read once, batched longest row first; as the padded
+    path, the results and head checks stay on the device until one copy at the end."""
     device = next(model.parameters()).device
-    for start in range(0, len(pairs), PREFIX_SHARED_WINDOW):
-        window = [(pair.chosen, pair.rejected) for pair in pairs[start : start + PREFIX_SHARED_WINDOW]]
-        rows = [prefix_shared_length(chosen, rejected) for chosen, rejected in window]
-        for batch in token_budget_batches(rows, batch_tokens):
-            tensors = prefix_shared_batch([window[i] for i in batch], pad_token_id=view.pad_token_id)
-            check_token_ids(model, view.name, tensors["input_ids"])
-            result = prefix_shared_sequence_logps(
-                model,
-                tensors["input_ids"].to(device),
-                tensors["position_ids"].to(device),
-                tensors["segment_ids"].to(device),
-                tensors["prediction_positions"],
-                tensors["prediction_targets"],
-                tensors["prediction_owners"],
-                num_sequences=2 * len(batch),
-            )
-            index = start + torch.tensor(batch)
-            logps[index] = result.logps.float().cpu().view(2, -1).T
-            counts[index] = result.token_counts.cpu().view(2, -1).T
-            progress(len(batch))
+    order: list[int] = []
+    results: list[torch.Tensor] = []
+    with deferred_head_checks() as head_checks:
+        for start in range(0, len(pairs), PREFIX_SHARED_WINDOW):
+            window = [(pair.chosen, pair.rejected) for pair in pairs[start : start + PREFIX_SHARED_WINDOW]]
+            rows = [prefix_shared_length(chosen, rejected) for chosen, rejected in window]
+            for batch in token_budget_batches(rows, batch_tokens):
+                tensors = prefix_shared_batch([window[i] for i in batch], pad_token_id=view.pad_token_id)
+                check_token_ids(model, view.name, tensors["input_ids"])
+                tensors = _pinned(tensors, device)
+                result = prefix_shared_sequence_logps(
+                    model,
+                    *(tensors[name].to(device, non_blocking=True) for name in _SHARED_INPUTS),
+                    tensors["prediction_positions"],
+                    tensors["prediction_targets"],
+                    tensors["prediction_owners"],
+                    num_sequences=2 * len(batch),
+                )
+                # Sequence j of the pairs is pair j // 2's chosen (j even) or rejected (j odd) answer.
+                order += [2 * (start + i) for i in batch] + [2 * (start + i) + 1 for i in batch]
+                results.append(torch.stack([result.logps.float(), result.token_counts.float()]))
+                progress(len(batch))
+    logps, counts = _to_host(model, order, results, head_checks, 2 * len(pairs))
+    return logps.view(-1, 2), counts.view(-1, 2)
+
+
+_SHARED_INPUTS = ("input_ids", "position_ids", "segment_ids")
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def _pinned(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch in page-locked memory when it goes to a CUDA device (a copy from it need not wait)."""
+    if device.type != "cuda":
+        return tensors
+    return {name: tensor.pin_memory() for name, tensor in tensors.items()}
+
+
+def _to_host(
+    model, order: list[int], results: list[torch.Tensor], head_checks: list[torch.Tensor], sequences: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every batch's (2, n) log-probs and token counts, put back in sequence order, and the LM-head checks: one
+    float32 copy to the host (a token count is exact in float32 below 2**24), then the checks raise if they fail."""
+    logps = torch.empty(sequences, dtype=torch.float32)
+    counts = torch.empty(sequences, dtype=torch.int64)
+    if not results:
+        return logps, counts
+    pieces = [torch.cat(results, dim=1).flatten(), *(check.float() for check in head_checks)]
+    host = torch.cat(pieces).cpu()  # the one host-device sync
+    values = host[: 2 * len(order)].view(2, len(order))
+    if head_checks:
+        raise_if_head_differs(model, host[2 * len(order) :])
+    index = torch.tensor(order)
+    logps[index] = values[0]
+    counts[index] = values[1].long()
     return logps, counts
 
 

@@ -30,7 +30,7 @@ from transformers.trainer_utils import has_length
 from mrpo.config.schema import LossConfig
 from mrpo.errors import ConfigError, TrainingError, write_failure
 from mrpo.logprobs import SequenceLogps, packed_sequence_logps, prefix_shared_sequence_logps, sequence_logps
-from mrpo.losses import MRPOOutput, NonFiniteLogpsError, mrpo_loss
+from mrpo.losses import MRPOOutput, NonFiniteLogpsError, check_logps, mrpo_loss, valid_logps
 from mrpo.rundir import mean_train_loss
 
 logger = logging.getLogger(__name__)
@@ -39,30 +39,31 @@ logger = logging.getLogger(__name__)
 class MetricAccumulator:
     """Sums of per-pair statistics between two logs, reduced across processes only when logged.
 
-    Keeping sums on the device (not Python floats) avoids a host sync per step; the single all-reduce happens at
-    logging time, when every process calls ``Trainer.log``.
+    Keeping sums on the device (not Python floats) and the pair count on the host (a shape, known there) makes
+    no host-device sync a step; the single all-reduce happens at logging time, when every process calls
+    ``Trainer.log``.
     """
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.sums: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
+        self.count = 0
 
     def add(self, statistics: dict[str, torch.Tensor]) -> None:
         if self.sums is None:
             self.names = list(statistics)
         stacked = torch.stack([statistics[name].float() for name in self.names])  # (M, B)
-        sums, count = stacked.sum(dim=1), stacked.new_tensor(stacked.shape[1])
+        sums = stacked.sum(dim=1)
         self.sums = sums if self.sums is None else self.sums + sums
-        self.count = count if self.count is None else self.count + count
+        self.count += stacked.shape[1]
 
     def pop_means(self, reduce) -> dict[str, float]:
         """Means over every pair seen since the last call, across processes; resets."""
         if self.sums is None:
             return {}
-        totals = reduce(torch.cat([self.sums, self.count.unsqueeze(0)]))
+        totals = reduce(torch.cat([self.sums, self.sums.new_tensor([self.count])]))
         means = (totals[:-1] / totals[-1]).tolist()
-        self.sums = self.count = None
+        self.sums, self.count = None, 0
         return dict(zip(self.names, means, strict=True))
 
 
@@ -129,6 +130,8 @@ class MRPOTrainer(Trainer):
         self._loss_kwargs = dataclasses.asdict(self.loss_config)
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self._tokens_since_log = 0
+        self._unchecked: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
+        self.add_callback(CheckLossInputsBeforeOptimizerStep(self))
         self._refuse_unsupported_micro_batches()
 
     def _refuse_unsupported_micro_batches(self) -> None:
@@ -216,17 +219,16 @@ class MRPOTrainer(Trainer):
         reference_chosen = inputs["reference_chosen_logps"]
         reference_rejected = inputs["reference_rejected_logps"]
         batch_size = reference_chosen.shape[1]
+        # One forward for both responses: the collator puts the chosen sequences first, then the rejected ones.
         policy = policy_logps(model, inputs, batch_size)
+        logps = (policy.logps[:batch_size], policy.logps[batch_size:], reference_chosen, reference_rejected)
         try:
-            output = mrpo_loss(
-                policy.logps[:batch_size],
-                policy.logps[batch_size:],
-                reference_chosen,
-                reference_rejected,
-                **self._loss_kwargs,
-            )
+            # In training the inputs are checked once per optimizer step (``_check_step_logps``), not per call.
+            output = mrpo_loss(*logps, **self._loss_kwargs, check_finite=not model.training)
         except NonFiniteLogpsError as error:
             raise self._non_finite(error, inputs, training=model.training) from error
+        if model.training:
+            self._unchecked.append((valid_logps(*logps), [t.detach() for t in logps], inputs.get("pair_ids")))
         self._metrics["train" if model.training else "eval"].add(logged_statistics(output))
         # A micro-batch of a batch split under a token budget carries its share of the batch's pairs.
         loss = output.loss * inputs["loss_weight"] if "loss_weight" in inputs else output.loss
@@ -236,6 +238,18 @@ class MRPOTrainer(Trainer):
                 "rejected_rewards": output.rejected_rewards,
             }
         return loss
+
+    def _check_step_logps(self) -> None:
+        """Before the optimizer step: the loss inputs of every forward since the last step, finite and <= 0, in one
+        host sync; if not, the first bad pair's error, as ``mrpo_loss`` would have raised it (nothing is applied)."""
+        unchecked, self._unchecked = self._unchecked, []
+        if not unchecked or bool(torch.stack([valid for valid, _, _ in unchecked]).all()):
+            return
+        for _, logps, pair_ids in unchecked:
+            try:
+                check_logps(*logps)
+            except NonFiniteLogpsError as error:
+                raise self._non_finite(error, {"pair_ids": pair_ids}, training=True) from error
 
     def _non_finite(
         self, error: NonFiniteLogpsError, inputs: dict[str, Any], *, training: bool
@@ -349,11 +363,15 @@ def policy_logps(model: torch.nn.Module, inputs: dict[str, Any], batch_size: int
 def trainer_arguments(training_args):
     """What the Trainer gets from the caller's ``TrainingArguments``: a copy (the caller's object is left as it was)
     with ``remove_unused_columns`` off -- the Trainer would strip every column the model's forward does not name,
-    all of ours -- and, on a CPU, ``dataloader_pin_memory`` off (pinning needs an accelerator; torch warns per
-    data loader otherwise)."""
+    all of ours -- ``logging_nan_inf_filter`` off (it reads every step's loss on the host, two syncs, to drop a
+    non-finite one from the logged mean; MRPO checks its loss's inputs before every optimizer step and stops on a
+    non-finite one instead) and, on a CPU, ``dataloader_pin_memory`` off (pinning needs an accelerator; torch warns
+    per data loader otherwise)."""
     changes = {}
     if training_args.remove_unused_columns:
         changes["remove_unused_columns"] = False
+    if training_args.logging_nan_inf_filter:
+        changes["logging_nan_inf_filter"] = False
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         changes["dataloader_pin_memory"] = False
     if not changes:
@@ -362,6 +380,20 @@ def trainer_arguments(training_args):
     for name, value in changes.items():
         setattr(effective, name, value)
     return effective
+
+
+class CheckLossInputsBeforeOptimizerStep(TrainerCallback):
+    """Runs ``MRPOTrainer._check_step_logps`` before each optimizer step: one host sync a step for the loss's input
+    check, whatever the number of forwards (micro-batches, accumulation steps) it covers."""
+
+    def __init__(self, trainer: MRPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._unchecked.clear()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_step_logps()
 
 
 class LogLastAndSavedStepsCallback(TrainerCallback):

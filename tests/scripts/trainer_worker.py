@@ -164,6 +164,7 @@ def make_trainer(
     callbacks: list | None = None,
     padding_free: bool = False,
     micro_batch_tokens: int | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> MRPOTrainer:
     view = ModelView(bpe_tokenizer(), name="policy")
     collator = PreferenceCollator(
@@ -171,6 +172,7 @@ def make_trainer(
         padding_side=view.padding_side,
         padding_free=padding_free,
         micro_batch_tokens=micro_batch_tokens,
+        pad_to_multiple_of=pad_to_multiple_of,
     )
     return MRPOTrainer(
         model=model,
