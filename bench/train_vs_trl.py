@@ -414,21 +414,44 @@ def main() -> None:
 
             traceback.print_exc()
             print(f"FAILED {name}: {error!r}"[:400], flush=True)
-    report(results)
+    report(results, default_variant(args))
     if args.output:
         Path(args.output).write_text(
             json.dumps({"device": device_name, "shape": args.shape, "results": results}, indent=2)
         )
 
 
-def report(results: dict) -> None:
+def default_variant(args) -> str:
+    """The variant that is ``mrpo train``'s default path on this device (``mrpo.fast_path`` with the policy
+    section left alone and the bench's attention kernel)."""
+    from mrpo.config.schema import PolicyConfig
+    from mrpo.fast_path import choose_fast_path
+
+    attention = "flex_attention" if args.device == "cuda" else None
+    fast = choose_fast_path(
+        PolicyConfig(model="bench", attn_implementation=attention), cuda=args.device == "cuda"
+    )
+    if fast.rows == "prefix_shared":
+        return "mrpo_k1_shared"
+    if fast.rows == "packed":
+        return "mrpo_k1_packed_compiled" if fast.compile else "mrpo_k1_packed"
+    return "mrpo_k1_padded"
+
+
+def report(results: dict, default: str | None = None) -> None:
     baseline = results.get("trl_gc0")
     print(f"\n{'variant':<26}{'tokens/s':>10}{'MFU':>8}{'step s':>9}{'peak GiB':>10}{'x trl_gc0':>11}")
     for name, r in results.items():
         ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else float("nan")
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_GiB']:.2f}" if r["peak_mem_GiB"] is not None else "-"
-        print(f"{name:<26}{r['tokens_per_s']:>10}{mfu:>8}{r['step_s']:>9.4f}{mem:>10}{ratio:>11.2f}")
+        label = f"{name} (default)" if name == default else name
+        print(f"{label:<26}{r['tokens_per_s']:>10}{mfu:>8}{r['step_s']:>9.4f}{mem:>10}{ratio:>11.2f}")
+    trl = {name: r for name, r in results.items() if name.startswith("trl_")}
+    if default in results and trl:
+        fastest = max(trl, key=lambda name: trl[name]["tokens_per_s"])
+        ratio = results[default]["tokens_per_s"] / trl[fastest]["tokens_per_s"]
+        print(f"default path {default}: {ratio:.2f}x TRL's fastest variant ({fastest}) in tokens/s")
     for a, b, label in (
         ("mrpo_k4_packed", "mrpo_k1_packed", "K=4 vs K=1 step time"),
         ("mrpo_k1_packed", "mrpo_k1_padded", "packed vs padded step time"),

@@ -246,10 +246,3 @@ def test_forward_tokens_is_the_size_of_the_batch_the_collator_builds(padding_fre
     assert batch["input_ids"].numel() == expected
 
 
-def test_padding_free_auto_packs_only_with_a_document_aware_kernel():
-    from mrpo.collator import DOCUMENT_AWARE_ATTENTION, padding_free_enabled
-
-    for kernel in DOCUMENT_AWARE_ATTENTION:
-        assert padding_free_enabled("auto", kernel)
-    assert not padding_free_enabled("auto", "sdpa") and not padding_free_enabled("auto", None)
-    assert padding_free_enabled(True, "sdpa") and not padding_free_enabled(False, "flex_attention")

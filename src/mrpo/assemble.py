@@ -8,16 +8,21 @@ config, training, saving the model) is the caller's.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mrpo.config.schema import MRPOConfig
 from mrpo.data.pairs import PairSet
+from mrpo.fast_path import choose_fast_path
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.prepared_split import PreparedSplit, prepare_split
 from mrpo.rundir import DIAGNOSTICS_FILE, METRICS_FILE
 from mrpo.splits import Views, load_views, report_overlap
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,11 +52,16 @@ def assemble_trainer(
     """
     from transformers import set_seed
 
-    from mrpo.collator import PreferenceCollator, padding_free_enabled
+    from mrpo.collator import PreferenceCollator
     from mrpo.diagnostics import DiagnosticsCallback
     from mrpo.trainer import JsonlMetricsCallback, MRPOTrainer
 
     pairs = pairs or {}
+    fast = choose_fast_path(config.policy, cuda=args.device.type == "cuda")
+    logger.info(fast.text())
+    config = dataclasses.replace(
+        config, policy=fast.apply(config.policy)
+    )  # "auto" resolved, for everyone below
     check_lora_before_precompute(config)
     views = load_views(config)
     train = prepare_split(config, "train", views, show_progress=show_progress, pairs=pairs.get("train"))
@@ -84,10 +94,10 @@ def assemble_trainer(
             pad_token_id=views.policy.pad_token_id,
             padding_side=views.policy.padding_side,
             pad_to_multiple_of=config.policy.pad_to_multiple_of,
-            padding_free=not config.policy.prefix_shared
-            and padding_free_enabled(config.policy.padding_free, config.policy.attn_implementation),
+            padding_free=fast.rows == "packed",
             micro_batch_tokens=config.policy.micro_batch_tokens,
-            prefix_shared=config.policy.prefix_shared,
+            prefix_shared=fast.rows == "prefix_shared",
+            bucket=fast.bucket,
         ),
         processing_class=views.policy.tokenizer,
         loss=config.loss,

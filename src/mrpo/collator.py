@@ -3,7 +3,7 @@
 A training example is one pair as the *policy* tokenizes it, with the K references' cached sequence log-probs
 attached. The collator pads the 2B sequences of a batch into one tensor, chosen rows first, so the trainer gets
 both responses' log-probs from a single forward; or packs them into one row without padding, where
-``padding_free_enabled`` says so for the configured attention kernel; or puts each pair in one prefix-shared row,
+``fast_path`` chooses it for the configured attention kernel; or puts each pair in one prefix-shared row,
 its prompt once (``policy.prefix_shared``). The rows and micro-batches are cut by ``mrpo.batching``'s rules.
 
 Worked example (pad id 0, right padding, K = 2)::
@@ -42,7 +42,6 @@ from mrpo.batching import (
     prefix_shared_length,
     token_budget_groups,
 )
-from mrpo.config.schema import PaddingFree
 from mrpo.data.token_store import TokenizedPair, TokenizedSequence
 from mrpo.errors import CollatorError
 
@@ -103,17 +102,6 @@ class PreferenceDataset(Dataset):
         }
 
 
-DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
-"""Attention kernels that skip the work across packed documents; with sdpa/eager packing needs a dense mask."""
-
-
-def padding_free_enabled(setting: PaddingFree, attn_implementation: str | None) -> bool:
-    """Whether to pack sequences without padding: "auto" packs where the attention kernel makes it pay."""
-    if setting == "auto":
-        return attn_implementation in DOCUMENT_AWARE_ATTENTION
-    return bool(setting)
-
-
 @dataclass
 class PreferenceCollator:
     """Pads a list of examples into one batch of 2B sequences (chosen first) plus ``(K, B)`` reference columns.
@@ -141,6 +129,9 @@ class PreferenceCollator:
     padding_free: bool = False
     micro_batch_tokens: int | None = None
     prefix_shared: bool = False
+    bucket: bool = False
+    """Round every batch's row length up by ``batching.bucket_length``, not only under a token budget (compiled
+    layers: ``fast_path``)."""
 
     def __post_init__(self) -> None:
         if self.prefix_shared and self.padding_free:
@@ -208,7 +199,7 @@ class PreferenceCollator:
         pairs = [_sequences(e) for e in examples]
         sequences = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
         multiple = self.pad_to_multiple_of
-        if self.micro_batch_tokens is not None:
+        if self.micro_batch_tokens is not None or self.bucket:
             # The row's bucket: padding to a multiple of a length at least the row's own pads to that length.
             multiple = bucket_length(self._row_length(pairs), multiple)
         if self.prefix_shared:

@@ -230,9 +230,17 @@ def evaluate_model(
         label,
         batch_tokens=batch_tokens,
         show_progress=show_progress,
-        prefix_shared=config.policy.prefix_shared,
+        prefix_shared=scores_prefix_shared(config, next(model.parameters()).device),
     )
     return split_metrics(label, model_source, prepared, config.loss, logps, tokens, initialising=initialising)
+
+
+def scores_prefix_shared(config, device) -> bool:
+    """Whether the policy's held-out scoring on ``device`` uses prefix-shared rows (``policy.prefix_shared``,
+    "auto" resolved by ``fast_path``)."""
+    from mrpo.fast_path import choose_fast_path
+
+    return choose_fast_path(config.policy, cuda=device.type == "cuda").rows == "prefix_shared"
 
 
 def score_split(

@@ -3,10 +3,12 @@ where the policy section leaves them to "auto", with the reason for each choice 
 it; every choice is overridden by setting its key).
 
 - **Rows.** A document-aware attention kernel (flex or flash attention) skips the work across packed sequences, so
-  there the 2B sequences of a batch are packed into one row (``policy.padding_free``). Elsewhere (sdpa, eager: the
-  CPU, and a GPU without those kernels) each pair is one prefix-shared row, its prompt computed once
-  (``policy.prefix_shared``): the same log-probs with fewer tokens. Flash attention cannot take the prefix-shared
-  mask, so it never gets those rows.
+  there the 2B sequences of a batch are packed into one row (``policy.padding_free``). On the CPU (sdpa, eager)
+  each pair is one prefix-shared row, its prompt computed once (``policy.prefix_shared``): the same log-probs with
+  fewer tokens, the fastest layout measured there (docs/results.md, "Speed"). On CUDA with sdpa or eager the rows
+  stay padded: prefix-shared rows there are not measured yet, and their dense 4D mask rules out sdpa's flash
+  kernel. Flash attention cannot take the prefix-shared mask, so it never gets those rows. The references'
+  precompute follows the same rule (``references[].prefix_shared``).
 - **Compilation.** On CUDA with packed rows the decoder layers are compiled (``policy.compile``); compiling costs a
   minute or two once and pays back over a run. On the CPU they are not compiled.
 - **Bucket.** Compiled layers need repeating shapes: each row's length is rounded up by ``batching.bucket_length``
@@ -19,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from mrpo.config.schema import PolicyConfig
+from mrpo.config.schema import AutoBool, PolicyConfig
 
 DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 """Attention kernels that skip the work between packed sequences (transformers builds their document mask from
@@ -55,7 +57,7 @@ def choose_fast_path(policy: PolicyConfig, *, cuda: bool) -> FastPath:
     """The rows, compilation and bucket for ``policy`` on CUDA (``cuda``) or the CPU; a setting that is not "auto"
     is kept as it is."""
     kernel = policy.attn_implementation or "sdpa"
-    document_aware = kernel in DOCUMENT_AWARE_ATTENTION
+    document_aware = padding_free_enabled("auto", policy.attn_implementation)
     rows, why_rows = _rows(policy, kernel, document_aware, cuda)
     if policy.compile != "auto":
         compile_layers, why_compile = (
@@ -88,11 +90,30 @@ def _rows(policy: PolicyConfig, kernel: str, document_aware: bool, cuda: bool) -
         return "packed", "packed rows (policy.padding_free: true)"
     if policy.prefix_shared is True:
         return "prefix_shared", "prefix-shared rows (policy.prefix_shared: true)"
-    packed_auto = policy.padding_free == "auto"
-    shared_auto = policy.prefix_shared == "auto"
-    if packed_auto and document_aware:
+    if policy.padding_free == "auto" and document_aware:
         return "packed", f"packed rows (auto: {kernel} skips the work across packed sequences)"
-    if shared_auto and kernel not in ("flash_attention_2", "flash_attention_3"):
-        where = "CUDA" if cuda else "CPU"
-        return "prefix_shared", f"prefix-shared rows (auto: {kernel} on {where}; each prompt computed once)"
-    return "padded", "padded rows" + (" (set)" if not (packed_auto or shared_auto) else f" (auto: {kernel})")
+    if policy.prefix_shared == "auto" and shared_rows_pay(kernel, cuda=cuda):
+        return "prefix_shared", f"prefix-shared rows (auto: {kernel} on the CPU; each prompt computed once)"
+    automatic = "auto" in (policy.padding_free, policy.prefix_shared)
+    return "padded", "padded rows" + (
+        f" (auto: {kernel} on {'CUDA' if cuda else 'the CPU'})" if automatic else " (set)"
+    )
+
+
+def shared_rows_pay(kernel: str | None, *, cuda: bool) -> bool:
+    """Whether "auto" gives prefix-shared rows: on the CPU, with a kernel that takes their 4D mask."""
+    return not cuda and not (kernel or "sdpa").startswith(("flash", "paged"))
+
+
+def reference_rows_shared(setting: AutoBool, *, cuda: bool) -> bool:
+    """``references[].prefix_shared`` resolved for a precompute on CUDA (``cuda``) or the CPU (references load
+    with transformers' default attention kernel)."""
+    return shared_rows_pay(None, cuda=cuda) if setting == "auto" else bool(setting)
+
+
+def padding_free_enabled(setting: AutoBool, attn_implementation: str | None) -> bool:
+    """Whether ``policy.padding_free`` packs: "auto" packs where the attention kernel skips the work across packed
+    sequences."""
+    if setting == "auto":
+        return attn_implementation in DOCUMENT_AWARE_ATTENTION
+    return bool(setting)

@@ -162,7 +162,7 @@ def load_policy(config: MRPOConfig, device: torch.device | None = None, *, model
     model.train()
     if config.lora.enabled:
         model = add_lora(model, config.lora)
-    if config.policy.compile:
+    if config.policy.compile is True:  # "auto" is resolved by fast_path before (assemble_trainer)
         warn_compile_without_bucket(config.policy)
         compile_decoder_layers(model)
     return model
@@ -177,7 +177,7 @@ def warn_compile_without_bucket(policy: PolicyConfig) -> None:
     Every new (rows, length) shape compiles the layers again, and past torch._dynamo's recompile limit (8 by
     default) they run uncompiled. The default buckets (``batching.bucket_length``: four per doubling) still make
     a dozen or more shapes over a run, exact lengths (``pad_to_multiple_of: 1``) about one per micro-batch."""
-    if not (policy.compile and policy.micro_batch_tokens) or (policy.pad_to_multiple_of or 0) > 1:
+    if not (policy.compile is True and policy.micro_batch_tokens) or (policy.pad_to_multiple_of or 0) > 1:
         return
     buckets = (
         "exact lengths (policy.pad_to_multiple_of=1): about one new shape per micro-batch"

@@ -442,6 +442,7 @@ def run_evaluate(
         policy_correct,
         results_to_json,
         score_split,
+        scores_prefix_shared,
         split_metrics,
     )
     from mrpo.models import default_device, load_for_evaluation
@@ -456,7 +457,11 @@ def run_evaluate(
     for label, checkpoint in checkpoints.items():
         model = load_for_evaluation(config, checkpoint, device)
         logps, tokens = score_split(
-            model, prepared, label, show_progress=show_progress, prefix_shared=config.policy.prefix_shared
+            model,
+            prepared,
+            label,
+            show_progress=show_progress,
+            prefix_shared=scores_prefix_shared(config, device),
         )
         del model
         result = split_metrics(

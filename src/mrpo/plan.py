@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from mrpo.config.schema import MRPOConfig
+from mrpo.fast_path import choose_fast_path
 from mrpo.logprobs import default_chunk_size
 
 
@@ -70,6 +71,8 @@ class TrainPlan:
     lora_rank_per_layer: float = 0.0
     """r x the number of adapted linear layers, per decoder layer."""
     lora_dropout: bool = False
+    fast_path: str = ""
+    """What ``fast_path.choose_fast_path`` chose for this device (rows, compilation, bucket) and why."""
 
     @property
     def pairs_per_step(self) -> int:
@@ -143,6 +146,7 @@ class TrainPlan:
             + (", gradient checkpointing" if self.checkpointing else ""),
             "memory per device (estimate, see mrpo.plan): "
             + ", ".join(f"{name} {value:.1f} GiB" for name, value in memory.items()),
+            *([self.fast_path] if self.fast_path else []),
         ]
         return "\n".join(lines)
 
@@ -197,6 +201,7 @@ def plan_training(
         lora_inputs_per_layer=lora[1],
         lora_rank_per_layer=lora[2],
         lora_dropout=config.lora.dropout > 0,
+        fast_path=choose_fast_path(config.policy, cuda=cuda).text(),
     )
 
 

@@ -46,6 +46,7 @@ from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
+from mrpo.fast_path import reference_rows_shared
 from mrpo.logprobs import (
     deferred_head_checks,
     prefix_shared_sequence_logps,
@@ -447,6 +448,7 @@ def _compute_missing(
         return
     model = load_model(spec.model, torch_dtype(spec.dtype, device), device, role=f"reference {spec.name!r}")
     total = sum(len(shard) for shard in mine)
+    shared_rows = reference_rows_shared(spec.prefix_shared, cuda=device.type == "cuda")
     bar = tqdm(
         total=total,
         unit="pair",
@@ -458,7 +460,7 @@ def _compute_missing(
         for indices in mine:
             shard = [pairs[i] for i in indices]  # one shard's pairs in memory at a time
             values, tokens = score_pairs(
-                model, view, shard, spec.batch_tokens, bar.update, prefix_shared=spec.prefix_shared
+                model, view, shard, spec.batch_tokens, bar.update, prefix_shared=shared_rows
             )
             # The tags of the very tokens scored (a stored read was checked against its checksum).
             store.write_shard([pair.pair_id for pair in shard], values, tokens, pair_token_tags(shard))

@@ -51,7 +51,8 @@ from mrpo.errors import ConfigError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "standard", "conversational", "implicit"]
-PaddingFree = Literal["auto"] | bool
+AutoBool = Literal["auto"] | bool
+"""A setting that is true, false, or "auto": chosen where it acts (the fast path: mrpo.fast_path)."""
 
 _REFERENCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -75,14 +76,14 @@ class PolicyConfig:
     """Weights dtype: "auto" is bfloat16 on CUDA and float32 on CPU."""
     attn_implementation: str | None = None
     """Attention kernel for from_pretrained ("sdpa", "eager", "flex_attention", "flash_attention_2"...); null = transformers' choice."""
-    padding_free: PaddingFree = "auto"
+    padding_free: AutoBool = "auto"
     """Pack each micro-batch's sequences into one row without padding (true/false); "auto" packs with flex/flash attention."""
-    prefix_shared: bool = False
-    """Score each pair in one row, its prompt computed once: [prompt | chosen | rejected], a mask keeping the rejected answer from seeing the chosen one (the same log-probs up to float rounding, fewer tokens; needs sdpa, eager or flex attention, not flash). Also how training's held-out evaluation and `mrpo evaluate` score. Replaces padding_free (true is refused alongside it)."""
+    prefix_shared: AutoBool = "auto"
+    """Score each pair in one row, its prompt computed once: [prompt | chosen | rejected], a mask keeping the rejected answer from seeing the chosen one (the same log-probs up to float rounding, fewer tokens; needs sdpa, eager or flex attention, not flash). Also how training's held-out evaluation and `mrpo evaluate` score. "auto": on the CPU unless padding_free packs (mrpo.fast_path; `mrpo train --dry-run` says what was chosen). true is refused alongside padding_free: true."""
     pad_to_multiple_of: int | None = None
     """Round each (packed or padded) micro-batch length up to a multiple of this, so compiled models see few shapes; under micro_batch_tokens, null = four lengths per doubling (..., 96, 112, 128, 160, ...) and 1 = exact lengths."""
-    compile: bool = False
-    """torch.compile the decoder layers (worth it on GPUs; pair it with pad_to_multiple_of, e.g. 4096, packed)."""
+    compile: AutoBool = "auto"
+    """torch.compile the decoder layers. "auto": on CUDA with packed rows (padding_free), each row's length then rounded to a bucket so shapes repeat; off on the CPU."""
     micro_batch_tokens: int | None = None
     """Token budget of one policy forward: a batch costing more (padded: 2 x pairs x longest; packed: total length; prefix-shared: pairs x longest row; each rounded up to its bucket) is split into length-grouped micro-batches, each a forward and backward; the optimizer still steps on all the batch's pairs. A pair over the budget is a micro-batch of its own. Each micro-batch's length is rounded up to a bucket (pad_to_multiple_of) so that shapes repeat. null = one forward per batch."""
 
@@ -92,14 +93,14 @@ class PolicyConfig:
             require_text(self, "policy", name)
         require_at_least(self, "policy", "pad_to_multiple_of", 1)
         require_at_least(self, "policy", "micro_batch_tokens", 1)
-        if self.prefix_shared and self.padding_free is True:
+        if self.prefix_shared is True and self.padding_free is True:
             fail(
                 "policy",
                 "padding_free",
                 True,
                 "cannot be combined with policy.prefix_shared: choose one row layout",
             )
-        if self.prefix_shared and (self.attn_implementation or "").startswith("flash"):
+        if self.prefix_shared is True and (self.attn_implementation or "").startswith("flash"):
             fail(
                 "policy",
                 "prefix_shared",
@@ -142,8 +143,8 @@ class ReferenceConfig:
     """Longest prompt + completion in this reference's tokens (with tokens: policy, in the policy's tokens); null = data.max_length."""
     batch_tokens: int = 16384
     """Token budget of one precompute batch (padding included); lower it if the precompute runs out of memory."""
-    prefix_shared: bool = False
-    """Score each pair in one row, its prompt computed once (see policy.prefix_shared); not part of the store key: the numbers differ from padded rows by float rounding only, as with another batch_tokens."""
+    prefix_shared: AutoBool = "auto"
+    """Score each pair in one row, its prompt computed once (see policy.prefix_shared); "auto": on the CPU. Not part of the store key: the numbers differ from padded rows by float rounding only, as with another batch_tokens."""
     hash_weights: Literal["auto", "full"] = "auto"
     """How the cache identifies the weights: "auto" hashes them whole up to 1 GiB, then 64 sampled MiB per file (fast; an in-place edit between samples goes unseen); "full" reads every byte."""
 
