@@ -244,5 +244,3 @@ def test_forward_tokens_is_the_size_of_the_batch_the_collator_builds(padding_fre
     )(_pairs_of_lengths(lengths))
     expected = forward_tokens(lengths, padded=not padding_free, pad_to_multiple_of=pad_to_multiple_of)
     assert batch["input_ids"].numel() == expected
-
-

@@ -109,7 +109,7 @@ def columns(split) -> torch.Tensor:
 
 
 class Forwards:
-    """Counts the sequences scored through mrpo.references.sequence_logps."""
+    """Counts the sequences the precompute scores (padded or prefix-shared rows)."""
 
     def __init__(self, monkeypatch):
         self.sequences = 0
@@ -120,6 +120,13 @@ class Forwards:
             return original(model, input_ids, *args, **kwargs)
 
         monkeypatch.setattr(references, "sequence_logps", counted)
+        shared = references.prefix_shared_sequence_logps
+
+        def counted_shared(model, input_ids, *args, num_sequences, **kwargs):  # one row holds a pair's two
+            self.sequences += num_sequences
+            return shared(model, input_ids, *args, num_sequences=num_sequences, **kwargs)
+
+        monkeypatch.setattr(references, "prefix_shared_sequence_logps", counted_shared)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -358,7 +358,8 @@ def test_build_trainer_gives_the_collator_the_setting_and_trains_like_padded(run
 
 
 def test_the_policy_setting_refuses_two_layouts_and_flash_attention():
-    assert not PolicyConfig(model="m").prefix_shared
+    assert PolicyConfig(model="m").prefix_shared == "auto"  # chosen per device (mrpo.fast_path)
+    PolicyConfig(model="m", prefix_shared="auto", attn_implementation="flash_attention_2")  # auto gives way
     PolicyConfig(model="m", prefix_shared=True)  # padding_free "auto" gives way
     with pytest.raises(ConfigError, match="choose one row layout"):
         PolicyConfig(model="m", prefix_shared=True, padding_free=True)

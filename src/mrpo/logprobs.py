@@ -224,7 +224,7 @@ def prefix_shared_sequence_logps(
     rows, cols = prediction_positions.to(device, non_blocking=True)
     targets = prediction_targets.to(device, non_blocking=True)
     token_logps = _completion_token_logps(model, model_inputs, rows, cols, targets, chunk_size)
-    return _sums_by_owner(token_logps, prediction_owners.to(device), num_sequences)
+    return _sums_by_owner(token_logps, prediction_owners.to(device, non_blocking=True), num_sequences)
 
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
