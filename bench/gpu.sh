@@ -27,17 +27,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
 
-# Training: TRL DPOTrainer vs mrpo. The order puts what was never measured on a GPU first (the compiled packed
-# decoder, token-budget micro-batches), so that it survives the time budget; K=1/K=4 packed and TRL's gradient
-# checkpointing follow.
+# Training: TRL DPOTrainer vs mrpo, every layout. The order puts what was never measured on a GPU first (the
+# compiled packed decoder -- the default there --, prefix-shared rows, token-budget micro-batches bucketed and as
+# is), so that it survives the time budget; K=4 packed and TRL's gradient checkpointing come last.
 python3 bench/train_vs_trl.py --size qwen0.5b --compile --budget-s "$BUDGET_S" \
-  --only trl_gc0 mrpo_k1_packed_compiled mrpo_k1_padded_budget mrpo_k1_packed mrpo_k4_packed mrpo_k1_padded \
-    trl_gc1 \
+  --only trl_gc0 mrpo_k1_packed_compiled mrpo_k1_shared mrpo_k1_padded_budget mrpo_k1_padded_budget_exact \
+    mrpo_k1_packed mrpo_k1_padded mrpo_k4_packed trl_gc1 \
   --output "$OUT/train_vs_trl.json" 2>&1 | grep -v -i warn | tee "$OUT/train_vs_trl.log"
 
-# Precompute: our reference scoring vs a bare forward (and TRL's precompute), if time is left.
+# Precompute: our reference scoring (padded and prefix-shared rows) vs a bare forward, if time is left.
 left=$(( BUDGET_S + 120 - ($(date +%s) - started) ))
 if [ "$left" -gt 60 ]; then
   timeout "$left" python3 bench/precompute_vs_forward.py --size small --device cuda --pairs 2000 \
-    --batch-tokens 32768 2>&1 | grep -v -i warn | tee "$OUT/precompute_vs_forward.log"
+    --batch-tokens 32768 --skip-trl --output "$OUT/precompute_vs_forward.json" 2>&1 | grep -v -i warn \
+    | tee "$OUT/precompute_vs_forward.log"
 fi
+
+# The one table.
+python3 bench/gpu_table.py "$OUT/train_vs_trl.json" "$OUT/precompute_vs_forward.json" | tee "$OUT/table.txt"

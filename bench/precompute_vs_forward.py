@@ -25,12 +25,14 @@ The log-probs of mrpo and TRL are compared too (they must agree to float32 round
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=1, help="timed runs per path after a warm-up (best is kept)"
     )
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--output", help="also write the results (seconds, tokens/s, ratios) as JSON here")
     args = parser.parse_args(argv)
 
     from mrpo.data.tokenization import ModelView, tokenize_for_models
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     paths: dict[str, Callable[[], object]] = {
         "bare forward (floor)": bare_forward(model, view, tokenized, args.batch_tokens, args.device),
         "mrpo score_pairs": lambda: score_pairs(model, view, tokenized, args.batch_tokens, lambda _: None),
+        "mrpo score_pairs, prefix-shared rows": lambda: score_pairs(
+            model, view, tokenized, args.batch_tokens, lambda _: None, prefix_shared=True
+        ),
     }
     output_dir = tempfile.TemporaryDirectory()
     if not args.skip_trl:
@@ -255,9 +261,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<48} {seconds:>8.2f} {real_tokens / seconds:>14,.0f}")
     ours_seconds = results["mrpo score_pairs"]
     print(f"\nmrpo / bare throughput: {results['bare forward (floor)'] / ours_seconds:.2f}")
+    shared_seconds = results["mrpo score_pairs, prefix-shared rows"]
+    print(f"mrpo prefix-shared / bare throughput: {results['bare forward (floor)'] / shared_seconds:.2f}")
     trl_seconds = [s for name, s in results.items() if name.startswith("trl")]
     if trl_seconds:
         print(f"mrpo / trl throughput:  {trl_seconds[0] / ours_seconds:.2f}")
+    if args.output:
+        summary = {
+            "device": args.device,
+            "real_tokens": real_tokens,
+            "seconds": results,
+            "mrpo_vs_bare": results["bare forward (floor)"] / ours_seconds,
+            "mrpo_shared_vs_bare": results["bare forward (floor)"] / shared_seconds,
+        }
+        Path(args.output).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ rejected, no padding -- so a variant that computes the prompt once is credited w
 - ``mrpo_k1_padded``: mrpo with one cached reference (DPO), padded batches, sdpa;
 - ``mrpo_k1_padded_budget``: the same with token-budget micro-batches (``policy.micro_batch_tokens``, default room
   for two of the longest pairs): each step's 8 pairs sorted by length and split so that no forward pads beyond the
-  budget; the optimizer still steps on all 8;
+  budget; the optimizer still steps on all 8; each micro-batch's length rounded to four per doubling
+  (``batching.bucket_length``), so shapes repeat; ``mrpo_k1_padded_budget_exact``: the same at exact lengths
+  (``pad_to_multiple_of=1``: a new shape almost every micro-batch, as before the buckets);
 - ``mrpo_k1_packed`` / ``mrpo_k4_packed``: padding-free batches (flex_attention on CUDA, sdpa on CPU) with one and
   four cached references. The four columns are the one computed reference plus shifted copies: a step's cost
   does not depend on the values, and references are never in memory during training -- that is the claim measured;
@@ -230,7 +232,7 @@ def tokenize(rows, view: ModelView, max_length: int) -> list[TokenizedPair]:
 
 def run_mrpo(
     args, pairs, view, reference_logps, config, *, name, references, packed, compiled, n_params, peak,
-    micro_batch_tokens=None, prefix_shared=False,
+    micro_batch_tokens=None, prefix_shared=False, pad_to_multiple_of=None,
 ):  # fmt: skip
     from transformers import TrainingArguments
 
@@ -242,7 +244,7 @@ def run_mrpo(
     collator = PreferenceCollator(
         pad_token_id=view.pad_token_id,
         padding_free=packed,
-        pad_to_multiple_of=args.bucket if compiled else None,
+        pad_to_multiple_of=args.bucket if compiled else pad_to_multiple_of,
         micro_batch_tokens=micro_batch_tokens,
         prefix_shared=prefix_shared,
     )
@@ -385,6 +387,10 @@ def main() -> None:
         "mrpo_k1_padded_budget": lambda: run_mrpo(args, pairs, view, reference_logps, config,
                                                   name="mrpo_k1_padded_budget", references=1, packed=False,
                                                   compiled=False, micro_batch_tokens=budget, **common),
+        "mrpo_k1_padded_budget_exact": lambda: run_mrpo(args, pairs, view, reference_logps, config,
+                                                        name="mrpo_k1_padded_budget_exact", references=1,
+                                                        packed=False, compiled=False, micro_batch_tokens=budget,
+                                                        pad_to_multiple_of=1, **common),
         "mrpo_k1_packed": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k1_packed",
                                            references=1, packed=True, compiled=False, **common),
         "mrpo_k4_packed": lambda: run_mrpo(args, pairs, view, reference_logps, config, name="mrpo_k4_packed",
