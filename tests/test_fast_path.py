@@ -111,3 +111,47 @@ def test_the_dry_run_says_what_was_chosen(tmp_path):
     text = plan_training(config, cuda=False).text()
     assert "fast path: prefix-shared rows (auto: sdpa on the CPU" in text
     assert "compile off (auto: CPU)" in text
+
+
+def _without_mask_support():
+    """A tiny Llama that says it takes no custom attention mask, as a recurrent model (Mamba, RWKV, xLSTM) or
+    one with its own 2D-mask bias (Bloom) says."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    model.__class__ = type("NoMaskLlama", (type(model),), {"_supports_attention_backend": False})
+    return model
+
+
+def test_a_model_that_drops_the_4d_mask_gets_padded_rows_under_auto_and_an_error_when_set():
+    from mrpo.errors import ConfigError
+    from mrpo.fast_path import use_shared_rows
+    from mrpo.logprobs import prefix_shared_refusal
+    from tiny_models import tiny_gemma3, tiny_llama
+
+    assert prefix_shared_refusal(tiny_llama()) is None and prefix_shared_refusal(tiny_gemma3()) is None
+    refusal = prefix_shared_refusal(_without_mask_support())
+    assert refusal == "NoMaskLlama does not take a custom 4D attention mask"
+    assert use_shared_rows("auto", True, None, key="policy.prefix_shared")
+    assert not use_shared_rows("auto", True, refusal, key="policy.prefix_shared")
+    assert not use_shared_rows("auto", False, None, key="policy.prefix_shared")
+    with pytest.raises(ConfigError, match="policy.prefix_shared is true, but NoMaskLlama does not take"):
+        use_shared_rows(True, True, refusal, key="policy.prefix_shared")
+
+
+def test_the_trainer_falls_back_to_padded_rows_for_such_a_model(tmp_path):
+    from transformers import TrainingArguments
+
+    import mrpo
+    from tiny_models import bpe_tokenizer
+
+    pairs = [{"prompt": f"question {i}", "chosen": "blue", "rejected": f"green {i}"} for i in range(4)]
+    trainer = mrpo.build_trainer(
+        model=_without_mask_support(),
+        train_dataset=pairs,
+        args=TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none", use_cpu=True),
+        processing_class=bpe_tokenizer(),
+        cache_dir=tmp_path / "cache",
+        show_progress=False,
+    )
+    assert not trainer.data_collator.prefix_shared and not trainer.data_collator.padding_free

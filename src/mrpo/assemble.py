@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrpo.config.schema import MRPOConfig
+from mrpo.config.schema import AutoBool, MRPOConfig
 from mrpo.data.pairs import PairSet
-from mrpo.fast_path import choose_fast_path
+from mrpo.fast_path import FastPath, choose_fast_path, use_shared_rows
+from mrpo.logprobs import prefix_shared_refusal
 from mrpo.models import check_lora_before_precompute, load_policy
 from mrpo.prepared_split import PreparedSplit, prepare_split
 from mrpo.rundir import DIAGNOSTICS_FILE, METRICS_FILE
@@ -58,10 +59,8 @@ def assemble_trainer(
 
     pairs = pairs or {}
     fast = choose_fast_path(config.policy, cuda=args.device.type == "cuda")
-    logger.info(fast.text())
-    config = dataclasses.replace(
-        config, policy=fast.apply(config.policy)
-    )  # "auto" resolved, for everyone below
+    shared_setting = config.policy.prefix_shared
+    config = dataclasses.replace(config, policy=fast.apply(config.policy))  # "auto" resolved for all below
     check_lora_before_precompute(config)
     views = load_views(config)
     train = prepare_split(config, "train", views, show_progress=show_progress, pairs=pairs.get("train"))
@@ -74,6 +73,8 @@ def assemble_trainer(
     # depends on whatever ran earlier in the process (a model conversion, a previous run).
     set_seed(args.seed)
     model = load_policy(config, model=policy)
+    fast = _rows_for_model(fast, shared_setting, model)
+    logger.info(fast.text())
     output_dir = Path(args.output_dir)
     callbacks: list[Any] = [JsonlMetricsCallback(output_dir / METRICS_FILE)]
     if config.diagnostics.enabled:
@@ -106,6 +107,17 @@ def assemble_trainer(
     if held_out is not None:
         _label_evaluation_bar(trainer, len(held_out.dataset))
     return AssembledTrainer(trainer, views, train, held_out)
+
+
+def _rows_for_model(fast: FastPath, setting: AutoBool, model) -> FastPath:
+    """The fast path's rows for the loaded policy: padded instead of prefix-shared where the model cannot take
+    their mask (an error when ``policy.prefix_shared`` is true)."""
+    if fast.rows != "prefix_shared":
+        return fast
+    refusal = prefix_shared_refusal(model)
+    if use_shared_rows(setting, True, refusal, key="policy.prefix_shared"):
+        return fast
+    return fast.padded_instead(refusal)
 
 
 def _label_evaluation_bar(trainer, pairs: int) -> None:

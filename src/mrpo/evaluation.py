@@ -230,17 +230,21 @@ def evaluate_model(
         label,
         batch_tokens=batch_tokens,
         show_progress=show_progress,
-        prefix_shared=scores_prefix_shared(config, next(model.parameters()).device),
+        prefix_shared=scores_prefix_shared(config, model),
     )
     return split_metrics(label, model_source, prepared, config.loss, logps, tokens, initialising=initialising)
 
 
-def scores_prefix_shared(config, device) -> bool:
-    """Whether the policy's held-out scoring on ``device`` uses prefix-shared rows (``policy.prefix_shared``,
-    "auto" resolved by ``fast_path``)."""
-    from mrpo.fast_path import choose_fast_path
+def scores_prefix_shared(config, model) -> bool:
+    """Whether the held-out scoring of ``model`` (the policy, on its device) uses prefix-shared rows
+    (``policy.prefix_shared``, "auto" resolved by ``fast_path`` for the device and the loaded model)."""
+    from mrpo.fast_path import choose_fast_path, use_shared_rows
+    from mrpo.logprobs import prefix_shared_refusal
 
-    return choose_fast_path(config.policy, cuda=device.type == "cuda").rows == "prefix_shared"
+    cuda = next(model.parameters()).device.type == "cuda"
+    chosen = choose_fast_path(config.policy, cuda=cuda).rows == "prefix_shared"
+    refusal = prefix_shared_refusal(model) if chosen else None
+    return use_shared_rows(config.policy.prefix_shared, chosen, refusal, key="policy.prefix_shared")
 
 
 def score_split(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mrpo.config.schema import AutoBool, PolicyConfig
+from mrpo.errors import ConfigError
 
 DOCUMENT_AWARE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 """Attention kernels that skip the work between packed sequences (transformers builds their document mask from
@@ -51,6 +52,12 @@ class FastPath:
 
     def text(self) -> str:
         return "fast path: " + "; ".join(self.reasons)
+
+    def padded_instead(self, refusal: str) -> FastPath:
+        """These choices with padded rows, where the loaded model cannot take prefix-shared ones."""
+        return dataclasses.replace(
+            self, rows="padded", reasons=(f"padded rows (auto: {refusal})", *self.reasons[1:])
+        )
 
 
 def choose_fast_path(policy: PolicyConfig, *, cuda: bool) -> FastPath:
@@ -117,3 +124,14 @@ def padding_free_enabled(setting: AutoBool, attn_implementation: str | None) -> 
     if setting == "auto":
         return attn_implementation in DOCUMENT_AWARE_ATTENTION
     return bool(setting)
+
+
+def use_shared_rows(setting: AutoBool, chosen: bool, refusal: str | None, *, key: str) -> bool:
+    """Whether a loaded model scores prefix-shared rows: the per-device choice (``chosen``), unless the model
+    cannot (``refusal``, from ``logprobs.prefix_shared_refusal``): then padded rows under "auto", and an error when
+    ``key`` was set to true."""
+    if not chosen or refusal is None:
+        return chosen
+    if setting is True:
+        raise ConfigError(f"{key} is true, but {refusal}: set it to false or auto", key=key)
+    return False

@@ -231,23 +231,39 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 """``config.layer_types`` entries prefix-shared rows know how to mask; another (chunked, linear) is refused."""
 
 
+def prefix_shared_refusal(base: nn.Module) -> str | None:
+    """Why ``base`` cannot score prefix-shared rows, or None when it can: its forward must hand a 4D mask to an
+    attention kernel that applies it (transformers' attention interface, ``_supports_attention_backend``: not a
+    recurrent model such as Mamba, RWKV or xLSTM, which drop the mask, nor one that builds its own bias from a 2D
+    mask, as Bloom's ALiBi), with sdpa, eager or flex attention, and only full or sliding attention layers."""
+    model = unwrap_model(base)
+    config = getattr(model, "config", None)
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not take a custom 4D attention mask"
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager", "flex_attention"):
+        return (
+            "prefix-shared rows need an attention kernel that takes a 4D mask (sdpa, eager, flex_attention), "
+            f"not {implementation!r}"
+        )
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    unknown = sorted(set(getattr(text_config, "layer_types", None) or ()) - set(ATTENTION_LAYER_TYPES))
+    if unknown:
+        return f"prefix-shared rows cannot mask {', '.join(unknown)} layers; use padded rows"
+    return None
+
+
 def prefix_shared_masks(
     base: nn.Module, segment_ids: Tensor, position_ids: Tensor
 ) -> Tensor | dict[str, Tensor]:
     """The additive 4D mask(s) of prefix-shared rows for ``base`` (see ``prefix_shared_sequence_logps``)."""
-    config = getattr(base, "config", None)
-    implementation = getattr(config, "_attn_implementation", None) or ""
-    if implementation.startswith("flash") or implementation.startswith("paged"):
-        raise ValueError(
-            f"prefix-shared rows need an attention kernel that takes a 4D mask (sdpa, eager, flex_attention), "
-            f"not {implementation!r}"
-        )
+    refusal = prefix_shared_refusal(base)
+    if refusal is not None:
+        raise ValueError(refusal)
+    config = base.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text_config, "sliding_window", None)
     layer_types = getattr(text_config, "layer_types", None)
-    unknown = sorted(set(layer_types or ()) - set(ATTENTION_LAYER_TYPES))
-    if unknown:
-        raise ValueError(f"prefix-shared rows cannot mask {', '.join(unknown)} layers; use padded rows")
     embeddings = base.get_input_embeddings().weight
     dtype = (
         embeddings.dtype if embeddings.is_floating_point() else torch.float32
@@ -257,18 +273,21 @@ def prefix_shared_masks(
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return full
     # transformers' sliding window keeps key k for query q when q - k < window; here in positions, so that the
-    # rejected tail counts its distance to the prefix as in its own padded row.
-    distance = position_ids[:, None, :, None] - position_ids[:, None, None, :]
-    windowed = _additive(allowed & (distance < window), dtype)
+    # rejected tail counts its distance to the prefix as in its own padded row (int32: half the (B, 1, T, T) bytes).
+    positions = position_ids.int()
+    windowed = _additive(
+        allowed & (positions[:, None, :, None] - positions[:, None, None, :] < window), dtype
+    )
     if layer_types is None:  # every layer slides (Mistral-like)
         return windowed
     return {"full_attention": full, "sliding_attention": windowed}
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
-    """A boolean mask as an additive one: 0 where allowed, the dtype's minimum elsewhere (transformers' eager mask)."""
-    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+    """A boolean mask as an additive one: 0 where allowed, the dtype's minimum elsewhere (transformers' eager mask),
+    in one (B, 1, T, T) allocation."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def _sums_by_owner(token_logps: Tensor, owners: Tensor, num_sequences: int) -> SequenceLogps:

@@ -461,7 +461,7 @@ def run_evaluate(
             prepared,
             label,
             show_progress=show_progress,
-            prefix_shared=scores_prefix_shared(config, device),
+            prefix_shared=scores_prefix_shared(config, model),
         )
         del model
         result = split_metrics(

@@ -46,9 +46,10 @@ from mrpo.config.schema import ReferenceConfig
 from mrpo.data.token_store import TokenizedPair, pair_ids_of, pair_token_tags, sequence_at, sequence_lengths
 from mrpo.data.tokenization import ModelView
 from mrpo.errors import CacheError
-from mrpo.fast_path import reference_rows_shared
+from mrpo.fast_path import reference_rows_shared, use_shared_rows
 from mrpo.logprobs import (
     deferred_head_checks,
+    prefix_shared_refusal,
     prefix_shared_sequence_logps,
     raise_if_head_differs,
     sequence_logps,
@@ -448,7 +449,11 @@ def _compute_missing(
         return
     model = load_model(spec.model, torch_dtype(spec.dtype, device), device, role=f"reference {spec.name!r}")
     total = sum(len(shard) for shard in mine)
-    shared_rows = reference_rows_shared(spec.prefix_shared, cuda=device.type == "cuda")
+    chosen = reference_rows_shared(spec.prefix_shared, cuda=device.type == "cuda")
+    refusal = prefix_shared_refusal(model) if chosen else None
+    shared_rows = use_shared_rows(
+        spec.prefix_shared, chosen, refusal, key=f"references.{spec.name}.prefix_shared"
+    )
     bar = tqdm(
         total=total,
         unit="pair",

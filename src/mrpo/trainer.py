@@ -222,12 +222,14 @@ class MRPOTrainer(Trainer):
         # One forward for both responses: the collator puts the chosen sequences first, then the rejected ones.
         policy = policy_logps(model, inputs, batch_size)
         logps = (policy.logps[:batch_size], policy.logps[batch_size:], reference_chosen, reference_rejected)
+        # In training the inputs are checked once per optimizer step (``_check_step_logps``), not per call; under
+        # DeepSpeed per call, as its engine steps inside the backward, before that check could run.
+        per_step = model.training and not self.is_deepspeed_enabled
         try:
-            # In training the inputs are checked once per optimizer step (``_check_step_logps``), not per call.
-            output = mrpo_loss(*logps, **self._loss_kwargs, check_finite=not model.training)
+            output = mrpo_loss(*logps, **self._loss_kwargs, check_finite=not per_step)
         except NonFiniteLogpsError as error:
             raise self._non_finite(error, inputs, training=model.training) from error
-        if model.training:
+        if per_step:
             self._unchecked.append((valid_logps(*logps), [t.detach() for t in logps], inputs.get("pair_ids")))
         self._metrics["train" if model.training else "eval"].add(logged_statistics(output))
         # A micro-batch of a batch split under a token budget carries its share of the batch's pairs.
