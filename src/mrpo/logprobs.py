@@ -268,16 +268,17 @@ def prefix_shared_masks(
     dtype = (
         embeddings.dtype if embeddings.is_floating_point() else torch.float32
     )  # as transformers' own masks
+    # sdpa takes a boolean mask (True: attend), a quarter of a float32 one's bytes; eager and flex add it.
+    sdpa = (getattr(base.config, "_attn_implementation", None) or "sdpa") == "sdpa"
     allowed = prefix_shared_attention(segment_ids)
-    full = _additive(allowed, dtype)
+    full = allowed if sdpa else _additive(allowed, dtype)
     if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
         return full
     # transformers' sliding window keeps key k for query q when q - k < window; here in positions, so that the
     # rejected tail counts its distance to the prefix as in its own padded row (int32: half the (B, 1, T, T) bytes).
     positions = position_ids.int()
-    windowed = _additive(
-        allowed & (positions[:, None, :, None] - positions[:, None, None, :] < window), dtype
-    )
+    slides = allowed & (positions[:, None, :, None] - positions[:, None, None, :] < window)
+    windowed = slides if sdpa else _additive(slides, dtype)
     if layer_types is None:  # every layer slides (Mistral-like)
         return windowed
     return {"full_attention": full, "sliding_attention": windowed}
