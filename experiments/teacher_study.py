@@ -558,6 +558,24 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def same_json(first: Any, second: Any) -> bool:
+    """Equal as JSON writes them (a NaN equals a NaN, as it does not in Python)."""
+    return json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+def record_teacher_hashes(output_dir: Path, runs: Sequence[RunSpec]) -> None:
+    """Add ``weights_sha256`` to each finished teacher's result that lacks it (teachers built before the hash was
+    recorded), so that the summary identifies them."""
+    for run in runs:
+        path = output_dir / run.name / RESULT_FILE
+        if run.group != "teacher" or not path.exists():
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if "weights_sha256" not in result and Path(result["merged"]).exists():
+            result["weights_sha256"] = weights_sha256(Path(result["merged"]))
+            write_json_atomic(path, result)
+
+
 def reuse_summary(summary_path: Path, output_dir: Path, runs: Sequence[RunSpec], log=print) -> int:
     """Write the summary's student results into ``output_dir`` as finished runs, if this directory's teachers and
     probe are finished and equal the summary's; return how many runs were taken. Refuses (SystemExit) when they
@@ -567,21 +585,21 @@ def reuse_summary(summary_path: Path, output_dir: Path, runs: Sequence[RunSpec],
     gate = [run for run in runs if run.group in ("teacher", "probe")]
     if not all((output_dir / run.name / RESULT_FILE).exists() for run in gate):
         return 0  # the teachers and the probe come first; the caller asks again once they are finished
+    record_teacher_hashes(output_dir, gate)
     for run in gate:
-        path = output_dir / run.name / RESULT_FILE
-        mine, theirs = json.loads(path.read_text(encoding="utf-8")), recorded.get(run.name)
+        mine = json.loads((output_dir / run.name / RESULT_FILE).read_text(encoding="utf-8"))
+        theirs = recorded.get(run.name)
         if theirs is None:
             raise SystemExit(f"--reuse: {summary_path} has no {run.name}; it cannot be compared")
         if run.group == "teacher":
-            if "weights_sha256" not in mine:  # built before the hash was recorded: add it
-                mine["weights_sha256"] = weights_sha256(Path(mine["merged"]))
-                write_json_atomic(path, mine)
             same = (
-                mine["train"] == theirs["train"]
+                same_json(mine["train"], theirs["train"])
                 and theirs.get("weights_sha256", mine["weights_sha256"]) == (mine["weights_sha256"])
             )
         else:
-            same = mine["probe"] == theirs["probe"] and mine["disjoint"] == theirs["disjoint"]
+            same = same_json(mine["probe"], theirs["probe"]) and same_json(
+                mine["disjoint"], theirs["disjoint"]
+            )
         if not same:
             raise SystemExit(
                 f"--reuse: {run.name} differs from {summary_path}'s; its students trained against other teachers"
@@ -664,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(message)
         print(message, flush=True)
 
+    record_teacher_hashes(output_dir, runs)
     if args.reuse and not args.report_only:
         gate = [run for run in runs if run.group in ("teacher", "probe")]
         run_grid(gate, output_dir, runner, log=log)

@@ -234,7 +234,7 @@ def _study_dir(study, root: Path, *, teacher_loss: float) -> tuple[Path, list]:
                 "arm": name,
                 "seed": 0,
                 "merged": str(merged),
-                "train": {"loss": teacher_loss},
+                "train": {"loss": teacher_loss, "clip_rate": math.nan},  # K = 1 logs no clip rate
             },
         )
     _finished(
