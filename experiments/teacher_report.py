@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import stats
+import truthfulqa_students
 from grid import write_json_atomic
 from teacher_study import ARMS, BASELINE, DECISION_RULE, RANDOM_CONTROL, Settings, teacher_beats_start
 
@@ -53,34 +55,40 @@ def above(d: tuple[float, float, int], threshold: float = 0.0) -> bool:
     return math.isfinite(mean) and math.isfinite(half) and mean >= threshold and mean - half > 0
 
 
-def judge(cells, probe: dict[str, Any], teacher: str, seeds_needed: int = 2) -> str:
-    """The decision rule (DECISION_RULE) for one teacher, once DPO has finished ``seeds_needed`` seeds (the report
-    asks for the whole primary grid)."""
+def judge(
+    cells,
+    probe: dict[str, Any],
+    teacher: str,
+    seeds_needed: int = 2,
+    *,
+    family: str = "reworded",
+    gate=teacher_beats_start,
+    gate_text: str = "on the teacher-known facts in the probe",
+) -> str:
+    """The decision rule (DECISION_RULE) for one teacher on ``family``, once DPO has finished ``seeds_needed`` seeds
+    (the report asks for the whole primary grid); ``gate(probe, teacher)`` says whether the teacher beat the start
+    before any student."""
     if "dpo" not in cells:
         return f"**{teacher}: not judged yet** (no student run has finished)"
     if len(cells["dpo"]) < seeds_needed:
         return f"**{teacher}: not judged yet** ({len(cells['dpo'])} of {seeds_needed} seeds finished)"
-    if not teacher_beats_start(probe, teacher):
-        return (
-            f"**{teacher}: not judged** (it does not beat the start on the teacher-known facts in the probe)"
-        )
+    if not gate(probe, teacher):
+        return f"**{teacher}: not judged** (it does not beat the start {gate_text})"
     mrpo_arms = [arm for arm, spec in ARMS.items() if spec.letter in "bcd" and teacher in spec.references]
     helped = []
     for arm in mrpo_arms:
         if arm not in cells:
             continue
-        versus_dpo = difference(cells, arm, BASELINE[arm], "reworded")
+        versus_dpo = difference(cells, arm, BASELINE[arm], family)
         control = RANDOM_CONTROL[ARMS[arm].letter]
-        versus_random = difference(cells, arm, control, "reworded")
+        versus_random = difference(cells, arm, control, family)
         if above(versus_dpo, 0.03) and above(versus_random):
             helped.append(f"({ARMS[arm].letter}) {arm}")
     if helped:
         return f"**{teacher}: a teacher helps through MRPO** ({', '.join(helped)})"
     single = f"dpo_ref_{teacher}"
-    if single in cells and above(difference(cells, single, "dpo", "reworded"), 0.03):
-        beaten = [
-            arm for arm in mrpo_arms if arm in cells and above(difference(cells, arm, single, "reworded"))
-        ]
+    if single in cells and above(difference(cells, single, "dpo", family), 0.03):
+        beaten = [arm for arm in mrpo_arms if arm in cells and above(difference(cells, arm, single, family))]
         if not beaten:
             return f"**{teacher}: only a better single reference helps** ((e) {single} beats DPO; no MRPO arm beats it)"
     return f"**{teacher}: null** (no branch of the rule applies)"
@@ -135,14 +143,14 @@ def probe_lines(probe: dict[str, Any]) -> list[str]:
     ]
 
 
-def arm_rows(cells) -> list[list[str]]:
+def arm_rows(cells, families: Sequence[str] = FAMILIES) -> list[list[str]]:
     rows = []
     for arm, spec in ARMS.items():
         runs = cells.get(arm)
         if not runs:
             continue
         row = [f"({spec.letter}) {arm}", spec.description]
-        for family in FAMILIES:
+        for family in families:
             mean, half, _ = stats.mean_ci([accuracy(r, family) for r in runs.values()])
             row.append(stats.interval_text(mean, half, signed=False))
             if arm == BASELINE[arm]:
@@ -162,30 +170,30 @@ def arm_rows(cells) -> list[list[str]]:
     return rows
 
 
-def group_rows(cells) -> list[list[str]]:
+def group_rows(cells, family: str = "reworded", groups: Sequence[str] = GROUPS) -> list[list[str]]:
     rows = []
     for arm, spec in ARMS.items():
         if arm not in cells:
             continue
         row = [f"({spec.letter}) {arm}"]
-        for group in GROUPS:
+        for group in groups:
             if arm == "dpo":
-                mean, half, _ = stats.mean_ci([accuracy(r, "reworded", group) for r in cells[arm].values()])
+                mean, half, _ = stats.mean_ci([accuracy(r, family, group) for r in cells[arm].values()])
                 row.append(stats.interval_text(mean, half, signed=False))
             else:
-                row.append(stats.interval_text(*difference(cells, arm, "dpo", "reworded", group)[:2]))
+                row.append(stats.interval_text(*difference(cells, arm, "dpo", family, group)[:2]))
         rows.append(row)
     return rows
 
 
-def paper_rows(cells) -> list[list[str]]:
+def paper_rows(cells, families: Sequence[str] = FAMILIES) -> list[list[str]]:
     rows = []
     for arm, spec in ARMS.items():
         runs = cells.get(arm)
         if not runs:
             continue
         row = [f"({spec.letter}) {arm}"]
-        for family in FAMILIES:
+        for family in families:
             for moment, key in (
                 ("paper_metric_step0", "reward_accuracy_own_virtual"),
                 ("paper_metric_trained", "reward_accuracy_own_virtual"),
@@ -199,7 +207,9 @@ def paper_rows(cells) -> list[list[str]]:
     return rows
 
 
-def write_plots(cells, directory: Path) -> dict[str, str]:
+def write_plots(
+    cells, directory: Path, families: Sequence[str] = FAMILIES, name: str = "teacher-study/paired.png"
+) -> dict[str, str]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -209,8 +219,8 @@ def write_plots(cells, directory: Path) -> dict[str, str]:
         return {}
     figure = Figure(figsize=(12, 1.2 + 0.35 * len(arms)), layout="constrained")
     FigureCanvasAgg(figure)
-    for index, family in enumerate(FAMILIES):
-        ax = figure.add_subplot(1, len(FAMILIES), index + 1)
+    for index, family in enumerate(families):
+        ax = figure.add_subplot(1, len(families), index + 1)
         for y, arm in enumerate(arms):
             base = {s: accuracy(r, family) for s, r in cells.get(BASELINE[arm], {}).items()}
             values = stats.paired({s: accuracy(r, family) for s, r in cells[arm].items()}, base)
@@ -223,8 +233,8 @@ def write_plots(cells, directory: Path) -> dict[str, str]:
         ax.set_yticks(range(len(arms)), [f"({ARMS[a].letter}) {a} vs {BASELINE[a]}" for a in arms])
         ax.invert_yaxis()
         ax.set_xlabel(f"{family}: policy accuracy - DPO (points; dots = seeds)")
-    figure.savefig(directory / "paired.png", dpi=100)
-    return {"paired": "teacher-study/paired.png"}
+    figure.savefig(directory / Path(name).name, dpi=100)
+    return {"paired": name}
 
 
 def level_lines(audit: dict[str, Any] | None) -> list[str]:
@@ -259,6 +269,7 @@ def render(
     machine: str,
     plots: dict[str, str],
     audit: dict | None = None,
+    truthfulqa: dict | None = None,
 ) -> str:
     cells = cells_of(results)
     probe = next((r for r in results if r["group"] == "probe"), {})
@@ -342,6 +353,7 @@ def render(
             paper_rows(cells),
         ),
         "",
+        *truthfulqa_students.report_lines(truthfulqa, {arm: spec.description for arm, spec in ARMS.items()}),
         "## Setting",
         "",
         f"- Students: SmolLM2-135M-Instruct, LoRA r {settings.lora_r} on {', '.join(settings.lora_targets)}, lr "
@@ -353,8 +365,9 @@ def render(
         "the pool facts, wordings 3 and 4 (experiments/reworded_facts.py).",
         "- Every setting here was fixed before any student ran; none was changed after a result.",
         "- Cut from issue 22's list for cost, to run in later sessions: the HH-RLHF family (teachers on a large part, "
-        "students on 64-128 pairs, >= 500 held out), TruthfulQA-MC1 on the students (`mrpo evaluate --truthfulqa`); "
-        "the secondary arms run on 5 seeds.",
+        "students on 64-128 pairs, >= 500 held out)"
+        + ("" if truthfulqa else ", TruthfulQA-MC1 on the students (`experiments/truthfulqa_students.py`)")
+        + "; the secondary arms run on 5 seeds.",
         f"- Ran as: {commands or 'the grid has not completed an invocation yet'}. Machine: {machine}.",
         *reuse_lines(results),
         "- Every run's result: [teacher-study/summary.json](teacher-study/summary.json).",
@@ -394,7 +407,17 @@ def write_report(
         f"`{i['command']}` ({i['runtime_s'] / 60:.0f} min, {i['runs_run']} runs)" for i in ran
     )
     plots = write_plots(cells_of(results), directory)
+    truthfulqa_file = directory / "truthfulqa.json"
+    truthfulqa = json.loads(truthfulqa_file.read_text("utf-8")) if truthfulqa_file.exists() else None
     docs.write_text(
-        render(results, settings, commands=commands, machine=machine, plots=plots, audit=audit),
+        render(
+            results,
+            settings,
+            commands=commands,
+            machine=machine,
+            plots=plots,
+            audit=audit,
+            truthfulqa=truthfulqa,
+        ),
         "utf-8",
     )

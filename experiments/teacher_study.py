@@ -260,7 +260,15 @@ def paired_rate_difference(first: Sequence[bool], second: Sequence[bool]) -> dic
 
 
 class Runner:
-    """Builds the teachers, probes them, trains the students and scores them on the held-out sets."""
+    """Builds the teachers, probes them, trains the students and scores them on the held-out sets.
+
+    The facts family's layout; another family (experiments/hh_study.py) overrides the class attributes and
+    ``held_out_file`` / ``groups``."""
+
+    families: tuple[str, ...] = ("reworded", "disjoint")
+    """The held-out families every student is scored on."""
+    probe_files: tuple[str, ...] = ("probe", "disjoint")
+    """The data files (``data/<name>.jsonl``) the probe scores every model on; ``mrpo inspect`` runs on the first."""
 
     def __init__(self, settings: Settings, output_dir: Path, cache_root: Path, models: dict[str, str]):
         self.settings = settings
@@ -345,12 +353,12 @@ class Runner:
         from mrpo.pipeline import run_inspect
         from mrpo.prepared_split import prepare_split
 
-        names = ("init", *self.settings.teachers, "gemma", "random")
+        names = self.reference_names
         results: dict[str, Any] = {}
-        for file in ("probe", "disjoint"):
+        for file in self.probe_files:
             config = self.config(run_dir / file, self.data_dir / f"{file}.jsonl", names, training={"seed": 0})
             prepared = prepare_split(config, "train", show_progress=False)
-            if file == "probe":
+            if file == self.probe_files[0]:
                 config_path = run_dir / "probe.yaml"
                 config.save(config_path)
                 with warnings.catch_warnings():
@@ -361,7 +369,21 @@ class Runner:
             known = self.metadata(prepared, "teacher_known")
             margins = prepared.dataset.reference_chosen_logps - prepared.dataset.reference_rejected_logps
             results[file] = knowledge(names, margins, known)
+            for name, extra in self.probe_extras(prepared, names, margins).items():
+                results[file][name].update(extra)
         return results
+
+    def probe_extras(self, prepared, names, margins) -> dict[str, Any]:
+        """More of the probe's statistics: model name -> entries added to its ``knowledge`` (none for the facts)."""
+        return {}
+
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        """Every model scored on the held-out sets, the start first."""
+        return ("init", *self.settings.teachers, "gemma", "random")
+
+    def held_out_file(self, family: str, seed: int) -> Path:
+        return self.data_dir / ("disjoint.jsonl" if family == "disjoint" else f"s{seed}/reworded.jsonl")
 
     # -- students -------------------------------------------------------------------------------------------
 
@@ -402,20 +424,20 @@ class Runner:
 
     def prepared(self, family: str, seed: int):
         """A held-out split with every model's reference column (tokenized and scored once per seed)."""
-        key = "disjoint" if family == "disjoint" else f"reworded-s{seed}"
-        if key not in self._prepared:
+        data = self.held_out_file(family, seed)
+        if data not in self._prepared:
             from mrpo.prepared_split import prepare_split
 
-            data = self.data_dir / ("disjoint.jsonl" if family == "disjoint" else f"s{seed}/reworded.jsonl")
-            names = ("init", *self.settings.teachers, "gemma", "random")
+            names = self.reference_names
             config = self.config(
                 self.output_dir / "scratch", data, names, evaluation=data, training={"seed": 0}
             )
-            self._prepared = {
-                k: v for k, v in self._prepared.items() if k == "disjoint"
-            }  # one seed at a time
-            self._prepared[key] = (prepare_split(config, "eval", show_progress=False), names)
-        return self._prepared[key]
+            fixed = {
+                self.held_out_file(f, -1) for f in self.families
+            }  # the families that are the same every seed
+            self._prepared = {k: v for k, v in self._prepared.items() if k in fixed}  # one seed at a time
+            self._prepared[data] = (prepare_split(config, "eval", show_progress=False), names)
+        return self._prepared[data]
 
     def metadata(self, prepared, column: str) -> list:
         by_id = {pair.pair_id: pair.metadata.get(column) for pair in prepared.text_pairs()}
@@ -428,16 +450,15 @@ class Runner:
         from mrpo.models import load_for_evaluation
 
         begin = time.perf_counter()
-        prepared, _ = self.prepared("disjoint", run.seed)
+        data = self.held_out_file(self.families[-1], run.seed)
         model = load_for_evaluation(
-            self.config(self.output_dir / "scratch", self.data_dir / "disjoint.jsonl", ("init",),
-                        training={"seed": 0}),
+            self.config(self.output_dir / "scratch", data, ("init",), training={"seed": 0}),
             checkpoint,
             torch.device("cpu"),
-        )  # fmt: skip
+        )
         precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.bf16)
         results: dict[str, Any] = {}
-        for family in ("reworded", "disjoint"):
+        for family in self.families:
             prepared, names = self.prepared(family, run.seed)
             with precision:
                 logps, tokens = score_split(model, prepared, run.arm, show_progress=False)
@@ -446,19 +467,24 @@ class Runner:
         results["seconds"] = round(time.perf_counter() - begin, 1)
         return results
 
+    def groups(self, prepared) -> list[str]:
+        """Each held-out pair's group: teacher-known or not x trained flipped or clean."""
+        known = self.metadata(prepared, "teacher_known")
+        flipped = self.metadata(prepared, "trained_flipped")
+        return [
+            ("known" if is_known else "unknown")
+            + ("" if was_flipped is None else ("_flipped" if was_flipped else "_clean"))
+            for is_known, was_flipped in zip(known, flipped, strict=True)
+        ]
+
     def family_metrics(self, run: RunSpec, prepared, names, logps, tokens) -> dict[str, Any]:
-        """Policy accuracy (overall and by teacher-known x trained-flipped) and the paper's metric."""
+        """Policy accuracy (overall and by ``groups``) and the paper's metric."""
         from mrpo.config.schema import LossConfig
         from mrpo.evaluation import compute_metrics
 
         correct = (logps[:, 0] > logps[:, 1]).tolist()
-        known = self.metadata(prepared, "teacher_known")
-        flipped = self.metadata(prepared, "trained_flipped")
         groups: dict[str, list[bool]] = {}
-        for right, is_known, was_flipped in zip(correct, known, flipped, strict=True):
-            name = ("known" if is_known else "unknown") + (
-                "" if was_flipped is None else ("_flipped" if was_flipped else "_clean")
-            )
+        for right, name in zip(correct, self.groups(prepared), strict=True):
             groups.setdefault(name, []).append(right)
         chosen_refs = prepared.dataset.reference_chosen_logps
         rejected_refs = prepared.dataset.reference_rejected_logps

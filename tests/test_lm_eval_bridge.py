@@ -202,7 +202,9 @@ def test_truthfulqa_accuracy_is_that_of_the_model_loglikelihoods(model_dirs, tmp
     monkeypatch.setattr(
         mrpo.models, "load_for_evaluation", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1]
     )
-    result = run_lm_eval(config, None, [], truthfulqa=TRUTHFULQA_FIXTURE)  # the file alone adds the task
+    result = run_lm_eval(
+        config, None, [], truthfulqa=TRUTHFULQA_FIXTURE, per_document=True
+    )  # the file adds it
     assert result.tasks == [TRUTHFULQA_TASK] and result.samples == {TRUTHFULQA_TASK: 5}
 
     hits, norm_hits, first_hits = [], [], []
@@ -215,6 +217,11 @@ def test_truthfulqa_accuracy_is_that_of_the_model_loglikelihoods(model_dirs, tmp
         first_hits.append(_argmax(lls) == 0)
     acc, acc_norm = sum(hits) / len(hits), sum(norm_hits) / len(norm_hits)
     assert result.metrics[TRUTHFULQA_TASK] == pytest.approx({"acc": acc, "acc_norm": acc_norm})
+    # Per document, in the file's order: what a paired comparison of two models reads.
+    assert result.documents[TRUTHFULQA_TASK] == [
+        {"acc": float(hit), "acc_norm": float(norm)} for hit, norm in zip(hits, norm_hits, strict=True)
+    ]
+    assert "samples" not in result.raw
     # The fixture tells right from wrong: some right, not all; acc_norm apart; choice 0 as the answer differs.
     assert 0 < acc < 1 and acc != acc_norm and acc != sum(first_hits) / len(first_hits)
 

@@ -30,7 +30,7 @@ def study():
     names = ("teacher_study", "teacher_report")
     loaded = [_load(name) for name in names]
     yield loaded[0]
-    for name in (*names, "noisy_study"):
+    for name in (*names, "noisy_study", "truthfulqa_students"):
         sys.modules.pop(name, None)
     sys.path.remove(str(EXPERIMENTS))
 
@@ -283,3 +283,95 @@ def test_reuse_waits_for_the_teachers_and_probe(study, tmp_path):
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"settings": {}, "results": []}))
     assert study.reuse_summary(summary, output, runs, log=lambda _: None) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# TruthfulQA on the students (experiments/truthfulqa_students.py)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def truthfulqa(report):
+    return sys.modules["truthfulqa_students"]
+
+
+def _answers(*bits: int) -> dict[str, list[float]]:
+    return {"acc": [float(b) for b in bits], "acc_norm": [float(1 - b) for b in bits]}
+
+
+def test_truthfulqa_differences_are_paired_by_seed_and_by_question(truthfulqa):
+    start = _answers(1, 0, 0, 0)  # 25%
+    dpo = {0: _answers(1, 1, 0, 0), 1: _answers(1, 0, 0, 0)}  # 50%, 25%
+    arm = {0: _answers(1, 1, 1, 0), 1: _answers(1, 1, 0, 0)}  # 75%, 50%
+    versus_start = truthfulqa.compare(arm, start, "acc")
+    mean, half, n = versus_start["seeds"]
+    assert (mean, n) == (pytest.approx(0.375), 2) and half > 0  # (0.5 + 0.25) / 2
+    per_question = [0.0, 1.0, 0.5, 0.0]  # each question's difference averaged over the two seeds
+    mean, half, n = versus_start["questions"]
+    expected = sum(per_question) / 4
+    variance = sum((d - expected) ** 2 for d in per_question) / 3
+    assert (mean, half, n) == (pytest.approx(expected), pytest.approx(1.96 * math.sqrt(variance / 4)), 4)
+    versus_dpo = truthfulqa.compare(arm, dpo, "acc")
+    assert versus_dpo["seeds"][0] == pytest.approx(0.25) and versus_dpo["seeds"][1] == pytest.approx(0.0)
+    # The same seeds only: a seed the baseline lacks is left out, not compared with nothing.
+    assert truthfulqa.compare({**arm, 2: _answers(0, 0, 0, 0)}, dpo, "acc") == versus_dpo
+
+
+def test_truthfulqa_section_of_the_report(truthfulqa):
+    data = {
+        "truthfulqa_sha256": "ab" * 32,
+        "models": {"start": _answers(1, 0, 0, 0), "dpo/s0": _answers(1, 1, 0, 0), "dpo/s1": _answers(1, 0, 0, 0),
+                   "noctro_t1/s0": _answers(1, 1, 1, 0), "noctro_t1/s1": _answers(1, 1, 0, 0)},
+    }  # fmt: skip
+    lines = truthfulqa.report_lines(data, {"noctro_t1": "MRPO without CTRO, t1"})
+    text = "\n".join(lines)
+    assert "## A general benchmark: TruthfulQA-MC1" in text and "4 questions" in text
+    start_row, dpo_row, arm_row = [line for line in lines if line.startswith("| ") and "---" not in line][1:4]
+    assert start_row.startswith("| start |") and "| 25.0 |" in start_row
+    assert dpo_row.startswith("| dpo |") and "+12.5" in dpo_row and dpo_row.split("|")[5].strip() == "–"
+    assert arm_row.startswith("| noctro_t1 | MRPO without CTRO, t1 | 62.5") and "+37.5" in arm_row
+    assert "+25.0" in arm_row.split("|")[5]  # against DPO, paired by seed
+    assert truthfulqa.report_lines(None, {}) == [] and truthfulqa.report_lines({"models": {}}, {}) == []
+
+
+def test_truthfulqa_evaluation_scores_each_model_once_and_checks_the_file(truthfulqa, tmp_path, monkeypatch):
+    study_dir, questions = tmp_path / "runs", tmp_path / "task_mc.json"
+    questions.write_text("{}", encoding="utf-8")
+    for arm in ("dpo", "noctro_t1"):
+        for seed in (0, 1):
+            run = study_dir / "students" / arm / f"s{seed}"
+            (run / "final").mkdir(parents=True)
+            (run / "mrpo_config.yaml").write_text(
+                f"policy:\n  model: {arm}-{seed}\nreferences:\n  - name: init\n    model: {arm}-{seed}\n"
+                "data:\n  train: train.jsonl\n",
+                encoding="utf-8",
+            )
+    scored = []
+
+    def fake_score(config, checkpoint, path):
+        scored.append((config.policy.model, checkpoint))
+        return _answers(1, 0)
+
+    monkeypatch.setattr(truthfulqa, "score", fake_score)
+    output = tmp_path / "truthfulqa.json"
+    data = truthfulqa.evaluate(
+        study_dir, questions, ["dpo", "noctro_t1"], range(2), output, log=lambda _: None
+    )
+    assert list(data["models"]) == ["start", "dpo/s0", "noctro_t1/s0", "dpo/s1", "noctro_t1/s1"]
+    assert scored[0] == ("dpo-0", None)  # the start: no adapter
+    assert scored[1:] == [
+        (f"{arm}-{seed}", str(study_dir / "students" / arm / f"s{seed}" / "final"))
+        for seed in (0, 1)
+        for arm in ("dpo", "noctro_t1")
+    ]
+    assert json.loads(output.read_text(encoding="utf-8")) == data
+    scored.clear()
+    assert (
+        truthfulqa.evaluate(study_dir, questions, ["dpo", "noctro_t1"], range(2), output, log=print) == data
+    )
+    assert scored == []  # every model was already in the file
+    with pytest.raises(SystemExit, match="no finished student run"):
+        truthfulqa.evaluate(study_dir, questions, ["dpo"], range(3), output, log=print)
+    questions.write_text('{"other": 1}', encoding="utf-8")
+    with pytest.raises(SystemExit, match="another TruthfulQA file"):
+        truthfulqa.evaluate(study_dir, questions, ["dpo"], range(2), output, log=print)

@@ -63,6 +63,9 @@ class LMEvalResult:
     """Task -> number of documents evaluated."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     """What ``lm_eval.simple_evaluate`` returned (without per-sample logs)."""
+    documents: dict[str, list[dict[str, float]]] = field(default_factory=dict, repr=False)
+    """With ``per_document=True``: task -> one ``{metric: value}`` per document, in the task's document order
+    (what paired comparisons of two models need, e.g. ``[{"acc": 1.0, "acc_norm": 0.0}, ...]``)."""
 
     @property
     def table(self) -> str:
@@ -223,6 +226,7 @@ def run_lm_eval(
     limit: int | float | None = None,
     batch_size: int = 8,
     truthfulqa: str | Path | None = None,
+    per_document: bool = False,
 ) -> LMEvalResult:
     """Run lm-eval ``tasks`` on the policy's starting model (``checkpoint=None``) or on a checkpoint directory.
 
@@ -237,6 +241,7 @@ def run_lm_eval(
         batch_size: lm-eval's batch size.
         truthfulqa: BIG-bench's ``truthful_qa/task_mc.json``; given, ``mrpo_truthfulqa_mc1`` runs on it (it is
             added to ``tasks`` when not named there).
+        per_document: also keep each document's metrics (``LMEvalResult.documents``).
     """
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -261,13 +266,14 @@ def run_lm_eval(
     with _quiet(logging.getLogger("lm_eval.models.huggingface"), _HANDED_A_MODEL_OBJECT):
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     raw = lm_eval.simple_evaluate(
-        model=wrapped, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=False
+        model=wrapped, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=per_document
     )
     if raw is None:  # lm-eval returns None on non-zero ranks
         raise LMEvalError(
             "lm-eval returned no results (run it in a single process, not under accelerate launch)"
         )
     raw = dict(raw)
+    documents = _per_document(raw.pop("samples", {}))
     label = label or ("start" if checkpoint is None else Path(checkpoint).name)
     return LMEvalResult(
         label=label,
@@ -278,6 +284,7 @@ def run_lm_eval(
             task: int(n["effective"]) for task, n in raw.get("n-samples", {}).items() if "effective" in n
         },
         raw=raw,
+        documents=documents,
     )
 
 
@@ -299,6 +306,17 @@ def _quiet(logger: logging.Logger, prefixes: Sequence[str]):
         yield
     finally:
         logger.removeFilter(keep)
+
+
+def _per_document(samples: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, float]]]:
+    """lm-eval's logged samples -> task -> one ``{metric: value}`` per document, in document order."""
+    return {
+        task: [
+            {name: float(example[name]) for name in example["metrics"]}
+            for example in sorted(examples, key=lambda example: example["doc_id"])
+        ]
+        for task, examples in samples.items()
+    }
 
 
 def _task_metrics(values: dict[str, Any]) -> dict[str, float]:

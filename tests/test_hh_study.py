@@ -1,0 +1,156 @@
+"""experiments/hh_study.py: the split of the HH-RLHF transcripts (no pair in two parts, what is left out and why),
+the length statistics of the probe, the held-out gate and the report on fake results (no models)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+MODULES = ("hh_study", "teacher_study", "teacher_report", "noisy_study", "truthfulqa_students")
+
+
+@pytest.fixture(scope="module")
+def hh():
+    sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location("hh_study", EXPERIMENTS / "hh_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hh_study"] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    for name in MODULES:
+        sys.modules.pop(name, None)
+    sys.path.remove(str(EXPERIMENTS))
+
+
+def _transcript(question: str, answer: str) -> str:
+    return f"\n\nHuman: {question}\n\nAssistant: {answer}"
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for index in range(120):
+        question = f"Question number {index}?"
+        short, long = f"No {index}.", f"A longer answer, number {index}, with more words in it."
+        chosen, rejected = (short, long) if index % 3 else (long, short)
+        rows.append({"chosen": _transcript(question, chosen), "rejected": _transcript(question, rejected)})
+    rows[5]["chosen"] = _transcript("Too long?", "x" * 400)  # over max_chars
+    rows[7]["rejected"] = rows[7]["chosen"]  # the same final answer
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def test_split_keeps_every_part_apart_and_counts_what_it_leaves_out(hh, tmp_path):
+    settings = hh.HHSettings(
+        seeds=(0, 1, 2), heldout_pairs=40, teacher_pairs=30, train_pairs=16, max_chars=300
+    )
+    source = _write(tmp_path / "hh.jsonl.gz", _rows())
+    counts = hh.write_hh_data(settings, source, tmp_path / "data")
+    assert counts == {"rows": 120, "too_long": 1, "same_answer": 1, "heldout": 40, "teacher": 30, "pool": 48}
+
+    def indices(name: str) -> list[int]:
+        lines = (tmp_path / "data" / name).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["hh_index"] for line in lines]
+
+    heldout, teacher = indices("heldout.jsonl"), indices("teacher-train.jsonl")
+    trains = [indices(f"s{seed}/train.jsonl") for seed in (0, 1, 2)]
+    assert len(set(heldout)) == 40 and len(set(teacher)) == 30
+    assert not set(heldout) & set(teacher) and {5, 7}.isdisjoint({*heldout, *teacher, *sum(trains, [])})
+    for train in trains:
+        assert len(set(train)) == 16 and not set(train) & (set(heldout) | set(teacher))
+    assert trains[0] != trains[1]  # each seed its own draw
+    # Deterministic: the same split and draws again.
+    hh.write_hh_data(settings, source, tmp_path / "again")
+    assert (tmp_path / "again" / "s1" / "train.jsonl").read_bytes() == (
+        tmp_path / "data" / "s1" / "train.jsonl"
+    ).read_bytes()
+    record = json.loads((tmp_path / "data" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    row = _rows()[record["hh_index"]]
+    assert record["chosen"] == row["chosen"] and record["chosen_longer"] == (record["hh_index"] % 3 == 0)
+
+
+def test_split_refuses_a_pool_too_small_for_the_students(hh, tmp_path):
+    settings = hh.HHSettings(heldout_pairs=60, teacher_pairs=50, train_pairs=16, max_chars=300)
+    with pytest.raises(SystemExit, match="leave 8 for the student pool; 16 needed"):
+        hh.split_pairs(_rows(), settings)
+
+
+def test_length_tracking(hh):
+    # Margins that favour the shorter answer, exactly proportional to the length difference.
+    tracked = hh.length_tracking([-2.0, -4.0, 1.0, 3.0], [2.0, 4.0, -1.0, -3.0])
+    assert tracked["correlation"] == pytest.approx(-1.0) and tracked["shorter_wins"] == 1.0
+    # Pairs of equal length are left out of the share; a constant margin has no correlation.
+    tracked = hh.length_tracking([1.0, 1.0, 1.0], [5.0, 0.0, -5.0])
+    assert math.isnan(tracked["correlation"]) and tracked["shorter_wins"] == 0.5
+
+
+def _result(arm: str, seed: int, accuracy: float) -> dict:
+    family = {
+        "policy_accuracy": accuracy,
+        "by_group": {
+            "chosen_longer": {"policy_accuracy": accuracy - 0.1, "pairs": 200},
+            "chosen_shorter": {"policy_accuracy": accuracy + 0.1, "pairs": 300},
+        },
+        "paper_metric_step0": {"reward_accuracy_own_virtual": 0.3, "reward_accuracy_start": 0.0},
+        "paper_metric_trained": {"reward_accuracy_own_virtual": 0.6, "reward_accuracy_start": 0.6},
+        "chosen_longer": 0.44,
+    }
+    train = {"last_epoch_loss": 0.5, "clip_rate": 0.9}
+    return {"group": "main", "arm": arm, "seed": seed, "train": train, "eval": {"heldout": family}}
+
+
+def _probe(low: float) -> dict:
+    start = {
+        "all": {"agreement": 0.54, "mean_abs_margin": 9.0},
+        "length": {"correlation": -0.9, "shorter_wins": 0.9},
+    }
+    teacher = {
+        "all": {"agreement": 0.62, "mean_abs_margin": 12.0, "beyond_start": 0.4, "less_confident": 0.3,
+                "vs_start": {"difference": 0.08, "low": low, "high": 0.13}},
+        "length": {"correlation": -0.5, "shorter_wins": 0.7},
+    }  # fmt: skip
+    return {"group": "probe", "arm": "probe", "seed": 0, "heldout": {"init": start, "t1": teacher}}
+
+
+def test_report_on_fake_results_judges_on_the_heldout_pairs(hh, tmp_path):
+    settings = hh.HHSettings(seeds=(0, 1, 2))
+    levels = {"dpo": 0.55, "mrpo_t1": 0.55, "noctro_t1": 0.60, "dpo_ref_t1": 0.60, "mrpo_random": 0.55,
+              "noctro_random": 0.55}  # fmt: skip
+    results = [_result(arm, seed, level + 0.01 * seed) for arm, level in levels.items() for seed in range(3)]
+    teacher = {"group": "teacher", "arm": "t1", "seed": 0, "base": "init", "pairs": 800, "seconds_train": 600.0,
+               "train": {"last_epoch_loss": 0.6}}  # fmt: skip
+    split = {"rows": 2312, "too_long": 393, "same_answer": 2, "heldout": 500, "teacher": 800, "pool": 617}
+    docs = tmp_path / "docs" / "results-hh-study.md"
+    docs.parent.mkdir()
+    hh.write_report([teacher, _probe(0.03), *results], settings, split, [], docs, machine="test")
+    text = docs.read_text(encoding="utf-8")
+    # noctro_t1 beats DPO by 5 points on every seed and beats its random control: the first branch of the rule.
+    assert "**t1: a teacher helps through MRPO** ((c) noctro_t1)" in text
+    assert "| t1 (SmolLM2 taught on HH) | 62.0% | +8.0 [+3.0, +13.0] |" in text
+    assert "-0.50 | 70% |" in text  # the teacher's length tracking
+    assert "393 left out as longer than 1200 characters" in text and "617 in the student pool" in text
+    # By answer length: DPO's accuracy, then the paired differences.
+    assert (
+        "| (a) dpo | 46.0 ± 2.5 | 66.0 ± 2.5 |" in text
+        and "| (c) noctro_t1 | +5.0 ± 0.0 | +5.0 ± 0.0 |" in text
+    )
+    assert "the start on the held-out pairs does not beat" not in text and "teacher-known" not in text
+    summary = json.loads((docs.parent / "hh-study" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["split"] == split and len(summary["results"]) == 2 + len(results)
+    assert (docs.parent / "hh-study" / "paired.png").exists()
+    # A teacher that does not beat the start on the held-out pairs is not judged.
+    hh.write_report([teacher, _probe(-0.01), *results], settings, split, [], docs, machine="test")
+    text = docs.read_text(encoding="utf-8")
+    assert "**t1: not judged** (it does not beat the start on the held-out pairs)" in text
+    assert "does NOT beat the start" in text
