@@ -364,10 +364,12 @@ def render(
         f"{settings.teacher_beta:g}, {settings.teacher_epochs:g} epochs, merged; {settings.known_fraction:.0%} of "
         "the pool facts, wordings 3 and 4 (experiments/reworded_facts.py).",
         "- Every setting here was fixed before any student ran; none was changed after a result.",
-        "- Cut from issue 22's list for cost, to run in later sessions: the HH-RLHF family (teachers on a large part, "
-        "students on 64-128 pairs, >= 500 held out)"
-        + ("" if truthfulqa else ", TruthfulQA-MC1 on the students (`experiments/truthfulqa_students.py`)")
-        + "; the secondary arms run on 5 seeds.",
+        "- Not in this page: the HH-RLHF family (its own runner and page, `experiments/hh_study.py`, "
+        "docs/results-hh-study.md)"
+        + ("" if truthfulqa else "; TruthfulQA-MC1 on the students (`experiments/truthfulqa_students.py`)")
+        + ".",
+        f"- The secondary arms ({', '.join(settings.secondary_arms)}) are planned on {len(settings.secondary_seeds)}"
+        " seeds, after the primary grid; the seeds each arm finished are listed under the verdict.",
         f"- Ran as: {commands or 'the grid has not completed an invocation yet'}. Machine: {machine}.",
         *reuse_lines(results),
         "- Every run's result: [teacher-study/summary.json](teacher-study/summary.json).",
