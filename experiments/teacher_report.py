@@ -94,6 +94,26 @@ def judge(
     return f"**{teacher}: null** (no branch of the rule applies)"
 
 
+def versus_single_lines(cells, teachers: Sequence[str], family: str) -> list[str]:
+    """Each MRPO arm with a teacher against DPO with that teacher as its only reference (e): what MRPO adds to the
+    teacher itself."""
+    lines = []
+    for teacher in teachers:
+        single = f"dpo_ref_{teacher}"
+        arms = [arm for arm, spec in ARMS.items() if spec.letter in "bcd" and teacher in spec.references]
+        parts = [
+            f"({ARMS[arm].letter}) {arm} {stats.interval_text(*difference(cells, arm, single, family)[:2])}"
+            for arm in arms
+            if arm in cells and single in cells
+        ]
+        if parts:
+            lines.append(
+                f"Against DPO with {teacher} as its only reference ({single}), in points on {family} (paired by "
+                f"seed): {'; '.join(parts)}."
+            )
+    return [*lines, ""] if lines else []
+
+
 def probe_lines(probe: dict[str, Any]) -> list[str]:
     header = [
         "model",
@@ -289,6 +309,7 @@ def render(
         "",
         *[f"- {judge(cells, probe, teacher, len(settings.seeds))}" for teacher in settings.teachers],
         "",
+        *versus_single_lines(cells, settings.teachers, "reworded"),
         f"Seeds finished per arm: {', '.join(f'{arm} {len(runs)}' for arm, runs in cells.items())}.",
         "",
         "## The teachers, measured before any student",

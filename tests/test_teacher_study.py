@@ -184,7 +184,7 @@ def test_one_seed_is_not_judged(report):
 
 def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     settings = study.Settings(seeds=tuple(range(3)), teachers=("t1",))
-    results = _grid({"dpo": 0.7, "mrpo_t1": 0.72, "mrpo_random": 0.7}, seeds=3)
+    results = _grid({"dpo": 0.7, "mrpo_t1": 0.72, "mrpo_random": 0.7, "dpo_ref_t1": 0.76}, seeds=3)
     results.append(
         {"group": "teacher", "arm": "t1", "base": "init", "pairs": 192, "seconds_train": 60.0,
          "train": {"last_epoch_loss": 0.2}}
@@ -207,6 +207,9 @@ def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     ):
         assert heading in text
     assert "(b) mrpo_t1" in text and "+2.0" in text  # the paired difference in points
+    # What MRPO adds to the teacher itself: each MRPO arm against DPO with the teacher alone.
+    assert "Against DPO with t1 as its only reference (dpo_ref_t1), in points on reworded" in text
+    assert "(b) mrpo_t1 -4.0 ± " in text
     summary = json.loads((docs.parent / "teacher-study" / "summary.json").read_text(encoding="utf-8"))
     assert len(summary["results"]) == len(results)
     assert (docs.parent / "teacher-study" / "paired.png").exists()
