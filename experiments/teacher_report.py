@@ -108,7 +108,7 @@ def versus_single_lines(cells, teachers: Sequence[str], family: str) -> list[str
         ]
         if parts:
             lines.append(
-                f"Against DPO with {teacher} as its only reference ({single}), in points on {family} (paired by "
+                f"- Against DPO with {teacher} as its only reference ({single}), in points on {family} (paired by "
                 f"seed): {'; '.join(parts)}."
             )
     return [*lines, ""] if lines else []
