@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from grid import RESULT_FILE, check_settings, record_invocation, run_grid, write_json_atomic
-from teacher_report import arm_rows, cells_of, group_rows, judge, paper_rows, write_plots
+from teacher_report import arm_rows, cells_of, group_rows, judge, paper_rows, ran_as_interrupted, write_plots
 from teacher_study import DECISION_RULE, Runner, expand_grid
 
 from mrpo.demo.pairs import write_jsonl
@@ -366,7 +366,7 @@ def render(
         "- Every setting here was fixed before any run of this family; none was changed after a result.",
         "- Cut for CPU cost: Gemma-3-270M as a teacher (t2), the beta-0.5 arms (d), the K = 3 arm (f); "
         f"{len(settings.seeds)} seeds (the facts family has 10).",
-        f"- Ran as: {commands or 'the grid has not completed an invocation yet'}. Machine: {machine}.",
+        f"- Ran as: {commands or ran_as_interrupted(results, 'hh_study')}. Machine: {machine}.",
         "- Every run's result: [hh-study/summary.json](hh-study/summary.json).",
     ]
     return "\n".join(lines) + "\n"

@@ -391,11 +391,21 @@ def render(
         + ".",
         f"- The secondary arms ({', '.join(settings.secondary_arms)}) are planned on {len(settings.secondary_seeds)}"
         " seeds, after the primary grid; the seeds each arm finished are listed under the verdict.",
-        f"- Ran as: {commands or 'the grid has not completed an invocation yet'}. Machine: {machine}.",
+        f"- Ran as: {commands or ran_as_interrupted(results, 'teacher_study')}. Machine: {machine}.",
         *reuse_lines(results),
         "- Every run's result: [teacher-study/summary.json](teacher-study/summary.json).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def ran_as_interrupted(results, script: str) -> str:
+    """How a grid ran whose invocations were all stopped before the end (none recorded in invocations.jsonl)."""
+    seconds = sum(r.get("seconds", 0.0) for r in results if not r.get("reused_from"))
+    return (
+        f"`.venv/bin/python experiments/{script}.py --resume`, stopped and resumed (no invocation ran to the end, so "
+        f"none is recorded); the runs done here took {seconds / 3600:.1f} h in all (each run's `seconds` is in the "
+        "summary)"
+    )
 
 
 def reuse_lines(results) -> list[str]:
