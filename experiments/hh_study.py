@@ -12,11 +12,12 @@ which each seed draws its ``train_pairs`` training pairs. No pair is in two part
 
 - **t1**: SmolLM2-135M-Instruct (the students' start) DPO-trained with LoRA on the teacher part, merged; Gemma-3-270M
   as a teacher (t2) is cut for CPU cost (it trained ~5x slower than t1 in the facts family);
-- controls: **random** (the random-init 2-layer model); Gemma-3-270M as it is is probed, not trained against.
+- controls: **random** (the random-init 2-layer model). Gemma-3-270M as it is is not probed in this family (cost;
+  no arm uses it).
 - The probe, before any student: each model's label agreement on the held-out pairs against the start's (paired
   95% interval), and how its margins track the answers' length (correlation with the final answers' character
   difference; share of pairs where the margin favours the shorter answer). A teacher that does not beat the start
-  is reported as such and its arms are not judged (the facts family's rule).
+  is reported as such and its student runs are not run (the facts family's rule: not used).
 
     .venv/bin/python experiments/hh_study.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --quick
     .venv/bin/python experiments/hh_study.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --resume
@@ -37,6 +38,7 @@ import platform
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,18 +119,26 @@ def read_transcripts(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def left_out_reason(row: dict, max_chars: int) -> str | None:
+    """Why a row stays out of every part (a key of the split's ``left_out`` counts), or None."""
+    from mrpo.data.rows import RowError, parse_row
+
+    if max(len(row["chosen"]), len(row["rejected"])) > max_chars:
+        return "too_long"
+    try:
+        parse_row(row, "implicit")  # the project's own transcript reader decides what is a readable pair
+    except RowError as error:
+        return f"refused by the reader: {error.reason}"
+    if final_answer(row["chosen"]) == final_answer(row["rejected"]):
+        return "same_answer"
+    return None
+
+
 def split_pairs(rows: Sequence[dict], settings: HHSettings) -> dict[str, Any]:
     """The eligible rows (by index in the file) split into held-out, teacher and the student pool, and the counts
     of the rows left out."""
-    too_long = [
-        i for i, r in enumerate(rows) if max(len(r["chosen"]), len(r["rejected"])) > settings.max_chars
-    ]
-    same = [
-        i
-        for i, r in enumerate(rows)
-        if final_answer(r["chosen"]) == final_answer(r["rejected"]) and i not in set(too_long)
-    ]
-    left_out = set(too_long) | set(same)
+    reasons = [left_out_reason(row, settings.max_chars) for row in rows]
+    left_out = {i for i, reason in enumerate(reasons) if reason}
     eligible = [i for i in range(len(rows)) if i not in left_out]
     random.Random("hh-study-split").shuffle(eligible)
     heldout = eligible[: settings.heldout_pairs]
@@ -143,9 +153,17 @@ def split_pairs(rows: Sequence[dict], settings: HHSettings) -> dict[str, Any]:
         "teacher": sorted(teacher),
         "pool": sorted(pool),
         "rows": len(rows),
-        "too_long": len(too_long),
-        "same_answer": len(same),
+        "left_out": dict(sorted(Counter(reason for reason in reasons if reason).items())),
     }
+
+
+def left_out_text(left_out: dict[str, int], max_chars: int) -> str:
+    """The split's ``left_out`` counts as the report's words."""
+    words = {
+        "too_long": f"longer than {max_chars} characters (either transcript)",
+        "same_answer": "whose final answers are the same text",
+    }
+    return ", ".join(f"{count} {words.get(reason, reason)}" for reason, count in left_out.items()) or "none"
 
 
 def write_hh_data(settings: HHSettings, source: Path, data_dir: Path) -> dict[str, Any]:
@@ -169,7 +187,7 @@ def write_hh_data(settings: HHSettings, source: Path, data_dir: Path) -> dict[st
     for seed in settings.seeds:
         picked = sorted(random.Random(f"hh-study-train-{seed}").sample(split["pool"], settings.train_pairs))
         write_jsonl(data_dir / f"s{seed}" / "train.jsonl", [record(i) for i in picked])
-    counts = {key: value for key, value in split.items() if isinstance(value, int)}
+    counts = {key: value for key, value in split.items() if key in ("rows", "left_out")}
     counts.update(heldout=len(split["heldout"]), teacher=len(split["teacher"]), pool=len(split["pool"]))
     write_json_atomic(data_dir / "split.json", counts)
     return counts
@@ -183,6 +201,13 @@ def write_hh_data(settings: HHSettings, source: Path, data_dir: Path) -> dict[st
 class HHRunner(Runner):
     families = (FAMILY,)
     probe_files = (FAMILY,)
+    seed_independent = (FAMILY,)
+
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        """The start, the teachers and the random control. Gemma-3-270M as it is is not probed here: it is no arm's
+        reference in this family, and its 262k-token output layer makes it the probe's costliest model."""
+        return ("init", *self.settings.teachers, "random")
 
     def held_out_file(self, family: str, seed: int) -> Path:
         return self.data_dir / f"{FAMILY}.jsonl"
@@ -225,6 +250,22 @@ def teacher_beats_start_heldout(probe: dict[str, Any], teacher: str) -> bool:
     """The gate fixed before the runs: label agreement on the held-out pairs above the start's, interval above 0."""
     entry = probe.get(FAMILY, {}).get(teacher, {}).get("all")
     return bool(entry) and entry["vs_start"]["low"] > 0
+
+
+def students_of_used_teachers(runs: Sequence, probe: dict[str, Any], settings: HHSettings, log) -> list:
+    """``runs`` without the student runs that could only judge a teacher the gate refused: its own arms and, when
+    no teacher is left, every student (DPO and the random controls are only compared with a teacher's arms)."""
+    refused = [name for name in settings.teachers if not teacher_beats_start_heldout(probe, name)]
+    if not refused:
+        return list(runs)
+    used = [name for name in settings.teachers if name not in refused]
+    log(f"{', '.join(refused)} does not beat the start on the held-out pairs: its student runs are not run")
+    return [
+        run
+        for run in runs
+        if run.group in ("teacher", "probe")
+        or (used and not any(run.arm.endswith(f"_{name}") for name in refused))
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -290,8 +331,7 @@ def render(
         "",
         "## Data",
         "",
-        f"{split['rows']} pairs in the file; {split['too_long']} left out as longer than {settings.max_chars} "
-        f"characters (either transcript), {split['same_answer']} whose final answers are the same text; of the "
+        f"{split['rows']} pairs in the file; left out: {left_out_text(split['left_out'], settings.max_chars)}; of the "
         f"rest {split['heldout']} held out, {split['teacher']} for the teachers, {split['pool']} in the student "
         f"pool ({settings.train_pairs} drawn per seed).",
         "",
@@ -408,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from mrpo.demo.models import GEMMA3, SMOLLM2, default_cache_dir, ensure_demo_model
+    from mrpo.demo.models import SMOLLM2, default_cache_dir, ensure_demo_model
 
     started = time.perf_counter()
     settings = QUICK if args.quick else HHSettings()
@@ -427,7 +467,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     models = {
         "init": str(ensure_demo_model(SMOLLM2, cache_root)),
-        "gemma": str(ensure_demo_model(GEMMA3, cache_root)),
     }
     models["random"] = str(make_divergent_reference(models["init"], output_dir / "models" / "random"))
     split = write_hh_data(settings, Path(args.data), output_dir / "data")
@@ -444,7 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(message)
         print(message, flush=True)
 
-    results = run_grid(runs, output_dir, runner, log=log)
+    before_students = [run for run in runs if run.group in ("teacher", "probe")]
+    probe = next(r for r in run_grid(before_students, output_dir, runner, log=log) if r["group"] == "probe")
+    results = run_grid(students_of_used_teachers(runs, probe, settings, log), output_dir, runner, log=log)
     runtime = time.perf_counter() - started
     command = " ".join(
         [".venv/bin/python experiments/hh_study.py", *(argv if argv is not None else sys.argv[1:])]

@@ -267,6 +267,8 @@ class Runner:
 
     families: tuple[str, ...] = ("reworded", "disjoint")
     """The held-out families every student is scored on."""
+    seed_independent: tuple[str, ...] = ("disjoint",)
+    """The families whose held-out file is the same every seed (kept prepared across seeds)."""
     probe_files: tuple[str, ...] = ("probe", "disjoint")
     """The data files (``data/<name>.jsonl``) the probe scores every model on; ``mrpo inspect`` runs on the first."""
 
@@ -432,9 +434,7 @@ class Runner:
             config = self.config(
                 self.output_dir / "scratch", data, names, evaluation=data, training={"seed": 0}
             )
-            fixed = {
-                self.held_out_file(f, -1) for f in self.families
-            }  # the families that are the same every seed
+            fixed = {self.held_out_file(family, seed) for family in self.seed_independent}
             self._prepared = {k: v for k, v in self._prepared.items() if k in fixed}  # one seed at a time
             self._prepared[data] = (prepare_split(config, "eval", show_progress=False), names)
         return self._prepared[data]

@@ -42,6 +42,8 @@ def _rows() -> list[dict]:
         rows.append({"chosen": _transcript(question, chosen), "rejected": _transcript(question, rejected)})
     rows[5]["chosen"] = _transcript("Too long?", "x" * 400)  # over max_chars
     rows[7]["rejected"] = rows[7]["chosen"]  # the same final answer
+    rows[9]["chosen"] = _transcript("Question number 9?", "")  # an empty final answer: the reader refuses it
+    rows[11]["rejected"] = _transcript("Another question?", "No 11.")  # turns that differ before the last
     return rows
 
 
@@ -57,7 +59,18 @@ def test_split_keeps_every_part_apart_and_counts_what_it_leaves_out(hh, tmp_path
     )
     source = _write(tmp_path / "hh.jsonl.gz", _rows())
     counts = hh.write_hh_data(settings, source, tmp_path / "data")
-    assert counts == {"rows": 120, "too_long": 1, "same_answer": 1, "heldout": 40, "teacher": 30, "pool": 48}
+    assert counts == {
+        "rows": 120,
+        "left_out": {
+            "refused by the reader: empty completion": 1,
+            "refused by the reader: transcripts diverge before the last turn": 1,
+            "same_answer": 1,
+            "too_long": 1,
+        },
+        "heldout": 40,
+        "teacher": 30,
+        "pool": 46,
+    }
 
     def indices(name: str) -> list[int]:
         lines = (tmp_path / "data" / name).read_text(encoding="utf-8").splitlines()
@@ -66,7 +79,9 @@ def test_split_keeps_every_part_apart_and_counts_what_it_leaves_out(hh, tmp_path
     heldout, teacher = indices("heldout.jsonl"), indices("teacher-train.jsonl")
     trains = [indices(f"s{seed}/train.jsonl") for seed in (0, 1, 2)]
     assert len(set(heldout)) == 40 and len(set(teacher)) == 30
-    assert not set(heldout) & set(teacher) and {5, 7}.isdisjoint({*heldout, *teacher, *sum(trains, [])})
+    assert not set(heldout) & set(teacher) and {5, 7, 9, 11}.isdisjoint(
+        {*heldout, *teacher, *sum(trains, [])}
+    )
     for train in trains:
         assert len(set(train)) == 16 and not set(train) & (set(heldout) | set(teacher))
     assert trains[0] != trains[1]  # each seed its own draw
@@ -82,7 +97,7 @@ def test_split_keeps_every_part_apart_and_counts_what_it_leaves_out(hh, tmp_path
 
 def test_split_refuses_a_pool_too_small_for_the_students(hh, tmp_path):
     settings = hh.HHSettings(heldout_pairs=60, teacher_pairs=50, train_pairs=16, max_chars=300)
-    with pytest.raises(SystemExit, match="leave 8 for the student pool; 16 needed"):
+    with pytest.raises(SystemExit, match="leave 6 for the student pool; 16 needed"):
         hh.split_pairs(_rows(), settings)
 
 
@@ -130,7 +145,13 @@ def test_report_on_fake_results_judges_on_the_heldout_pairs(hh, tmp_path):
     results = [_result(arm, seed, level + 0.01 * seed) for arm, level in levels.items() for seed in range(3)]
     teacher = {"group": "teacher", "arm": "t1", "seed": 0, "base": "init", "pairs": 800, "seconds_train": 600.0,
                "train": {"last_epoch_loss": 0.6}}  # fmt: skip
-    split = {"rows": 2312, "too_long": 393, "same_answer": 2, "heldout": 500, "teacher": 800, "pool": 617}
+    split = {
+        "rows": 2312,
+        "left_out": {"too_long": 393, "same_answer": 2},
+        "heldout": 500,
+        "teacher": 800,
+        "pool": 617,
+    }
     docs = tmp_path / "docs" / "results-hh-study.md"
     docs.parent.mkdir()
     hh.write_report([teacher, _probe(0.03), *results], settings, split, [], docs, machine="test")
@@ -139,7 +160,8 @@ def test_report_on_fake_results_judges_on_the_heldout_pairs(hh, tmp_path):
     assert "**t1: a teacher helps through MRPO** ((c) noctro_t1)" in text
     assert "| t1 (SmolLM2 taught on HH) | 62.0% | +8.0 [+3.0, +13.0] |" in text
     assert "-0.50 | 70% |" in text  # the teacher's length tracking
-    assert "393 left out as longer than 1200 characters" in text and "617 in the student pool" in text
+    assert "left out: 393 longer than 1200 characters (either transcript), 2 whose final answers" in text
+    assert "617 in the student pool" in text
     # By answer length: DPO's accuracy, then the paired differences.
     assert (
         "| (a) dpo | 46.0 ± 2.5 | 66.0 ± 2.5 |" in text
@@ -154,3 +176,20 @@ def test_report_on_fake_results_judges_on_the_heldout_pairs(hh, tmp_path):
     text = docs.read_text(encoding="utf-8")
     assert "**t1: not judged** (it does not beat the start on the held-out pairs)" in text
     assert "does NOT beat the start" in text
+
+
+def test_students_run_only_for_a_teacher_the_gate_lets_through(hh):
+    settings = hh.HHSettings(seeds=(0, 1))
+    runs = hh.expand_grid(settings)
+    said = []
+    assert hh.students_of_used_teachers(runs, _probe(0.03), settings, said.append) == runs and not said
+    # The teacher does not beat the start: teacher and probe stay (finished), no student runs, and it is said.
+    kept = hh.students_of_used_teachers(runs, _probe(-0.01), settings, said.append)
+    assert [run.group for run in kept] == ["teacher", "probe"]
+    assert said == ["t1 does not beat the start on the held-out pairs: its student runs are not run"]
+    # With a second teacher that passes, only the refused teacher's own arms go.
+    two = hh.HHSettings(seeds=(0,), teachers=("t1", "t2"), arms=("dpo", "mrpo_t1", "mrpo_t2", "mrpo_random"))
+    probe = _probe(-0.01)
+    probe["heldout"]["t2"] = _probe(0.03)["heldout"]["t1"]
+    kept = hh.students_of_used_teachers(hh.expand_grid(two), probe, two, said.append)
+    assert [run.arm for run in kept if run.group == "main"] == ["dpo", "mrpo_t2", "mrpo_random"]
