@@ -72,6 +72,25 @@ def test_clip_forecast_is_the_loss_own_clip_rate(loss: LossConfig):
     assert audit.clip_rate == pytest.approx(float(trained.clip_rate.double().mean()), abs=1e-12)
 
 
+def test_length_normalized_forecast_divides_by_the_initialising_reference_token_counts():
+    chosen, rejected = _columns(gap=1.0)  # partly clipped: adaptive eps moves with the per-token levels
+    tokens = torch.stack(
+        [torch.arange(1, 65), torch.full((64,), 7)]
+    )  # the start's counts, then the external's
+    rejected_tokens = torch.stack([torch.arange(64, 0, -1), torch.full((64,), 9)])
+    loss = LossConfig(length_normalize=True, eps=0.3)
+    policy = -1 - torch.rand(64, dtype=torch.float32)
+    trained = mrpo_loss(policy, policy - 1, chosen, rejected, **loss.__dict__, chosen_tokens=tokens[0],
+                        rejected_tokens=rejected_tokens[0])  # fmt: skip
+    audit = audit_split("train", ["init", "ext"], [str(i) for i in range(64)], chosen, rejected, tokens,
+                        rejected_tokens, loss)  # fmt: skip
+    assert audit.clip_rate == pytest.approx(float(trained.clip_rate.double().mean()), abs=1e-12)
+    summed = clip_rates(loss_view(chosen, rejected, LossConfig(eps=0.3)))
+    assert clip_rates(loss_view(chosen, rejected, loss, (tokens[0], rejected_tokens[0]))) != summed
+    with pytest.raises(ValueError, match="needs chosen_tokens"):
+        loss_view(chosen, rejected, loss)
+
+
 def test_a_reference_far_from_the_initialising_one_is_forecast_as_dpo():
     chosen, rejected = _columns(gap=6.0)
     audit = audit_split(

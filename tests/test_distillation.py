@@ -85,5 +85,7 @@ def test_the_student_trains_against_its_start_and_the_teacher(run_setup, teacher
     saved = load_config(run_dir / "mrpo_config.yaml")
     assert [r.name for r in saved.references] == ["init", "teacher"]
     assert saved.loss.clip == "off"  # the study's setting: CTRO would clip a DPO-trained teacher away
-    assert all(float(line.get("ctro/clip_rate", 0.0)) == 0.0 for line in metrics)  # the teacher reaches the loss
+    assert all(
+        float(line.get("ctro/clip_rate", 0.0)) == 0.0 for line in metrics
+    )  # the teacher reaches the loss
     assert saved.references[1].model == str(teacher)

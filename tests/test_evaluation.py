@@ -73,6 +73,41 @@ def test_metrics_on_hand_made_log_probs():
     assert metrics["clip_rate"] == 0.0
 
 
+def test_length_normalized_metrics_are_the_loss_view_per_policy_token():
+    # The same four pairs read per token: policy -2, -2, -2.5, -2 (chosen) vs -3, -3, -1, -2.125 (rejected).
+    policy_chosen, policy_rejected = t(-10.0, -20.0, -5.0, -8.0), t(-12.0, -15.0, -6.0, -8.5)
+    chosen_tokens, rejected_tokens = torch.tensor([5, 10, 2, 4]), torch.tensor([4, 5, 6, 4])
+    reference_chosen = torch.stack([t(-11.0, -19.0, -4.0, -9.0), t(-10.0, -20.0, -5.0, -8.0)])
+    reference_rejected = torch.stack([t(-12.0, -16.0, -6.0, -9.0), t(-14.0, -14.0, -6.0, -8.0)])
+    loss = LossConfig(beta=2.0, weights=[1.0, 1.0], clip="off", length_normalize=True)
+    metrics = compute_metrics(
+        policy_chosen,
+        policy_rejected,
+        chosen_tokens,
+        rejected_tokens,
+        reference_chosen,
+        reference_rejected,
+        loss,
+    )
+    # Against the start, per token: 2 * ((pw - l1w)/nw - (pl - l1l)/nl):
+    #   2 * (0.2 - 0) = 0.4; 2 * (-0.1 - 0.2) = -0.6; 2 * (-0.5 - 0) = -1; 2 * (0.25 - 0.125) = 0.25
+    assert metrics["reward_accuracy_initialising"] == 0.5
+    assert metrics["reward_margin_initialising"] == pytest.approx((0.4 - 0.6 - 1 + 0.25) / 4)
+    # The policy's own accuracy stays a property of the model (sums), beside its per-token reading.
+    assert metrics["policy_accuracy"] == 0.75 and metrics["policy_accuracy_per_token"] == 0.75
+
+    def log_r(a, b):
+        return -math.log(0.5 * math.exp(-a) + 0.5 * math.exp(-b))
+
+    margins = []
+    for i in range(4):
+        nw, nl = chosen_tokens[i].item(), rejected_tokens[i].item()
+        r_w = log_r(reference_chosen[0, i].item() / nw, reference_chosen[1, i].item() / nw)
+        r_l = log_r(reference_rejected[0, i].item() / nl, reference_rejected[1, i].item() / nl)
+        margins.append(2.0 * ((policy_chosen[i].item() / nw - r_w) - (policy_rejected[i].item() / nl - r_l)))
+    assert metrics["reward_margin_virtual"] == pytest.approx(sum(margins) / 4)
+
+
 def test_label_aware_flag_and_table_marker():
     assert is_label_aware(LossConfig(clip="adaptive"), 2)
     assert not is_label_aware(LossConfig(clip="adaptive"), 1)  # one reference: nothing is clipped

@@ -432,3 +432,78 @@ def test_a_positive_log_prob_is_an_error_naming_the_tensor(tensor):
     # Zero is a valid log-prob (a certain completion) and so is anything below it.
     values[tensor].view(-1)[1] = 0.0
     assert torch.isfinite(mrpo_loss(**values).loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §7 Length normalisation (loss.length_normalize)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_length_normalized_k1_is_dpo_on_per_token_log_probs_by_hand():
+    pw, pl, rw, rl = t(-12.0, -30.0), t(-40.0, -9.0), t(-10.0, -33.0), t(-44.0, -8.0)
+    nw, nl = torch.tensor([4, 10]), torch.tensor([20, 3])
+    out = mrpo_loss(pw, pl, rw.unsqueeze(0), rl.unsqueeze(0), beta=2.0, length_normalize=True,
+                    chosen_tokens=nw, rejected_tokens=nl)  # fmt: skip
+    for i in range(2):
+        z = 2.0 * ((pw[i] - rw[i]) / nw[i] - (pl[i] - rl[i]) / nl[i])
+        assert out.losses[i].item() == pytest.approx(softplus(-z.item()), rel=1e-12)
+        assert out.chosen_rewards[i].item() == pytest.approx(2.0 * (pw[i] - rw[i]).item() / nw[i].item())
+    assert out.policy_chosen_logps.tolist() == pytest.approx((pw / nw).tolist())
+
+
+@pytest.mark.parametrize("clip", ["adaptive", "fixed", "off"])
+@pytest.mark.parametrize("aggregation", ["harmonic", "geometric", "mdpo"])
+def test_length_normalized_mrpo_is_mrpo_on_every_log_prob_divided_by_the_policy_token_count(
+    clip, aggregation
+):
+    generator = torch.Generator().manual_seed(3)
+    chosen_tokens, rejected_tokens = torch.randint(1, 40, (6,)), torch.randint(1, 40, (6,))
+    pw, pl = -chosen_tokens * (1 + torch.rand(6, generator=generator)), -rejected_tokens * 1.5
+    rc = -chosen_tokens * (0.5 + torch.rand(3, 6, generator=generator, dtype=torch.float64))
+    rr = -rejected_tokens * (0.5 + torch.rand(3, 6, generator=generator, dtype=torch.float64))
+    pw, pl = pw.double(), pl.double()
+    settings = {"beta": 1.5, "clip": clip, "eps": 0.3, "aggregation": aggregation}
+    normalized = mrpo_loss(pw, pl, rc, rr, **settings, length_normalize=True, chosen_tokens=chosen_tokens,
+                           rejected_tokens=rejected_tokens)  # fmt: skip
+    nw, nl = chosen_tokens.double(), rejected_tokens.double()
+    by_hand = mrpo_loss(pw / nw, pl / nl, rc / nw, rr / nl, **settings)
+    for name in (
+        "losses",
+        "alpha",
+        "eps_chosen",
+        "virtual_chosen_logps",
+        "clipped_rejected",
+        "chosen_rewards",
+    ):
+        assert torch.equal(getattr(normalized, name), getattr(by_hand, name)) or torch.allclose(
+            getattr(normalized, name).double(), getattr(by_hand, name).double(), rtol=1e-12, atol=0
+        ), name
+
+
+def test_a_margin_that_is_only_length_takes_no_weight_once_length_normalized():
+    # Reference 1 gives both answers the same -2 nats a token: its sequence margin +40 is the answers' length
+    # difference alone (10 vs 30 tokens). Reference 2 prefers the chosen answer by 0.5 nats a token.
+    chosen_tokens, rejected_tokens = torch.tensor([10]), torch.tensor([30])
+    rc, rr = t(-20.0, -15.0).unsqueeze(1), t(-60.0, -60.0).unsqueeze(1)
+    policy = t(-20.0), t(-60.0)
+    summed = mrpo_loss(*policy, rc, rr, clip="off")
+    assert summed.alpha[:, 0].tolist() == pytest.approx([40 / 85, 45 / 85], rel=1e-6)
+    per_token = mrpo_loss(*policy, rc, rr, clip="off", length_normalize=True, chosen_tokens=chosen_tokens,
+                          rejected_tokens=rejected_tokens)  # fmt: skip
+    assert per_token.reference_margins[:, 0].tolist() == pytest.approx([0.0, 0.5])
+    assert per_token.alpha[1, 0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_length_normalize_refuses_missing_zero_or_misshapen_token_counts():
+    pw, pl, rc, rr = t(-3.0, -4.0), t(-5.0, -6.0), t(-3.0, -4.0).unsqueeze(0), t(-5.0, -6.0).unsqueeze(0)
+    with pytest.raises(ValueError, match="needs chosen_tokens and rejected_tokens"):
+        mrpo_loss(pw, pl, rc, rr, length_normalize=True)
+    with pytest.raises(ValueError, match="at least one completion token"):
+        mrpo_loss(pw, pl, rc, rr, length_normalize=True, chosen_tokens=torch.tensor([1, 0]),
+                  rejected_tokens=torch.tensor([2, 2]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"token counts must have shape \(2,\)"):
+        mrpo_loss(pw, pl, rc, rr, length_normalize=True, chosen_tokens=torch.tensor([1, 2, 3]),
+                  rejected_tokens=torch.tensor([2, 2]))  # fmt: skip
+    # Off (the default), token counts are not read.
+    assert torch.equal(mrpo_loss(pw, pl, rc, rr).losses, mrpo_loss(pw, pl, rc, rr, chosen_tokens=torch.tensor([0, 0]),
+                       rejected_tokens=torch.tensor([0, 0])).losses)  # fmt: skip

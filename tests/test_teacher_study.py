@@ -209,7 +209,9 @@ def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     assert "(b) mrpo_t1" in text and "+2.0" in text  # the paired difference in points
     # What MRPO adds to the teacher itself: each MRPO arm against DPO with the teacher alone.
     assert "Against DPO with t1 as its only reference (dpo_ref_t1), in points on reworded" in text
-    assert "stopped and resumed (no invocation ran to the end" in text  # no invocation recorded: still says how
+    assert (
+        "stopped and resumed (no invocation ran to the end" in text
+    )  # no invocation recorded: still says how
     assert "(b) mrpo_t1 -4.0 ± " in text
     summary = json.loads((docs.parent / "teacher-study" / "summary.json").read_text(encoding="utf-8"))
     assert len(summary["results"]) == len(results)

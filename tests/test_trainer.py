@@ -402,11 +402,20 @@ def expected_statistics(model, batch, loss: LossConfig) -> dict[str, torch.Tenso
     with torch.no_grad():
         policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         size = batch["reference_chosen_logps"].shape[1]
-        output = mrpo_loss(
-            policy.logps[:size],
-            policy.logps[size:],
+        chosen, rejected = policy.logps[:size], policy.logps[size:]
+        reference_chosen, reference_rejected = (
             batch["reference_chosen_logps"],
             batch["reference_rejected_logps"],
+        )
+        if loss.length_normalize:  # by hand: every log-prob over the policy's completion token count (§7)
+            chosen_tokens, rejected_tokens = policy.token_counts[:size], policy.token_counts[size:]
+            chosen, reference_chosen = chosen / chosen_tokens, reference_chosen / chosen_tokens
+            rejected, reference_rejected = rejected / rejected_tokens, reference_rejected / rejected_tokens
+        output = mrpo_loss(
+            chosen,
+            rejected,
+            reference_chosen,
+            reference_rejected,
             beta=loss.beta,
             weights=loss.weights,
             clip=loss.clip,
@@ -454,11 +463,11 @@ def test_k1_logs_neither_alpha_nor_ctro(dataset, workdir):
     assert sorted(key for key in logged if "alpha/" in key or "ctro/" in key) == []
 
 
-def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, workdir):
-    loss = LossConfig(beta=0.2)
+@pytest.mark.parametrize("loss", [LossConfig(beta=0.2), LossConfig(beta=2.0, length_normalize=True)])
+def test_evaluate_returns_the_means_over_the_eval_set(two_reference_dataset, workdir, loss):
     model = tiny_llama(seed=1).train()  # not the reference's weights: the pairs' losses differ
     args = setup.training_arguments(
-        workdir / "eval", per_device_eval_batch_size=3
+        workdir / f"eval-{loss.length_normalize}", per_device_eval_batch_size=3
     )  # 8 pairs: batches 3, 3, 2
     trainer = setup.make_trainer(
         model, two_reference_dataset, args, eval_dataset=two_reference_dataset, loss=loss

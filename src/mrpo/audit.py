@@ -179,7 +179,9 @@ def audit_split(
             f"reference columns {tuple(reference_chosen.shape)} do not match {num_references} references x "
             f"{len(pair_ids)} pairs"
         )
-    configured = loss_view(reference_chosen, reference_rejected, loss)
+    # The initialising reference is the policy's start: its token counts are the policy's, which §7 divides by.
+    policy_tokens = (chosen_tokens[0], rejected_tokens[0])
+    configured = loss_view(reference_chosen, reference_rejected, loss, policy_tokens)
     margins = reference_chosen.double() - reference_rejected.double()
     lengths = None
     if chosen_lengths is not None and rejected_lengths is not None:
@@ -195,7 +197,10 @@ def audit_split(
     external = num_references > 1
     if external:
         _add_forecast(
-            references, clip_forecast(reference_chosen, reference_rejected, loss), loss, clip_saturation
+            references,
+            clip_forecast(reference_chosen, reference_rejected, loss, policy_tokens),
+            loss,
+            clip_saturation,
         )
     result = SplitAudit(
         split=split,

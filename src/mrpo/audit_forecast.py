@@ -56,13 +56,27 @@ def clip_severity(rate: float, saturated: float = SATURATED_CLIP_RATE) -> str:
 
 
 def loss_view(
-    reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, loss: LossConfig
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    loss: LossConfig,
+    policy_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MRPOOutput:
     """``mrpo_loss`` on the cached columns with a zero policy: alpha, eps and clip masks exactly as training sees
-    them (the reference-side quantities do not depend on the policy). Float32, like the training dataset."""
+    them (the reference-side quantities do not depend on the policy). Float32, like the training dataset.
+    ``policy_tokens``: the responses' ``(N,)`` chosen and rejected lengths in the policy's tokens, which
+    ``loss.length_normalize`` divides by (required then)."""
     chosen, rejected = reference_chosen.float(), reference_rejected.float()
     zeros = chosen.new_zeros(chosen.shape[1])
-    return mrpo_loss(zeros, zeros, chosen, rejected, **dataclasses.asdict(loss))
+    chosen_tokens, rejected_tokens = policy_tokens or (None, None)
+    return mrpo_loss(
+        zeros,
+        zeros,
+        chosen,
+        rejected,
+        **dataclasses.asdict(loss),
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
 
 
 def clip_rates(output: MRPOOutput) -> list[float]:
@@ -83,18 +97,23 @@ def band_half_width(
 
 
 def clip_forecast(
-    reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, loss: LossConfig
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    loss: LossConfig,
+    policy_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, list[float]]:
     """Clip rate per reference under the configured loss and the alternatives a user can switch to.
 
     Keys: ``"configured"``, ``"align=pair"`` (configured eps), ``"clip=fixed"`` (configured eps), ``"clip=off"``
     and ``"eps=<value>"`` for each of ``EPS_SWEEP`` with the configured clip mode (adaptive when the configuration
-    has clipping off) and alignment.
+    has clipping off) and alignment. ``policy_tokens`` as ``loss_view``'s.
     """
 
     def rates(**changes: Any) -> list[float]:
         return clip_rates(
-            loss_view(reference_chosen, reference_rejected, dataclasses.replace(loss, **changes))
+            loss_view(
+                reference_chosen, reference_rejected, dataclasses.replace(loss, **changes), policy_tokens
+            )
         )
 
     sweep_clip = loss.clip if loss.clip != "off" else "adaptive"

@@ -32,7 +32,7 @@ from mrpo.audit_stats import WILSON_Z, wilson_interval
 from mrpo.config.schema import LossConfig, MRPOConfig
 from mrpo.errors import ConfigError
 from mrpo.formatting import percent, signed
-from mrpo.losses import mrpo_loss
+from mrpo.losses import mrpo_loss, per_token
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,23 @@ def compute_metrics(
     pw, pl = policy_chosen_logps.double(), policy_rejected_logps.double()
     rc, rr = reference_chosen_logps.double(), reference_rejected_logps.double()
     beta = loss.beta
-    virtual = mrpo_loss(pw, pl, rc, rr, **dataclasses.asdict(loss))
-    initialising_margin = beta * ((pw - rc[0]) - (pl - rr[0]))
+    virtual = mrpo_loss(
+        pw,
+        pl,
+        rc,
+        rr,
+        **dataclasses.asdict(loss),
+        chosen_tokens=policy_chosen_tokens,
+        rejected_tokens=policy_rejected_tokens,
+    )
+    if loss.length_normalize:  # the rewards of the loss's own view (§7): every log-prob per policy token
+        (nw, ncw), (nl, ncl) = (
+            per_token(pw, rc, policy_chosen_tokens),
+            per_token(pl, rr, policy_rejected_tokens),
+        )
+        initialising_margin = beta * ((nw - ncw[0]) - (nl - ncl[0]))
+    else:
+        initialising_margin = beta * ((pw - rc[0]) - (pl - rr[0]))
     virtual_margin = virtual.chosen_rewards - virtual.rejected_rewards
     per_token_chosen = pw / policy_chosen_tokens.clamp(min=1).double()
     per_token_rejected = pl / policy_rejected_tokens.clamp(min=1).double()

@@ -12,7 +12,8 @@ The file follows docs/method.md section by section:
   §2 ``clip_to_trust_region``    -- clamp external references into the band around the initialising one;
 - §2b ``align_levels``           -- optional per-pair level shift of the external references;
 - §3 ``virtual_reference_logps`` -- weighted harmonic (or geometric) mean of the references;
-- §4 ``mrpo_loss``               -- the loss (MRPO, MDPO, and DPO when K = 1), with §5's statistics.
+- §4 ``mrpo_loss``               -- the loss (MRPO, MDPO, and DPO when K = 1), with §5's statistics;
+- §7 ``per_token``               -- optional length normalisation of every log-prob before §1-§4.
 
 All combination happens in float32 or wider (§6); nothing reference-side carries a gradient.
 """
@@ -270,7 +271,11 @@ def mrpo_loss(
     eps: float = 0.1,
     aggregation: Aggregation = "harmonic",
     align: Align = "none",
+    length_normalize: bool = False,
     check_finite: bool = True,
+    *,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> MRPOOutput:
     """Multi-Reference Preference Optimization loss (method.md §4); DPO's sigmoid loss when K = 1.
 
@@ -286,6 +291,9 @@ def mrpo_loss(
         aggregation: ``"harmonic"`` (§3, the paper's), ``"geometric"``, or ``"mdpo"`` (alpha-weighted sum of K
             DPO losses; its rewards are measured against the alpha-weighted geometric reference).
         align: ``"none"`` or ``"pair"`` (§2b level alignment before CTRO).
+        length_normalize: §7: divide every log-prob, the policy's and each reference's, by the response's length
+            in the policy's tokens (``chosen_tokens`` / ``rejected_tokens``, required then) before §1-§4; the
+            returned log-probs and rewards are then per token.
         check_finite: raise on NaN/inf or positive inputs (one host sync); turn off only where inputs are known
             valid or checked elsewhere (``valid_logps`` then ``check_logps``, as the trainer does once a step).
     """
@@ -309,6 +317,13 @@ def mrpo_loss(
     reference_rejected = reference_rejected_logps.detach().to(dtype=dtype, device=policy_chosen.device)
     if check_finite:
         check_logps(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    if length_normalize:  # §7
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError(
+                "length_normalize needs chosen_tokens and rejected_tokens: (B,) policy token counts"
+            )
+        policy_chosen, reference_chosen = per_token(policy_chosen, reference_chosen, chosen_tokens)
+        policy_rejected, reference_rejected = per_token(policy_rejected, reference_rejected, rejected_tokens)
 
     alpha = reference_weights(reference_chosen, reference_rejected, weights)  # §1, on unclipped log-probs
     aligned_chosen, aligned_rejected = align_levels(reference_chosen, reference_rejected, align)  # §2b
@@ -349,6 +364,25 @@ def mrpo_loss(
         clipped_chosen=moved_chosen,
         clipped_rejected=moved_rejected,
     )
+
+
+def per_token(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """§7: the ``(B,)`` policy and ``(K, B)`` reference log-probs of one response each divided by its length in the
+    policy's tokens, ``(B,)``: one divisor per response, shared by every model, so every per-response rescaling
+    the loss is blind to (the harmonic mean, CTRO's relative band) stays exact, while a margin no longer grows
+    with the answers' length difference."""
+    if tokens.shape != policy_logps.shape:
+        raise ValueError(
+            f"token counts must have shape {tuple(policy_logps.shape)}, got {tuple(tokens.shape)}"
+        )
+    if bool((tokens < 1).any()):
+        raise ValueError(
+            "length_normalize: every response needs at least one completion token (a count was < 1)"
+        )
+    divisor = tokens.to(device=policy_logps.device, dtype=policy_logps.dtype)
+    return policy_logps / divisor, reference_logps / divisor
 
 
 def dpo_loss(

@@ -226,7 +226,13 @@ class MRPOTrainer(Trainer):
         # DeepSpeed per call, as its engine steps inside the backward, before that check could run.
         per_step = model.training and not self.is_deepspeed_enabled
         try:
-            output = mrpo_loss(*logps, **self._loss_kwargs, check_finite=not per_step)
+            output = mrpo_loss(
+                *logps,
+                **self._loss_kwargs,
+                check_finite=not per_step,
+                chosen_tokens=policy.token_counts[:batch_size],
+                rejected_tokens=policy.token_counts[batch_size:],
+            )
         except NonFiniteLogpsError as error:
             raise self._non_finite(error, inputs, training=model.training) from error
         if per_step:

@@ -234,6 +234,8 @@ class LossConfig:
     """Virtual reference: the paper's weighted harmonic mean, the weighted geometric mean, or the multi-DPO baseline."""
     align: Literal["none", "pair"] = "none"
     """Level alignment (research variant): "pair" shifts each external reference to the initialising one's mean level per pair before clipping."""
+    length_normalize: bool = False
+    """Length-controlled variant (not the paper's): divide every model's log-prob of a response by the response's length in the policy's tokens before the loss, so margins are per-token rates and do not grow with the answers' length difference (docs/method.md §7). Per-token margins are about 1/length of the sums: beta must grow accordingly."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "loss")
