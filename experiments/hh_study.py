@@ -46,15 +46,23 @@ from typing import Any
 
 from grid import RESULT_FILE, check_settings, record_invocation, run_grid, write_json_atomic
 from teacher_report import arm_rows, cells_of, group_rows, judge, paper_rows, ran_as_interrupted, write_plots
-from teacher_study import DECISION_RULE, Runner, expand_grid
+from teacher_study import ARMS, BETA_LN, DECISION_RULE, Runner, expand_grid, knowledge, variant
 
 from mrpo.demo.pairs import write_jsonl
 from mrpo.report_tables import markdown_table
 
 FAMILY = "heldout"
+PER_TOKEN = "heldout_per_token"
+"""The held-out pairs read per token: a pair is right when the chosen answer's mean log-prob per policy token is the
+higher one, a reading the answers' length difference cannot decide (the length-controlled metric)."""
 GROUPS = ("chosen_longer", "chosen_shorter")
-HH_ARMS = ("dpo", "mrpo_t1", "noctro_t1", "dpo_ref_t1", "mrpo_random", "noctro_random")
+SUM_ARMS = ("dpo", "mrpo_t1", "noctro_t1", "dpo_ref_t1", "mrpo_random", "noctro_random")
 """(a), (b), (c) and (e) with t1 and the random controls the rule compares (b) and (c) with; beta 0.5 (d) cut."""
+LN_ARMS = ("dpo_ln", "noctro_t1_ln", "dpo_ref_t1_ln", "noctro_random_ln")
+"""The length-controlled variant (loss.length_normalize, beta BETA_LN): (a), (c), (e) and (c)'s random control,
+judged per token. Added after the quick run's probe showed the start's margins tracking length (-0.97), as the
+issue prescribes, before any student of the full run; MRPO with CTRO per token (b) cut for CPU cost."""
+HH_ARMS = SUM_ARMS + LN_ARMS
 
 
 HH_DECISION_RULE = DECISION_RULE.replace("the reworded family", "the held-out HH pairs").replace(
@@ -216,14 +224,58 @@ class HHRunner(Runner):
         return [GROUPS[0] if longer else GROUPS[1] for longer in self.metadata(prepared, "chosen_longer")]
 
     def probe_extras(self, prepared, names, margins) -> dict[str, Any]:
-        """How each model's margins track the final answers' length difference (characters)."""
+        """How each model's margins track the final answers' length difference (characters), and its knowledge
+        read per policy token (the length-normalised loss's view, method.md §7)."""
         by_id = {pair.pair_id: pair for pair in prepared.text_pairs()}
         lengths = []
         for pair_id in prepared.tokenization.pair_ids:
             pair = by_id[pair_id]
             lengths.append(float(_text_length(pair.chosen) - _text_length(pair.rejected)))
-        return {name: {"length": length_tracking(margins[row].double().tolist(), lengths)} for row, name in
-                enumerate(names)}  # fmt: skip
+        chosen_tokens, rejected_tokens = policy_token_counts(prepared)
+        per_token = prepared.dataset.reference_chosen_logps.double() / chosen_tokens - (
+            prepared.dataset.reference_rejected_logps.double() / rejected_tokens
+        )
+        read_per_token = knowledge(names, per_token, [False] * len(lengths))
+        return {
+            name: {
+                "length": length_tracking(margins[row].double().tolist(), lengths),
+                "per_token": {
+                    **read_per_token[name]["all"],
+                    "length": length_tracking(per_token[row].tolist(), lengths),
+                },
+            }
+            for row, name in enumerate(names)
+        }
+
+    def family_metrics(self, run, prepared, names, logps, tokens) -> dict[str, Any]:
+        """The facts family's metrics, and the policy's accuracy per token (overall and by group) under "per_token"
+        (``evaluate`` files it as the ``PER_TOKEN`` family)."""
+        metrics = super().family_metrics(run, prepared, names, logps, tokens)
+        rates = logps.double() / tokens.clamp(min=1).double()
+        correct = (rates[:, 0] > rates[:, 1]).tolist()
+        groups: dict[str, list[bool]] = {}
+        for right, name in zip(correct, self.groups(prepared), strict=True):
+            groups.setdefault(name, []).append(right)
+        metrics["per_token"] = {
+            "pairs": len(correct),
+            "policy_accuracy": sum(correct) / len(correct),
+            "by_group": {k: {"policy_accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in groups.items()},
+        }
+        return metrics
+
+    def evaluate(self, run, checkpoint) -> dict[str, Any]:
+        results = super().evaluate(run, checkpoint)
+        results[PER_TOKEN] = results[FAMILY].pop("per_token")
+        return results
+
+
+def policy_token_counts(prepared):
+    """``(N,)`` chosen and rejected completion lengths in the policy's tokens, in the split's pair order."""
+    import torch
+
+    counts = [[p.chosen.completion_length, p.rejected.completion_length] for p in prepared.dataset.pairs]
+    both = torch.tensor(counts, dtype=torch.float64).clamp(min=1)
+    return both[:, 0], both[:, 1]
 
 
 def _text_length(completion) -> int:
@@ -252,19 +304,41 @@ def teacher_beats_start_heldout(probe: dict[str, Any], teacher: str) -> bool:
     return bool(entry) and entry["vs_start"]["low"] > 0
 
 
+def teacher_beats_start_per_token(probe: dict[str, Any], teacher: str) -> bool:
+    """The length-controlled variant's gate: the same, on the margins per policy token."""
+    entry = probe.get(FAMILY, {}).get(teacher, {}).get("per_token")
+    return bool(entry) and entry["vs_start"]["low"] > 0
+
+
+GATES = {"": (teacher_beats_start_heldout, "on the held-out pairs"),
+         "_ln": (teacher_beats_start_per_token, "per token on the held-out pairs")}  # fmt: skip
+"""Per variant (the arm-name suffix): the gate its arms need and its words."""
+
+
 def students_of_used_teachers(runs: Sequence, probe: dict[str, Any], settings: HHSettings, log) -> list:
-    """``runs`` without the student runs that could only judge a teacher the gate refused: its own arms and, when
-    no teacher is left, every student (DPO and the random controls are only compared with a teacher's arms)."""
-    refused = [name for name in settings.teachers if not teacher_beats_start_heldout(probe, name)]
-    if not refused:
-        return list(runs)
-    used = [name for name in settings.teachers if name not in refused]
-    log(f"{', '.join(refused)} does not beat the start on the held-out pairs: its student runs are not run")
+    """``runs`` without the student runs that could only judge a teacher the gate refused, variant by variant (sums;
+    per token): that teacher's arms and, when no teacher of the variant is left, every arm of the variant (DPO and
+    the random control are only compared with a teacher's arms); the untrained start's evaluation while any
+    student is left."""
+    kept = []
+    for suffix, (gate, words) in GATES.items():
+        refused = [name for name in settings.teachers if not gate(probe, name)]
+        if refused:
+            log(f"{', '.join(refused)} does not beat the start {words}: its student runs are not run")
+        used = len(refused) < len(settings.teachers)
+        kept += [
+            run
+            for run in runs
+            if run.group == "main"
+            and variant(run.arm) == suffix
+            and used
+            and not any(name in ARMS[run.arm].references for name in refused)
+        ]
+    seeds = {run.seed for run in kept}
     return [
         run
         for run in runs
-        if run.group in ("teacher", "probe")
-        or (used and not any(run.arm.endswith(f"_{name}") for name in refused))
+        if run.group in ("teacher", "probe") or run in kept or (run.group == "start" and run.seed in seeds)
     ]
 
 
@@ -280,10 +354,12 @@ MODEL_LABELS = {
 }
 
 
-def probe_rows(probe: dict[str, Any]) -> list[list[str]]:
+def probe_rows(probe: dict[str, Any], per_token: bool = False) -> list[list[str]]:
+    """The probe's table, on the sequence margins or (``per_token``) on the margins per policy token."""
     rows = []
     for name, entry in probe.get(FAMILY, {}).items():
-        part, length = entry.get("all", {}), entry.get("length", {})
+        part = entry.get("per_token", {}) if per_token else entry.get("all", {})
+        length = part.get("length", {}) if per_token else entry.get("length", {})
         d = part.get("vs_start")
         rows.append(
             [
@@ -301,6 +377,18 @@ def probe_rows(probe: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+PROBE_HEADER = [
+    "model",
+    "agrees",
+    "Δ vs start",
+    "mean |margin|",
+    "beyond start",
+    "less confident than start",
+    "length corr.",
+    "shorter wins",
+]
+
+
 def render(
     results, settings: HHSettings, split: dict[str, Any], *, commands: str, machine: str, plots
 ) -> str:
@@ -308,9 +396,13 @@ def render(
     probe = next((r for r in results if r["group"] == "probe"), {})
     teachers = {r["arm"]: r for r in results if r["group"] == "teacher"}
     verdicts = [
-        judge(cells, probe, teacher, len(settings.seeds), family=FAMILY, gate=teacher_beats_start_heldout,
-              gate_text="on the held-out pairs")
+        f"{label}: "
+        + judge(cells, probe, teacher, len(settings.seeds), family=family, gate=GATES[suffix][0],
+                gate_text=GATES[suffix][1], suffix=suffix)
         for teacher in settings.teachers
+        for label, family, suffix in (("sums (the paper's loss), judged on held-out accuracy", FAMILY, ""),
+                                      ("per token (length-normalised), judged on per-token accuracy", PER_TOKEN,
+                                       "_ln"))
     ]  # fmt: skip
     lines = [
         "# Study, round three, HH-RLHF: teachers on real preference data",
@@ -322,6 +414,11 @@ def render(
         "## Decision rule (fixed before the runs)",
         "",
         f"> {HH_DECISION_RULE}",
+        "",
+        "The length-controlled variant (arms `*_ln`, `loss.length_normalize`, docs/method.md §7) is judged by the "
+        "same rule on the per-token reading of the held-out pairs (a pair is right when the chosen answer's mean "
+        "log-prob per policy token is the higher), against DPO per token, its teacher gated on its per-token "
+        "margins.",
         "",
         "## Verdict",
         "",
@@ -339,11 +436,12 @@ def render(
         "",
     ]
     for name, teacher in teachers.items():
+        passed = [words for gate, words in GATES.values() if gate(probe, name)]
         lines.append(
             f"- {name}: {teacher['base']} DPO-trained on {teacher['pairs']} pairs in "
             f"{teacher['seconds_train'] / 60:.1f} min (last-epoch loss {teacher['train']['last_epoch_loss']:.3f}); "
-            + ("beats the start: used." if teacher_beats_start_heldout(probe, name) else
-               "does NOT beat the start: its arms are not judged.")
+            + (f"beats the start {' and '.join(passed)}." if passed else
+               "does NOT beat the start, neither on the sequence margins nor per token: no student uses it.")
         )  # fmt: skip
     lines += [
         "",
@@ -352,26 +450,23 @@ def render(
         "length: the margins' correlation with the final answers' character difference (chosen - rejected), and "
         "the share of pairs whose margin favours the shorter answer.",
         "",
-        *markdown_table(
-            [
-                "model",
-                "agrees",
-                "Δ vs start",
-                "mean |margin|",
-                "beyond start",
-                "less confident than start",
-                "length corr.",
-                "shorter wins",
-            ],
-            probe_rows(probe),
-        ),  # fmt: skip
+        "Sequence margins (sums over the answer's tokens, what the paper's loss and ARWC read):",
+        "",
+        *markdown_table(PROBE_HEADER, probe_rows(probe)),
+        "",
+        "Per policy token (each model's log-prob of an answer over the answer's length in SmolLM2 tokens):",
+        "",
+        *markdown_table(PROBE_HEADER, probe_rows(probe, per_token=True)),
         "",
         "## Students: held-out policy preference accuracy",
         "",
-        "Accuracy in %, mean ± 95% t-interval over seeds; Δ: paired difference with DPO, in points (seeds).",
+        "Accuracy in %, mean ± 95% t-interval over seeds; Δ: paired difference with DPO of the same variant, in "
+        "points (seeds). *Held-out*: the policy prefers the chosen answer's sequence log-prob; *per token*: its mean"
+        " log-prob per token.",
         "",
         *markdown_table(
-            ["arm", "what", "held-out", "Δ", "last-epoch loss", "clip", "seeds"], arm_rows(cells, (FAMILY,))
+            ["arm", "what", "held-out", "Δ", "per token", "Δ", "last-epoch loss", "clip", "seeds"],
+            arm_rows(cells, (FAMILY, PER_TOKEN)),
         ),
         "",
     ]
@@ -380,16 +475,18 @@ def render(
     lines += [
         "## By answer length",
         "",
-        "DPO's accuracy, then each arm's paired difference with it, on the held-out pairs whose chosen final answer "
-        "is the longer or the shorter one.",
+        "DPO's accuracy (of the same variant), then each arm's paired difference with it, on the held-out pairs "
+        "whose chosen final answer is the longer or the shorter one; sequence reading, then per token.",
         "",
         *markdown_table(["arm", *GROUPS], group_rows(cells, FAMILY, GROUPS)),
+        "",
+        *markdown_table(["arm (per token)", *GROUPS], group_rows(cells, PER_TOKEN, GROUPS)),
         "",
         "## The paper's metric",
         "",
         "Reward accuracy against the run's own virtual reference (TRL's `rewards/accuracies`) at step 0 and after "
-        "training, and against the start after training; the last column is the share of held-out pairs whose "
-        "chosen answer is longer.",
+        "training, and against the start after training (per token for the `*_ln` arms, as their loss reads it); "
+        "the last column is the share of held-out pairs whose chosen answer is longer.",
         "",
         *markdown_table(
             ["arm", "own virtual, step 0", "trained", "vs start, trained", "chosen longer %"],
@@ -400,12 +497,16 @@ def render(
         "",
         f"- Students: SmolLM2-135M-Instruct, LoRA r {settings.lora_r} on {', '.join(settings.lora_targets)}, lr "
         f"{settings.learning_rate:g} constant, {settings.epochs:g} epochs of batch {settings.batch_size}, bf16 "
-        f"autocast, {settings.train_pairs} pairs per seed (the facts family's student settings).",
+        f"autocast, {settings.train_pairs} pairs per seed (the facts family's student settings); beta 0.1 on sums, "
+        f"{BETA_LN:g} per token (0.1 times the student pool's median answer length, 28 SmolLM2 tokens).",
         f"- Teacher t1: LoRA r {settings.teacher_lora_r}, lr {settings.teacher_learning_rate:g}, beta "
         f"{settings.teacher_beta:g}, {settings.teacher_epochs:g} epoch(s), merged.",
-        "- Every setting here was fixed before any run of this family; none was changed after a result.",
-        "- Cut for CPU cost: Gemma-3-270M as a teacher (t2), the beta-0.5 arms (d), the K = 3 arm (f); "
-        f"{len(settings.seeds)} seeds (the facts family has 10).",
+        "- Every setting here was fixed before any run of the full study. Changed after the quick run (64 held-out "
+        "pairs, 1 seed): the length-controlled arms were added, because its probe showed the start's margins "
+        "tracking the answers' length (correlation -0.97), which the issue names as their condition; Gemma-3-270M "
+        "as it is was dropped from the probe (no arm uses it; the costliest model to score).",
+        "- Cut for CPU cost: Gemma-3-270M as a teacher (t2), the beta-0.5 arms (d), the K = 3 arm (f), MRPO with "
+        f"CTRO per token; {len(settings.seeds)} seeds planned (the facts family has 10).",
         f"- Ran as: {commands or ran_as_interrupted(results, 'hh_study')}. Machine: {machine}.",
         "- Every run's result: [hh-study/summary.json](hh-study/summary.json).",
     ]
@@ -423,7 +524,7 @@ def write_report(results, settings: HHSettings, split, invocations, docs: Path, 
         for i in invocations
         if i["runs_run"]
     )
-    plots = write_plots(cells_of(results), directory, (FAMILY,), "hh-study/paired.png")
+    plots = write_plots(cells_of(results), directory, (FAMILY, PER_TOKEN), "hh-study/paired.png")
     docs.write_text(
         render(results, settings, split, commands=commands, machine=machine, plots=plots), "utf-8"
     )

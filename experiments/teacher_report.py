@@ -12,7 +12,15 @@ from typing import Any
 import stats
 import truthfulqa_students
 from grid import write_json_atomic
-from teacher_study import ARMS, BASELINE, DECISION_RULE, RANDOM_CONTROL, Settings, teacher_beats_start
+from teacher_study import (
+    ARMS,
+    BASELINE,
+    DECISION_RULE,
+    Settings,
+    random_control,
+    teacher_beats_start,
+    variant,
+)
 
 from mrpo.report_tables import markdown_table
 
@@ -64,30 +72,35 @@ def judge(
     family: str = "reworded",
     gate=teacher_beats_start,
     gate_text: str = "on the teacher-known facts in the probe",
+    suffix: str = "",
 ) -> str:
     """The decision rule (DECISION_RULE) for one teacher on ``family``, once DPO has finished ``seeds_needed`` seeds
     (the report asks for the whole primary grid); ``gate(probe, teacher)`` says whether the teacher beat the start
-    before any student."""
-    if "dpo" not in cells:
+    before any student. ``suffix``: the arms of one variant only ("_ln": the length-normalised ones)."""
+    dpo = "dpo" + suffix
+    if dpo not in cells:
         return f"**{teacher}: not judged yet** (no student run has finished)"
-    if len(cells["dpo"]) < seeds_needed:
-        return f"**{teacher}: not judged yet** ({len(cells['dpo'])} of {seeds_needed} seeds finished)"
+    if len(cells[dpo]) < seeds_needed:
+        return f"**{teacher}: not judged yet** ({len(cells[dpo])} of {seeds_needed} seeds finished)"
     if not gate(probe, teacher):
         return f"**{teacher}: not judged** (it does not beat the start {gate_text})"
-    mrpo_arms = [arm for arm, spec in ARMS.items() if spec.letter in "bcd" and teacher in spec.references]
+    mrpo_arms = [
+        arm
+        for arm, spec in ARMS.items()
+        if spec.letter in "bcd" and teacher in spec.references and variant(arm) == suffix
+    ]
     helped = []
     for arm in mrpo_arms:
         if arm not in cells:
             continue
         versus_dpo = difference(cells, arm, BASELINE[arm], family)
-        control = RANDOM_CONTROL[ARMS[arm].letter]
-        versus_random = difference(cells, arm, control, family)
+        versus_random = difference(cells, arm, random_control(arm), family)
         if above(versus_dpo, 0.03) and above(versus_random):
             helped.append(f"({ARMS[arm].letter}) {arm}")
     if helped:
         return f"**{teacher}: a teacher helps through MRPO** ({', '.join(helped)})"
-    single = f"dpo_ref_{teacher}"
-    if single in cells and above(difference(cells, single, "dpo", family), 0.03):
+    single = f"dpo_ref_{teacher}{suffix}"
+    if single in cells and above(difference(cells, single, dpo, family), 0.03):
         beaten = [arm for arm in mrpo_arms if arm in cells and above(difference(cells, arm, single, family))]
         if not beaten:
             return f"**{teacher}: only a better single reference helps** ((e) {single} beats DPO; no MRPO arm beats it)"
@@ -102,9 +115,10 @@ def versus_single_lines(cells, teachers: Sequence[str], family: str) -> list[str
         single = f"dpo_ref_{teacher}"
         arms = [arm for arm, spec in ARMS.items() if spec.letter in "bcd" and teacher in spec.references]
         parts = [
-            f"({ARMS[arm].letter}) {arm} {stats.interval_text(*difference(cells, arm, single, family)[:2])}"
+            f"({ARMS[arm].letter}) {arm} "
+            + stats.interval_text(*difference(cells, arm, single + variant(arm), family)[:2])
             for arm in arms
-            if arm in cells and single in cells
+            if arm in cells and single + variant(arm) in cells
         ]
         if parts:
             lines.append(
@@ -197,11 +211,12 @@ def group_rows(cells, family: str = "reworded", groups: Sequence[str] = GROUPS) 
             continue
         row = [f"({spec.letter}) {arm}"]
         for group in groups:
-            if arm == "dpo":
+            dpo = "dpo" + variant(arm)
+            if arm == dpo:
                 mean, half, _ = stats.mean_ci([accuracy(r, family, group) for r in cells[arm].values()])
                 row.append(stats.interval_text(mean, half, signed=False))
             else:
-                row.append(stats.interval_text(*difference(cells, arm, "dpo", family, group)[:2]))
+                row.append(stats.interval_text(*difference(cells, arm, dpo, family, group)[:2]))
         rows.append(row)
     return rows
 

@@ -71,6 +71,10 @@ MODEL_NAMES = ("init", "t1", "t2", "gemma", "random")
 """Every model a student run may use as a reference, in the order of the held-out reference columns."""
 TEACHERS = ("t1", "t2")
 
+BETA_LN = 3.0
+"""beta of the length-normalised arms: DPO's 0.1 per summed nat times the median answer length of the HH-RLHF
+student pool in SmolLM2 tokens (28), rounded; fixed before any length-normalised run."""
+
 ARMS: dict[str, Arm] = {
     "dpo": Arm("a", ("init",), description="DPO (K = 1) against the start"),
     "oracle": Arm("g", ("init",), train_filter="clean", description="DPO on the truly clean pairs (oracle)"),
@@ -88,12 +92,45 @@ ARMS: dict[str, Arm] = {
     "sharp_random": Arm(
         "d", ("init", "random"), {"beta": 0.5, "eps": 1.0}, description="MRPO beta 0.5 eps 1.0, random"
     ),
+    # Length-controlled variants (HH-RLHF family only; loss.length_normalize, method.md §7).
+    "dpo_ln": Arm("a", ("init",), {"length_normalize": True, "beta": BETA_LN}, description="DPO per token"),
+    "noctro_t1_ln": Arm(
+        "c",
+        ("init", "t1"),
+        {"clip": "off", "length_normalize": True, "beta": BETA_LN},
+        description="MRPO without CTRO per token, t1",
+    ),
+    "dpo_ref_t1_ln": Arm(
+        "e",
+        ("t1",),
+        {"length_normalize": True, "beta": BETA_LN},
+        description="DPO per token against t1 alone",
+    ),
+    "noctro_random_ln": Arm(
+        "c",
+        ("init", "random"),
+        {"clip": "off", "length_normalize": True, "beta": BETA_LN},
+        description="MRPO without CTRO per token, random",
+    ),
     "mrpo_gemma": Arm("b", ("init", "gemma"), description="MRPO defaults, Gemma-3-270M as it is"),
     "k3": Arm("f", ("init", "t1", "gemma"), description="MRPO K = 3: start + t1 + Gemma as it is"),
 }
-BASELINE = {arm: ("dpo_b0.5" if ARMS[arm].loss.get("beta") == 0.5 else "dpo") for arm in ARMS}
-"""Each arm's DPO at the same beta."""
+
+
+def variant(arm: str) -> str:
+    """The arm-name suffix of the length-normalised variant ("_ln"), or ""."""
+    return "_ln" if ARMS[arm].loss.get("length_normalize") else ""
+
+
+BASELINE = {arm: ("dpo_b0.5" if ARMS[arm].loss.get("beta") == 0.5 else "dpo" + variant(arm)) for arm in ARMS}
+"""Each arm's DPO at the same beta (and the same length normalisation)."""
 RANDOM_CONTROL = {"b": "mrpo_random", "c": "noctro_random", "d": "sharp_random"}
+
+
+def random_control(arm: str) -> str:
+    """The same arm with the random-init reference in place of the teacher."""
+    return RANDOM_CONTROL[ARMS[arm].letter] + variant(arm)
+
 
 PRIMARY_ARMS = (
     "dpo", "oracle", "mrpo_t1", "mrpo_t2", "dpo_ref_t1", "dpo_ref_t2", "noctro_t1", "noctro_t2", "mrpo_random",
