@@ -498,7 +498,8 @@ def render(
         f"- Students: SmolLM2-135M-Instruct, LoRA r {settings.lora_r} on {', '.join(settings.lora_targets)}, lr "
         f"{settings.learning_rate:g} constant, {settings.epochs:g} epochs of batch {settings.batch_size}, bf16 "
         f"autocast, {settings.train_pairs} pairs per seed (the facts family's student settings); beta 0.1 on sums, "
-        f"{BETA_LN:g} per token (0.1 times the student pool's median answer length, 28 SmolLM2 tokens).",
+        f"{BETA_LN:g} per token (0.1 times the median answer length of the students' training pairs, 29 SmolLM2 "
+        "tokens).",
         f"- Teacher t1: LoRA r {settings.teacher_lora_r}, lr {settings.teacher_learning_rate:g}, beta "
         f"{settings.teacher_beta:g}, {settings.teacher_epochs:g} epoch(s), merged.",
         "- Every setting here was fixed before any run of the full study. Changed after the quick run (64 held-out "

@@ -72,8 +72,9 @@ MODEL_NAMES = ("init", "t1", "t2", "gemma", "random")
 TEACHERS = ("t1", "t2")
 
 BETA_LN = 3.0
-"""beta of the length-normalised arms: DPO's 0.1 per summed nat times the median answer length of the HH-RLHF
-student pool in SmolLM2 tokens (28), rounded; fixed before any length-normalised run."""
+"""beta of the length-normalised arms: DPO's 0.1 per summed nat times the median answer length in SmolLM2 tokens
+of the HH-RLHF students' training pairs (29: the 640 answers of the five seeds' draws, tokenized as the policy
+does), rounded; fixed before any length-normalised run."""
 
 ARMS: dict[str, Arm] = {
     "dpo": Arm("a", ("init",), description="DPO (K = 1) against the start"),

@@ -322,8 +322,12 @@ def mrpo_loss(
             raise ValueError(
                 "length_normalize needs chosen_tokens and rejected_tokens: (B,) policy token counts"
             )
-        policy_chosen, reference_chosen = per_token(policy_chosen, reference_chosen, chosen_tokens)
-        policy_rejected, reference_rejected = per_token(policy_rejected, reference_rejected, rejected_tokens)
+        policy_chosen, reference_chosen = per_token(
+            policy_chosen, reference_chosen, chosen_tokens, check_finite
+        )
+        policy_rejected, reference_rejected = per_token(
+            policy_rejected, reference_rejected, rejected_tokens, check_finite
+        )
 
     alpha = reference_weights(reference_chosen, reference_rejected, weights)  # §1, on unclipped log-probs
     aligned_chosen, aligned_rejected = align_levels(reference_chosen, reference_rejected, align)  # §2b
@@ -367,17 +371,17 @@ def mrpo_loss(
 
 
 def per_token(
-    policy_logps: torch.Tensor, reference_logps: torch.Tensor, tokens: torch.Tensor
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, tokens: torch.Tensor, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """§7: the ``(B,)`` policy and ``(K, B)`` reference log-probs of one response each divided by its length in the
-    policy's tokens, ``(B,)``: one divisor per response, shared by every model, so every per-response rescaling
-    the loss is blind to (the harmonic mean, CTRO's relative band) stays exact, while a margin no longer grows
-    with the answers' length difference."""
+    policy's tokens, ``(B,)``: one divisor per response, shared by every model, so the harmonic and geometric means
+    and CTRO's relative band commute with it, while a margin no longer grows with the answers' length difference.
+    ``check``: refuse a count below 1 (one host sync; the collator's counts are >= 1 by construction)."""
     if tokens.shape != policy_logps.shape:
         raise ValueError(
             f"token counts must have shape {tuple(policy_logps.shape)}, got {tuple(tokens.shape)}"
         )
-    if bool((tokens < 1).any()):
+    if check and bool((tokens < 1).any()):
         raise ValueError(
             "length_normalize: every response needs at least one completion token (a count was < 1)"
         )
