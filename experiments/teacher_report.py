@@ -78,12 +78,12 @@ def judge(
     (the report asks for the whole primary grid); ``gate(probe, teacher)`` says whether the teacher beat the start
     before any student. ``suffix``: the arms of one variant only ("_ln": the length-normalised ones)."""
     dpo = "dpo" + suffix
+    if probe and not gate(probe, teacher):  # refused before any student: its arms never run
+        return f"**{teacher}: not judged** (it does not beat the start {gate_text})"
     if dpo not in cells:
         return f"**{teacher}: not judged yet** (no student run has finished)"
     if len(cells[dpo]) < seeds_needed:
         return f"**{teacher}: not judged yet** ({len(cells[dpo])} of {seeds_needed} seeds finished)"
-    if not gate(probe, teacher):
-        return f"**{teacher}: not judged** (it does not beat the start {gate_text})"
     mrpo_arms = [
         arm
         for arm, spec in ARMS.items()

@@ -211,6 +211,14 @@ def test_report_on_fake_results_judges_on_the_heldout_pairs(hh, tmp_path):
     assert "**t1: not judged** (it does not beat the start on the held-out pairs)" in text
     assert "**t1: not judged** (it does not beat the start per token on the held-out pairs)" in text
     assert "does NOT beat the start, neither on the sequence margins nor per token" in text
+    # As the study ran: the sequence gate passed, the per-token one did not, so no length-normalised arm ran.
+    sums_only = [r for r in results if not r["arm"].endswith("_ln")]
+    hh.write_report([teacher, _probe(0.03, -0.01), *sums_only], settings, split, [], docs, machine="test")
+    text = docs.read_text(encoding="utf-8")
+    assert (
+        "per-token accuracy: **t1: not judged** (it does not beat the start per token on the held-out" in text
+    )
+    assert "beats the start on the held-out pairs." in text
 
 
 def test_students_run_only_for_a_teacher_the_gate_lets_through(hh):
@@ -268,7 +276,10 @@ def test_the_probe_reads_each_model_per_policy_token(hh):
     chosen_tokens, rejected_tokens = hh.policy_token_counts(prepared)
     assert chosen_tokens.tolist() == [2.0, 8.0] and rejected_tokens.tolist() == [4.0, 2.0]
     extras = hh.HHRunner.probe_extras(None, prepared, ["init", "t1"], chosen - rejected)
-    assert extras["init"]["length"] == {"correlation": pytest.approx(-1.0), "shorter_wins": 1.0}  # sums: length
+    assert extras["init"]["length"] == {
+        "correlation": pytest.approx(-1.0),
+        "shorter_wins": 1.0,
+    }  # sums: length
     assert extras["init"]["per_token"]["mean_abs_margin"] == pytest.approx(0.0)
     assert extras["t1"]["per_token"]["agreement"] == 1.0 and extras["t1"]["per_token"]["mean_margin"] == 0.5
     assert extras["t1"]["per_token"]["vs_start"]["difference"] == 1.0  # the start's 0 margins do not agree
