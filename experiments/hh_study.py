@@ -22,6 +22,10 @@ which each seed draws its ``train_pairs`` training pairs. No pair is in two part
     .venv/bin/python experiments/hh_study.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --quick
     .venv/bin/python experiments/hh_study.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --resume
 
+Cost on the 2-core CPU (the full run): the teacher 19 min (800 pairs), the probe 7 min, the start's evaluation 3 min
+a seed and a student ~5 min (2 min training, 3 min scoring the 500 held-out pairs): ~33 min a seed for the six
+arms on sums, ~21 min more for the four per-token arms when their gate lets them run.
+
 Layout of ``--output-dir`` (default ``runs/hh-study``) as teacher_study's; the report is docs/results-hh-study.md
 with docs/hh-study/summary.json (every result) and the paired plot.
 """
@@ -539,7 +543,7 @@ def write_report(results, settings: HHSettings, split, invocations, docs: Path, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="HH-RLHF harmless-base-test.jsonl.gz (raw transcripts)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 3 arms, small parts (~15 min)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 arms, small parts (8.5 min on the idle 2-core CPU)")
     parser.add_argument("--output-dir", default=None, help="default runs/hh-study (-quick with --quick)")
     parser.add_argument("--resume", action="store_true", help="continue a study; finished runs are skipped")
     parser.add_argument("--cache-dir", default=None, help="models + reference cache (default $MRPO_CACHE)")
