@@ -179,8 +179,7 @@ def audit_split(
             f"reference columns {tuple(reference_chosen.shape)} do not match {num_references} references x "
             f"{len(pair_ids)} pairs"
         )
-    # The initialising reference is the policy's start: its token counts are the policy's, which §7 divides by.
-    policy_tokens = (chosen_tokens[0], rejected_tokens[0])
+    policy_tokens = (chosen_tokens[0], rejected_tokens[0])  # the initialising reference's = the policy's (§7)
     configured = loss_view(reference_chosen, reference_rejected, loss, policy_tokens)
     margins = reference_chosen.double() - reference_rejected.double()
     lengths = None
@@ -196,12 +195,8 @@ def audit_split(
         audit.length = length_tracking(margin, lengths) if lengths is not None else None
     external = num_references > 1
     if external:
-        _add_forecast(
-            references,
-            clip_forecast(reference_chosen, reference_rejected, loss, policy_tokens),
-            loss,
-            clip_saturation,
-        )
+        forecast = clip_forecast(reference_chosen, reference_rejected, loss, policy_tokens)
+        _add_forecast(references, forecast, loss, clip_saturation)
     result = SplitAudit(
         split=split,
         pairs=len(pair_ids),
