@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from grid import RESULT_FILE, check_settings, record_invocation, run_grid, write_json_atomic
-from teacher_report import arm_rows, cells_of, group_rows, judge, paper_rows, ran_as_interrupted, write_plots
+from teacher_report import arm_rows, cells_of, group_rows, judge, paper_rows, ran_as, write_plots
 from teacher_study import ARMS, BETA_LN, DECISION_RULE, Runner, expand_grid, knowledge, variant
 
 from mrpo.demo.pairs import write_jsonl
@@ -512,7 +512,7 @@ def render(
         "as it is was dropped from the probe (no arm uses it; the costliest model to score).",
         "- Cut for CPU cost: Gemma-3-270M as a teacher (t2), the beta-0.5 arms (d), the K = 3 arm (f), MRPO with "
         f"CTRO per token; {len(settings.seeds)} seeds planned (the facts family has 10).",
-        f"- Ran as: {commands or ran_as_interrupted(results, 'hh_study')}. Machine: {machine}.",
+        f"- Ran as: {commands}. Machine: {machine}.",
         "- Every run's result: [hh-study/summary.json](hh-study/summary.json).",
     ]
     return "\n".join(lines) + "\n"
@@ -524,11 +524,7 @@ def write_report(results, settings: HHSettings, split, invocations, docs: Path, 
     write_json_atomic(
         directory / "summary.json", {"settings": settings.to_json(), "split": split, "results": summary}
     )
-    commands = "; ".join(
-        f"`{i['command']}` ({i['runtime_s'] / 60:.0f} min, {i['runs_run']} runs)"
-        for i in invocations
-        if i["runs_run"]
-    )
+    commands = ran_as(results, invocations, "hh_study")
     plots = write_plots(cells_of(results), directory, (FAMILY, PER_TOKEN), "hh-study/paired.png")
     docs.write_text(
         render(results, settings, split, commands=commands, machine=machine, plots=plots), "utf-8"
@@ -543,7 +539,9 @@ def write_report(results, settings: HHSettings, split, invocations, docs: Path, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="HH-RLHF harmless-base-test.jsonl.gz (raw transcripts)")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 3 arms, small parts (8.5 min on the idle 2-core CPU)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 3 arms, small parts (8.5 min on the idle 2-core CPU)"
+    )
     parser.add_argument("--output-dir", default=None, help="default runs/hh-study (-quick with --quick)")
     parser.add_argument("--resume", action="store_true", help="continue a study; finished runs are skipped")
     parser.add_argument("--cache-dir", default=None, help="models + reference cache (default $MRPO_CACHE)")

@@ -406,21 +406,31 @@ def render(
         + ".",
         f"- The secondary arms ({', '.join(settings.secondary_arms)}) are planned on {len(settings.secondary_seeds)}"
         " seeds, after the primary grid; the seeds each arm finished are listed under the verdict.",
-        f"- Ran as: {commands or ran_as_interrupted(results, 'teacher_study')}. Machine: {machine}.",
+        f"- Ran as: {commands}. Machine: {machine}.",
         *reuse_lines(results),
         "- Every run's result: [teacher-study/summary.json](teacher-study/summary.json).",
     ]
     return "\n".join(lines) + "\n"
 
 
-def ran_as_interrupted(results, script: str) -> str:
-    """How a grid ran whose invocations were all stopped before the end (none recorded in invocations.jsonl)."""
-    seconds = sum(r.get("seconds", 0.0) for r in results if not r.get("reused_from"))
-    return (
-        f"`.venv/bin/python experiments/{script}.py --resume`, stopped and resumed (no invocation ran to the end, so "
-        f"none is recorded); the runs done here took {seconds / 3600:.1f} h in all (each run's `seconds` is in the "
-        "summary)"
-    )
+def ran_as(results, invocations: Sequence[dict], script: str) -> str:
+    """How the grid ran: each invocation that ran to the end (recorded in invocations.jsonl) and, when they account
+    for fewer runs than were done here, the invocations that were stopped and resumed before them."""
+    ran = [i for i in invocations if i["runs_run"]]
+    parts = [f"`{i['command']}` ({i['runtime_s'] / 60:.0f} min, {i['runs_run']} runs)" for i in ran]
+    done_here = [r for r in results if not r.get("reused_from")]
+    unrecorded = len(done_here) - sum(i["runs_run"] for i in ran)
+    if unrecorded > 0:
+        seconds = sum(r.get("seconds", 0.0) for r in done_here)
+        parts.insert(
+            0,
+            f"{unrecorded} runs by `.venv/bin/python experiments/{script}.py --resume`, stopped and resumed (those "
+            "invocations did not run to the end, so none is recorded)",
+        )
+        parts.append(
+            f"the runs done here took {seconds / 3600:.1f} h in all (each run's `seconds` is in the summary)"
+        )
+    return "; ".join(parts) or "not run"
 
 
 def reuse_lines(results) -> list[str]:
@@ -450,10 +460,7 @@ def write_report(
     directory = docs.parent / "teacher-study"
     summary = [{k: v for k, v in r.items() if k != "loss_curve"} for r in results]
     write_json_atomic(directory / "summary.json", {"settings": settings.to_json(), "results": summary})
-    ran = [i for i in invocations if i["runs_run"]]
-    commands = "; ".join(
-        f"`{i['command']}` ({i['runtime_s'] / 60:.0f} min, {i['runs_run']} runs)" for i in ran
-    )
+    commands = ran_as(results, invocations, "teacher_study")
     plots = write_plots(cells_of(results), directory)
     truthfulqa_file = directory / "truthfulqa.json"
     truthfulqa = json.loads(truthfulqa_file.read_text("utf-8")) if truthfulqa_file.exists() else None

@@ -210,8 +210,8 @@ def test_report_renders_every_section_on_fake_results(study, report, tmp_path):
     # What MRPO adds to the teacher itself: each MRPO arm against DPO with the teacher alone.
     assert "Against DPO with t1 as its only reference (dpo_ref_t1), in points on reworded" in text
     assert (
-        "stopped and resumed (no invocation ran to the end" in text
-    )  # no invocation recorded: still says how
+        "stopped and resumed (those invocations did not run to the end" in text
+    )  # none recorded: still says how
     assert "(b) mrpo_t1 -4.0 ± " in text
     summary = json.loads((docs.parent / "teacher-study" / "summary.json").read_text(encoding="utf-8"))
     assert len(summary["results"]) == len(results)
@@ -381,3 +381,22 @@ def test_truthfulqa_evaluation_scores_each_model_once_and_checks_the_file(truthf
     questions.write_text('{"other": 1}', encoding="utf-8")
     with pytest.raises(SystemExit, match="another TruthfulQA file"):
         truthfulqa.evaluate(study_dir, questions, ["dpo"], range(2), output, log=print)
+
+
+def test_ran_as_names_the_recorded_invocations_and_the_stopped_ones_before_them(report):
+    results = [
+        {"seconds": 1800.0},
+        {"seconds": 1800.0},
+        {"seconds": 3600.0, "reused_from": "x"},
+        {"seconds": 0.0},
+    ]
+    invocations = [
+        {"command": "teacher_study.py --report-only", "runtime_s": 1.0, "runs_run": 0},
+        {"command": "teacher_study.py --resume", "runtime_s": 600.0, "runs_run": 1},
+    ]
+    text = report.ran_as(results, invocations, "teacher_study")
+    assert text.startswith(
+        "2 runs by `.venv/bin/python experiments/teacher_study.py --resume`, stopped and resumed"
+    )
+    assert "; `teacher_study.py --resume` (10 min, 1 runs); the runs done here took 1.0 h in all" in text
+    assert report.ran_as(results[:1], invocations, "x") == "`teacher_study.py --resume` (10 min, 1 runs)"
