@@ -31,14 +31,24 @@ def t(*values):
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _four_pairs():
+    """Four hand-made pairs, K = 2: policy chosen / rejected, their token counts, the references' columns."""
+    return (
+        t(-10.0, -20.0, -5.0, -8.0),
+        t(-12.0, -15.0, -6.0, -8.5),
+        torch.tensor([5, 10, 2, 4]),
+        torch.tensor([4, 5, 6, 4]),
+        torch.stack([t(-11.0, -19.0, -4.0, -9.0), t(-10.0, -20.0, -5.0, -8.0)]),
+        torch.stack([t(-12.0, -16.0, -6.0, -9.0), t(-14.0, -14.0, -6.0, -8.0)]),
+    )
+
+
 def test_metrics_on_hand_made_log_probs():
     # Four pairs, K = 2, beta = 0.5, fixed weights, no clipping (so the virtual reference is easy to write out).
-    policy_chosen = t(-10.0, -20.0, -5.0, -8.0)
-    policy_rejected = t(-12.0, -15.0, -6.0, -8.5)
-    chosen_tokens = torch.tensor([5, 10, 2, 4])
-    rejected_tokens = torch.tensor([4, 5, 6, 4])
-    reference_chosen = torch.stack([t(-11.0, -19.0, -4.0, -9.0), t(-10.0, -20.0, -5.0, -8.0)])
-    reference_rejected = torch.stack([t(-12.0, -16.0, -6.0, -9.0), t(-14.0, -14.0, -6.0, -8.0)])
+    pairs = _four_pairs()
+    policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, reference_chosen, reference_rejected = (
+        pairs
+    )
     loss = LossConfig(beta=0.5, weights=[1.0, 1.0], clip="off")
     metrics = compute_metrics(
         policy_chosen,
@@ -75,10 +85,10 @@ def test_metrics_on_hand_made_log_probs():
 
 def test_length_normalized_metrics_are_the_loss_view_per_policy_token():
     # The same four pairs read per token: policy -2, -2, -2.5, -2 (chosen) vs -3, -3, -1, -2.125 (rejected).
-    policy_chosen, policy_rejected = t(-10.0, -20.0, -5.0, -8.0), t(-12.0, -15.0, -6.0, -8.5)
-    chosen_tokens, rejected_tokens = torch.tensor([5, 10, 2, 4]), torch.tensor([4, 5, 6, 4])
-    reference_chosen = torch.stack([t(-11.0, -19.0, -4.0, -9.0), t(-10.0, -20.0, -5.0, -8.0)])
-    reference_rejected = torch.stack([t(-12.0, -16.0, -6.0, -9.0), t(-14.0, -14.0, -6.0, -8.0)])
+    pairs = _four_pairs()
+    policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, reference_chosen, reference_rejected = (
+        pairs
+    )
     loss = LossConfig(beta=2.0, weights=[1.0, 1.0], clip="off", length_normalize=True)
     metrics = compute_metrics(
         policy_chosen,
