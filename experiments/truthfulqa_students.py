@@ -50,6 +50,14 @@ def score(config, checkpoint: str | None, truthfulqa: Path) -> dict[str, list[fl
     return {metric: [document[metric] for document in documents] for metric in METRICS}
 
 
+def chance(truthfulqa: Path) -> float:
+    """MC1 accuracy of a uniform guess: the mean over questions of 1 / the number of choices."""
+    from mrpo.lm_eval_tasks.truthfulqa import read_truthfulqa
+
+    rows = read_truthfulqa(truthfulqa)
+    return sum(1 / len(row["choices"]) for row in rows) / len(rows)
+
+
 def evaluate(
     study_dir: Path, truthfulqa: Path, arms: Sequence[str], seeds: Sequence[int], output: Path, log=print
 ) -> dict[str, Any]:
@@ -64,6 +72,9 @@ def evaluate(
             raise SystemExit(
                 f"{output} was scored on another TruthfulQA file (SHA-256 {data['truthfulqa_sha256']})"
             )
+    if "chance" not in data:  # files written before the chance level was kept gain it here
+        data["chance"] = chance(truthfulqa)
+        write_json_atomic(output, data)
     wanted = [(START, None)] + [(arm, seed) for seed in seeds for arm in arms]
     for arm, seed in wanted:
         key = START if seed is None else model_key(arm, seed)
@@ -174,6 +185,8 @@ def report_lines(data: dict[str, Any] | None, descriptions: dict[str, str]) -> l
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
+        *([f"A uniform guess among each question's choices scores {100 * data['chance']:.1f}%.", ""]
+          if "chance" in data else []),
         f"Per-question results: [teacher-study/truthfulqa.json](teacher-study/truthfulqa.json) (file SHA-256 "
         f"{data['truthfulqa_sha256'][:12]}…).",
         "",

@@ -337,12 +337,19 @@ def test_truthfulqa_section_of_the_report(truthfulqa):
     assert dpo_row.startswith("| dpo |") and "+12.5" in dpo_row and dpo_row.split("|")[5].strip() == "–"
     assert arm_row.startswith("| noctro_t1 | MRPO without CTRO, t1 | 62.5") and "+37.5" in arm_row
     assert "+25.0" in arm_row.split("|")[5]  # against DPO, paired by seed
+    assert "uniform guess" not in text  # an older file without the chance level
+    with_chance = truthfulqa.report_lines({**data, "chance": 0.2544}, {})
+    assert "A uniform guess among each question's choices scores 25.4%." in with_chance
     assert truthfulqa.report_lines(None, {}) == [] and truthfulqa.report_lines({"models": {}}, {}) == []
 
 
 def test_truthfulqa_evaluation_scores_each_model_once_and_checks_the_file(truthfulqa, tmp_path, monkeypatch):
     study_dir, questions = tmp_path / "runs", tmp_path / "task_mc.json"
-    questions.write_text("{}", encoding="utf-8")
+    examples = [
+        {"input": "Two choices?", "target_scores": {"yes": 1, "no": 0}},
+        {"input": "Four choices?", "target_scores": {"a": 0, "b": 1, "c": 0, "d": 0}},
+    ]
+    questions.write_text(json.dumps({"examples": examples}), encoding="utf-8")
     for arm in ("dpo", "noctro_t1"):
         for seed in (0, 1):
             run = study_dir / "students" / arm / f"s{seed}"
@@ -371,6 +378,7 @@ def test_truthfulqa_evaluation_scores_each_model_once_and_checks_the_file(truthf
         for arm in ("dpo", "noctro_t1")
     ]
     assert json.loads(output.read_text(encoding="utf-8")) == data
+    assert data["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)  # a uniform guess, question by question
     scored.clear()
     assert (
         truthfulqa.evaluate(study_dir, questions, ["dpo", "noctro_t1"], range(2), output, log=print) == data
