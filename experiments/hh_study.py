@@ -22,9 +22,10 @@ which each seed draws its ``train_pairs`` training pairs. No pair is in two part
     .venv/bin/python experiments/hh_study.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --quick
     .venv/bin/python experiments/hh_study.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --resume
 
-Cost on the 2-core CPU (the full run): the teacher 19 min (800 pairs), the probe 7 min, the start's evaluation 3 min
-a seed and a student ~5 min (2 min training, 3 min scoring the 500 held-out pairs): ~33 min a seed for the six
-arms on sums, ~21 min more for the four per-token arms when their gate lets them run.
+Cost on the 2-core CPU (the full run, docs/hh-study/summary.json's ``seconds``): the teacher 19 min (800 pairs), the
+probe 7 min, the start's evaluation ~3 min a seed and a student 4.1-5.8 min (training, then scoring the 500 held-out
+pairs): ~33 min a seed for the six arms on sums. The four per-token arms add four students a seed when their gate
+lets them run (it did not in the full run, so their cost is unmeasured).
 
 Layout of ``--output-dir`` (default ``runs/hh-study``) as teacher_study's; the report is docs/results-hh-study.md
 with docs/hh-study/summary.json (every result) and the paired plot.

@@ -45,9 +45,8 @@ def _four_pairs():
 
 def test_metrics_on_hand_made_log_probs():
     # Four pairs, K = 2, beta = 0.5, fixed weights, no clipping (so the virtual reference is easy to write out).
-    pairs = _four_pairs()
     policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, reference_chosen, reference_rejected = (
-        pairs
+        _four_pairs()
     )
     loss = LossConfig(beta=0.5, weights=[1.0, 1.0], clip="off")
     metrics = compute_metrics(
@@ -85,9 +84,8 @@ def test_metrics_on_hand_made_log_probs():
 
 def test_length_normalized_metrics_are_the_loss_view_per_policy_token():
     # The same four pairs read per token: policy -2, -2, -2.5, -2 (chosen) vs -3, -3, -1, -2.125 (rejected).
-    pairs = _four_pairs()
     policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, reference_chosen, reference_rejected = (
-        pairs
+        _four_pairs()
     )
     loss = LossConfig(beta=2.0, weights=[1.0, 1.0], clip="off", length_normalize=True)
     metrics = compute_metrics(
